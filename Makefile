@@ -1,0 +1,30 @@
+# fsbuild — the two quick-start commands are `make demo` and `make test`; both run `make deps`.
+TARGET ?= linux-6.1
+CONFIG ?= mini
+PYTHON ?= python3
+PYTEST_ARGS ?=
+
+.PHONY: deps test bench demo userspace clean
+
+deps:
+	bash ci/deps.sh
+
+test: deps
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench: deps
+	$(PYTHON) ci/bench.py
+
+# End to end: RPMs for $(TARGET) with rpmbuild, verified, installed into an empty root,
+# then smoke-booted in QEMU. el6: make demo TARGET=el6 FSBUILD_EL6_SRC=/path/to/src
+demo: deps
+	bash ci/e2e.sh $(TARGET) $(CONFIG)
+
+userspace:
+	$(MAKE) -C library
+	$(MAKE) -C demo
+
+clean:
+	rm -rf out .fsbuild
+	-$(MAKE) -C library clean
+	-$(MAKE) -C demo clean

@@ -1,0 +1,3 @@
+from fsbuild.cli import main
+
+main()

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import json
+
+import click
+
+from fsbuild import doctor
+
+
+@click.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+def cmd(as_json: bool) -> int:
+    """Check the host for every tool fsbuild commands need; print the install command."""
+    findings = doctor.run_checks()
+    missing = [f.tool for f in findings if not f.ok and not f.tool.optional]
+    if as_json:
+        click.echo(json.dumps({
+            "ok": not missing,
+            "tools": [{"name": f.tool.name, "ok": f.ok, "detail": f.detail, "package": f.tool.package,
+                       "needed_by": list(f.tool.needed_by), "optional": f.tool.optional}
+                      for f in findings],
+            "install": doctor.install_command(missing),
+        }, indent=2))
+    else:
+        for f in findings:
+            mark = "ok  " if f.ok else ("opt " if f.tool.optional else "MISS")
+            click.echo(f"{mark} {f.tool.name:20} {f.detail}  (for {', '.join(f.tool.needed_by)})")
+        if missing:
+            click.echo("\ninstall: " + doctor.install_command(missing))
+        else:
+            click.echo("\nall required tools present")
+    return 0 if not missing else 9

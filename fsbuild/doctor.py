@@ -1,0 +1,91 @@
+"""Host check: every tool a command needs, and the one command that installs what is missing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str          # executable
+    package: str       # Debian package providing it
+    needed_by: tuple[str, ...]
+    backports: bool = False
+    optional: bool = False  # e.g. mock: only for --builder mock
+
+
+TOOLS: tuple[Tool, ...] = (
+    Tool("git", "git", ("upstream", "rebase", "series")),
+    Tool("patch", "patch", ("rpm",)),
+    Tool("quilt", "quilt", ("bench",), optional=True),
+    Tool("rpmbuild", "rpm", ("rpm",)),
+    Tool("rpm", "rpm", ("rpm", "smoke")),
+    Tool("rpmlint", "rpmlint", ("verify",), optional=True),
+    Tool("make", "make", ("rpm",)),
+    Tool("gcc", "build-essential", ("rpm",)),
+    Tool("bc", "bc", ("rpm",)),
+    Tool("bison", "bison", ("rpm",)),
+    Tool("flex", "flex", ("rpm",)),
+    Tool("perl", "perl", ("rpm",)),
+    Tool("depmod", "kmod", ("rpm", "smoke")),
+    Tool("cpio", "cpio", ("smoke",)),
+    Tool("xz", "xz-utils", ("upstream",)),
+    Tool("bzip2", "bzip2", ("upstream",)),
+    Tool("musl-gcc", "musl-tools", ("smoke",)),
+    Tool("busybox", "busybox-static", ("smoke",)),
+    Tool("qemu-system-x86_64", "qemu-system-x86", ("smoke",), backports=True),
+    Tool("ip", "iproute2", ("smoke",)),
+    Tool("mock", "mock", ("rpm --builder mock",), optional=True),
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    tool: Tool
+    ok: bool
+    detail: str
+
+
+def check_tool(tool: Tool) -> Finding:
+    path = shutil.which(tool.name)
+    if path is None:
+        return Finding(tool, False, "not found")
+    if tool.name == "qemu-system-x86_64" and not qemu_has_igb(path):
+        return Finding(tool, False, "no `igb` device (needs QEMU >= 8, bookworm-backports)")
+    if tool.name == "busybox" and not _is_static(path):
+        return Finding(tool, False, "not static (install busybox-static)")
+    return Finding(tool, True, path)
+
+
+def qemu_has_igb(qemu: str) -> bool:
+    try:
+        out = subprocess.run([qemu, "-device", "help"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return '"igb"' in out.stdout
+
+
+def _is_static(path: str) -> bool:
+    try:
+        out = subprocess.run(["file", "-L", path], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return True  # no `file`: do not guess against it
+    return "statically linked" in out or "static-pie" in out
+
+
+def install_command(missing: list[Tool]) -> str:
+    plain = sorted({t.package for t in missing if not t.backports and t.name != "mock"})
+    bpo = sorted({t.package for t in missing if t.backports})
+    cmds = []
+    if plain:
+        cmds.append("apt-get install -y " + " ".join(plain))
+    if bpo:
+        cmds.append("apt-get install -y -t bookworm-backports " + " ".join(bpo)
+                    + "  # enable bookworm-backports first (make deps does)")
+    return " && ".join(cmds)
+
+
+def run_checks() -> list[Finding]:
+    return [check_tool(t) for t in TOOLS]

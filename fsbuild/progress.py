@@ -1,0 +1,53 @@
+"""Progress bars (rich) for long work, silent when stderr is not a terminal or output is JSON."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+_console = Console(stderr=True)
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def enabled() -> bool:
+    return not _quiet and sys.stderr.isatty()
+
+
+class Bar:
+    """A task handle; `advance`/`update` are no-ops when progress is disabled."""
+
+    def __init__(self, progress: Progress | None, task: int | None) -> None:
+        self._p, self._t = progress, task
+
+    def advance(self, n: int = 1, description: str | None = None) -> None:
+        if self._p is not None and self._t is not None:
+            self._p.update(self._t, advance=n, **({"description": description} if description else {}))
+
+    def update(self, description: str) -> None:
+        if self._p is not None and self._t is not None:
+            self._p.update(self._t, description=description)
+
+
+@contextmanager
+def bar(description: str, total: int | None = None) -> Iterator[Bar]:
+    if not enabled():
+        yield Bar(None, None)
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=_console, transient=True) as progress:
+        yield Bar(progress, progress.add_task(description, total=total))
+
+
+def info(message: str) -> None:
+    """A status line on stderr (never on stdout, which --json owns)."""
+    if not _quiet:
+        _console.print(message, highlight=False)
