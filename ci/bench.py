@@ -1,0 +1,25 @@
+#!/usr/bin/env python3
+"""`make bench`: run every ci/bench_*.py in turn; each prints its measurements and the ratio
+against its baseline (quilt, raw make, plain qemu, no preload) measured in the same run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    here = Path(__file__).resolve().parent
+    failed = []
+    for script in sorted(here.glob("bench_*.py")):
+        print(f"\n=== {script.name}", flush=True)
+        if subprocess.run([sys.executable, str(script)], cwd=here.parent).returncode != 0:
+            failed.append(script.name)
+    if failed:
+        print(f"\nbench: failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
