@@ -1,0 +1,574 @@
+"""`fsbuild rpm`: assemble the SRPM inputs (pristine tarball, series patches, module/ tarball,
+config), write a reproducible SRPM, rebuild it with rpmbuild (host toolchain) or mock (el6
+chroot), and collect the RPMs in out/<target>/rpms/. Inputs are hashed: an unchanged
+rebuild is a no-op."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+import datetime as dt
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fsbuild import paths, progress, proc, spec
+from fsbuild.errors import (BuildError, FsbuildError, MissingFileError, PatchApplyError,
+                            RunInterruptedError, TargetError, ToolMissingError)
+from fsbuild.target import Target
+
+# Bump when the build recipe changes in a way the hashed inputs do not show.
+RECIPE = 3
+BUILDERS = ("rpmbuild", "mock")
+MODULE_TARBALL = "fastsocket-module.tar.gz"
+FRAGMENT = "fsbuild-fragment.config"
+BASE_CONFIG = "fsbuild-base.config"
+CHECK_SCRIPT = "config-check.sh"
+MANIFEST = "build.json"
+# Build artefacts an in-place `make -C KDIR M=module` leaves in module/.
+_MODULE_JUNK = re.compile(r"(\.o|\.ko|\.mod|\.mod\.c|\.cmd|\.order|\.symvers|\.a|~|\.swp)$")
+_MODULE_JUNK_DIRS = {".tmp_versions", "__pycache__", ".git"}
+DEFAULT_REQUIRES = ["bc", "bison", "flex", "perl", "make", "gcc", "elfutils-libelf-devel",
+                    "openssl-devel"]
+
+
+@dataclass(frozen=True)
+class ConfigChoice:
+    label: str                    # "mini", "full" or the FILE path
+    fragment: bytes               # every option must survive olddefconfig/oldconfig
+    base_make: str | None = None  # `make <target>` base (defconfig, tinyconfig, x86_64_defconfig)
+    base_file: Path | None = None
+
+
+@dataclass
+class Request:
+    target: Target
+    source: str | None = None
+    config: str = "mini"
+    builder: str = "rpmbuild"
+    release_suffix: str | None = None
+    jobs: int = 2
+    force: bool = False
+    mock_baseurl: str | None = None
+
+
+@dataclass
+class Plan:
+    """Everything the SRPM is made of, resolved and hashed."""
+    req: Request
+    upstream: object              # fsbuild.upstream.Upstream
+    version: str
+    release: str
+    config: ConfigChoice
+    series: list[spec.SeriesPatch]
+    module_tar: bytes
+    epoch: int                    # SOURCE_DATE_EPOCH
+    inputs_hash: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kver(self) -> str:
+        return f"{self.version}-{self.release}.x86_64"
+
+
+@dataclass
+class Result:
+    target: str
+    kver: str
+    rpms: list[Path]
+    srpm: Path
+    log: Path
+    builder: str
+    config: str
+    inputs_hash: str
+    cached: bool
+    duration_s: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {"target": self.target, "kver": self.kver, "rpms": [str(p) for p in self.rpms],
+                "srpm": str(self.srpm), "log": str(self.log), "builder": self.builder,
+                "config": self.config, "inputs": self.inputs_hash, "cached": self.cached,
+                "duration_s": round(self.duration_s, 2)}
+
+
+# ------------------------------------------------------------------ inputs
+
+def resolve_upstream(target: Target, source: str | None) -> object:
+    from fsbuild import upstream  # lazy: only builds need it
+    return upstream.resolve(target, source)
+
+
+def split_version(target: Target, upstream_version: str) -> tuple[str, str]:
+    """RPM Version/Release of the upstream: "2.6.32-431.17.1.el6" splits; a bare Makefile
+    version takes the target's release."""
+    version, _, release = upstream_version.partition("-")
+    return version, release or target.release
+
+
+def release_suffix(target: Target, suffix: str | None) -> str:
+    value = target.section("rpm").get("release_suffix", ".fastsocket") if suffix is None else suffix
+    if value and not re.fullmatch(r"[A-Za-z0-9._+~]+", value):
+        raise TargetError(f"release suffix {value!r}: only letters, digits and . _ + ~ (no '-')")
+    return value
+
+
+def choose_config(target: Target, choice: str, upstream_configs: dict[str, Path]) -> ConfigChoice:
+    """mini | full | FILE → base (make target or file) + fragment whose options are checked."""
+    cfg = target.section("config")
+    if choice == "full":
+        base_make, base_file = _full_base(target, cfg, upstream_configs)
+        return ConfigChoice("full", b"", base_make, base_file)
+    if choice == "mini":
+        frag_rel = cfg.get("mini_fragment")
+        if not frag_rel:
+            raise TargetError(f"target {target.name}: no [config] mini_fragment")
+        frag = paths.repo_root() / frag_rel
+        if not frag.is_file():
+            raise MissingFileError(f"config fragment {frag} does not exist")
+        if cfg.get("mini_base"):
+            return ConfigChoice("mini", frag.read_bytes(), base_make=str(cfg["mini_base"]))
+        base_make, base_file = _full_base(target, cfg, upstream_configs)
+        return ConfigChoice("mini", frag.read_bytes(), base_make, base_file)
+    path = Path(choice)
+    if not path.is_file():
+        raise MissingFileError(f"--config {choice}: not mini, full or an existing config file")
+    # A user config is the base and is checked as a whole: options the new tree drops
+    # (config drift) fail the build instead of vanishing silently.
+    return ConfigChoice(str(path), path.read_bytes(), base_file=path.resolve())
+
+
+def _full_base(target: Target, cfg: dict[str, object],
+               upstream_configs: dict[str, Path]) -> tuple[str | None, Path | None]:
+    """The first [config] full candidate that exists: configs/<name> from the SRPM, a tree
+    defconfig (arch/x86/configs/<name> → `make <name>`), or a bare make target."""
+    cands = cfg.get("full", "defconfig")
+    for cand in [cands] if isinstance(cands, str) else list(cands):  # type: ignore[arg-type]
+        cand = str(cand)
+        if cand.startswith("configs/"):
+            found = upstream_configs.get(Path(cand).name)
+            if found is not None and Path(found).is_file():
+                return None, Path(found)
+            continue
+        if "/configs/" in cand:
+            return Path(cand).name, None
+        return cand, None
+    raise TargetError(f"target {target.name}: no usable [config] full base")
+
+
+def series_for(target: Target, builder: str) -> list[spec.SeriesPatch]:
+    """Host-toolchain compat patches first (rpmbuild only: mock has el6's own gcc), then
+    the Fastsocket series."""
+    out: list[spec.SeriesPatch] = []
+    if builder == "rpmbuild" and target.hostcc_series is not None and target.hostcc_series.exists():
+        out += spec.read_series(target.hostcc_series, "hostcc")
+    out += spec.read_series(target.series, "fastsocket")
+    return out
+
+
+def module_tarball(module_dir: Path, epoch: int) -> bytes:
+    """module/ as a deterministic tar.gz (sorted, fixed owner/mtime, gzip mtime 0), build
+    artefacts left out, so the same sources give the same bytes."""
+    if not module_dir.is_dir():
+        raise MissingFileError(f"module sources {module_dir} do not exist")
+    raw = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for rel in _module_files(module_dir):
+            full = module_dir / rel
+            info = tarfile.TarInfo(rel)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = epoch, 0, 0, "root", "root"
+            if full.is_dir():
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(info)
+            else:
+                data = full.read_bytes()
+                info.size, info.mode = len(data), 0o755 if os.access(full, os.X_OK) else 0o644
+                tf.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
+def _module_files(root: Path) -> list[str]:
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _MODULE_JUNK_DIRS)
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(dirnames) + sorted(filenames):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            full = Path(dirpath) / name
+            if full.is_symlink() or (full.is_file() and _MODULE_JUNK.search(name)):
+                continue
+            out.append(rel)
+    return sorted(out)
+
+
+def source_date_epoch() -> int:
+    """SOURCE_DATE_EPOCH, else the repository's last commit time: same inputs → same SRPM."""
+    env = os.environ.get("SOURCE_DATE_EPOCH")
+    if env:
+        try:
+            return int(env)
+        except ValueError as exc:
+            raise BuildError(f"SOURCE_DATE_EPOCH={env!r} is not an integer") from exc
+    try:
+        out = subprocess.run(["git", "-C", str(paths.repo_root()), "log", "-1", "--format=%ct"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return int(out.stdout.strip())
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
+    return 1_000_000_000
+
+
+def make_plan(req: Request, upstream: object | None = None) -> Plan:
+    if req.builder not in BUILDERS:
+        raise BuildError(f"unknown builder {req.builder!r} (choose {' or '.join(BUILDERS)})")
+    up = upstream if upstream is not None else resolve_upstream(req.target, req.source)
+    version, base_release = split_version(req.target, up.version)  # type: ignore[attr-defined]
+    release = base_release + release_suffix(req.target, req.release_suffix)
+    config = choose_config(req.target, req.config, dict(up.configs))  # type: ignore[attr-defined]
+    epoch = source_date_epoch()
+    plan = Plan(req, up, version, release, config, series_for(req.target, req.builder),
+                module_tarball(paths.repo_root() / "module", epoch), epoch)
+    if req.builder == "mock":
+        plan.extra["mock_baseurl"] = mock_baseurl(req.target, req.mock_baseurl)
+    plan.inputs_hash = inputs_hash(plan)
+    return plan
+
+
+def inputs_hash(plan: Plan) -> str:
+    """sha256 over everything that shapes the packages (not -j, not paths)."""
+    h = hashlib.sha256()
+
+    def add(label: str, data: bytes | str) -> None:
+        b = data.encode() if isinstance(data, str) else data
+        h.update(f"{label}:{len(b)}:".encode() + b)
+
+    add("recipe", str(RECIPE))
+    add("target", plan.req.target.name)
+    add("upstream", plan.upstream.digest)  # type: ignore[attr-defined]
+    add("evr", f"{plan.version}-{plan.release}")
+    add("builder", plan.req.builder)
+    for p in plan.series:
+        add("patch", f"{p.origin}/{p.name}/-p{p.strip}")
+        add("patch-data", p.path.read_bytes())
+    for tmpl in spec.template_files():
+        add(f"spec/{tmpl.name}", tmpl.read_bytes())
+    add("module", plan.module_tar)
+    add("config", plan.config.label if plan.config.label in ("mini", "full") else "file")
+    add("fragment", plan.config.fragment)
+    add("base-make", plan.config.base_make or "")
+    add("base-file", plan.config.base_file.read_bytes() if plan.config.base_file else b"")
+    add("epoch", str(plan.epoch))
+    add("rpm-section", json.dumps(plan.req.target.section("rpm"), sort_keys=True))
+    for k, v in sorted(plan.extra.items()):
+        add(k, v)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ spec + SRPM
+
+def spec_inputs(plan: Plan) -> spec.SpecInputs:
+    target = plan.req.target
+    rpm = target.section("rpm")
+    cfg = target.section("config")
+    up = plan.upstream
+    return spec.SpecInputs(
+        target=target.name, version=plan.version, release=plan.release,
+        tarball=Path(up.tarball).name, topdir=up.topdir,  # type: ignore[attr-defined]
+        module_tarball=MODULE_TARBALL, config_fragment=FRAGMENT,
+        config_label=_config_label(plan.config),
+        config_base_file=BASE_CONFIG if plan.config.base_file else None,
+        config_base_make=plan.config.base_make,
+        oldconfig=str(cfg.get("resolve", "olddefconfig")),
+        with_firmware=bool(rpm.get("with_firmware", True)),
+        firmware_noarch=bool(rpm.get("firmware_noarch", True)),
+        firmware_install=bool(rpm.get("firmware_install", False)),
+        has_fastsocket=bool(rpm.get("has_fastsocket", True)),
+        build_requires=[str(r) for r in rpm.get("build_requires", DEFAULT_REQUIRES)],
+        patches=spec.spec_patches(plan.series),
+        date=dt.datetime.fromtimestamp(plan.epoch, dt.timezone.utc).date(),
+        author=str(rpm.get("packager", spec.DEFAULT_AUTHOR)),
+    )
+
+
+def _config_label(c: ConfigChoice) -> str:
+    base = f"make {c.base_make}" if c.base_make else f"{BASE_CONFIG} ({c.base_file.name})"  # type: ignore[union-attr]
+    return f"{c.label}: {base} + {FRAGMENT}"
+
+
+def upstream_desc(plan: Plan) -> str:
+    return f"{plan.req.target.name} {plan.upstream.version}"  # type: ignore[attr-defined]
+
+
+def write_sources(plan: Plan, srcdir: Path) -> Path:
+    """SOURCES + spec for `rpmbuild -bs`, every file's mtime set to the epoch."""
+    if srcdir.exists():
+        shutil.rmtree(srcdir)
+    srcdir.mkdir(parents=True)
+    inputs = spec_inputs(plan)
+    # A copy, not a hard link: setting the mtime must not touch the upstream cache.
+    shutil.copyfile(plan.upstream.tarball, srcdir / inputs.tarball)  # type: ignore[attr-defined]
+    (srcdir / MODULE_TARBALL).write_bytes(plan.module_tar)
+    (srcdir / FRAGMENT).write_bytes(plan.config.fragment)
+    if plan.config.base_file:
+        shutil.copyfile(plan.config.base_file, srcdir / BASE_CONFIG)
+    (srcdir / CHECK_SCRIPT).write_text(spec.render_config_check())
+    for sp, p in zip(inputs.patches, plan.series):
+        shutil.copyfile(p.path, srcdir / sp.file)
+    spec_path = srcdir / "kernel.spec"
+    spec_path.write_text(spec.render(inputs, upstream_desc(plan)))
+    for f in srcdir.iterdir():
+        os.utime(f, (plan.epoch, plan.epoch))
+    return spec_path
+
+
+def repro_defines(epoch: int) -> list[str]:
+    """rpmbuild options making SRPM/RPM headers depend on inputs only."""
+    return ["--define", "use_source_date_epoch_as_buildtime 1",
+            "--define", "clamp_mtime_to_source_date_epoch 1",
+            "--define", "_buildhost fsbuild.reproducible",
+            "--define", "_source_filedigest_algorithm 8",
+            "--define", "_binary_filedigest_algorithm 8"]
+
+
+def build_env(epoch: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(SOURCE_DATE_EPOCH=str(epoch), LC_ALL="C", TZ="UTC")
+    env.pop("MAKEFLAGS", None)
+    env.pop("MFLAGS", None)
+    return env
+
+
+def make_srpm(plan: Plan, srcdir: Path, srpm_dir: Path, log: Path) -> Path:
+    spec_path = write_sources(plan, srcdir)
+    if srpm_dir.exists():
+        shutil.rmtree(srpm_dir)
+    srpm_dir.mkdir(parents=True)
+    proc.run(["rpmbuild", "-bs", "--nodeps",
+              "--define", f"_topdir {srcdir}", "--define", f"_sourcedir {srcdir}",
+              "--define", f"_specdir {srcdir}", "--define", f"_srcrpmdir {srpm_dir}",
+              *repro_defines(plan.epoch), str(spec_path)],
+             env=build_env(plan.epoch), log=log, error=BuildError)
+    found = sorted(srpm_dir.glob("*.src.rpm"))
+    if len(found) != 1:
+        raise BuildError(f"rpmbuild -bs produced {len(found)} SRPMs in {srpm_dir}")
+    return found[0]
+
+
+# ------------------------------------------------------------------ builders
+
+def rpmbuild_command(srpm: Path, topdir: Path, jobs: int, epoch: int) -> list[str]:
+    # --nodeps: Debian's rpm database knows no BuildRequires; the host tools are checked
+    # by `fsbuild doctor` instead.
+    return ["rpmbuild", "--rebuild", "--nodeps", "--define", f"_topdir {topdir}",
+            "--define", f"_smp_mflags -j{jobs}", *repro_defines(epoch), str(srpm)]
+
+
+def mock_baseurl(target: Target, override: str | None) -> str:
+    url = override or os.environ.get("FSBUILD_MOCK_BASEURL") or target.section("rpm").get("mock_baseurl")
+    if not url:
+        raise TargetError(f"target {target.name}: mock needs a base URL "
+                          "(--mock-baseurl, FSBUILD_MOCK_BASEURL or [rpm] mock_baseurl)")
+    return str(url).rstrip("/")
+
+
+def mock_config(target: Target, baseurl: str, jobs: int) -> str:
+    """A mock chroot config for CentOS 6.10 (EOL: packages from the vault at baseurl)."""
+    rpm = target.section("rpm")
+    if not rpm.get("mock_chroot"):
+        raise TargetError(f"target {target.name}: no [rpm] mock_chroot; mock builds are for el6 "
+                          "(use --builder rpmbuild)")
+    root = f"fsbuild-{target.name}-x86_64"
+    repos = "\n".join(
+        f"[{name}]\nname=CentOS-6.10 - {name}\nbaseurl={baseurl}/{sub}/x86_64/\nenabled=1\n"
+        for name, sub in (("base", "os"), ("updates", "updates")))
+    conf = ("[main]\nkeepcache=1\ndebuglevel=2\nreposdir=/dev/null\nlogfile=/var/log/yum.log\n"
+            "retries=20\nobsoletes=1\ngpgcheck=0\nassumeyes=1\nsyslog_ident=mock\n"
+            "syslog_device=\nmdpolicy=group:primary\n\n" + repos)
+    lines = [
+        "# generated by fsbuild: mock chroot for " + str(rpm["mock_chroot"]),
+        f"config_opts['root'] = {root!r}",
+        "config_opts['target_arch'] = 'x86_64'",
+        "config_opts['legal_host_arches'] = ('x86_64',)",
+        "config_opts['chroot_setup_cmd'] = 'install @buildsys-build'",
+        "config_opts['dist'] = 'el6'",
+        "config_opts['releasever'] = '6'",
+        "config_opts['package_manager'] = 'yum'",
+        # el6 is EOL: no bootstrap image exists; build the chroot with the host's yum/dnf.
+        "config_opts['use_bootstrap'] = False",
+        "config_opts['use_bootstrap_image'] = False",
+        "config_opts['rpmbuild_networking'] = False",
+        f"config_opts['macros']['%_smp_mflags'] = '-j{jobs}'",
+        f"config_opts['yum.conf'] = {conf!r}",
+        f"config_opts['dnf.conf'] = {conf!r}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def mock_command(cfg: Path, srpm: Path, resultdir: Path) -> list[str]:
+    return ["mock", "-r", str(cfg), "--rebuild", str(srpm), "--resultdir", str(resultdir)]
+
+
+_PHASES = [(b"Executing(%prep)", "prep: unpack + patches"), (b"Executing(%build)", "build: make"),
+           (b"Executing(%install)", "install"), (b"Processing files:", "package"),
+           (b"Wrote:", "write RPMs"), (b"Executing(%clean)", "clean"),
+           (b"Start: build phase", "mock: build"), (b"Start: chroot init", "mock: chroot")]
+_OBJ = re.compile(rb"^\s+(CC|AS|LD)(\s|\s\[M\]\s)", re.M)
+
+
+def run_logged(cmd: list[str], log: Path, env: dict[str, str], what: str,
+               error: type[FsbuildError] = BuildError) -> None:
+    """Run a long build with output to `log` and a spinner showing phase, objects, elapsed.
+    (proc.run cannot watch the log while the command runs, hence Popen here.)"""
+    proc.which(cmd[0])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with open(log, "ab") as fh, progress.bar(what, total=None) as bar:
+        fh.write(f"$ {shlex.join(cmd)}\n".encode())
+        fh.flush()
+        offset = log.stat().st_size
+        child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+        phase, objects = "start", 0
+        try:
+            while child.poll() is None:
+                time.sleep(0.5)
+                phase, objects, offset = _watch(log, offset, phase, objects, what, bar, start)
+        except KeyboardInterrupt:
+            _kill(child)
+            raise RunInterruptedError(f"{what} interrupted; partial log in {log}") from None
+    if child.returncode != 0:
+        raise _failure(cmd, child.returncode, log)
+
+
+def _watch(log: Path, offset: int, phase: str, objects: int, what: str,
+           bar: progress.Bar, start: float) -> tuple[str, int, int]:
+    with open(log, "rb") as fh:
+        fh.seek(offset)
+        chunk = fh.read()
+    # Keep a partial last line for the next round.
+    cut = chunk.rfind(b"\n") + 1
+    chunk, offset = chunk[:cut], offset + cut
+    objects += len(_OBJ.findall(chunk))
+    for marker, name in _PHASES:
+        if marker in chunk and name != phase:
+            phase = name
+            if not progress.enabled():
+                progress.info(f"{what}: {phase} ({time.monotonic() - start:.0f} s)")
+    bar.update(f"{what}: {phase}" + (f" · {objects} objects" if objects else ""))
+    return phase, objects, offset
+
+
+def _kill(child: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()
+
+
+def _failure(cmd: list[str], rc: int, log: Path) -> FsbuildError:
+    """The most telling line of the log: a config drop, a patch that does not apply, else
+    the tail."""
+    text = log.read_bytes()[-2_000_000:].decode(errors="replace").splitlines()
+    cfg = [line for line in text if line.startswith("fsbuild: ")]
+    if cfg:
+        return BuildError(f"{cmd[0]} failed: {cfg[-1][len('fsbuild: '):]} (full log: {log})")
+    if any("FAILED" in line and "Hunk" in line for line in text[-200:]):
+        patch = next((line for line in reversed(text) if line.startswith("+ patch ")), "")
+        name = Path(patch.split()[-1]).name if patch else "a series patch"
+        return PatchApplyError(f"{name} does not apply at fuzz 0 in %prep (full log: {log})")
+    return BuildError(f"`{' '.join(cmd[:2])}` failed (exit {rc}); last lines of {log}: "
+                      f"{proc.tail(log)}")
+
+
+# ------------------------------------------------------------------ orchestration
+
+def out_layout(target: str) -> dict[str, Path]:
+    out = paths.out_dir(target)
+    return {"out": out, "rpms": out / "rpms", "srpm": out / "srpm", "log": out / "build.log",
+            "manifest": out / MANIFEST, "topdir": out / "rpmbuild", "srcdir": out / "srpm-src",
+            "mock": out / "mock"}
+
+
+def cached_result(plan: Plan) -> Result | None:
+    lay = out_layout(plan.req.target.name)
+    try:
+        data = json.loads(lay["manifest"].read_text())
+    except (OSError, ValueError):
+        return None
+    rpms = [Path(p) for p in data.get("rpms", [])]
+    srpm = Path(data.get("srpm", ""))
+    if data.get("inputs") != plan.inputs_hash or not rpms or not all(p.is_file() for p in rpms + [srpm]):
+        return None
+    return Result(plan.req.target.name, data["kver"], rpms, srpm, lay["log"], data["builder"],
+                  data["config"], plan.inputs_hash, True, 0.0)
+
+
+def build(req: Request, upstream: object | None = None) -> Result:
+    start = time.monotonic()
+    plan = make_plan(req, upstream)
+    if not req.force and (hit := cached_result(plan)) is not None:
+        hit.duration_s = time.monotonic() - start
+        return hit
+    if req.builder == "mock":
+        proc.which("mock")  # fail fast (exit 9) before the SRPM work
+    proc.which("rpmbuild")
+    lay = out_layout(req.target.name)
+    lay["out"].mkdir(parents=True, exist_ok=True)
+    lay["manifest"].unlink(missing_ok=True)  # never a stale no-op after a failed build
+    lay["log"].write_text(f"fsbuild rpm {req.target.name} inputs={plan.inputs_hash}\n")
+    progress.info(f"rpm: {req.target.name} {plan.kver} (config {plan.config.label}, "
+                  f"{len(plan.series)} patches, builder {req.builder}); log: {lay['log']}")
+    srpm = make_srpm(plan, lay["srcdir"], lay["srpm"], lay["log"])
+    shutil.rmtree(lay["srcdir"], ignore_errors=True)
+    progress.info(f"rpm: SRPM {srpm}")
+    rpms = _run_builder(plan, srpm, lay)
+    result = Result(req.target.name, plan.kver, rpms, srpm, lay["log"], req.builder,
+                    plan.config.label, plan.inputs_hash, False, time.monotonic() - start)
+    lay["manifest"].write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    return result
+
+
+def _run_builder(plan: Plan, srpm: Path, lay: dict[str, Path]) -> list[Path]:
+    env = build_env(plan.epoch)
+    if plan.req.builder == "mock":
+        cfg = lay["out"] / "mock.cfg"
+        cfg.write_text(mock_config(plan.req.target, plan.extra["mock_baseurl"], plan.req.jobs))
+        shutil.rmtree(lay["mock"], ignore_errors=True)
+        run_logged(mock_command(cfg, srpm, lay["mock"]), lay["log"], env, "mock")
+        return _collect(sorted(p for p in lay["mock"].glob("*.rpm")
+                               if not p.name.endswith(".src.rpm")), lay["rpms"])
+    topdir = lay["topdir"]
+    shutil.rmtree(topdir, ignore_errors=True)
+    run_logged(rpmbuild_command(srpm, topdir, plan.req.jobs, plan.epoch), lay["log"], env, "rpmbuild")
+    rpms = _collect(sorted(topdir.glob("RPMS/*/*.rpm")), lay["rpms"])
+    shutil.rmtree(topdir, ignore_errors=True)  # ~1.5 GB of build tree; the SRPM rebuilds it
+    return rpms
+
+
+def _collect(built: list[Path], rpms_dir: Path) -> list[Path]:
+    if not built:
+        raise BuildError("the builder finished without producing RPMs")
+    if rpms_dir.exists():
+        shutil.rmtree(rpms_dir)
+    rpms_dir.mkdir(parents=True)
+    out = []
+    for p in built:
+        dst = rpms_dir / p.name
+        shutil.move(str(p), dst)
+        out.append(dst)
+    return sorted(out)

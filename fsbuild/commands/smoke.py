@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from fsbuild import progress
+
+if TYPE_CHECKING:
+    from fsbuild import smoke
+
+
+@click.command("smoke")
+@click.option("--target", "-t", "target_name", default=None, help="Target (default: el6 or $FSBUILD_TARGET).")
+@click.option("--rpms", "rpm_dir", type=click.Path(path_type=Path), default=None,
+              help="Directory with the built kernel RPM (default: out/<target>/rpms).")
+@click.option("--timeout", type=float, default=None, help="Hard limit for the boot, seconds (default 120).")
+@click.option("--json", "as_json", is_flag=True, help="Print smoke.json on stdout.")
+def cmd(target_name: str | None, rpm_dir: Path | None, timeout: float | None, as_json: bool) -> int:
+    """Boot the built kernel RPM in QEMU (igb + multiqueue virtio-net) and check Fastsocket."""
+    from fsbuild import smoke, target
+
+    progress.set_quiet(as_json)
+    tgt = target.load(target_name)
+    opts = smoke.BootOptions()
+    if timeout is not None:
+        opts.timeout = timeout
+    try:
+        verdict = smoke.run(tgt.name, rpm_dir, opts)
+    except (smoke.SmokeBootError, smoke.SmokePanicError, smoke.SmokeTimeoutError,
+            smoke.SmokeCheckError):
+        _echo_verdict(tgt.name, as_json)  # the checks that failed, before the one-line error
+        raise
+    if as_json:
+        click.echo(json.dumps(verdict.as_json(), indent=2))
+    else:
+        _print(verdict)
+    return 0
+
+
+def _echo_verdict(target_name: str, as_json: bool) -> None:
+    from fsbuild import paths
+
+    path = paths.out_dir(target_name) / "smoke.json"
+    if not path.is_file():
+        return
+    if as_json:
+        click.echo(path.read_text().rstrip())
+    else:
+        data = json.loads(path.read_text())
+        _table(data["checks"], data["verdict"], data["duration_s"])
+
+
+def _print(verdict: "smoke.Verdict") -> None:
+    data = verdict.as_json()
+    _table(data["checks"], verdict.verdict, verdict.duration_s)  # type: ignore[arg-type]
+
+
+def _table(checks: list[dict[str, str]], verdict: str, duration: float) -> None:
+    for c in checks:
+        click.echo(f"{c['status']:4} {c['name']:22} {c['detail']}")
+    click.echo(f"\nverdict: {verdict} in {duration:.1f}s")

@@ -1,0 +1,335 @@
+"""QEMU for the smoke boot: the command line, the KVM probe (KVM can hang on hosts with
+broken nested virtualisation, so it is tried with a short timeout and TCG is the fallback),
+network namespaces with multi_queue taps, and the run loop: QMP over a unix socket with
+qemu.qmp, a poll of the serial logs, and a hard host-side timeout that kills QEMU."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fsbuild import paths
+from fsbuild.errors import ToolMissingError
+
+QEMU = "qemu-system-x86_64"
+PROBE_TIMEOUT_S = 3.0
+TAP_QUEUES = 4
+GUEST_MAC = ("52:54:00:fb:00:01", "52:54:00:fb:00:02")
+
+
+@dataclass(frozen=True)
+class Accel:
+    name: str          # kvm | tcg
+    reason: str        # why, for the report
+
+
+@dataclass(frozen=True)
+class Net:
+    mode: str                  # "tap-netns" (multi_queue tap in a private netns) | "user"
+    reason: str
+    netns: str | None = None
+    args: tuple[str, ...] = ()
+
+
+@dataclass
+class VmConfig:
+    kernel: Path
+    initrd: Path
+    workdir: Path              # QMP socket lives here
+    serial_log: Path           # ttyS0: console
+    checks_log: Path           # ttyS1: the guest init's structured lines
+    accel: Accel
+    net: Net
+    append: str = ""
+    smp: int = 4
+    memory_mb: int = 512
+    pvpanic: bool = True
+    qemu: str = QEMU
+
+
+@dataclass
+class VmResult:
+    stopped_by: str | None     # the stop predicate's reason, when it ended the run
+    timed_out: bool
+    returncode: int | None
+    duration_s: float
+    events: list[str] = field(default_factory=list)   # QMP event names (+ reason)
+    status: str | None = None  # first query-status answer
+
+
+# ---------------------------------------------------------------- command line
+
+def kernel_cmdline(extra: str = "") -> str:
+    # panic=-1 + -no-reboot: a panic resets at once and the reset ends QEMU.
+    base = "console=ttyS0,115200 panic=-1 rdinit=/init printk.time=1"
+    return f"{base} {extra}".strip()
+
+
+def argv(cfg: VmConfig) -> list[str]:
+    """The QEMU command line (without the `ip netns exec` prefix)."""
+    # TCG keeps QEMU's default CPU model: el6 (2.6.32) predates most of `-cpu max`.
+    a = [cfg.qemu, "-accel", cfg.accel.name, "-M", "q35",
+         *(["-cpu", "host"] if cfg.accel.name == "kvm" else []),
+         "-smp", str(cfg.smp), "-m", str(cfg.memory_mb),
+         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+         "-kernel", str(cfg.kernel), "-initrd", str(cfg.initrd),
+         "-append", kernel_cmdline(cfg.append),
+         "-chardev", f"file,id=con,path={cfg.serial_log}", "-serial", "chardev:con",
+         "-chardev", f"file,id=chk,path={cfg.checks_log}", "-serial", "chardev:chk",
+         "-qmp", f"unix:{qmp_socket(cfg)},server=on,wait=off"]
+    if cfg.pvpanic:
+        a += ["-device", "pvpanic"]
+    return a + list(cfg.net.args)
+
+
+def qmp_socket(cfg: VmConfig) -> Path:
+    return cfg.workdir / "qmp.sock"
+
+
+def full_argv(cfg: VmConfig) -> list[str]:
+    prefix = ["ip", "netns", "exec", cfg.net.netns] if cfg.net.netns else []
+    return prefix + argv(cfg)
+
+
+# ---------------------------------------------------------------- accelerator
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _probe_cache() -> Path:
+    return paths.state_dir() / "smoke" / "accel-probe.json"
+
+
+def probe_accel(kernel: Path, qemu: str = QEMU, timeout: float = PROBE_TIMEOUT_S,
+                use_cache: bool = True) -> Accel:
+    """KVM only if a real kernel starts printing under it within `timeout`; else TCG.
+    FSBUILD_SMOKE_ACCEL=tcg|kvm forces a choice. The answer is cached per host boot."""
+    forced = os.environ.get("FSBUILD_SMOKE_ACCEL")
+    if forced in ("tcg", "kvm"):
+        return Accel(forced, f"forced by FSBUILD_SMOKE_ACCEL={forced}")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return Accel("tcg", "no usable /dev/kvm: TCG")
+    cache = _probe_cache()
+    key = f"{_boot_id()} {shutil.which(qemu)}"
+    if use_cache:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            data = json.loads(cache.read_text())
+            if data["key"] == key:
+                return Accel(data["name"], data["reason"] + " (cached for this host boot)")
+    accel = _probe_kvm_boot(kernel, qemu, timeout)
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "name": accel.name, "reason": accel.reason}))
+    return accel
+
+
+def _probe_kvm_boot(kernel: Path, qemu: str, timeout: float) -> Accel:
+    # A trivial guest runs fine under a broken KVM; the hang shows only once a real kernel
+    # enters long mode, so boot the kernel itself and wait for its first console byte.
+    workdir = paths.state_dir() / "smoke"
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / f"kvm-probe-{os.getpid()}.log"
+    log.unlink(missing_ok=True)
+    cmd = [qemu, "-accel", "kvm", "-M", "q35", "-m", "128", "-nodefaults", "-display", "none",
+           "-no-reboot", "-kernel", str(kernel), "-append",
+           "console=ttyS0 earlyprintk=serial panic=-1 rdinit=/nonexistent",
+           "-serial", f"file:{log}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < timeout:
+            if log.exists() and log.stat().st_size > 0:
+                return Accel("kvm", f"KVM printed within {time.monotonic() - start:.1f}s")
+            if proc.poll() is not None:
+                err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
+                return Accel("tcg", f"KVM unusable ({err.strip().splitlines()[-1:] or 'exit'}): TCG")
+            time.sleep(0.05)
+        return Accel("tcg", f"KVM probe printed nothing in {timeout:.0f}s (hangs): TCG")
+    finally:
+        _kill_group(proc)
+        log.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- network
+
+def _ip(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["ip", *args], capture_output=True, timeout=10)
+
+
+def user_net(reason: str) -> Net:
+    # restrict=on: the guest reaches nothing outside itself.
+    args = ("-netdev", "user,id=n0,restrict=on",
+            "-device", f"igb,netdev=n0,mac={GUEST_MAC[0]}",
+            "-netdev", "user,id=n1,restrict=on",
+            "-device", f"virtio-net-pci,netdev=n1,mac={GUEST_MAC[1]}")
+    return Net("user", reason, None, args)
+
+
+def setup_net(name: str) -> Net:
+    """A private netns with two taps (igb; virtio-net on a 4-queue multi_queue tap);
+    user networking with the reason when the host does not allow it."""
+    if os.environ.get("FSBUILD_SMOKE_NET") == "user":
+        return user_net("forced by FSBUILD_SMOKE_NET=user")
+    if shutil.which("ip") is None:
+        return user_net("no `ip` tool: user networking (single queue virtio-net)")
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        return user_net("no /dev/net/tun: user networking (single queue virtio-net)")
+    r = _ip("netns", "add", name)
+    if r.returncode != 0:
+        return user_net(f"cannot create a netns ({r.stderr.decode().strip()}): user networking "
+                        "(single queue virtio-net)")
+    steps = [("-n", name, "tuntap", "add", "dev", "fsigb0", "mode", "tap"),
+             ("-n", name, "tuntap", "add", "dev", "fsvnet0", "mode", "tap", "multi_queue"),
+             ("-n", name, "link", "set", "fsigb0", "up"),
+             ("-n", name, "link", "set", "fsvnet0", "up")]
+    for step in steps:
+        r = _ip(*step)
+        if r.returncode != 0:
+            teardown_net(Net("tap-netns", "", name))
+            return user_net(f"`ip {' '.join(step)}` failed ({r.stderr.decode().strip()}): user networking")
+    args = ("-netdev", "tap,id=n0,ifname=fsigb0,script=no,downscript=no",
+            "-device", f"igb,netdev=n0,mac={GUEST_MAC[0]}",
+            "-netdev", f"tap,id=n1,ifname=fsvnet0,script=no,downscript=no,queues={TAP_QUEUES},vhost=off",
+            "-device", f"virtio-net-pci,netdev=n1,mq=on,vectors={2 * TAP_QUEUES + 2},mac={GUEST_MAC[1]}")
+    return Net("tap-netns", f"multi_queue tap ({TAP_QUEUES} queues) in netns {name}", name, args)
+
+
+def teardown_net(net: Net) -> None:
+    if net.netns:
+        _ip("netns", "del", net.netns)  # removes the taps with it
+
+
+@contextlib.contextmanager
+def network(name: str) -> Iterator[Net]:
+    net = setup_net(name)
+    try:
+        yield net
+    finally:
+        teardown_net(net)
+
+
+# ---------------------------------------------------------------- run loop
+
+def _kill_group(proc: subprocess.Popen[bytes] | asyncio.subprocess.Process) -> None:
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if isinstance(proc, subprocess.Popen):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+StopPredicate = Callable[[], str | None]
+StatusFn = Callable[[str], None]
+
+
+def run(cfg: VmConfig, timeout: float, stop_when: StopPredicate,
+        status: StatusFn = lambda _m: None) -> VmResult:
+    """Boot, poll `stop_when` (reads the logs; returns a reason to stop) and QMP events,
+    and never outlive `timeout`: QEMU is killed at the deadline whatever the guest does."""
+    if shutil.which(cfg.qemu) is None:
+        raise ToolMissingError(f"{cfg.qemu} not found; run `fsbuild doctor` for the install command")
+    for log in (cfg.serial_log, cfg.checks_log):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_bytes(b"")
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    qmp_socket(cfg).unlink(missing_ok=True)
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # disconnects at quit are expected
+    return asyncio.run(_run(cfg, timeout, stop_when, status))
+
+
+async def _run(cfg: VmConfig, timeout: float, stop_when: StopPredicate, status: StatusFn) -> VmResult:
+    from qemu.qmp import QMPClient  # lazy: only smoke needs it
+
+    start = time.monotonic()
+    deadline = start + timeout
+    proc = await asyncio.create_subprocess_exec(
+        *full_argv(cfg), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=open(cfg.workdir / "qemu.stderr", "wb"), start_new_session=True)
+    result = VmResult(None, False, None, 0.0)
+    qmp = QMPClient("fsbuild-smoke")
+    events: asyncio.Task[None] | None = None
+    try:
+        status(f"QEMU started ({cfg.accel.name}, {cfg.net.mode} networking)")
+        if await _connect(qmp, qmp_socket(cfg), proc, deadline):
+            events = asyncio.create_task(_collect_events(qmp, result))
+            with contextlib.suppress(Exception):
+                answer = await asyncio.wait_for(qmp.execute("query-status"), 2)
+                result.status = str(answer.get("status")) if isinstance(answer, dict) else None
+        while True:
+            reason = stop_when()
+            if reason:
+                result.stopped_by = reason
+                await _quit(qmp, proc)
+                break
+            if proc.returncode is not None:
+                break
+            if time.monotonic() >= deadline:
+                result.timed_out = True
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), 0.05)
+        # A last look: the guest may have written its final lines just before exiting.
+        if result.stopped_by is None:
+            result.stopped_by = stop_when()
+    finally:
+        if events is not None:
+            events.cancel()
+        _kill_group(proc)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(qmp.disconnect(), 2)
+        qmp_socket(cfg).unlink(missing_ok=True)
+    result.returncode = proc.returncode
+    result.duration_s = time.monotonic() - start
+    return result
+
+
+async def _connect(qmp: object, sock: Path, proc: asyncio.subprocess.Process, deadline: float) -> bool:
+    """QEMU creates the socket a moment after it starts; retry until it is there."""
+    limit = min(deadline, time.monotonic() + 10)
+    while time.monotonic() < limit:
+        if proc.returncode is not None:
+            return False
+        if sock.exists():
+            try:
+                await asyncio.wait_for(qmp.connect(str(sock)), 2)  # type: ignore[attr-defined]
+                return True
+            except Exception:  # noqa: BLE001 - any connect failure means "retry"
+                pass
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(proc.wait(), 0.05)
+    return False
+
+
+async def _collect_events(qmp: object, result: VmResult) -> None:
+    with contextlib.suppress(Exception):
+        async for event in qmp.events:  # type: ignore[attr-defined]
+            name = str(event.get("event"))
+            data = event.get("data") or {}
+            extra = data.get("reason") or (data.get("action") if name == "GUEST_PANICKED" else None)
+            result.events.append(f"{name}:{extra}" if extra else name)
+
+
+async def _quit(qmp: object, proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(qmp.execute("quit"), 2)  # type: ignore[attr-defined]
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(proc.wait(), 3)

@@ -1,0 +1,491 @@
+"""Quilt series files and transactional application of a whole series to a tree.
+
+`parse_series` reads a quilt `series` file (comments, blank lines, per-entry `-pN`/`-R`);
+`apply_series` applies every patch in memory over an overlay of the tree (each touched file
+is read once) and writes only when all patches applied: temp files first, then renames,
+rolled back on Ctrl-C. Semantics follow `quilt push` (GNU patch -p1 -f, fuzz as given).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
+                            RunInterruptedError, UnsafePathError)
+from fsbuild.patch import (FilePatch, Hunk, HunkFailed, HunkResult, Patch, apply_hunks,
+                           parse_patch, safe_relpath, strip_path)
+
+# ---------------------------------------------------------------- series file
+
+
+@dataclass
+class SeriesEntry:
+    """One patch line of a series file."""
+
+    name: str
+    strip: int = 1
+    reverse: bool = False
+    lineno: int = 0
+    comment: str = ""  # trailing comment, kept for round-trips
+    raw: str = ""  # the original line (without newline)
+
+
+@dataclass
+class Series:
+    path: Path
+    entries: list[SeriesEntry]
+    lines: list[str] = field(default_factory=list)  # every original line, for write_series
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def patch_path(self, entry: SeriesEntry) -> Path:
+        return self.folder / entry.name
+
+
+def _split_comment(line: str) -> tuple[str, str]:
+    """quilt's rule: `#` at line start or after whitespace starts a comment."""
+    for i, ch in enumerate(line):
+        if ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i], line[i:]
+    return line, ""
+
+
+def parse_series_text(text: str, path: Path) -> Series:
+    entries: list[SeriesEntry] = []
+    lines = text.splitlines()
+    for no, line in enumerate(lines, 1):
+        body, comment = _split_comment(line)
+        fields = body.split()
+        if not fields:
+            continue
+        entry = SeriesEntry(name=fields[0], lineno=no, comment=comment, raw=line)
+        opts = iter(fields[1:])
+        for opt in opts:
+            if opt == "-R":
+                entry.reverse = True
+            elif opt == "-p":
+                entry.strip = _strip_level(next(opts, ""), path, no)
+            elif opt.startswith("-p"):
+                entry.strip = _strip_level(opt[2:], path, no)
+            else:
+                raise PatchFormatError(f"{path}:{no}: unsupported patch option {opt!r}")
+        _check_entry_name(entry, path)
+        entries.append(entry)
+    return Series(path=path, entries=entries, lines=lines)
+
+
+def _strip_level(text: str, path: Path, no: int) -> int:
+    if not text.isdigit():
+        raise PatchFormatError(f"{path}:{no}: bad strip level {text!r}")
+    return int(text)
+
+
+def _check_entry_name(entry: SeriesEntry, path: Path) -> None:
+    if entry.name.startswith("/") or ".." in entry.name.split("/"):
+        raise UnsafePathError(f"{path}:{entry.lineno}: patch name {entry.name!r} "
+                              "escapes the series folder")
+
+
+def parse_series(path: Path | str, check_files: bool = True) -> Series:
+    """Parse a series file; with check_files every named patch must exist
+    (MissingFileError naming the series line otherwise)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        raise MissingFileError(f"series file {path} does not exist") from None
+    except IsADirectoryError:
+        raise MissingFileError(f"series file {path} is a directory") from None
+    series = parse_series_text(text, path)
+    if check_files:
+        root = series.folder.resolve()
+        for e in series.entries:
+            p = series.patch_path(e)
+            real = p.resolve()
+            if real != root and root not in real.parents:
+                raise UnsafePathError(f"{path}:{e.lineno}: patch {e.name} leads outside "
+                                      f"{series.folder} (symlink)")
+            if not p.is_file():
+                raise MissingFileError(f"{path}:{e.lineno}: patch file {p} does not exist")
+    return series
+
+
+def format_entry(e: SeriesEntry) -> str:
+    opts = ([f"-p{e.strip}"] if e.strip != 1 else []) + (["-R"] if e.reverse else [])
+    text = " ".join([e.name, *opts])
+    return f"{text} {e.comment}" if e.comment else text
+
+
+def write_series(series: Series, path: Path | None = None) -> str:
+    """Render a series: unchanged entries keep their original line (comments, blank lines
+    and spacing survive); new or edited entries are rendered canonically."""
+    by_line = {e.lineno: e for e in series.entries if e.lineno}
+    out: list[str] = []
+    for no, line in enumerate(series.lines, 1):
+        e = by_line.get(no)
+        if e is None:
+            if not _split_comment(line)[0].split():
+                out.append(line)  # comment or blank line
+            continue  # an entry that was removed
+        if e in series.entries:
+            original = parse_series_text(e.raw, series.path).entries
+            same = original and original[0] == SeriesEntry(e.name, e.strip, e.reverse, 1,
+                                                          e.comment, e.raw)
+            out.append(e.raw if same else format_entry(e))
+    out.extend(format_entry(e) for e in series.entries if not e.lineno)
+    text = "".join(f"{line}\n" for line in out)
+    if path is not None:
+        Path(path).write_text(text, encoding="utf-8", errors="surrogateescape")
+    return text
+
+
+# ---------------------------------------------------------------- tree overlay
+
+
+@dataclass
+class FileState:
+    data: bytes
+    mode: int  # permission bits
+
+
+class Tree:
+    """The on-disk tree plus in-memory changes. Each file is read at most once; no path
+    component may be a symlink (a patch must never write through one)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.orig: dict[str, FileState | None] = {}
+        self.cur: dict[str, FileState | None] = {}
+        self._dirs: dict[str, bool] = {"": True}
+        self._umask = _umask()
+
+    def _check_dirs(self, rel: str) -> bool:
+        """True when every parent directory exists (and none is a symlink)."""
+        parts = rel.split("/")[:-1]
+        prefix = ""
+        for part in parts:
+            prefix = f"{prefix}/{part}" if prefix else part
+            known = self._dirs.get(prefix)
+            if known is None:
+                try:
+                    st = os.lstat(self.root / prefix)
+                except FileNotFoundError:
+                    known = False
+                except NotADirectoryError:
+                    known = False
+                else:
+                    if stat.S_ISLNK(st.st_mode):
+                        raise UnsafePathError(f"{prefix} in {self.root} is a symlink; "
+                                              "refusing to patch through it")
+                    known = stat.S_ISDIR(st.st_mode)
+                self._dirs[prefix] = known
+            if not known:
+                return False
+        return True
+
+    def _load(self, rel: str) -> FileState | None:
+        if rel in self.orig:
+            return self.orig[rel]
+        state: FileState | None = None
+        if self._check_dirs(rel):
+            full = self.root / rel
+            try:
+                st = os.lstat(full)
+            except (FileNotFoundError, NotADirectoryError):
+                st = None
+            if st is not None:
+                if stat.S_ISLNK(st.st_mode):
+                    raise UnsafePathError(f"{rel} in {self.root} is a symlink "
+                                          f"(to {os.readlink(full)}); refusing to patch it")
+                if stat.S_ISREG(st.st_mode):
+                    with open(full, "rb") as fh:
+                        state = FileState(fh.read(), stat.S_IMODE(st.st_mode) & 0o777)
+        self.orig[rel] = state
+        return state
+
+    def get(self, rel: str) -> FileState | None:
+        if rel in self.cur:
+            return self.cur[rel]
+        return self._load(rel)
+
+    def set(self, rel: str, state: FileState | None) -> None:
+        self._load(rel)  # remember the original for the diff and the symlink check
+        self.cur[rel] = state
+
+    def new_mode(self) -> int:
+        return 0o666 & ~self._umask
+
+    def changes(self) -> dict[str, FileState | None]:
+        """Paths whose final state differs from the disk (content or mode)."""
+        return {rel: st for rel, st in self.cur.items() if st != self.orig.get(rel)}
+
+    def missing_dirs(self, rel: str) -> int:
+        """How many directories creating rel would need (GNU prefers fewest)."""
+        parts = rel.split("/")[:-1]
+        for k in range(len(parts), 0, -1):
+            if self._check_dirs("/".join(parts[:k]) + "/x"):
+                return len(parts) - k
+        return len(parts)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------- applying one patch
+
+
+@dataclass
+class PatchReport:
+    name: str
+    files: list[str] = field(default_factory=list)
+    hunks: list[HunkResult] = field(default_factory=list)
+
+
+def _reverse(fp: FilePatch) -> FilePatch:
+    swap = {"+": "-", "-": "+", " ": " "}
+    hunks = [Hunk(h.new_start, h.new_len, h.old_start, h.old_len, h.section,
+                  [(swap[t], c) for t, c in h.lines], h.lineno) for h in fp.hunks]
+    return FilePatch(fp.new_name, fp.old_name, fp.lineno, fp.header, hunks, fp.git,
+                     fp.new_mode, fp.old_mode, fp.rename, fp.copy, fp.binary,
+                     fp.new_absent, fp.old_absent, fp.index_name)
+
+
+def _best_name(names: list[str | None], ignore: list[bool]) -> int | None:
+    """GNU best_name: fewest components, then shortest basename, then shortest name."""
+    best: tuple[int, int, int] | None = None
+    pick = None
+    for i, n in enumerate(names):
+        if n is None or ignore[i]:
+            continue
+        key = (n.count("/"), len(n.rsplit("/", 1)[-1]), len(n))
+        if best is None or key < best:
+            best, pick = key, i
+    return pick
+
+
+def _choose_input(tree: Tree, fp: FilePatch, old: str | None, new: str | None) -> str | None:
+    names = [old, new]
+    exists = [n is not None and tree.get(n) is not None for n in names]
+    i = _best_name(names, [not e for e in exists])
+    if i is None and fp.old_absent:
+        dirs = [tree.missing_dirs(n) if n is not None else 0 for n in names]
+        lowest = min(d for n, d in zip(names, dirs) if n is not None) if any(names) else 0
+        i = _best_name(names, [n is None or d != lowest for n, d in zip(names, dirs)])
+    return names[i] if i is not None else None
+
+
+def apply_file(tree: Tree, fp: FilePatch, strip: int, fuzz: int, patch: str,
+               report: PatchReport) -> None:
+    """Apply one file's diff to the overlay (GNU patch's per-file main loop)."""
+    old = strip_path(fp.old_name, strip) if fp.old_name else None
+    new = strip_path(fp.new_name, strip) if fp.new_name else None
+    old = safe_relpath(old, patch, fp.lineno) if old else None
+    new = safe_relpath(new, patch, fp.lineno) if new else None
+    inname = _choose_input(tree, fp, old, new)
+    if inname is None:
+        shown = fp.new_name or fp.old_name
+        raise PatchApplyError(f"patch {patch}: {shown}: file to patch not found "
+                              f"(diff at line {fp.lineno})")
+    if (fp.rename or fp.copy) and (old is None or new is None):
+        raise PatchApplyError(f"patch {patch}: cannot rename/copy {inname} without two names")
+    outname = new if (fp.rename or fp.copy) and new else inname
+    state = tree.get(inname)
+    data = state.data if state else b""
+    try:
+        out, results = apply_hunks(data, fp.hunks, fuzz, outname, creating=fp.old_absent == 2)
+    except HunkFailed as exc:
+        raise PatchApplyError(f"patch {patch}: {outname}: hunk #{exc.index} FAILED "
+                              f"({exc.why}; expected at line {exc.line})") from None
+    report.files.append(outname)
+    report.hunks.extend(results)
+    if not out and fp.new_absent == 2:
+        tree.set(outname, None)
+        if fp.rename and inname != outname:
+            tree.set(inname, None)
+        return
+    if out and fp.new_absent == 2:
+        raise PatchApplyError(f"patch {patch}: {outname}: not deleting the file as its "
+                              "content differs from the patch")
+    set_mode = bool(fp.new_mode) and fp.old_mode != fp.new_mode
+    if not fp.hunks and not set_mode and not fp.rename and not fp.copy:
+        return  # GNU leaves such files alone
+    if set_mode:
+        mode = fp.new_mode & 0o777  # type: ignore[operator]
+    else:
+        mode = state.mode if state else tree.new_mode()
+    tree.set(outname, FileState(out, mode))
+    if fp.rename and inname != outname:
+        tree.set(inname, None)
+
+
+def apply_patch(tree: Tree, patch: Patch, strip: int = 1, fuzz: int = 0,
+                reverse: bool = False) -> PatchReport:
+    report = PatchReport(patch.name)
+    for fp in patch.files:
+        apply_file(tree, _reverse(fp) if reverse else fp, strip, fuzz, patch.name, report)
+    return report
+
+
+# ---------------------------------------------------------------- writing
+
+
+class _Interrupts:
+    """Turns SIGINT into a flag while the tree is being written, so a Ctrl-C can only
+    land between two whole-file operations and the rollback is never cut short."""
+
+    def __init__(self) -> None:
+        self.hit = False
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.hit = True
+
+    def check(self) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+
+
+def _tmp_name(path: Path, tag: str) -> Path:
+    return path.with_name(f".{path.name}.fsbuild-{tag}-{os.getpid()}")
+
+
+def commit(root: Path, changes: dict[str, FileState | None],
+           hook: Callable[[str], None] | None = None) -> None:
+    """Write changes into root all-or-nothing. `hook(step)` is called between steps
+    (tests use it to simulate Ctrl-C)."""
+    root = Path(root)
+    created_dirs: list[Path] = []
+    temps: dict[str, Path] = {}
+    done: list[tuple[Path, Path | None]] = []  # (target, backup hard link or None)
+    guard = _Interrupts()
+    with guard.deferred():
+        try:
+            for rel, st in sorted(changes.items()):
+                if st is None:
+                    continue
+                target = root / rel
+                _make_parents(root, target.parent, created_dirs)
+                tmp = _tmp_name(target, "new")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                temps[rel] = tmp
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(st.data)
+                    os.fchmod(fh.fileno(), st.mode)
+                guard.check()
+                if hook:
+                    hook("staged")
+            for rel, st in sorted(changes.items()):
+                target = root / rel
+                backup: Path | None = None
+                if os.path.lexists(target):
+                    backup = _tmp_name(target, "old")
+                    os.link(target, backup, follow_symlinks=False)
+                if st is None:
+                    if backup is not None:
+                        os.unlink(target)
+                else:
+                    os.replace(temps.pop(rel), target)
+                done.append((target, backup))
+                guard.check()
+                if hook:
+                    hook("replaced")
+        except BaseException as exc:
+            _rollback(done, temps, created_dirs)
+            if isinstance(exc, KeyboardInterrupt):
+                raise RunInterruptedError("interrupted while writing; the tree was restored "
+                                          "to its state before the run") from None
+            raise
+        for _target, backup in done:
+            if backup is not None:
+                os.unlink(backup)
+        for rel, st in changes.items():
+            if st is None:
+                _remove_empty_parents(root, (root / rel).parent)
+
+
+def _make_parents(root: Path, d: Path, created: list[Path]) -> None:
+    missing: list[Path] = []
+    while d != root and not d.is_dir():
+        missing.append(d)
+        d = d.parent
+    for m in reversed(missing):
+        os.mkdir(m)
+        created.append(m)
+
+
+def _rollback(done: list[tuple[Path, Path | None]], temps: dict[str, Path],
+              created: list[Path]) -> None:
+    for target, backup in reversed(done):
+        if backup is not None:
+            os.replace(backup, target)
+        elif os.path.lexists(target):
+            os.unlink(target)
+    for tmp in temps.values():
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+def _remove_empty_parents(root: Path, d: Path) -> None:
+    """GNU patch removes directories a deleted file leaves empty."""
+    while d != root and root in d.parents:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+        d = d.parent
+
+
+# ---------------------------------------------------------------- whole series
+
+
+def load_patches(series: Series) -> list[tuple[SeriesEntry, Patch]]:
+    out = []
+    for e in series.entries:
+        data = series.patch_path(e).read_bytes()
+        out.append((e, parse_patch(data, e.name)))
+    return out
+
+
+def apply_series(series: Series, tree_dir: Path, fuzz: int = 0, dry_run: bool = False,
+                 progress: Callable[[str], None] | None = None,
+                 hook: Callable[[str], None] | None = None) -> list[PatchReport]:
+    """Apply every patch of the series to tree_dir, all or nothing."""
+    tree_dir = Path(tree_dir)
+    if not tree_dir.is_dir():
+        raise MissingFileError(f"tree {tree_dir} is not a directory")
+    tree = Tree(tree_dir)
+    reports = []
+    for entry, patch in load_patches(series):
+        if progress:
+            progress(entry.name)
+        reports.append(apply_patch(tree, patch, entry.strip, fuzz, entry.reverse))
+    if not dry_run:
+        commit(tree_dir, tree.changes(), hook)
+    return reports

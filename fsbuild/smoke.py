@@ -1,0 +1,400 @@
+"""`fsbuild smoke`: boot exactly what the kernel RPM contains in QEMU (igb + multiqueue
+virtio-net), run the guest checks from ci/guest/init, and turn the serial output into a
+verdict: out/<target>/smoke.json + smoke-junit.xml, and a distinct error per failure class
+(no boot, panic, hang, failed checks), raised only after the verdict files are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from fsbuild import initramfs, paths, progress, qemu
+from fsbuild.errors import (BuildError, FsbuildError, MissingFileError, SmokeBootError,
+                            SmokeCheckError, SmokePanicError, SmokeTimeoutError, ToolMissingError,
+                            UnsafePathError)
+
+DEFAULT_TIMEOUT_S = 120.0
+REQUESTS = 2000
+DEMO_PORT = 8080
+PANIC_RE = re.compile(r"Kernel panic - not syncing[^\r\n]*")
+LINE_RE = re.compile(r"^(FSBOOT|FSCHECK|FSDONE)\b ?(.*)$")
+STATUSES = ("pass", "fail", "skip")
+# Sub-packages of the kernel that are not the kernel (kernel-devel, kernel-firmware...).
+NOT_KERNEL = re.compile(r"^kernel-(devel|headers|firmware|debug|debuginfo|doc|tools|abi)")
+
+
+@dataclass
+class Check:
+    name: str
+    status: str       # pass | fail | skip
+    detail: str
+
+
+@dataclass
+class KernelInputs:
+    kver: str
+    vmlinuz: Path
+    modules_dir: Path
+    rpm: Path | None
+
+
+@dataclass
+class Verdict:
+    verdict: str
+    duration_s: float
+    checks: list[Check]
+    error: type[FsbuildError] | None = None
+    message: str = ""
+
+    def as_json(self) -> dict[str, object]:
+        return {"verdict": self.verdict, "duration_s": round(self.duration_s, 2),
+                "checks": [{"name": c.name, "status": c.status, "detail": c.detail} for c in self.checks]}
+
+
+# ---------------------------------------------------------------- RPM -> staging root
+
+def find_kernel_rpm(rpm_dir: Path) -> Path:
+    if not rpm_dir.is_dir():
+        raise MissingFileError(f"RPM directory {rpm_dir} does not exist (run `fsbuild rpm` first)")
+    rpms = sorted(p for p in rpm_dir.glob("kernel-*.x86_64.rpm") if not NOT_KERNEL.match(p.name))
+    if not rpms:
+        raise MissingFileError(f"no kernel-*.x86_64.rpm in {rpm_dir} (run `fsbuild rpm` first)")
+    if len(rpms) > 1:
+        raise MissingFileError(f"several kernel RPMs in {rpm_dir}: {', '.join(p.name for p in rpms)}; "
+                               "pass --rpms with a directory holding one build")
+    return rpms[0]
+
+
+def _wanted(name: str) -> bool:
+    return name.startswith("boot/vmlinuz-") or name.startswith("lib/modules/")
+
+
+def stage_rpm(rpm: Path, root: Path) -> KernelInputs:
+    """Extract /boot/vmlinuz-* and /lib/modules/** of the kernel RPM into `root` (fresh).
+    Paths are checked (no `..`, no absolute symlink escapes); nothing else is written."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    proc = subprocess.Popen([_tool("rpm2cpio"), str(rpm)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        for name, mode, data in initramfs.iter_newc(proc.stdout):
+            rel = name.removeprefix(".").lstrip("/")
+            if _wanted(rel):
+                _extract_one(root, rel, mode, data)
+    except ValueError as exc:
+        raise MissingFileError(f"{rpm}: unreadable payload ({exc})") from exc
+    finally:
+        proc.stdout.close()
+        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+        rc = proc.wait()
+    if rc != 0:
+        raise MissingFileError(f"rpm2cpio {rpm} failed (exit {rc}): {err}")
+    return _kernel_inputs(root, rpm)
+
+
+def _extract_one(root: Path, rel: str, mode: int, data: bytes) -> None:
+    parts = PurePosixPath(rel).parts
+    if ".." in parts:
+        raise UnsafePathError(f"RPM member {rel!r} escapes the staging root")
+    dest = root.joinpath(*parts)
+    kind = mode & 0o170000
+    if kind == 0o040000:
+        dest.mkdir(parents=True, exist_ok=True)
+    elif kind == 0o100000:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+    elif kind == 0o120000:
+        target = data.decode()
+        # /lib/modules/K/build -> /usr/src/kernels/...: harmless, never followed; skip it.
+        if target.startswith("/") or ".." in PurePosixPath(target).parts:
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.unlink(missing_ok=True)
+        dest.symlink_to(target)
+
+
+def _kernel_inputs(root: Path, rpm: Path | None) -> KernelInputs:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise MissingFileError(f"{rpm}: expected one /boot/vmlinuz-*, found "
+                               f"{[k.name for k in kernels] or 'none'}")
+    kver = kernels[0].name.removeprefix("vmlinuz-")
+    mdir = root / "lib" / "modules" / kver
+    if not mdir.is_dir():
+        raise MissingFileError(f"{rpm}: no /lib/modules/{kver} next to /boot/vmlinuz-{kver}")
+    if not (mdir / "modules.dep").is_file():
+        # el6-style specs leave modules.dep to %post depmod; compute it the same way.
+        subprocess.run([_tool("depmod"), "-b", str(root), kver], check=True, capture_output=True,
+                       timeout=120)
+    return KernelInputs(kver, kernels[0], mdir, rpm)
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or next((p for p in (f"/sbin/{name}", f"/usr/sbin/{name}")
+                                        if os.access(p, os.X_OK)), None)
+    if found is None:
+        raise ToolMissingError(f"{name} not found; run `fsbuild doctor` for the install command")
+    return found
+
+
+# ---------------------------------------------------------------- guest programs
+
+def guest_helper(build_dir: Path) -> Path:
+    """ci/guest/fsguest.c -> static musl binary (rebuilt when the source is newer)."""
+    src = paths.repo_root() / "ci" / "guest" / "fsguest.c"
+    out = build_dir / "fsguest"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([_tool("musl-gcc"), "-static", "-Os", "-s", "-o", str(out), str(src)],
+                           capture_output=True, timeout=120)
+        if r.returncode != 0:
+            raise BuildError(f"musl-gcc {src.name}: {r.stderr.decode(errors='replace').strip()[-300:]}")
+    return out
+
+
+def build_userspace(build_dir: Path) -> tuple[initramfs.Userspace, list[Check]]:
+    """`make -C library|demo CC=musl-gcc BUILDDIR=...` (incremental). Absent sources leave
+    the demo checks skipping with the reason; a failing build is a failing check."""
+    root = paths.repo_root()
+    us = initramfs.Userspace()
+    host_checks: list[Check] = []
+    build_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("library", "demo"):
+        if not (root / sub / "Makefile").is_file():
+            us.missing.append(f"no {sub}/Makefile")
+            continue
+        r = subprocess.run(["make", "-s", "-C", str(root / sub), "CC=musl-gcc", f"BUILDDIR={build_dir}"],
+                           capture_output=True, timeout=300)
+        if r.returncode != 0:
+            tail = " | ".join(r.stderr.decode(errors="replace").strip().splitlines()[-2:])
+            us.missing.append(f"make -C {sub} failed")
+            host_checks.append(Check(f"build_{sub}", "fail", f"make -C {sub} CC=musl-gcc: {tail}"))
+    for attr, fname in (("libsocket", "libsocket.so"), ("server", "server"), ("loadgen", "loadgen")):
+        p = build_dir / fname
+        if p.is_file():
+            setattr(us, attr, p)
+        elif not us.missing:
+            us.missing.append(f"{fname} not produced in {build_dir}")
+    nic = root / "scripts" / "nic.sh"
+    us.nic_sh = nic if nic.is_file() else None
+    return us, host_checks
+
+
+def musl_loader() -> Path | None:
+    p = Path(initramfs.MUSL_LOADER)
+    return p if p.exists() else None
+
+
+# ---------------------------------------------------------------- serial output -> checks
+
+@dataclass
+class GuestReport:
+    booted: str | None = None           # uname -r from FSBOOT
+    checks: list[Check] = field(default_factory=list)
+    done: bool = False
+
+
+def parse_guest(text: str) -> GuestReport:
+    """FSBOOT/FSCHECK/FSDONE lines -> report; other lines (and CRs) are ignored."""
+    rep = GuestReport()
+    for raw in text.splitlines():
+        m = LINE_RE.match(raw.strip("\r\x00 "))
+        if not m:
+            continue
+        kind, rest = m.groups()
+        if kind == "FSBOOT":
+            rep.booted = rest.strip() or "?"
+        elif kind == "FSDONE":
+            rep.done = True
+        else:
+            name, _, tail = rest.partition(" ")
+            status, _, detail = tail.partition(" ")
+            if name and status in STATUSES:
+                rep.checks.append(Check(name, status, detail.strip()))
+            else:
+                rep.checks.append(Check(name or "?", "fail", f"malformed check line: {raw.strip()}"))
+    return rep
+
+
+def find_panic(console: str) -> str | None:
+    m = PANIC_RE.search(console)
+    return m.group(0).strip() if m else None
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:200] if lines else "(no console output)"
+
+
+def classify(rep: GuestReport, console: str, vm: qemu.VmResult, timeout: float,
+             boot_detail: str) -> tuple[list[Check], type[FsbuildError] | None, str]:
+    """Host-side checks + the guest's, and the error class of the outcome (None = pass)."""
+    panic = find_panic(console)
+    if panic is None and any(e.startswith("GUEST_PANICKED") for e in vm.events):
+        panic = "guest-panicked event (pvpanic)"
+    checks = [Check("boot", "pass" if rep.booted else "fail",
+                    f"init reached ({rep.booted}); {boot_detail}" if rep.booted else
+                    f"init never reported; last console line: {_last_line(console)}; {boot_detail}")]
+    checks += rep.checks
+    last = rep.checks[-1].name if rep.checks else "none"
+    if panic:
+        checks.append(Check("kernel_panic", "fail", f"{panic} (after check: {last})"))
+        return checks, SmokePanicError, f"guest kernel panicked: {panic}"
+    if vm.timed_out:
+        where = f"after check {last}" if rep.booted else f"before init; last console line: {_last_line(console)}"
+        checks.append(Check("timeout", "fail", f"no verdict within {timeout:.0f}s, {where}"))
+        return checks, SmokeTimeoutError, f"guest hung: no verdict within {timeout:.0f}s ({where})"
+    if not rep.booted:
+        why = f"QEMU exit {vm.returncode}, events {vm.events or 'none'}"
+        return checks, SmokeBootError, f"guest did not boot to init ({why}); last console line: {_last_line(console)}"
+    if not rep.done:
+        checks.append(Check("guest_complete", "fail", f"guest stopped after check {last} "
+                            f"(QEMU exit {vm.returncode}, events {vm.events or 'none'})"))
+    failed = [c.name for c in checks if c.status == "fail"]
+    if failed:
+        return checks, SmokeCheckError, f"{len(failed)} smoke check(s) failed: {', '.join(failed)}"
+    return checks, None, ""
+
+
+# ---------------------------------------------------------------- verdict files
+
+def write_verdict(v: Verdict, out: Path, suite: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "smoke.json.tmp"
+    tmp.write_text(json.dumps(v.as_json(), indent=2) + "\n")
+    os.replace(tmp, out / "smoke.json")
+    (out / "smoke-junit.xml").write_bytes(junit_xml(v, suite))
+
+
+def junit_xml(v: Verdict, suite: str) -> bytes:
+    fails = sum(c.status == "fail" for c in v.checks)
+    skips = sum(c.status == "skip" for c in v.checks)
+    ts = ET.Element("testsuite", name=suite, tests=str(len(v.checks)), failures=str(fails),
+                    errors="0", skipped=str(skips), time=f"{v.duration_s:.2f}")
+    for c in v.checks:
+        tc = ET.SubElement(ts, "testcase", classname=suite, name=c.name)
+        if c.status == "fail":
+            ET.SubElement(tc, "failure", message=c.detail).text = c.detail
+        elif c.status == "skip":
+            ET.SubElement(tc, "skipped", message=c.detail)
+        else:
+            ET.SubElement(tc, "system-out").text = c.detail
+    root = ET.Element("testsuites")
+    root.append(ts)
+    return b'<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root) + b"\n"
+
+
+# ---------------------------------------------------------------- the run
+
+@dataclass
+class BootOptions:
+    timeout: float = DEFAULT_TIMEOUT_S
+    init: Path | None = None            # a test's own init instead of ci/guest/init
+    userspace: bool = True              # build and ship the musl programs
+    requests: int = REQUESTS
+    append: str = ""
+
+
+def guest_config(us: initramfs.Userspace, net: qemu.Net, requests: int) -> dict[str, str]:
+    missing = "; ".join(us.missing) or "server/loadgen/libsocket.so absent"
+    return {
+        "NIC_WANTED": " ".join(initramfs.NIC_MODULES),
+        "NETDEV_MODE": net.mode,
+        "MISSING_USERSPACE": missing,
+        "MISSING_NIC_SH": "no scripts/nic.sh in the repository",
+        "DEMO_PORT": str(DEMO_PORT),
+        "DEMO_TIMEOUT": "30",
+        "REQUESTS": str(requests),
+        # demo/server.c: 4 workers pinned to CPUs 0-3; demo/loadgen.c: 4 workers pinned to
+        # CPUs 0-3, one request per connection (accept-heavy), exit 1 on any error.
+        "SERVER_CMD": f"/bin/server -w 4 -c 0 -a 127.0.0.1:{DEMO_PORT}",
+        "LOADGEN_CMD": f"/bin/loadgen -n {requests} -c 16 -w 4 -p 0 -t 10 http://127.0.0.1:{DEMO_PORT}/",
+        "LOADGEN_RESULT_RE": f"requests={requests} errors=0 ",
+    }
+
+
+def boot(kin: KernelInputs, out: Path, opts: BootOptions,
+         status: Callable[[str], None] = lambda _m: None) -> Verdict:
+    """Assemble the guest for `kin`, boot it, and return the verdict (no files, no raise)."""
+    start = time.monotonic()
+    work = out / "smoke"
+    gbuild = out / "guest"
+    helpers = [guest_helper(gbuild)]
+    us, host_checks = (build_userspace(gbuild) if opts.userspace
+                       else (initramfs.Userspace(missing=["userspace disabled for this boot"]), []))
+    accel = qemu.probe_accel(kin.vmlinuz)
+    with qemu.network(f"fsbuild-smoke-{os.getpid()}") as net:
+        status(f"building initramfs ({accel.name}, {net.mode} networking)")
+        spec = initramfs.GuestSpec(
+            kver=kin.kver, modules_dir=kin.modules_dir,
+            init=opts.init or paths.repo_root() / "ci" / "guest" / "init",
+            busybox=Path(_tool("busybox")), helpers=helpers, userspace=us,
+            musl_loader=musl_loader(), config=guest_config(us, net, opts.requests))
+        image = initramfs.build(spec, work / "initramfs.gz")
+        cfg = qemu.VmConfig(kernel=kin.vmlinuz, initrd=image.path, workdir=work,
+                            serial_log=out / "smoke-serial.log", checks_log=out / "smoke-checks.log",
+                            accel=accel, net=net, append=opts.append)
+        watcher = _Watcher(cfg, status)
+        vm = qemu.run(cfg, opts.timeout, watcher.poll, status)
+    rep = parse_guest(_read(cfg.checks_log))
+    boot_detail = (f"{accel.name} ({accel.reason}); network {net.mode} ({net.reason}); "
+                   f"QEMU {vm.duration_s:.1f}s")
+    checks, err, message = classify(rep, _read(cfg.serial_log), vm, opts.timeout, boot_detail)
+    checks = checks[:1] + host_checks + checks[1:]
+    if err is None and host_checks:
+        err, message = SmokeCheckError, "guest userspace failed to build"
+    return Verdict("fail" if err else "pass", time.monotonic() - start, checks, err, message)
+
+
+class _Watcher:
+    """Stop predicate for the run loop: FSDONE or a panic ends the boot at once."""
+
+    def __init__(self, cfg: qemu.VmConfig, status: Callable[[str], None]) -> None:
+        self.cfg, self.status, self.seen = cfg, status, 0
+
+    def poll(self) -> str | None:
+        rep = parse_guest(_read(self.cfg.checks_log))
+        if rep.done:
+            return "done"
+        if find_panic(_read(self.cfg.serial_log)):
+            return "panic"
+        n = len(rep.checks) + (1 if rep.booted else 0)
+        if n != self.seen:
+            self.seen = n
+            self.status(f"guest: {rep.checks[-1].name} {rep.checks[-1].status}" if rep.checks
+                        else "guest: init running")
+        return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def run(target: str, rpm_dir: Path | None = None, opts: BootOptions | None = None) -> Verdict:
+    """The command: RPM -> staging root -> boot -> verdict files; raise on failure."""
+    opts = opts or BootOptions()
+    start = time.monotonic()
+    out = paths.out_dir(target)
+    rpm = find_kernel_rpm(rpm_dir or out / "rpms")
+    with progress.bar(f"smoke {target}: staging {rpm.name}") as bar:
+        kin = stage_rpm(rpm, out / "smoke" / "root")
+        bar.update(f"smoke {target}: booting {kin.kver}")
+        verdict = boot(kin, out, opts, lambda m: bar.update(f"smoke {target}: {m}"))
+    verdict.duration_s = time.monotonic() - start
+    write_verdict(verdict, out, f"fsbuild.smoke.{target}")
+    if verdict.error is not None:
+        raise verdict.error(f"{verdict.message} (verdict in {out / 'smoke.json'}, "
+                            f"console in {out / 'smoke-serial.log'})")
+    return verdict

@@ -1,0 +1,699 @@
+"""The git-backed workspace of a target: state_dir()/<target>/ is a git repository whose
+work tree is the kernel. The pristine upstream is a commit tagged `upstream/<version>`
+(imported with one `git fast-import` stream straight from the tarball: no extraction, no
+`git add` of 70k files); the series is applied on top as one commit per patch, with the
+patch's description as message and an `Fsbuild-Patch: <file>` trailer.
+
+Patches are applied in memory by fsbuild.patch (GNU patch semantics), reading the files
+from the work tree or from any git tree (GitReader), so push/check/rebase agree with
+`fsbuild apply` and quilt byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fsbuild import patch as P
+from fsbuild import paths, proc, progress
+from fsbuild.errors import (FsbuildError, MissingFileError, PatchApplyError, PatchFormatError,
+                            UnsafePathError, WorkspaceError)
+from fsbuild.target import Target
+from fsbuild.upstream import Upstream, check_member
+
+TRAILER = "Fsbuild-Patch"
+DIGEST_TRAILER = "Fsbuild-Upstream-Digest"
+IDENT = "fsbuild <fsbuild@localhost> 1000000000 +0000"
+GIT_ENV = {"GIT_AUTHOR_NAME": "fsbuild", "GIT_AUTHOR_EMAIL": "fsbuild@localhost",
+           "GIT_COMMITTER_NAME": "fsbuild", "GIT_COMMITTER_EMAIL": "fsbuild@localhost",
+           "GIT_AUTHOR_DATE": "@1000000000 +0000", "GIT_COMMITTER_DATE": "@1000000000 +0000",
+           "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
+
+Content = tuple[bytes, int] | None   # (bytes, mode) or None for "absent"
+Reader = Callable[[str], Content]
+
+
+# ---------------------------------------------------------------- git plumbing
+
+def git(repo: Path, *args: str, input: bytes | None = None, check: bool = True,
+        error: type[FsbuildError] = WorkspaceError) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, **GIT_ENV}
+    cp = subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True, env=env)
+    if check and cp.returncode != 0:
+        msg = (cp.stderr or cp.stdout).decode(errors="replace").strip().splitlines()
+        raise error(f"git {' '.join(args[:2])} failed: {' | '.join(msg[-3:])}")
+    return cp
+
+
+def git_out(repo: Path, *args: str) -> str:
+    return git(repo, *args).stdout.decode().strip()
+
+
+class GitReader:
+    """Reads files of one tree-ish through a persistent `git cat-file --batch`; directory
+    listings are parsed from tree objects so modes come for free."""
+
+    def __init__(self, repo: Path, treeish: str) -> None:
+        self.repo = repo
+        self.tree = git_out(repo, "rev-parse", f"{treeish}^{{tree}}")
+        self._proc = subprocess.Popen(["git", "-C", str(repo), "cat-file", "--batch"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._dirs: dict[str, dict[str, tuple[int, str]]] = {}
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+            self._proc.wait()
+
+    def __enter__(self) -> GitReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _object(self, name: str) -> tuple[str, bytes] | None:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(name.encode() + b"\n")
+        self._proc.stdin.flush()
+        header = self._proc.stdout.readline().split()
+        if len(header) < 3 or header[1] == b"missing":
+            return None
+        data = self._proc.stdout.read(int(header[2]) + 1)[:-1]
+        return header[1].decode(), data
+
+    def _listing(self, dirpath: str) -> dict[str, tuple[int, str]]:
+        if dirpath not in self._dirs:
+            if dirpath:
+                parent, _, base = dirpath.rpartition("/")
+                entry = self._listing(parent).get(base)
+                sha = entry[1] if entry and entry[0] == 0o40000 else None
+            else:
+                sha = self.tree
+            obj = self._object(sha) if sha else None
+            self._dirs[dirpath] = _parse_tree(obj[1]) if obj and obj[0] == "tree" else {}
+        return self._dirs[dirpath]
+
+    def __call__(self, path: str) -> Content:
+        parent, _, base = path.rpartition("/")
+        entry = self._listing(parent).get(base)
+        if entry is None or entry[0] == 0o40000:
+            return None
+        obj = self._object(entry[1])
+        return (obj[1], entry[0]) if obj else None
+
+
+def _parse_tree(data: bytes) -> dict[str, tuple[int, str]]:
+    out: dict[str, tuple[int, str]] = {}
+    i = 0
+    while i < len(data):
+        sp = data.index(b" ", i)
+        nul = data.index(b"\0", sp)
+        mode = int(data[i:sp], 8)
+        out[data[sp + 1:nul].decode(errors="surrogateescape")] = (mode, data[nul + 1:nul + 21].hex())
+        i = nul + 21
+    return out
+
+
+def tree_reader(root: Path) -> Reader:
+    """Reads files of a work tree, refusing paths that leave it through symlinks."""
+    real_root = root.resolve()
+
+    def read(path: str) -> Content:
+        full = root / path
+        try:
+            if not full.resolve().is_relative_to(real_root):
+                raise UnsafePathError(f"{path}: leads outside the tree through a symlink")
+            st = full.lstat()
+        except FileNotFoundError:
+            return None
+        if not full.is_file():
+            return None
+        return full.read_bytes(), 0o100755 if st.st_mode & 0o100 else 0o100644
+
+    return read
+
+
+def _fi_path(path: str) -> bytes:
+    """fast-import path: C-quote when it could be misread."""
+    if any(c in path for c in '"\n\\') or path.startswith(" "):
+        return json.dumps(path).encode()
+    return path.encode()
+
+
+def _fi_data(data: bytes) -> bytes:
+    return b"data %d\n" % len(data) + data + b"\n"
+
+
+@dataclass
+class CommitSpec:
+    """A commit for fast_commits: parent is a sha, or an int index into the batch."""
+
+    parent: str | int
+    message: str
+    changes: dict[str, Content] = field(default_factory=dict)
+
+
+def fast_commits(repo: Path, specs: list[CommitSpec]) -> list[str]:
+    """Create the commits in one `git fast-import` run; returns their shas."""
+    if not specs:
+        return []
+    marks = repo / ".git" / "fsbuild" / "fi.marks"
+    marks.parent.mkdir(parents=True, exist_ok=True)
+    chunks: list[bytes] = [b"feature done\n"]
+    for n, spec in enumerate(specs, 1):
+        parent = f":{spec.parent + 1}" if isinstance(spec.parent, int) else spec.parent
+        chunks.append(b"commit refs/fsbuild/fast-import\nmark :%d\n" % n)
+        chunks.append(f"author {IDENT}\ncommitter {IDENT}\n".encode())
+        chunks.append(_fi_data(spec.message.encode()))
+        chunks.append(f"from {parent}\n".encode())
+        for path, content in sorted(spec.changes.items()):
+            if content is None:
+                chunks.append(b"D " + _fi_path(path) + b"\n")
+            else:
+                chunks.append(b"M %o inline " % content[1] + _fi_path(path) + b"\n" + _fi_data(content[0]))
+        chunks.append(b"\n")
+    chunks.append(b"done\n")
+    git(repo, "fast-import", "--quiet", "--done", "--force", f"--export-marks={marks}",
+        input=b"".join(chunks))
+    git(repo, "update-ref", "-d", "refs/fsbuild/fast-import")
+    by_mark = dict(line.split() for line in marks.read_text().splitlines())
+    return [by_mark[f":{n}"] for n in range(1, len(specs) + 1)]
+
+
+# ---------------------------------------------------------------- patches in memory
+
+@dataclass
+class Applied:
+    """The outcome of applying one patch in memory."""
+
+    changes: dict[str, Content]
+    offsets: list[tuple[str, int, int, int]]   # (file, hunk, offset, fuzz) when not exact
+
+    @property
+    def exact(self) -> bool:
+        return not self.offsets
+
+
+def file_paths(fp: P.FilePatch, strip: int, name: str) -> tuple[str | None, str | None]:
+    """(source path, destination path) of one file of a patch, stripped and checked."""
+    def one(raw: str | None, absent: int) -> str | None:
+        if raw is None or absent == 2:
+            return None
+        stripped = P.strip_path(raw, strip)
+        return P.safe_relpath(stripped, name, fp.lineno) if stripped else None
+
+    old, new = one(fp.old_name, fp.old_absent), one(fp.new_name, fp.new_absent)
+    if not fp.git:  # GNU: both names denote the one file being patched
+        old = new = new or old
+    return old, new
+
+
+def apply_patch(data: bytes, name: str, strip: int, read: Reader, fuzz: int = 0,
+                reverse: bool = False) -> Applied:
+    """Apply (or reverse-apply) a patch to files given by `read`, returning the new file
+    contents; nothing is written. Raises PatchApplyError naming patch, file and hunk."""
+    parsed = P.parse_patch(data, name)
+    changes: dict[str, Content] = {}
+    offsets: list[tuple[str, int, int, int]] = []
+
+    def current(path: str) -> Content:
+        return changes[path] if path in changes else read(path)
+
+    for fp in parsed.files:
+        if fp.binary:
+            raise PatchFormatError(f"{name}: binary diff for {fp.new_name or fp.old_name} is not supported")
+        src, dst = file_paths(fp, strip, name)
+        if reverse:
+            src, dst = dst, src
+        hunks = [_reversed(h) for h in fp.hunks] if reverse else fp.hunks
+        creating = src is None
+        path = src or dst
+        if path is None:
+            raise PatchFormatError(f"{name}:{fp.lineno}: no file name")
+        before = None if creating else current(path)
+        if before is None and not creating and hunks:
+            raise PatchApplyError(f"patch {name}: {path}: file to patch does not exist")
+        body, mode = before if before else (b"", 0o100644)
+        if hunks:
+            try:
+                body, results = P.apply_hunks(body, hunks, fuzz=fuzz, path=path, creating=creating)
+            except P.HunkFailed as exc:
+                raise P.failure(name, path, exc) from None
+            offsets += [(r.file, r.hunk, r.offset, r.fuzz) for r in results if r.offset or r.fuzz]
+        new_mode = fp.old_mode if reverse else fp.new_mode
+        if new_mode:
+            mode = new_mode
+        if dst is None:
+            changes[path] = None
+            continue
+        if src is not None and src != dst:
+            changes[src] = None
+        changes[dst] = (body, mode)
+    return Applied(changes, offsets)
+
+
+def _reversed(h: P.Hunk) -> P.Hunk:
+    swap = {"+": "-", "-": "+", " ": " "}
+    return P.Hunk(h.new_start, h.new_len, h.old_start, h.old_len, h.section,
+                  [(swap[t], c) for t, c in h.lines], h.lineno)
+
+
+def description(data: bytes, name: str = "<patch>") -> bytes:
+    return P.parse_patch(data, name).description
+
+
+def rerender(original: bytes, new_diff: bytes, name: str) -> bytes:
+    """The patch with the original description, per-file headers and trailer kept byte for
+    byte, and the hunks taken from `new_diff` (a git diff of the refreshed change)."""
+    old = P.parse_patch(original, name)
+    new = P.parse_patch(new_diff, name) if new_diff.strip() else P.Patch(name, b"", [])
+    by_path = {_key(fp): fp for fp in old.files}
+    files: list[P.FilePatch] = []
+    leading: list[bytes] = []
+    for fp in new.files:
+        orig = by_path.get(_key(fp))
+        if orig is not None and not (fp.binary or orig.binary):
+            fp = P.FilePatch(orig.old_name, orig.new_name, orig.lineno, header=orig.header,
+                             hunks=fp.hunks, git=orig.git)
+        files.append(fp)
+        idx = old.files.index(orig) if orig is not None else -1
+        leading.append(old.leading[idx] if 0 < idx < len(old.leading) else b"")
+    out = P.Patch(name, old.description, files, leading, old.trailer)
+    return P.format_patch(out)
+
+
+def _key(fp: P.FilePatch) -> str:
+    name = fp.new_name if fp.new_absent != 2 and fp.new_name else fp.old_name
+    return (P.strip_path(name or "", 1) or name or "")
+
+
+# ---------------------------------------------------------------- series files
+
+@dataclass(frozen=True)
+class Entry:
+    name: str      # relative to the series file's folder
+    strip: int = 1
+
+
+def read_series(series: Path) -> list[Entry]:
+    """Entries of a quilt series file (comments, blank lines, -pN)."""
+    try:
+        from fsbuild import series as S  # the series engine's parser, when present
+        return [Entry(e.name, getattr(e, "strip", 1)) for e in S.parse_series(series)]  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        pass
+    if not series.is_file():
+        raise MissingFileError(f"series file {series} does not exist")
+    entries = []
+    for lineno, line in enumerate(series.read_text().splitlines(), 1):
+        line = re.sub(r"(^|\s)#.*$", "", line).strip()
+        if not line:
+            continue
+        parts = line.split()
+        strip = 1
+        for opt in parts[1:]:
+            m = re.fullmatch(r"-p(\d+)", opt)
+            if not m:
+                raise PatchFormatError(f"{series}:{lineno}: unknown option {opt!r}")
+            strip = int(m.group(1))
+        P.safe_relpath(parts[0], str(series), lineno)
+        entries.append(Entry(parts[0], strip))
+    return entries
+
+
+def series_line(e: Entry) -> str:
+    return e.name if e.strip == 1 else f"{e.name} -p{e.strip}"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.fsbuild-tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the workspace
+
+class Workspace:
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.root = paths.state_dir() / target.name
+        self.meta_dir = self.root / ".git" / "fsbuild"
+
+    # -- repository and upstream ------------------------------------------------
+
+    @property
+    def exists(self) -> bool:
+        return (self.root / ".git").is_dir()
+
+    def ensure_repo(self) -> None:
+        if not self.exists:
+            self.root.mkdir(parents=True, exist_ok=True)
+            git(self.root, "init", "-q", "-b", "series")
+            git(self.root, "config", "gc.auto", "0")
+            git(self.root, "config", "core.autocrlf", "false")
+        self.meta_dir.mkdir(parents=True, exist_ok=True)
+
+    def upstream_tag(self, up: Upstream) -> str:
+        return f"upstream/{up.version}"
+
+    def import_upstream(self, up: Upstream) -> str:
+        """The commit of `up` (imported once; the digest trailer makes it cache-safe)."""
+        self.ensure_repo()
+        tag = self.upstream_tag(up)
+        existing = git(self.root, "rev-parse", "-q", "--verify", f"refs/tags/{tag}^{{commit}}", check=False)
+        if existing.returncode == 0:
+            commit = existing.stdout.decode().strip()
+            if up.digest in git_out(self.root, "log", "-1", "--format=%B", commit):
+                return commit
+            tag = f"{tag}+{up.digest[:12]}"   # same version, other bytes: keep both
+            again = git(self.root, "rev-parse", "-q", "--verify", f"refs/tags/{tag}", check=False)
+            if again.returncode == 0:
+                return again.stdout.decode().strip()
+        commit = self._fast_import_tarball(up)
+        git(self.root, "tag", "-f", tag, commit)
+        return commit
+
+    def _fast_import_tarball(self, up: Upstream) -> str:
+        msg = f"upstream {up.version}\n\n{DIGEST_TRAILER}: {up.digest}\n".encode()
+        marks = self.meta_dir / "import.marks"
+        # zlib level 1 and no deltas: the import is CPU-bound on compression otherwise
+        fi = subprocess.Popen(["git", "-C", str(self.root), "-c", "core.compression=1",
+                               "-c", "pack.compression=1", "fast-import", "--quiet", "--done",
+                               "--depth=0",
+                               "--force", f"--export-marks={marks}"],
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, **GIT_ENV})
+        assert fi.stdin is not None
+        try:
+            files = self._stream_blobs(up, fi.stdin.write)
+            fi.stdin.write(b"commit refs/fsbuild/import\nmark :1\n")
+            fi.stdin.write(f"author {IDENT}\ncommitter {IDENT}\n".encode() + _fi_data(msg))
+            for path, (mode, mark) in sorted(files.items()):
+                fi.stdin.write(b"M %o :%d " % (mode, mark) + _fi_path(path) + b"\n")
+            fi.stdin.write(b"\ndone\n")
+            fi.stdin.close()
+        except BaseException:
+            fi.kill()
+            fi.wait()
+            raise
+        err = fi.stderr.read() if fi.stderr else b""
+        if fi.wait() != 0:
+            raise WorkspaceError(f"git fast-import of {up.tarball.name} failed: {err.decode()[-300:]}")
+        commit = git_out(self.root, "rev-parse", "refs/fsbuild/import")
+        git(self.root, "update-ref", "-d", "refs/fsbuild/import")
+        return commit
+
+    def _stream_blobs(self, up: Upstream, write: Callable[[bytes], object]) -> dict[str, tuple[int, int]]:
+        """Write every file of the tarball as a blob; returns path -> (mode, mark)."""
+        files: dict[str, tuple[int, int]] = {}
+        mark = 1
+        prefix = up.topdir + "/"
+        with tarfile.open(up.tarball, "r:*") as tf, progress.bar(f"importing {up.version}") as bar:
+            for m in tf:
+                name = check_member(m, str(up.tarball))
+                if not name.startswith(prefix):
+                    continue
+                rel = name[len(prefix):]
+                if m.isfile():
+                    fh = tf.extractfile(m)
+                    data = fh.read() if fh else b""
+                    mode = 0o100755 if m.mode & 0o100 else 0o100644
+                elif m.issym():
+                    data, mode = m.linkname.encode(), 0o120000
+                elif m.islnk():
+                    target = files.get(check_member(tarfile.TarInfo(m.linkname), "")[len(prefix):])
+                    if target:
+                        files[rel] = target
+                    continue
+                else:
+                    continue
+                mark += 1
+                write(b"blob\nmark :%d\n" % mark + _fi_data(data))
+                files[rel] = (mode, mark)
+                bar.advance()
+        return files
+
+    def checkout(self, commit: str) -> None:
+        """Make the work tree exactly `commit` on branch `series`."""
+        git(self.root, "checkout", "-q", "-f", "-B", "series", commit)
+        git(self.root, "clean", "-q", "-fdx")
+
+    # -- state ------------------------------------------------------------------
+
+    def state(self) -> dict[str, str]:
+        try:
+            return json.loads((self.meta_dir / "workspace.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def save_state(self, **values: str) -> None:
+        atomic_write(self.meta_dir / "workspace.json",
+                     json.dumps({**self.state(), **values}, indent=1, sort_keys=True).encode())
+
+    def require(self) -> dict[str, str]:
+        st = self.state()
+        if not self.exists or "base" not in st:
+            raise WorkspaceError(f"no workspace for target {self.target.name}: "
+                                 f"run `fsbuild upstream import SRC --target {self.target.name}`")
+        return st
+
+    def use_upstream(self, up: Upstream) -> str:
+        """Import `up`, reset the work tree to it (series unapplied)."""
+        commit = self.import_upstream(up)
+        self.checkout(commit)
+        self.save_state(base=commit, version=up.version, digest=up.digest,
+                        tag=self.upstream_tag(up), tarball=str(up.tarball))
+        return commit
+
+    # -- the applied stack --------------------------------------------------------
+
+    def applied(self) -> list[tuple[str, str]]:
+        """(patch name, commit) from the upstream base to HEAD, bottom first."""
+        base = self.require()["base"]
+        out = git_out(self.root, "log", "--reverse", "--format=%H%x00%B%x01", f"{base}..HEAD")
+        stack = []
+        for record in filter(None, (r.strip() for r in out.split("\x01"))):
+            sha, _, body = record.partition("\x00")
+            names = re.findall(rf"^{TRAILER}: (.+)$", body, re.M)
+            if not names:
+                raise WorkspaceError(f"commit {sha[:12]} on the series branch names no patch "
+                                     f"({TRAILER} trailer): commit your work with `fsbuild series refresh`")
+            stack.append((names[-1].strip(), sha))
+        return stack
+
+    def entries(self) -> list[Entry]:
+        return read_series(self.target.series)
+
+    def patch_path(self, e: Entry) -> Path:
+        return self.target.series.parent / e.name
+
+    def dirty(self) -> bool:
+        git(self.root, "update-index", "-q", "--refresh", check=False)
+        return git(self.root, "diff-index", "--quiet", "HEAD", "--", check=False).returncode != 0 or \
+            bool(git_out(self.root, "ls-files", "--others", "--exclude-standard"))
+
+    def push(self, count: int | None = 1, fuzz: int = 0) -> list[str]:
+        """Apply the next `count` (None: all) patches as commits; returns their names."""
+        self.require()
+        if self.dirty():
+            raise WorkspaceError("the work tree has changes not in any patch: "
+                                 "`fsbuild series refresh` or `pop --force` first")
+        entries, done = self.entries(), len(self.applied())
+        todo = entries[done:] if count is None else entries[done:done + count]
+        if not todo:
+            raise WorkspaceError("series fully applied" if entries else "the series is empty")
+        pushed = []
+        for e in todo:
+            self._push_one(e, fuzz)
+            pushed.append(e.name)
+        return pushed
+
+    def _push_one(self, e: Entry, fuzz: int) -> None:
+        path = self.patch_path(e)
+        if not path.is_file():
+            raise MissingFileError(f"{self.target.series}: patch {e.name} does not exist")
+        data = path.read_bytes()
+        applied = apply_patch(data, e.name, e.strip, tree_reader(self.root), fuzz=fuzz)
+        write_tree_changes(self.root, applied.changes)
+        if applied.changes:
+            git(self.root, "add", "-A", "--", *applied.changes)
+        git(self.root, "commit", "-q", "--allow-empty", "--no-verify", "-F", "-",
+            input=commit_message(data, e.name).encode())
+
+    def pop(self, count: int | None = 1, force: bool = False) -> list[str]:
+        stack = self.applied()
+        if not stack:
+            raise WorkspaceError("no patch applied")
+        if self.dirty() and not force:
+            raise WorkspaceError(f"top patch {stack[-1][0]} has unrefreshed changes: "
+                                 "`fsbuild series refresh` or `pop --force`")
+        n = len(stack) if count is None else min(count, len(stack))
+        keep = stack[-n - 1][1] if n < len(stack) else self.require()["base"]
+        git(self.root, "reset", "-q", "--hard", keep)
+        git(self.root, "clean", "-q", "-fd")
+        return [name for name, _ in reversed(stack[-n:])]
+
+    def refresh(self) -> Path:
+        """Fold work-tree changes into the top patch commit and rewrite its file (same
+        description, same per-file headers; only hunks change)."""
+        stack = self.applied()
+        if not stack:
+            raise WorkspaceError("no patch applied: nothing to refresh")
+        name = stack[-1][0]
+        entry = next((e for e in self.entries() if e.name == name), Entry(name))
+        git(self.root, "add", "-A")
+        if git(self.root, "diff-index", "--cached", "--quiet", "HEAD", check=False).returncode:
+            git(self.root, "commit", "-q", "--amend", "--no-edit", "--no-verify")
+        path = self.patch_path(entry)
+        original = path.read_bytes() if path.is_file() else b""
+        diff = commit_diff(self.root, "HEAD", entry.strip)
+        atomic_write(path, rerender(original, diff, name) if original.strip() else diff)
+        return path
+
+    def new(self, name: str, message: str = "") -> Path:
+        """Create an empty patch after the top one and push it (quilt new)."""
+        P.safe_relpath(name, "series new", 0)
+        entries = self.entries()
+        if any(e.name == name for e in entries):
+            raise WorkspaceError(f"patch {name} is already in the series")
+        path = self.target.series.parent / name
+        if path.exists():
+            raise WorkspaceError(f"{path} exists: use `fsbuild series import`")
+        done = len(self.applied())
+        body = (message.rstrip("\n") + "\n").encode() if message else b""
+        atomic_write(path, body)
+        self._write_series(entries[:done] + [Entry(name)] + entries[done:])
+        git(self.root, "commit", "-q", "--allow-empty", "--no-verify", "-F", "-",
+            input=commit_message(body, name).encode())
+        return path
+
+    def import_patch(self, src: Path, name: str | None = None, strip: int = 1) -> Path:
+        """Copy a patch file into the series after the top applied patch (quilt import)."""
+        if not src.is_file():
+            raise MissingFileError(f"patch {src} does not exist")
+        name = name or src.name
+        P.safe_relpath(name, "series import", 0)
+        data = src.read_bytes()
+        P.parse_patch(data, name)  # reject malformed patches before touching anything
+        entries = self.entries()
+        if any(e.name == name for e in entries):
+            raise WorkspaceError(f"patch {name} is already in the series")
+        dest = self.target.series.parent / name
+        if dest.exists():
+            raise WorkspaceError(f"{dest} exists")
+        done = len(self.applied()) if self.exists and "base" in self.state() else len(entries)
+        atomic_write(dest, data)
+        self._write_series(entries[:done] + [Entry(name, strip)] + entries[done:])
+        return dest
+
+    def _write_series(self, entries: list[Entry]) -> None:
+        """Rewrite the series keeping comments: replace only the entry lines."""
+        update_series_file(self.target.series, entries)
+
+    def export(self, out: Path) -> list[Path]:
+        """Write the series file and every patch to `out`; applied patches are regenerated
+        from their commits (description kept), the others copied."""
+        stack = dict(self.applied()) if self.exists and "base" in self.state() else {}
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for e in self.entries():
+            src = self.patch_path(e)
+            data = src.read_bytes() if src.is_file() else b""
+            if e.name in stack:
+                diff = commit_diff(self.root, stack[e.name], e.strip)
+                data = rerender(data, diff, e.name) if data.strip() else diff
+            dest = out / e.name
+            atomic_write(dest, data)
+            written.append(dest)
+        atomic_write(out / "series", self.target.series.read_bytes())
+        return written
+
+    def check(self) -> list[tuple[str, str]]:
+        """Every patch against the pristine upstream at fuzz 0: (name, problem or 'ok')."""
+        base = self.require()["base"]
+        results: list[tuple[str, str]] = []
+        with GitReader(self.root, base) as reader:
+            overlay: dict[str, Content] = {}
+
+            def read(path: str) -> Content:
+                return overlay[path] if path in overlay else reader(path)
+
+            for e in self.entries():
+                path = self.patch_path(e)
+                if not path.is_file():
+                    results.append((e.name, "missing"))
+                    continue
+                try:
+                    applied = apply_patch(path.read_bytes(), e.name, e.strip, read)
+                except (PatchApplyError, PatchFormatError, UnsafePathError) as exc:
+                    results.append((e.name, f"FAILED: {exc.message}"))
+                    continue
+                overlay.update(applied.changes)
+                results.append((e.name, _offset_text(applied) or "ok"))
+        return results
+
+
+def _offset_text(applied: Applied) -> str:
+    return "; ".join(f"{f} hunk #{h} " + (f"offset {o:+d}" if o else "") + (f" fuzz {z}" if z else "")
+                     for f, h, o, z in applied.offsets)
+
+
+def update_series_file(series: Path, entries: list[Entry]) -> None:
+    """Write the series keeping comment lines in place; entry lines are replaced in order."""
+    text = series.read_text() if series.is_file() else ""
+    out: list[str] = []
+    pending = list(entries)
+    for line in text.splitlines():
+        stripped = re.sub(r"(^|\s)#.*$", "", line).strip()
+        if not stripped:
+            out.append(line)
+            continue
+        if pending:
+            e = pending.pop(0)
+            old_name = stripped.split()[0]
+            # keep the line verbatim (trailing comments, spacing) when it names the same entry
+            out.append(line if old_name == e.name and Entry(old_name, _strip_of(stripped)) == e
+                       else series_line(e))
+    out += [series_line(e) for e in pending]
+    atomic_write(series, ("\n".join(out) + "\n").encode() if out else b"")
+
+
+def _strip_of(line: str) -> int:
+    m = re.search(r"-p(\d+)", line)
+    return int(m.group(1)) if m else 1
+
+
+def write_tree_changes(root: Path, changes: dict[str, Content]) -> None:
+    for path, content in changes.items():
+        full = root / path
+        if content is None:
+            full.unlink(missing_ok=True)
+            continue
+        full.parent.mkdir(parents=True, exist_ok=True)
+        if full.is_symlink():
+            full.unlink()
+        full.write_bytes(content[0])
+        full.chmod(0o755 if content[1] & 0o100 else 0o644)
+
+
+def commit_message(patch_data: bytes, name: str) -> str:
+    desc = description(patch_data, name).decode(errors="replace").strip() if patch_data else ""
+    return f"{desc or name}\n\n{TRAILER}: {name}\n"
+
+
+def commit_diff(repo: Path, commit: str, strip: int = 1, parent: str | None = None) -> bytes:
+    """The change of `commit` as a git diff with a/ b/ prefixes (-p1)."""
+    args = ["diff", "--no-color", "--no-renames", "--no-ext-diff", "-U3",
+            parent or f"{commit}^", commit]
+    return git(repo, *args).stdout
+
+
+def iter_names(entries: Iterable[Entry]) -> Iterator[str]:
+    return (e.name for e in entries)

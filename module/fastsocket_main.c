@@ -1,0 +1,446 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Fastsocket core: module parameters, /dev/fastsocket ioctls, /proc/net/fastsocket.
+ * Everything kernel-version or backend specific lives in the backend (see
+ * fastsocket_internal.h); this file compiles on 2.6.32 (el6) and 6.x.
+ */
+#include <linux/module.h>
+#include <linux/moduleparam.h>
+#include <linux/init.h>
+#include <linux/fs.h>
+#include <linux/miscdevice.h>
+#include <linux/uaccess.h>
+#include <linux/proc_fs.h>
+#include <linux/seq_file.h>
+#include <linux/sched.h>
+#include <linux/cpumask.h>
+#include <linux/net.h>
+#include <linux/mutex.h>
+#include <net/net_namespace.h>
+
+#include "fastsocket_internal.h"
+
+#if LINUX_VERSION_CODE < KERNEL_VERSION(2, 6, 36)
+#define FSOCK_KP_CONST		/* kernel_param callbacks lost their const in 2.6.36 */
+#else
+#define FSOCK_KP_CONST const
+#endif
+
+#if LINUX_VERSION_CODE < KERNEL_VERSION(4, 6, 0)
+#define FSOCK_PARAM_NL ""	/* sysfs appended the newline itself */
+#else
+#define FSOCK_PARAM_NL "\n"
+#endif
+
+#if LINUX_VERSION_CODE < KERNEL_VERSION(2, 6, 39)
+#define fsock_kstrtol(s, v) strict_strtol(s, 10, v)
+#else
+#define fsock_kstrtol(s, v) kstrtol(s, 10, v)
+#endif
+
+#ifndef READ_ONCE	/* 2.6.32 */
+#define READ_ONCE(x) ACCESS_ONCE(x)
+#define WRITE_ONCE(x, v) (ACCESS_ONCE(x) = (v))
+#endif
+
+DEFINE_PER_CPU(struct fsock_stats, fsock_stats);
+
+/* Parameter storage: what the user asked for (sysfs shows the kernel's value instead when
+ * the backend can read it). Writers serialise on fsock_param_lock. */
+static int fsock_params[FSOCK_PARAM_NR] = { 2, 1, 0 };
+static const int fsock_param_max[FSOCK_PARAM_NR] = { 2, 1, 1 };
+static const char *const fsock_param_names[FSOCK_PARAM_NR] = {
+	"enable_listen_spawn", "enable_fast_epoll", "enable_receive_flow_deliver",
+};
+int fsock_debug_level;
+static DEFINE_MUTEX(fsock_param_lock);
+static bool fsock_ready;		/* backend initialised: params go to the kernel */
+static bool fsock_unsupported_told[FSOCK_PARAM_NR];
+
+static bool fsock_backend_has(enum fsock_param p)
+{
+	return fsock_backend.features & fsock_param_feature(p);
+}
+
+int fsock_param(enum fsock_param p)
+{
+	if (fsock_ready && fsock_backend_has(p) && fsock_backend.get_param) {
+		int v = fsock_backend.get_param(p);
+
+		if (v >= 0)
+			return v;
+	}
+	return READ_ONCE(fsock_params[p]);
+}
+
+/* Apply one parameter to the backend; caller holds fsock_param_lock. */
+static int fsock_apply_param(enum fsock_param p, int val)
+{
+	if (!fsock_backend_has(p)) {
+		if (val && !fsock_unsupported_told[p]) {
+			fsock_unsupported_told[p] = true;
+			pr_info(FSOCK_NAME ": %s=%d has no effect: backend '%s' has no such kernel feature (value kept, feature bit off)\n",
+				fsock_param_names[p], val, fsock_backend.name);
+		}
+		return 0;
+	}
+	return fsock_backend.set_param ? fsock_backend.set_param(p, val) : 0;
+}
+
+static int fsock_param_index(FSOCK_KP_CONST struct kernel_param *kp)
+{
+	return (int *)kp->arg - fsock_params;
+}
+
+static int fsock_param_set(const char *val, FSOCK_KP_CONST struct kernel_param *kp)
+{
+	int p = fsock_param_index(kp);
+	long v;
+	int err;
+
+	if (!val || fsock_kstrtol(val, &v) || v < 0 || v > fsock_param_max[p])
+		return -EINVAL;
+	mutex_lock(&fsock_param_lock);
+	err = fsock_ready ? fsock_apply_param(p, v) : 0;
+	if (!err)
+		WRITE_ONCE(fsock_params[p], v);
+	mutex_unlock(&fsock_param_lock);
+	return err;
+}
+
+static int fsock_param_get(char *buf, FSOCK_KP_CONST struct kernel_param *kp)
+{
+	return sprintf(buf, "%d" FSOCK_PARAM_NL, fsock_param(fsock_param_index(kp)));
+}
+
+module_param_call(enable_listen_spawn, fsock_param_set, fsock_param_get,
+		  &fsock_params[FSOCK_PARAM_LISTEN_SPAWN], 0644);
+MODULE_PARM_DESC(enable_listen_spawn,
+		 "per-CPU local listen sockets: 0 off, 1 application pins workers, 2 module pins workers (default 2)");
+module_param_call(enable_fast_epoll, fsock_param_set, fsock_param_get,
+		  &fsock_params[FSOCK_PARAM_FAST_EPOLL], 0644);
+MODULE_PARM_DESC(enable_fast_epoll, "cache the epoll item in the socket file: 0/1 (default 1)");
+module_param_call(enable_receive_flow_deliver, fsock_param_set, fsock_param_get,
+		  &fsock_params[FSOCK_PARAM_RFD], 0644);
+MODULE_PARM_DESC(enable_receive_flow_deliver,
+		 "steer packets of active connections to the CPU that opened them: 0/1 (default 0)");
+
+static int fsock_debug_set(const char *val, FSOCK_KP_CONST struct kernel_param *kp)
+{
+	long v;
+
+	if (!val || fsock_kstrtol(val, &v) || v < 0 || v > 3)
+		return -EINVAL;
+	WRITE_ONCE(fsock_debug_level, v);
+	return 0;
+}
+
+static int fsock_debug_get(char *buf, FSOCK_KP_CONST struct kernel_param *kp)
+{
+	return sprintf(buf, "%d" FSOCK_PARAM_NL, READ_ONCE(fsock_debug_level));
+}
+
+module_param_call(debug, fsock_debug_set, fsock_debug_get, &fsock_debug_level, 0644);
+MODULE_PARM_DESC(debug, "log level 0..3 (default 0)");
+
+/* ---- ioctls ---------------------------------------------------------------------- */
+
+static __u32 fsock_features(void)
+{
+	__u32 f = fsock_backend.features;
+	int p;
+
+	/* Switchable features are reported only while switched on. */
+	for (p = 0; p < FSOCK_PARAM_NR; p++)
+		if (!fsock_param(p))
+			f &= ~fsock_param_feature(p);
+	return f;
+}
+
+/*
+ * The CPU a SPAWN is for. -1: the caller's CPU, except in mode 2 where the module places
+ * workers itself, round-robin over the online CPUs (workers forked together usually start
+ * on the same CPU).
+ */
+static int fsock_spawn_cpu(int cpu)
+{
+	static atomic_t next = ATOMIC_INIT(0);
+
+	if (cpu == -1 && fsock_param(FSOCK_PARAM_LISTEN_SPAWN) == 2) {
+		int n = atomic_inc_return(&next) - 1;
+
+		n %= num_online_cpus();
+		for_each_online_cpu(cpu)
+			if (n-- == 0)
+				break;
+	} else if (cpu == -1) {
+		cpu = raw_smp_processor_id();
+	}
+	if (cpu < 0 || cpu >= nr_cpu_ids || !cpu_online(cpu))
+		return -EINVAL;
+	return cpu;
+}
+
+/* Mode 2: the worker that spawned for `cpu` runs there, so it accepts where its local
+ * socket receives. Done after a successful spawn: a failed one leaves the caller as is. */
+static int fsock_pin(int cpu)
+{
+	if (fsock_param(FSOCK_PARAM_LISTEN_SPAWN) != 2)
+		return 0;
+	return set_cpus_allowed_ptr(current, cpumask_of(cpu));
+}
+
+static long fsock_do_version(void __user *uarg)
+{
+	struct fsock_version v;
+
+	memset(&v, 0, sizeof(v));
+	v.abi = FASTSOCKET_ABI_VERSION;
+	v.features = fsock_features();
+	v.listen_spawn = fsock_param(FSOCK_PARAM_LISTEN_SPAWN);
+	return copy_to_user(uarg, &v, sizeof(v)) ? -EFAULT : 0;
+}
+
+static long fsock_do_socket(void __user *uarg)
+{
+	struct fsock_socket_args a;
+	int fd;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	fd = fsock_backend.socket(a.family, a.type, a.protocol);
+	if (fd < 0)
+		return fd;
+	a.fd = fd;
+	/* The fd is already installed; user space owns it even if this copy fails. */
+	return copy_to_user(uarg, &a, sizeof(a)) ? -EFAULT : 0;
+}
+
+static long fsock_do_listen(void __user *uarg)
+{
+	struct fsock_listen_args a;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	return fsock_backend.listen(a.fd, a.backlog);
+}
+
+static long fsock_do_spawn(void __user *uarg)
+{
+	struct fsock_spawn_args a;
+	int cpu, err, local_fd = -1;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	if (!fsock_param(FSOCK_PARAM_LISTEN_SPAWN))
+		return -EOPNOTSUPP;
+	cpu = fsock_spawn_cpu(a.cpu);
+	if (cpu < 0)
+		return cpu;
+	err = fsock_backend.spawn(a.fd, cpu, &local_fd);
+	if (err >= 0)
+		err = fsock_pin(cpu);
+	if (err < 0)
+		return err;
+	fsock_dbg(1, "pid %d spawned fd %d for cpu %d: local fd %d\n",
+		  current->pid, a.fd, cpu, local_fd);
+	a.cpu = cpu;
+	a.local_fd = local_fd;
+	return copy_to_user(uarg, &a, sizeof(a)) ? -EFAULT : 0;
+}
+
+static long fsock_do_spawn_all(void)
+{
+	int cpu, n, err = 0;
+
+	if (!fsock_param(FSOCK_PARAM_LISTEN_SPAWN))
+		return -EOPNOTSUPP;
+	if (!fsock_backend.spawn_all)
+		return 0;
+	cpu = fsock_spawn_cpu(-1);
+	if (cpu < 0)
+		return cpu;
+	n = fsock_backend.spawn_all(cpu);
+	if (n >= 0)
+		err = fsock_pin(cpu);
+	return err ? err : n;
+}
+
+static long fsock_do_accept(void __user *uarg)
+{
+	struct fsock_accept_args a;
+	int fd;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	if (a.flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC))
+		return -EINVAL;
+	fd = fsock_backend.accept(a.fd, raw_smp_processor_id(), a.flags,
+				  (struct sockaddr __user *)(unsigned long)a.addr,
+				  (int __user *)(unsigned long)a.addrlen);
+	if (fd < 0)
+		return fd;
+	a.new_fd = fd;
+	return copy_to_user(uarg, &a, sizeof(a)) ? -EFAULT : 0;
+}
+
+static long fsock_do_close(void __user *uarg)
+{
+	struct fsock_close_args a;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	return fsock_backend.close(a.fd);
+}
+
+static long fsock_do_shutdown(void __user *uarg)
+{
+	struct fsock_shutdown_args a;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	if (a.how < SHUT_RD || a.how > SHUT_RDWR)
+		return -EINVAL;
+	return fsock_backend.shutdown(a.fd, a.how);
+}
+
+static long fsock_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
+{
+	void __user *uarg = (void __user *)arg;
+
+	fsock_dbg(3, "pid %d cpu %d ioctl %#x\n", current->pid, raw_smp_processor_id(), cmd);
+	switch (cmd) {
+	case FSOCK_IOC_VERSION:
+		return fsock_do_version(uarg);
+	case FSOCK_IOC_SOCKET:
+		return fsock_do_socket(uarg);
+	case FSOCK_IOC_LISTEN:
+		return fsock_do_listen(uarg);
+	case FSOCK_IOC_SPAWN:
+		return fsock_do_spawn(uarg);
+	case FSOCK_IOC_ACCEPT:
+		return fsock_do_accept(uarg);
+	case FSOCK_IOC_CLOSE:
+		return fsock_do_close(uarg);
+	case FSOCK_IOC_SHUTDOWN:
+		return fsock_do_shutdown(uarg);
+	case FSOCK_IOC_SPAWN_ALL:
+		return fsock_do_spawn_all();
+	}
+	return -ENOTTY;
+}
+
+static const struct file_operations fsock_fops = {
+	.owner		= THIS_MODULE,	/* no unload while /dev/fastsocket is open */
+	.unlocked_ioctl	= fsock_ioctl,
+#ifdef CONFIG_COMPAT
+	.compat_ioctl	= fsock_ioctl,	/* fixed-width ABI: same layout for 32-bit callers */
+#endif
+};
+
+static struct miscdevice fsock_misc = {
+	.minor	= MISC_DYNAMIC_MINOR,
+	.name	= FSOCK_NAME,
+	.fops	= &fsock_fops,
+	.mode	= 0666,		/* every operation is one the caller may do on its own sockets */
+};
+
+/* ---- /proc/net/fastsocket -------------------------------------------------------- */
+
+static int fsock_stats_show(struct seq_file *m, void *v)
+{
+	int cpu, i;
+
+	seq_puts(m, "cpu local_lookups global_lookups local_accepts global_accepts steered\n");
+	for_each_possible_cpu(cpu) {
+		struct fsock_stats s = per_cpu(fsock_stats, cpu);
+
+		if (fsock_backend.read_stats)
+			fsock_backend.read_stats(cpu, &s);
+		seq_printf(m, "cpu%d", cpu);
+		for (i = 0; i < FSOCK_STAT_NR; i++)
+			seq_printf(m, " %lu", s.v[i]);
+		seq_putc(m, '\n');
+	}
+	return 0;
+}
+
+static int fsock_stats_open(struct inode *inode, struct file *file)
+{
+	return single_open(file, fsock_stats_show, NULL);
+}
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 6, 0)
+static const struct proc_ops fsock_stats_fops = {
+	.proc_open	= fsock_stats_open,
+	.proc_read	= seq_read,
+	.proc_lseek	= seq_lseek,
+	.proc_release	= single_release,
+};
+#else
+static const struct file_operations fsock_stats_fops = {
+	.owner		= THIS_MODULE,
+	.open		= fsock_stats_open,
+	.read		= seq_read,
+	.llseek		= seq_lseek,
+	.release	= single_release,
+};
+#endif
+
+/* ---- init / exit ----------------------------------------------------------------- */
+
+static int __init fsock_init(void)
+{
+	int p, err;
+
+	err = fsock_backend.init ? fsock_backend.init() : 0;
+	if (err)
+		return err;
+	/* Load-time values reach the kernel switches now that the backend is up. */
+	mutex_lock(&fsock_param_lock);
+	fsock_ready = true;
+	for (p = 0; p < FSOCK_PARAM_NR && !err; p++)
+		err = fsock_apply_param(p, fsock_params[p]);
+	mutex_unlock(&fsock_param_lock);
+	if (err)
+		goto out_backend;
+	if (!proc_create(FSOCK_NAME, 0444, init_net.proc_net, &fsock_stats_fops)) {
+		err = -ENOMEM;
+		goto out_backend;
+	}
+	err = misc_register(&fsock_misc);
+	if (err)
+		goto out_proc;
+	pr_info(FSOCK_NAME ": loaded, backend %s, features %#x, listen_spawn %d\n",
+		fsock_backend.name, fsock_features(), fsock_param(FSOCK_PARAM_LISTEN_SPAWN));
+	return 0;
+
+out_proc:
+	remove_proc_entry(FSOCK_NAME, init_net.proc_net);
+out_backend:
+	mutex_lock(&fsock_param_lock);
+	fsock_ready = false;
+	mutex_unlock(&fsock_param_lock);
+	if (fsock_backend.exit)
+		fsock_backend.exit();
+	return err;
+}
+
+static void __exit fsock_exit(void)
+{
+	misc_deregister(&fsock_misc);
+	remove_proc_entry(FSOCK_NAME, init_net.proc_net);
+	mutex_lock(&fsock_param_lock);
+	fsock_ready = false;
+	mutex_unlock(&fsock_param_lock);
+	if (fsock_backend.exit)
+		fsock_backend.exit();
+	pr_info(FSOCK_NAME ": unloaded\n");
+}
+
+module_init(fsock_init);
+module_exit(fsock_exit);
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("Fastsocket: per-CPU listen sockets and /dev/fastsocket");
+MODULE_VERSION("1.0");

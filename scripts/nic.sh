@@ -1,0 +1,270 @@
+#!/bin/sh
+# nic.sh -i IFACE [--dry-run] [--rss N] [--coalesce USECS]
+#
+# Spread a multiqueue NIC over the CPUs for Fastsocket: IRQ affinity round-robin over the
+# online CPUs (queue k -> k-th CPU), XPS one-to-one when tx queues >= CPUs, RPS/RFS over
+# all CPUs when rx queues != CPUs, interrupt coalescing (~3000 irq/s) with ethtool, and
+# irqbalance stopped so it does not undo the affinity.  --rss N first sets N channels
+# with `ethtool -L`.  --dry-run prints the plan and changes nothing.
+#
+# POSIX sh (runs under busybox ash).  Tests point NIC_SH_ROOT at a fake tree holding
+# sys/ and proc/; then ethtool is only used when NIC_SH_ETHTOOL names one, NIC_SH_UID
+# replaces `id -u` for the root check, and no process is ever signalled.
+#
+# Exit: 0 done, 1 some setting failed, 2 usage, 3 not root, 4 no such interface,
+#       5 interface down.
+set -u
+
+ROOT=${NIC_SH_ROOT:-}
+SYS=$ROOT/sys
+PROC=$ROOT/proc
+if [ -n "$ROOT" ]; then
+	ETHTOOL=${NIC_SH_ETHTOOL:-}
+	UID_NOW=${NIC_SH_UID:-$(id -u)}
+else
+	ETHTOOL=ethtool
+	UID_NOW=$(id -u)
+fi
+SUPPORTED="igb ixgbe e1000e virtio_net bnx2 tg3"
+IFACE=
+DRY=0
+RSS=
+COALESCE=333
+FAILED=0
+
+usage() {
+	echo "usage: nic.sh -i IFACE [--dry-run] [--rss N] [--coalesce USECS]" >&2
+	exit 2
+}
+die() { code=$1; shift; echo "nic.sh: $*" >&2; exit "$code"; }
+warn() { echo "nic.sh: warning: $*" >&2; }
+is_num() { case $1 in '' | *[!0-9]*) return 1 ;; esac; return 0; }
+
+while [ $# -gt 0 ]; do
+	case $1 in
+	-i) [ $# -ge 2 ] || usage; IFACE=$2; shift ;;
+	--dry-run | -n) DRY=1 ;;
+	--rss) [ $# -ge 2 ] && is_num "$2" && [ "$2" -ge 1 ] || usage; RSS=$2; shift ;;
+	--coalesce) [ $# -ge 2 ] && is_num "$2" || usage; COALESCE=$2; shift ;;
+	-h | --help) usage ;;
+	*) usage ;;
+	esac
+	shift
+done
+[ -n "$IFACE" ] || usage
+case $IFACE in */* | . | .. | -*) die 2 "bad interface name '$IFACE'" ;; esac
+
+have_ethtool() { [ -n "$ETHTOOL" ] && command -v "$ETHTOOL" >/dev/null 2>&1; }
+
+# Writes and commands go through these two, so --dry-run cannot change anything.
+put() { # FILE VALUE
+	if [ "$DRY" = 1 ]; then
+		echo "  would write $2 > ${1#"$ROOT"}"
+	elif [ ! -e "$1" ]; then
+		warn "${1#"$ROOT"} does not exist"
+		FAILED=1
+	elif (printf '%s\n' "$2" >"$1") 2>/dev/null; then
+		echo "  wrote $2 > ${1#"$ROOT"}"
+	else
+		warn "cannot write $2 > ${1#"$ROOT"}"
+		FAILED=1
+	fi
+}
+run() {
+	if [ "$DRY" = 1 ]; then
+		echo "  would run: $*"
+	elif "$@" >/dev/null 2>&1; then
+		echo "  ran: $*"
+	else
+		warn "failed: $*"
+		return 1
+	fi
+}
+
+# Hex cpumask of the CPUs given as arguments, in 32-bit groups ("ff", "1,00000000").
+cpumask() {
+	maxg=0
+	for c in "$@"; do [ $((c / 32)) -gt $maxg ] && maxg=$((c / 32)); done
+	out=
+	g=$maxg
+	while [ $g -ge 0 ]; do
+		w=0
+		for c in "$@"; do [ $((c / 32)) -eq $g ] && w=$((w | (1 << (c % 32)))); done
+		if [ $g -eq $maxg ]; then part=$(printf '%x' $w); else part=$(printf '%08x' $w); fi
+		out=${out:+$out,}$part
+		g=$((g - 1))
+	done
+	echo "$out"
+}
+
+# "0-3,6" -> "0 1 2 3 6"
+expand_cpus() {
+	echo "$1" | tr ',' '\n' | while IFS=- read -r a b; do
+		is_num "$a" || continue
+		b=${b:-$a}
+		i=$a
+		while [ "$i" -le "$b" ]; do printf '%s ' "$i"; i=$((i + 1)); done
+	done
+}
+
+nth() { # N WORDS... -> the N-th word (0-based)
+	n=$1
+	shift
+	shift "$n"
+	echo "$1"
+}
+
+# ---- checks ----
+NET=$SYS/class/net/$IFACE
+[ "$DRY" = 1 ] || [ "$UID_NOW" = 0 ] || die 3 "must run as root (or use --dry-run)"
+[ -d "$NET" ] || die 4 "no such interface: $IFACE"
+flags=$(cat "$NET/flags" 2>/dev/null || echo 0)
+oper=$(cat "$NET/operstate" 2>/dev/null || echo unknown)
+if [ $((flags & 1)) -eq 0 ] && [ "$oper" != up ]; then
+	die 5 "interface $IFACE is down (ip link set $IFACE up)"
+fi
+
+DRIVER=
+if have_ethtool; then
+	DRIVER=$("$ETHTOOL" -i "$IFACE" 2>/dev/null | sed -n 's/^driver: *//p')
+fi
+if [ -z "$DRIVER" ] && [ -L "$NET/device/driver" ]; then
+	DRIVER=$(basename "$(readlink "$NET/device/driver")")
+fi
+[ -n "$DRIVER" ] || DRIVER=unknown
+case " $SUPPORTED " in
+*" $DRIVER "*) ;;
+*) warn "driver $DRIVER is not one of: $SUPPORTED; using the generic layout" ;;
+esac
+
+CPUS=$(expand_cpus "$(cat "$SYS/devices/system/cpu/online" 2>/dev/null || echo 0)")
+set -- $CPUS
+CPUS="$*"
+NCPU=$#
+[ "$NCPU" -ge 1 ] || die 1 "no online CPUs found"
+
+count_queues() { # rx|tx
+	n=0
+	for q in "$NET"/queues/"$1"-*; do [ -d "$q" ] && n=$((n + 1)); done
+	echo $n
+}
+
+# IRQs of the NIC from /proc/interrupts, one "IRQ NAME" per line.  virtio names its
+# vectors after the virtio device (virtio0-input.0), found through the sysfs device link.
+list_irqs() {
+	if [ "$DRIVER" = virtio_net ] && [ -L "$NET/device" ]; then
+		vdev=$(basename "$(readlink "$NET/device")")
+		pat="^$vdev-(input|output)[.][0-9]+\$"
+	else
+		pat="^$IFACE-"
+	fi
+	awk -v pat="$pat" -v ifc="$IFACE" '
+		$1 ~ /^[0-9]+:$/ { irq = substr($1, 1, length($1) - 1); n = $NF
+			if (n ~ pat) { print irq, n; found++ } else if (n == ifc) single = irq " " n }
+		END { if (!found && single != "") print single }' "$PROC/interrupts" 2>/dev/null
+}
+
+# ---- plan and apply ----
+[ "$DRY" = 1 ] && echo "nic.sh: dry run, nothing is changed"
+
+if [ -n "$RSS" ]; then
+	echo "rss: $RSS channels on $IFACE"
+	if have_ethtool || [ "$DRY" = 1 ]; then
+		run "${ETHTOOL:-ethtool}" -L "$IFACE" combined "$RSS" ||
+			run "${ETHTOOL:-ethtool}" -L "$IFACE" rx "$RSS" tx "$RSS" ||
+			{ warn "$DRIVER: cannot set $RSS channels"; FAILED=1; }
+	else
+		warn "--rss needs ethtool"
+		FAILED=1
+	fi
+fi
+
+NRX=$(count_queues rx)
+NTX=$(count_queues tx)
+IRQS=$(list_irqs)
+NIRQ=$(printf '%s\n' "$IRQS" | grep -c .)
+echo "nic.sh: $IFACE: driver $DRIVER, $NRX rx / $NTX tx queues, $NCPU online CPUs ($CPUS), $NIRQ queue IRQs"
+
+# irqbalance would rewrite the affinity we set.
+IRQBAL=
+for d in "$PROC"/[0-9]*; do
+	[ -r "$d/comm" ] && [ "$(cat "$d/comm" 2>/dev/null)" = irqbalance ] && IRQBAL="$IRQBAL ${d##*/}"
+done
+if [ -n "$IRQBAL" ]; then
+	echo "irqbalance: running (pid$IRQBAL), stopping it"
+	if [ -n "$ROOT" ]; then
+		echo "  fake root: not signalling pid$IRQBAL"
+	elif command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+		run systemctl stop irqbalance || FAILED=1
+	elif command -v service >/dev/null 2>&1; then
+		run service irqbalance stop || FAILED=1
+	else
+		run kill $IRQBAL || FAILED=1
+	fi
+else
+	echo "irqbalance: not running"
+fi
+
+if [ "$NIRQ" -eq 0 ]; then
+	warn "no IRQs of $IFACE in /proc/interrupts (legacy INTx or polling?)"
+else
+	echo "irq affinity: round-robin over CPUs"
+	k=0
+	printf '%s\n' "$IRQS" | {
+		while read -r irq name; do
+			[ -n "$irq" ] || continue
+			q=${name##*[!0-9]} # queue number at the end of the name, if any
+			is_num "$q" || q=$k
+			cpu=$(nth $((q % NCPU)) $CPUS)
+			echo " irq $irq ($name) -> cpu $cpu"
+			put "$PROC/irq/$irq/smp_affinity" "$(cpumask "$cpu")"
+			k=$((k + 1))
+		done
+		[ "$FAILED" = 0 ]
+	} || FAILED=1
+fi
+
+if [ "$NTX" -ge "$NCPU" ] && [ "$NTX" -gt 0 ]; then
+	echo "xps: one CPU per tx queue ($NTX tx queues >= $NCPU CPUs)"
+	j=0
+	while [ $j -lt "$NTX" ]; do
+		cpu=$(nth $((j % NCPU)) $CPUS)
+		put "$NET/queues/tx-$j/xps_cpus" "$(cpumask "$cpu")"
+		j=$((j + 1))
+	done
+else
+	echo "xps: skipped ($NTX tx queues < $NCPU CPUs)"
+fi
+
+ALL=$(cpumask $CPUS)
+if [ "$NRX" -ne "$NCPU" ]; then
+	echo "rps: all CPUs on every rx queue ($NRX rx queues != $NCPU CPUs), rfs on"
+	put "$PROC/sys/net/core/rps_sock_flow_entries" 32768
+	j=0
+	while [ $j -lt "$NRX" ]; do
+		put "$NET/queues/rx-$j/rps_cpus" "$ALL"
+		put "$NET/queues/rx-$j/rps_flow_cnt" $((32768 / NRX))
+		j=$((j + 1))
+	done
+else
+	echo "rps: off (one rx queue per CPU)"
+	j=0
+	while [ $j -lt "$NRX" ]; do
+		put "$NET/queues/rx-$j/rps_cpus" 0
+		j=$((j + 1))
+	done
+fi
+
+if [ "$COALESCE" -gt 0 ]; then
+	if have_ethtool || { [ "$DRY" = 1 ] && [ -z "$ROOT" ]; }; then
+		echo "coalescing: rx-usecs $COALESCE"
+		run "${ETHTOOL:-ethtool}" -C "$IFACE" rx-usecs "$COALESCE" ||
+			warn "$DRIVER does not support interrupt coalescing settings"
+	else
+		echo "coalescing: skipped (no ethtool)"
+	fi
+fi
+
+[ "$DRY" = 1 ] && echo "nic.sh: dry run done" || echo "nic.sh: done"
+[ "$FAILED" = 0 ] || exit 1
+exit 0

@@ -1,0 +1,278 @@
+"""Upstream import: SRPM / tarball / directory / git ref, content-digest cache, hostile input.
+The helpers at the top build tiny real kernel-like trees; test_workspace/test_rebase reuse them."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import require_tool
+from fsbuild import upstream
+from fsbuild.errors import MissingFileError, UnsafePathError, UpstreamError
+from fsbuild.target import load
+
+# ---------------------------------------------------------------- helpers (shared)
+
+MAKEFILE = "VERSION = {v}\nPATCHLEVEL = {p}\nSUBLEVEL = {s}\nEXTRAVERSION = {e}\nNAME = Test\n\nall:\n\t@true\n"
+
+
+def makefile(version: str, extra: str = "") -> str:
+    v, p, s = (version.split(".") + ["0", "0"])[:3]
+    return MAKEFILE.format(v=v, p=p, s=s, e=extra)
+
+
+def lines(prefix: str, n: int) -> str:
+    return "".join(f"{prefix} line {i}\n" for i in range(1, n + 1))
+
+
+def kernel_files(version: str) -> dict[str, str]:
+    return {"Makefile": makefile(version), "net/Makefile": lines("net", 40),
+            "net/Kconfig": lines("kconfig", 40), "kernel/sched.c": lines("sched", 120)}
+
+
+def write_tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def make_tarball(path: Path, topdir: str, files: dict[str, str], mode: str = "w:gz",
+                 extra: list[tuple[tarfile.TarInfo, bytes]] = ()) -> Path:  # type: ignore[assignment]
+    """A tarball of `files` under `topdir`, plus raw (possibly hostile) members."""
+    with tarfile.open(path, mode) as tf:
+        for rel, text in sorted(files.items()):
+            data = text.encode()
+            info = tarfile.TarInfo(f"{topdir}/{rel}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for info, data in extra:
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data else None)
+    return path
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(repo), "PATH": os.environ["PATH"]}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          env=env, text=True).stdout
+
+
+def git_repo(root: Path, files: dict[str, str]) -> Path:
+    write_tree(root, files)
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "base")
+    return root
+
+
+def cache_entries() -> list[str]:
+    root = upstream.cache_root()
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+# ---------------------------------------------------------------- tarballs
+
+@pytest.mark.parametrize("mode,suffix", [("w:gz", "tar.gz"), ("w:bz2", "tar.bz2"), ("w:xz", "tar.xz")])
+def test_tarball_keeps_original_bytes(tmp_path: Path, mode: str, suffix: str) -> None:
+    tb = make_tarball(tmp_path / f"linux-5.4.3.{suffix}", "linux-5.4.3", kernel_files("5.4.3"), mode)
+    up = upstream.resolve(load("linux-6.1"), str(tb))
+    assert up.version == "5.4.3" and up.topdir == "linux-5.4.3" and up.target == "linux-6.1"
+    assert up.tarball.read_bytes() == tb.read_bytes()
+    assert up.digest == upstream.sha256_file(tb)
+    assert up.tarball.parent.parent == upstream.cache_root()
+    assert up.configs == {} and up.spec is None
+
+
+def test_tarball_cached_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tb = make_tarball(tmp_path / "a.tar.gz", "linux-5.4.3", kernel_files("5.4.3"))
+    first = upstream.resolve(load("linux-6.1"), str(tb))
+    # unchanged file: neither hashed nor scanned again
+    monkeypatch.setattr(upstream, "scan_tarball", lambda *a, **k: pytest.fail("rescanned"))
+    monkeypatch.setattr(upstream, "sha256_file", lambda *a: pytest.fail("rehashed"))
+    assert upstream.resolve(load("linux-6.1"), str(tb)) == first
+    monkeypatch.undo()
+    # same bytes under another name: hashed, but the entry is shared
+    copy = tmp_path / "b.tar.gz"
+    copy.write_bytes(tb.read_bytes())
+    assert upstream.resolve(load("linux-6.1"), str(copy)).digest == first.digest
+    assert [e for e in cache_entries() if not e.startswith((".", "index"))] == [first.digest]
+
+
+def test_rhel_style_topdir_names_the_release(tmp_path: Path) -> None:
+    tb = make_tarball(tmp_path / "linux-2.6.32-431.17.1.el6.tar.bz2", "linux-2.6.32-431.17.1.el6",
+                      kernel_files("2.6.32"), "w:bz2")
+    assert upstream.resolve(load("el6"), str(tb)).version == "2.6.32-431.17.1.el6"
+
+
+def test_makefile_version_with_extraversion() -> None:
+    assert upstream.makefile_version(makefile("3.10.0", "-rc2").encode()) == "3.10.0-rc2"
+    with pytest.raises(UpstreamError):
+        upstream.makefile_version(b"all:\n\ttrue\n")
+
+
+def _hostile(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+@pytest.mark.parametrize("member", [
+    _hostile("linux-1.0.0/../../evil"),
+    _hostile("/etc/evil"),
+    _hostile("linux-1.0.0/x", tarfile.SYMTYPE, "../../etc/passwd"),
+    _hostile("linux-1.0.0/abs", tarfile.SYMTYPE, "/etc/passwd"),
+    _hostile("linux-1.0.0/hl", tarfile.LNKTYPE, "../outside"),
+    _hostile("linux-1.0.0/dev", tarfile.CHRTYPE),
+    _hostile("linux-1.0.0/fifo", tarfile.FIFOTYPE),
+], ids=["dotdot", "absolute", "symlink-escape", "symlink-abs", "hardlink-escape", "chardev", "fifo"])
+def test_hostile_tarball_rejected_nothing_written(tmp_path: Path, member: tarfile.TarInfo) -> None:
+    tb = make_tarball(tmp_path / "bad.tar.gz", "linux-1.0.0", kernel_files("1.0.0"),
+                      extra=[(member, b"x" if member.isfile() else b"")])
+    with pytest.raises(UnsafePathError):
+        upstream.resolve(load("linux-6.1"), str(tb))
+    assert [e for e in cache_entries() if e != "index.json"] == []
+    assert not (tmp_path.parent / "evil").exists()
+
+
+def test_inner_symlink_allowed(tmp_path: Path) -> None:
+    tb = make_tarball(tmp_path / "ok.tar.gz", "linux-1.0.0", kernel_files("1.0.0"),
+                      extra=[(_hostile("linux-1.0.0/net/link", tarfile.SYMTYPE, "../kernel/sched.c"), b"")])
+    assert upstream.resolve(load("linux-6.1"), str(tb)).version == "1.0.0"
+
+
+def test_unknown_and_missing(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"hello, not a tarball" * 40)
+    with pytest.raises(UpstreamError):
+        upstream.resolve(load("linux-6.1"), str(junk))
+    with pytest.raises(MissingFileError):
+        upstream.resolve(load("linux-6.1"), str(tmp_path / "nope.tar.xz"))
+    truncated = tmp_path / "trunc.tar.gz"
+    good = make_tarball(tmp_path / "g.tar.gz", "linux-1.0.0", kernel_files("1.0.0") | {"big": lines("b", 9000)})
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(UpstreamError):
+        upstream.resolve(load("linux-6.1"), str(truncated))
+    no_kernel = make_tarball(tmp_path / "nk.tar.gz", "foo", {"README": "x"})
+    with pytest.raises(UpstreamError):
+        upstream.resolve(load("linux-6.1"), str(no_kernel))
+
+
+# ---------------------------------------------------------------- directories and git refs
+
+def test_directory_deterministic(tmp_path: Path) -> None:
+    a = write_tree(tmp_path / "a", kernel_files("4.19.5"))
+    b = write_tree(tmp_path / "b", kernel_files("4.19.5"))
+    os.utime(b / "Makefile", (12345, 12345))
+    ua = upstream.resolve(load("linux-6.1"), str(a))
+    ub = upstream.resolve(load("linux-6.1"), str(b))
+    assert ua.digest == ub.digest and ua.topdir == "linux-4.19.5" and ua.version == "4.19.5"
+    with tarfile.open(ua.tarball) as tf:
+        names = tf.getnames()
+        assert names == sorted(names) and names[0] == "linux-4.19.5"
+        assert {m.mtime for m in tf.getmembers()} == {upstream.FIXED_MTIME}
+        assert tf.extractfile("linux-4.19.5/kernel/sched.c").read().decode() == lines("sched", 120)
+    (b / "net" / "Kconfig").write_text("changed\n")
+    assert upstream.resolve(load("linux-6.1"), str(b)).digest != ua.digest
+
+
+def test_directory_symlink_escape(tmp_path: Path) -> None:
+    a = write_tree(tmp_path / "a", kernel_files("4.19.5"))
+    (a / "net" / "evil").symlink_to("/etc/passwd")
+    with pytest.raises(UnsafePathError):
+        upstream.resolve(load("linux-6.1"), str(a))
+
+
+def test_git_ref(tmp_path: Path) -> None:
+    repo = git_repo(tmp_path / "repo", kernel_files("5.10.1"))
+    git(repo, "tag", "v5.10.1")
+    (repo / "Makefile").write_text(makefile("5.10.2"))
+    git(repo, "commit", "-qam", "bump")
+    old = upstream.resolve(load("linux-6.1"), f"{repo}@v5.10.1")
+    new = upstream.resolve(load("linux-6.1"), f"git:{repo}@HEAD")
+    assert (old.version, new.version) == ("5.10.1", "5.10.2")
+    # same content as a plain directory export -> same deterministic bytes
+    plain = write_tree(tmp_path / "plain", kernel_files("5.10.1"))
+    assert upstream.resolve(load("linux-6.1"), str(plain)).digest == old.digest
+    with pytest.raises(UpstreamError):
+        upstream.resolve(load("linux-6.1"), f"{repo}@no-such-ref")
+
+
+# ---------------------------------------------------------------- SRPMs
+
+SPEC = """\
+Name: kernel
+Version: 2.6.32
+Release: 431.17.1.el6
+Summary: test kernel
+License: GPLv2
+Source0: linux-2.6.32-431.17.1.el6.tar.bz2
+Source50: config-x86_64-generic
+Source51: config-generic
+%description
+test
+%prep
+%build
+%files
+"""
+
+
+def build_srpm(tmp_path: Path, tarball: Path) -> Path:
+    require_tool("rpmbuild")
+    top = tmp_path / "rpmbuild"
+    (top / "SOURCES").mkdir(parents=True)
+    (top / "SPECS").mkdir()
+    os.link(tarball, top / "SOURCES" / "linux-2.6.32-431.17.1.el6.tar.bz2")
+    (top / "SOURCES" / "config-x86_64-generic").write_text("CONFIG_X86_64=y\n")
+    (top / "SOURCES" / "config-generic").write_text("CONFIG_NET=y\n")
+    spec = top / "SPECS" / "kernel.spec"
+    spec.write_text(SPEC)
+    subprocess.run(["rpmbuild", "-bs", "--define", f"_topdir {top}", str(spec)],
+                   check=True, capture_output=True)
+    (srpm,) = (top / "SRPMS").glob("*.src.rpm")
+    return srpm
+
+
+def test_srpm(tmp_path: Path) -> None:
+    tb = make_tarball(tmp_path / "linux.tar.bz2", "linux-2.6.32-431.17.1.el6", kernel_files("2.6.32"), "w:bz2")
+    srpm = build_srpm(tmp_path, tb)
+    assert srpm.name == "kernel-2.6.32-431.17.1.el6.src.rpm"
+    up = upstream.resolve(load("el6"), str(srpm))
+    assert up.version == "2.6.32-431.17.1.el6" and up.topdir == "linux-2.6.32-431.17.1.el6"
+    assert up.tarball.name == "linux-2.6.32-431.17.1.el6.tar.bz2"
+    assert up.tarball.read_bytes() == tb.read_bytes()
+    assert sorted(up.configs) == ["config-generic", "config-x86_64-generic"]
+    assert up.configs["config-generic"].read_text() == "CONFIG_NET=y\n"
+    assert up.spec is not None and "Release: 431.17.1.el6" in up.spec.read_text()
+    # the tarball alone resolves to the same cache entry
+    assert upstream.resolve(load("el6"), str(tb)).digest == up.digest
+
+
+def test_srpm_with_tar_slip(tmp_path: Path) -> None:
+    tb = make_tarball(tmp_path / "linux.tar.bz2", "linux-2.6.32-431.17.1.el6", kernel_files("2.6.32"), "w:bz2",
+                      extra=[(_hostile("linux-2.6.32-431.17.1.el6/../../../tmp/slipped"), b"pwned")])
+    srpm = build_srpm(tmp_path, tb)
+    with pytest.raises(UnsafePathError):
+        upstream.resolve(load("el6"), str(srpm))
+    assert [e for e in cache_entries() if e != "index.json"] == []
+
+
+def test_srpm_without_kernel_tarball(tmp_path: Path) -> None:
+    require_tool("rpmbuild")
+    top = tmp_path / "rpmbuild"
+    (top / "SPECS").mkdir(parents=True)
+    spec = top / "SPECS" / "k.spec"
+    spec.write_text(textwrap.dedent(SPEC).replace("Source0: linux-2.6.32-431.17.1.el6.tar.bz2\n", "")
+                    .replace("Source50: config-x86_64-generic\nSource51: config-generic\n", ""))
+    subprocess.run(["rpmbuild", "-bs", "--define", f"_topdir {top}", str(spec)], check=True, capture_output=True)
+    (srpm,) = (top / "SRPMS").glob("*.src.rpm")
+    with pytest.raises(UpstreamError, match="no linux-"):
+        upstream.resolve(load("el6"), str(srpm))
