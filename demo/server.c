@@ -618,7 +618,7 @@ static int worker_main(int id)
 		}
 	}
 	if (g_verbose)
-		logf_("server: worker %d exiting\n", id);
+		logf_("server: worker %d on cpu %d exiting, requests=%lu\n", id, cpu, g_stats[id].requests);
 	return 0;
 }
 

@@ -356,6 +356,8 @@ def make_srpm(plan: Plan, srcdir: Path, srpm_dir: Path, log: Path) -> Path:
     proc.run(["rpmbuild", "-bs", "--nodeps",
               "--define", f"_topdir {srcdir}", "--define", f"_sourcedir {srcdir}",
               "--define", f"_specdir {srcdir}", "--define", f"_srcrpmdir {srpm_dir}",
+              # the SRPM stores the expanded spec: keep -j out of it
+              "--define", "_smp_mflags -j2",
               *repro_defines(plan.epoch), str(spec_path)],
              env=build_env(plan.epoch), log=log, error=BuildError)
     found = sorted(srpm_dir.glob("*.src.rpm"))
@@ -520,12 +522,12 @@ def cached_result(plan: Plan) -> Result | None:
 
 def build(req: Request, upstream: object | None = None) -> Result:
     start = time.monotonic()
+    if req.builder == "mock":
+        proc.which("mock")  # fail fast (exit 9) before resolving sources
     plan = make_plan(req, upstream)
     if not req.force and (hit := cached_result(plan)) is not None:
         hit.duration_s = time.monotonic() - start
         return hit
-    if req.builder == "mock":
-        proc.which("mock")  # fail fast (exit 9) before the SRPM work
     proc.which("rpmbuild")
     lay = out_layout(req.target.name)
     lay["out"].mkdir(parents=True, exist_ok=True)

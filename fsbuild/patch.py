@@ -99,7 +99,13 @@ class Patch:
 
 
 def _split_lines(data: bytes) -> list[bytes]:
-    return data.splitlines(keepends=True)
+    """Split after each b"\\n" only (GNU patch ignores a lone \\r)."""
+    parts = data.split(b"\n")
+    last = parts.pop()
+    out = [p + b"\n" for p in parts]
+    if last:
+        out.append(last)
+    return out
 
 
 def _fetchname(text: bytes) -> tuple[str | None, bool]:
@@ -514,7 +520,9 @@ def apply_hunks(data: bytes, hunks: list[Hunk], fuzz: int = 0, path: str = "",
             raise HunkFailed(idx, exc.line, exc.why) from None
         results.append(HunkResult(path, idx, in_offset, used))
     out.extend(lines[frozen:])
-    return _join(out), results
+    ragged = bool(lines) and not lines[-1].endswith(b"\n") or any(
+        not c.endswith(b"\n") for h in hunks for t, c in h.lines if t == "+")
+    return (_join(out) if ragged else b"".join(out)), results
 
 
 def _apply_one(lines: list[bytes], h: Hunk, where: int, frozen: int, out: list[bytes]) -> int:

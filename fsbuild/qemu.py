@@ -78,7 +78,7 @@ def kernel_cmdline(extra: str = "") -> str:
 def argv(cfg: VmConfig) -> list[str]:
     """The QEMU command line (without the `ip netns exec` prefix)."""
     # TCG keeps QEMU's default CPU model: el6 (2.6.32) predates most of `-cpu max`.
-    a = [cfg.qemu, "-accel", cfg.accel.name, "-M", "q35",
+    a = [cfg.qemu, "-accel", accel_arg(cfg.accel, cfg.smp), "-M", "q35",
          *(["-cpu", "host"] if cfg.accel.name == "kvm" else []),
          "-smp", str(cfg.smp), "-m", str(cfg.memory_mb),
          "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -90,6 +90,16 @@ def argv(cfg: VmConfig) -> list[str]:
     if cfg.pvpanic:
         a += ["-device", "pvpanic"]
     return a + list(cfg.net.args)
+
+
+def accel_arg(accel: Accel, smp: int, host_cpus: int | None = None) -> str:
+    """Multi-threaded TCG only when every vCPU has a host core: oversubscribed, each
+    cross-CPU wakeup in the guest waits for the host to schedule another vCPU thread
+    (measured on 2 cores, -smp 4: 11 vs 62 requests/s for the 4-worker demo)."""
+    if accel.name != "tcg":
+        return accel.name
+    cores = host_cpus if host_cpus is not None else len(os.sched_getaffinity(0))
+    return "tcg" if cores >= smp else "tcg,thread=single"
 
 
 def qmp_socket(cfg: VmConfig) -> Path:

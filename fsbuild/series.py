@@ -367,18 +367,18 @@ class _Interrupts:
             raise KeyboardInterrupt
 
 
-def _tmp_name(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}.fsbuild-{tag}-{os.getpid()}")
-
-
 def commit(root: Path, changes: dict[str, FileState | None],
+           originals: dict[str, FileState | None],
            hook: Callable[[str], None] | None = None) -> None:
-    """Write changes into root all-or-nothing. `hook(step)` is called between steps
+    """Write changes into root all-or-nothing: every new file is first written to a temp
+    file beside its target, then all are renamed into place. On Ctrl-C or an error the
+    files already replaced are restored from `originals` (their content before the run,
+    kept in memory), so no backup copies are needed. `hook(step)` runs between steps
     (tests use it to simulate Ctrl-C)."""
     root = Path(root)
     created_dirs: list[Path] = []
     temps: dict[str, Path] = {}
-    done: list[tuple[Path, Path | None]] = []  # (target, backup hard link or None)
+    done: list[str] = []
     guard = _Interrupts()
     with guard.deferred():
         try:
@@ -387,42 +387,37 @@ def commit(root: Path, changes: dict[str, FileState | None],
                     continue
                 target = root / rel
                 _make_parents(root, target.parent, created_dirs)
-                tmp = _tmp_name(target, "new")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                temps[rel] = tmp
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(st.data)
-                    os.fchmod(fh.fileno(), st.mode)
+                temps[rel] = _write_temp(target, st)
                 guard.check()
                 if hook:
                     hook("staged")
             for rel, st in sorted(changes.items()):
-                target = root / rel
-                backup: Path | None = None
-                if os.path.lexists(target):
-                    backup = _tmp_name(target, "old")
-                    os.link(target, backup, follow_symlinks=False)
                 if st is None:
-                    if backup is not None:
-                        os.unlink(target)
+                    os.unlink(root / rel)
                 else:
-                    os.replace(temps.pop(rel), target)
-                done.append((target, backup))
+                    os.replace(temps.pop(rel), root / rel)
+                done.append(rel)
                 guard.check()
                 if hook:
                     hook("replaced")
         except BaseException as exc:
-            _rollback(done, temps, created_dirs)
+            _rollback(root, done, originals, temps, created_dirs)
             if isinstance(exc, KeyboardInterrupt):
                 raise RunInterruptedError("interrupted while writing; the tree was restored "
                                           "to its state before the run") from None
             raise
-        for _target, backup in done:
-            if backup is not None:
-                os.unlink(backup)
         for rel, st in changes.items():
             if st is None:
                 _remove_empty_parents(root, (root / rel).parent)
+
+
+def _write_temp(target: Path, st: FileState) -> Path:
+    tmp = target.with_name(f".{target.name}.fsbuild-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(st.data)
+        os.fchmod(fh.fileno(), st.mode)
+    return tmp
 
 
 def _make_parents(root: Path, d: Path, created: list[Path]) -> None:
@@ -435,13 +430,16 @@ def _make_parents(root: Path, d: Path, created: list[Path]) -> None:
         created.append(m)
 
 
-def _rollback(done: list[tuple[Path, Path | None]], temps: dict[str, Path],
-              created: list[Path]) -> None:
-    for target, backup in reversed(done):
-        if backup is not None:
-            os.replace(backup, target)
-        elif os.path.lexists(target):
-            os.unlink(target)
+def _rollback(root: Path, done: list[str], originals: dict[str, FileState | None],
+              temps: dict[str, Path], created: list[Path]) -> None:
+    for rel in reversed(done):
+        orig = originals.get(rel)
+        target = root / rel
+        if orig is None:
+            if os.path.lexists(target):
+                os.unlink(target)
+        else:
+            os.replace(_write_temp(target, orig), target)
     for tmp in temps.values():
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -487,5 +485,5 @@ def apply_series(series: Series, tree_dir: Path, fuzz: int = 0, dry_run: bool = 
             progress(entry.name)
         reports.append(apply_patch(tree, patch, entry.strip, fuzz, entry.reverse))
     if not dry_run:
-        commit(tree_dir, tree.changes(), hook)
+        commit(tree_dir, tree.changes(), tree.orig, hook)
     return reports

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fsbuild import patch as P
+from fsbuild import series as S
 from fsbuild import paths, proc, progress
 from fsbuild.errors import (FsbuildError, MissingFileError, PatchApplyError, PatchFormatError,
                             UnsafePathError, WorkspaceError)
@@ -54,16 +55,14 @@ def git_out(repo: Path, *args: str) -> str:
     return git(repo, *args).stdout.decode().strip()
 
 
-class GitReader:
-    """Reads files of one tree-ish through a persistent `git cat-file --batch`; directory
-    listings are parsed from tree objects so modes come for free."""
+class GitCat:
+    """One persistent `git cat-file --batch` per repository; GitReader views share it."""
 
-    def __init__(self, repo: Path, treeish: str) -> None:
+    def __init__(self, repo: Path) -> None:
         self.repo = repo
-        self.tree = git_out(repo, "rev-parse", f"{treeish}^{{tree}}")
         self._proc = subprocess.Popen(["git", "-C", str(repo), "cat-file", "--batch"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self._dirs: dict[str, dict[str, tuple[int, str]]] = {}
+        self._dirs: dict[tuple[str, str], dict[str, tuple[int, str]]] = {}
 
     def close(self) -> None:
         if self._proc.poll() is None:
@@ -71,13 +70,14 @@ class GitReader:
             self._proc.stdin.close()
             self._proc.wait()
 
-    def __enter__(self) -> GitReader:
+    def __enter__(self) -> GitCat:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _object(self, name: str) -> tuple[str, bytes] | None:
+    def object(self, name: str) -> tuple[str, str, bytes] | None:
+        """(sha, type, data) of any object name git understands, None when missing."""
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdin.write(name.encode() + b"\n")
         self._proc.stdin.flush()
@@ -85,27 +85,41 @@ class GitReader:
         if len(header) < 3 or header[1] == b"missing":
             return None
         data = self._proc.stdout.read(int(header[2]) + 1)[:-1]
-        return header[1].decode(), data
+        return header[0].decode(), header[1].decode(), data
 
-    def _listing(self, dirpath: str) -> dict[str, tuple[int, str]]:
-        if dirpath not in self._dirs:
+    def reader(self, treeish: str) -> GitReader:
+        obj = self.object(f"{treeish}^{{tree}}")
+        if obj is None:
+            raise WorkspaceError(f"{treeish}: no such tree in {self.repo}")
+        return GitReader(self, obj[0])
+
+    def listing(self, tree: str, dirpath: str) -> dict[str, tuple[int, str]]:
+        key = (tree, dirpath)
+        if key not in self._dirs:
             if dirpath:
                 parent, _, base = dirpath.rpartition("/")
-                entry = self._listing(parent).get(base)
+                entry = self.listing(tree, parent).get(base)
                 sha = entry[1] if entry and entry[0] == 0o40000 else None
             else:
-                sha = self.tree
-            obj = self._object(sha) if sha else None
-            self._dirs[dirpath] = _parse_tree(obj[1]) if obj and obj[0] == "tree" else {}
-        return self._dirs[dirpath]
+                sha = tree
+            obj = self.object(sha) if sha else None
+            self._dirs[key] = _parse_tree(obj[2]) if obj and obj[1] == "tree" else {}
+        return self._dirs[key]
+
+
+class GitReader:
+    """Reads the files of one git tree (a Reader); modes come from the tree objects."""
+
+    def __init__(self, cat: GitCat, tree: str) -> None:
+        self.cat, self.tree = cat, tree
 
     def __call__(self, path: str) -> Content:
         parent, _, base = path.rpartition("/")
-        entry = self._listing(parent).get(base)
+        entry = self.cat.listing(self.tree, parent).get(base)
         if entry is None or entry[0] == 0o40000:
             return None
-        obj = self._object(entry[1])
-        return (obj[1], entry[0]) if obj else None
+        obj = self.cat.object(entry[1])
+        return (obj[2], entry[0]) if obj else None
 
 
 def _parse_tree(data: bytes) -> dict[str, tuple[int, str]]:
@@ -200,68 +214,39 @@ class Applied:
         return not self.offsets
 
 
-def file_paths(fp: P.FilePatch, strip: int, name: str) -> tuple[str | None, str | None]:
-    """(source path, destination path) of one file of a patch, stripped and checked."""
-    def one(raw: str | None, absent: int) -> str | None:
-        if raw is None or absent == 2:
-            return None
-        stripped = P.strip_path(raw, strip)
-        return P.safe_relpath(stripped, name, fp.lineno) if stripped else None
+class _ReaderTree(S.Tree):
+    """The series engine's overlay (GNU file-name choice, create/delete rules) over a
+    Reader instead of a directory: files come from a git tree or another overlay."""
 
-    old, new = one(fp.old_name, fp.old_absent), one(fp.new_name, fp.new_absent)
-    if not fp.git:  # GNU: both names denote the one file being patched
-        old = new = new or old
-    return old, new
+    def __init__(self, read: Reader) -> None:
+        super().__init__(Path("/nonexistent"))
+        self._read = read
+
+    def _load(self, rel: str) -> S.FileState | None:
+        if rel not in self.orig:
+            content = self._read(rel)
+            self.orig[rel] = None if content is None else S.FileState(content[0], content[1] & 0o777)
+        return self.orig[rel]
+
+    def missing_dirs(self, rel: str) -> int:
+        return 0
 
 
 def apply_patch(data: bytes, name: str, strip: int, read: Reader, fuzz: int = 0,
                 reverse: bool = False) -> Applied:
-    """Apply (or reverse-apply) a patch to files given by `read`, returning the new file
-    contents; nothing is written. Raises PatchApplyError naming patch, file and hunk."""
+    """Apply (or reverse-apply) a patch to the files given by `read` with GNU patch
+    semantics; nothing is written. Raises PatchApplyError naming patch, file and hunk."""
     parsed = P.parse_patch(data, name)
-    changes: dict[str, Content] = {}
-    offsets: list[tuple[str, int, int, int]] = []
-
-    def current(path: str) -> Content:
-        return changes[path] if path in changes else read(path)
-
     for fp in parsed.files:
         if fp.binary:
             raise PatchFormatError(f"{name}: binary diff for {fp.new_name or fp.old_name} is not supported")
-        src, dst = file_paths(fp, strip, name)
-        if reverse:
-            src, dst = dst, src
-        hunks = [_reversed(h) for h in fp.hunks] if reverse else fp.hunks
-        creating = src is None
-        path = src or dst
-        if path is None:
-            raise PatchFormatError(f"{name}:{fp.lineno}: no file name")
-        before = None if creating else current(path)
-        if before is None and not creating and hunks:
-            raise PatchApplyError(f"patch {name}: {path}: file to patch does not exist")
-        body, mode = before if before else (b"", 0o100644)
-        if hunks:
-            try:
-                body, results = P.apply_hunks(body, hunks, fuzz=fuzz, path=path, creating=creating)
-            except P.HunkFailed as exc:
-                raise P.failure(name, path, exc) from None
-            offsets += [(r.file, r.hunk, r.offset, r.fuzz) for r in results if r.offset or r.fuzz]
-        new_mode = fp.old_mode if reverse else fp.new_mode
-        if new_mode:
-            mode = new_mode
-        if dst is None:
-            changes[path] = None
-            continue
-        if src is not None and src != dst:
-            changes[src] = None
-        changes[dst] = (body, mode)
+    tree = _ReaderTree(read)
+    report = S.apply_patch(tree, parsed, strip=strip, fuzz=fuzz, reverse=reverse)
+    changes: dict[str, Content] = {
+        path: None if st is None else (st.data, 0o100755 if st.mode & 0o100 else 0o100644)
+        for path, st in tree.changes().items()}
+    offsets = [(r.file, r.hunk, r.offset, r.fuzz) for r in report.hunks if r.offset or r.fuzz]
     return Applied(changes, offsets)
-
-
-def _reversed(h: P.Hunk) -> P.Hunk:
-    swap = {"+": "-", "-": "+", " ": " "}
-    return P.Hunk(h.new_start, h.new_len, h.old_start, h.old_len, h.section,
-                  [(swap[t], c) for t, c in h.lines], h.lineno)
 
 
 def description(data: bytes, name: str = "<patch>") -> bytes:
@@ -303,28 +288,7 @@ class Entry:
 
 def read_series(series: Path) -> list[Entry]:
     """Entries of a quilt series file (comments, blank lines, -pN)."""
-    try:
-        from fsbuild import series as S  # the series engine's parser, when present
-        return [Entry(e.name, getattr(e, "strip", 1)) for e in S.parse_series(series)]  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        pass
-    if not series.is_file():
-        raise MissingFileError(f"series file {series} does not exist")
-    entries = []
-    for lineno, line in enumerate(series.read_text().splitlines(), 1):
-        line = re.sub(r"(^|\s)#.*$", "", line).strip()
-        if not line:
-            continue
-        parts = line.split()
-        strip = 1
-        for opt in parts[1:]:
-            m = re.fullmatch(r"-p(\d+)", opt)
-            if not m:
-                raise PatchFormatError(f"{series}:{lineno}: unknown option {opt!r}")
-            strip = int(m.group(1))
-        P.safe_relpath(parts[0], str(series), lineno)
-        entries.append(Entry(parts[0], strip))
-    return entries
+    return [Entry(e.name, e.strip) for e in S.parse_series(series, check_files=False).entries]
 
 
 def series_line(e: Entry) -> str:
@@ -341,9 +305,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 # ---------------------------------------------------------------- the workspace
 
 class Workspace:
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, root: Path | None = None) -> None:
         self.target = target
-        self.root = paths.state_dir() / target.name
+        self.root = root or paths.state_dir() / target.name
         self.meta_dir = self.root / ".git" / "fsbuild"
 
     # -- repository and upstream ------------------------------------------------
@@ -619,7 +583,8 @@ class Workspace:
         """Every patch against the pristine upstream at fuzz 0: (name, problem or 'ok')."""
         base = self.require()["base"]
         results: list[tuple[str, str]] = []
-        with GitReader(self.root, base) as reader:
+        with GitCat(self.root) as cat:
+            reader = cat.reader(base)
             overlay: dict[str, Content] = {}
 
             def read(path: str) -> Content:

@@ -177,7 +177,8 @@ static int query_version(struct fsock_version *v)
 
 static void init(void)
 {
-	char msg[256];
+	char msg[512], why[128];
+	const char *dev;
 	struct fsock_version v;
 	int fd, portable;
 
@@ -199,26 +200,29 @@ static void init(void)
 	if (env_on("FASTSOCKET_DISABLE"))
 		goto out;
 	portable = env_on("FASTSOCKET_PORTABLE");
-	fd = open(FASTSOCKET_DEVICE, O_RDWR | O_CLOEXEC);
+	/* FASTSOCKET_DEVICE: another device node (tests, chroots); default /dev/fastsocket */
+	dev = getenv("FASTSOCKET_DEVICE");
+	if (!dev || !*dev)
+		dev = FASTSOCKET_DEVICE;
+	fd = open(dev, O_RDWR | O_CLOEXEC);
 	if (fd >= 0) {
 		g_devfd = fd;
 		if (query_version(&v) == 0 && v.abi == FASTSOCKET_ABI_VERSION) {
 			g_mode = MODE_MODULE;
 			goto out;
 		}
-		snprintf(msg, sizeof(msg),
-			 "libsocket: %s speaks ABI %u, library ABI %d; using %s sockets "
-			 "(FASTSOCKET_QUIET=1 hides this)\n",
-			 FASTSOCKET_DEVICE, v.abi, FASTSOCKET_ABI_VERSION,
-			 portable ? "portable SO_REUSEPORT" : "plain");
+		if (v.abi)
+			snprintf(why, sizeof(why), "module ABI %u, library ABI %d", v.abi,
+				 FASTSOCKET_ABI_VERSION);
+		else
+			snprintf(why, sizeof(why), "version query failed: %s", strerror(errno));
 		real_close(fd);
 		g_devfd = -1;
 	} else {
-		snprintf(msg, sizeof(msg),
-			 "libsocket: %s: %s; using %s sockets (FASTSOCKET_QUIET=1 hides this)\n",
-			 FASTSOCKET_DEVICE, strerror(errno),
-			 portable ? "portable SO_REUSEPORT" : "plain");
+		snprintf(why, sizeof(why), "%s", strerror(errno));
 	}
+	snprintf(msg, sizeof(msg), "libsocket: %s: %s; using %s sockets (FASTSOCKET_QUIET=1 hides this)\n",
+		 dev, why, portable ? "portable SO_REUSEPORT" : "plain");
 	say(msg);
 	if (portable)
 		g_mode = MODE_PORTABLE;
@@ -612,7 +616,11 @@ EXPORT int listen(int fd, int backlog)
 		}
 		e->backlog = backlog;
 		__atomic_or_fetch(&e->flags, F_LISTEN, __ATOMIC_RELEASE);
-		spawn_once(fd, e, 0);
+		/* An unpinned caller is usually a master about to fork workers: spawning now
+		 * would (in mode 2) pin it, and every worker would inherit that one CPU.  Its
+		 * workers spawn on first use instead. */
+		if (pinned_cpu() >= 0)
+			spawn_once(fd, e, 0);
 		return 0;
 	}
 	return real_listen(fd, backlog);

@@ -699,9 +699,74 @@ static int rp_accept(int fd, int cpu, int flags, struct sockaddr __user *uaddr,
 	return err;
 }
 
+struct fsock_locals {
+	struct fsock_group *grp;
+	int n;
+	int fds[FSOCK_SPAWN_ALL_MAX];
+	struct file *files[FSOCK_SPAWN_ALL_MAX];
+};
+
+/* iterate_fd() callback: the caller's fds of local sockets of one group. */
+static int fsock_collect_local(const void *arg, struct file *file, unsigned int fd)
+{
+	struct fsock_locals *c = (struct fsock_locals *)arg;
+	struct socket *sock = sock_from_file(file);
+	struct fsock_ent *e;
+
+	if (!sock || !sock->sk || !fsock_is_ours(READ_ONCE(sock->ops)))
+		return 0;
+	rcu_read_lock();
+	e = fsock_find(sock->sk);
+	if (e && e->cpu >= 0 && e->grp == c->grp && c->n < FSOCK_SPAWN_ALL_MAX &&
+	    get_file_rcu(file)) {
+		c->fds[c->n] = fd;
+		c->files[c->n++] = file;
+	}
+	rcu_read_unlock();
+	return 0;
+}
+
+/*
+ * CLOSE of a global listen socket also closes the caller's fds of its local sockets (the
+ * ones SPAWN returned and the unreported ones of SPAWN_ALL): the process is done with
+ * that listener, and a forgotten local fd would keep receiving connections.
+ */
 static int rp_close(int fd)
 {
-	return close_fd(fd);
+	struct fsock_locals *c = NULL;
+	struct socket *sock;
+	struct fsock_ent *e;
+	int i, err;
+
+	sock = sockfd_lookup(fd, &err);
+	if (sock && fsock_is_ours(READ_ONCE(sock->ops))) {
+		rcu_read_lock();
+		e = fsock_find(sock->sk);
+		if (e && e->cpu < 0)
+			c = kzalloc(sizeof(*c), GFP_ATOMIC);
+		if (c)
+			c->grp = e->grp;
+		rcu_read_unlock();
+		/* c->grp is only compared, never dereferenced, by the callback. */
+		if (c)
+			iterate_fd(current->files, 0, fsock_collect_local, c);
+	}
+	if (sock)
+		sockfd_put(sock);
+	err = close_fd(fd);
+	for (i = 0; c && i < c->n; i++) {
+		bool same;
+
+		/* Another thread may have closed and reused the number meanwhile. */
+		rcu_read_lock();
+		same = lookup_fd_rcu(c->fds[i]) == c->files[i];
+		rcu_read_unlock();
+		if (same)
+			close_fd(c->fds[i]);
+		fput(c->files[i]);
+	}
+	kfree(c);
+	return err;
 }
 
 static int rp_shutdown(int fd, int how)

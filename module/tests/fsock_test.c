@@ -37,6 +37,9 @@
 #define MAX_CPUS 64
 #define PARAMS "enable_listen_spawn=2 enable_fast_epoll=1 enable_receive_flow_deliver=1"
 
+static int g_family = AF_INET;	/* -6: IPv6 */
+static int g_churn;		/* -c: workers close and re-spawn their local sockets */
+
 static void fail(const char *fmt, ...)
 {
 	va_list ap;
@@ -50,6 +53,41 @@ static void fail(const char *fmt, ...)
 	exit(1);
 }
 
+/* 127.0.0.1 or ::1 */
+static socklen_t loopback(struct sockaddr_storage *ss, int port)
+{
+	memset(ss, 0, sizeof(*ss));
+	if (g_family == AF_INET6) {
+		struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+
+		s6->sin6_family = AF_INET6;
+		s6->sin6_port = htons(port);
+		s6->sin6_addr = in6addr_loopback;
+		return sizeof(*s6);
+	}
+	struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+
+	s4->sin_family = AF_INET;
+	s4->sin_port = htons(port);
+	s4->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	return sizeof(*s4);
+}
+
+static int is_loopback(const struct sockaddr_storage *ss, socklen_t len)
+{
+	if (g_family == AF_INET6)
+		return len == sizeof(struct sockaddr_in6) && ss->ss_family == AF_INET6 &&
+		       !memcmp(&((struct sockaddr_in6 *)ss)->sin6_addr, &in6addr_loopback, 16);
+	return len == sizeof(struct sockaddr_in) && ss->ss_family == AF_INET &&
+	       ((struct sockaddr_in *)ss)->sin_addr.s_addr == htonl(INADDR_LOOPBACK);
+}
+
+static int port_of(const struct sockaddr_storage *ss)
+{
+	return ntohs(ss->ss_family == AF_INET6 ? ((struct sockaddr_in6 *)ss)->sin6_port
+					       : ((struct sockaddr_in *)ss)->sin_port);
+}
+
 static void load_module(const char *path)
 {
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -58,6 +96,17 @@ static void load_module(const char *path)
 		fail("loading %s", path);
 	close(fd);
 	printf("loaded %s %s\n", path, PARAMS);
+}
+
+static int write_sysctl(const char *path, const char *val)
+{
+	int fd = open(path, O_WRONLY), ok;
+
+	if (fd < 0)
+		return -1;
+	ok = write(fd, val, strlen(val)) == (ssize_t)strlen(val);
+	close(fd);
+	return ok ? 0 : -1;
 }
 
 static int read_param(const char *name)
@@ -102,6 +151,22 @@ static void check_params(void)
 	printf("parameters ok: listen_spawn=2 fast_epoll=1 rfd=1 debug=0, run-time writes ok\n");
 }
 
+/*
+ * Churn: drop the local socket and spawn a new one while connections arrive (queued ones
+ * migrate with tcp_migrate_req=1). epoll registers on the local socket's wait queue when
+ * the fd is added, so re-add the global fd after a re-spawn.
+ */
+static void respawn(int dev, int ep, struct fsock_spawn_args *sp)
+{
+	struct fsock_close_args cl = { .fd = sp->local_fd };
+	struct epoll_event ev = { .events = EPOLLIN, .data.fd = sp->fd };
+
+	if (ioctl(dev, FSOCK_IOC_CLOSE, &cl) || ioctl(dev, FSOCK_IOC_SPAWN, sp))
+		fail("re-spawn on cpu %d", sp->cpu);
+	if (epoll_ctl(ep, EPOLL_CTL_DEL, sp->fd, NULL) || epoll_ctl(ep, EPOLL_CTL_ADD, sp->fd, &ev))
+		fail("epoll re-add");
+}
+
 /* One worker: pinned to `cpu` by SPAWN (mode 2), accepts until `stop` is readable. */
 static int worker(int dev, int lfd, int cpu, int stop)
 {
@@ -124,7 +189,7 @@ static int worker(int dev, int lfd, int cpu, int stop)
 	epoll_ctl(ep, EPOLL_CTL_ADD, stop, &ev);
 	for (;;) {
 		struct fsock_accept_args ac = { .fd = lfd, .flags = SOCK_CLOEXEC };
-		struct sockaddr_in peer;
+		struct sockaddr_storage peer;
 		socklen_t plen = sizeof(peer);
 		char c;
 		int n = epoll_wait(ep, out, 2, 5000), i, stopping = 0;
@@ -138,13 +203,15 @@ static int worker(int dev, int lfd, int cpu, int stop)
 		ac.addr = (uintptr_t)&peer;
 		ac.addrlen = (uintptr_t)&plen;
 		while (!ioctl(dev, FSOCK_IOC_ACCEPT, &ac)) {
-			if (plen != sizeof(peer) || peer.sin_addr.s_addr != htonl(INADDR_LOOPBACK))
+			if (!is_loopback(&peer, plen))
 				fail("ACCEPT peer address");
 			if (read(ac.new_fd, &c, 1) == 1)
 				(void)!write(ac.new_fd, "y", 1);
 			close(ac.new_fd);
 			accepted++;
 			plen = sizeof(peer);
+			if (g_churn && accepted % 3 == 0)
+				respawn(dev, ep, &sp);
 		}
 		if (errno != EAGAIN)
 			fail("ACCEPT on cpu %d", cpu);
@@ -157,20 +224,20 @@ static int worker(int dev, int lfd, int cpu, int stop)
 
 static void client(int port, int conns, int ncpu)
 {
-	struct sockaddr_in sa = { .sin_family = AF_INET, .sin_port = htons(port) };
+	struct sockaddr_storage sa;
+	socklen_t salen = loopback(&sa, port);
 	cpu_set_t set;
 	int i;
 
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
 	for (i = 0; i < conns; i++) {
-		int fd = socket(AF_INET, SOCK_STREAM, 0);
+		int fd = socket(g_family, SOCK_STREAM, 0);
 		char c = 'x';
 
 		/* Loopback SYNs are processed on the sending CPU: connect from each in turn. */
 		CPU_ZERO(&set);
 		CPU_SET(i % ncpu, &set);
 		sched_setaffinity(0, sizeof(set), &set);
-		if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)))
+		if (fd < 0 || connect(fd, (struct sockaddr *)&sa, salen))
 			fail("connect %d", i);
 		if (write(fd, &c, 1) != 1 || read(fd, &c, 1) != 1 || c != 'y')
 			fail("request %d", i);
@@ -240,7 +307,8 @@ static int check_stats(const struct stats *a, const struct stats *b, int ncpu, i
 	       local, want_local, global);
 	if (local + global != (unsigned long)conns)
 		fail("stats count %lu accepts, expected %d", local + global, conns);
-	if (local != want_local)
+	/* Churn: connections queued on a closing local socket migrate elsewhere. */
+	if (local != want_local && !g_churn)
 		fail("steering: %lu local accepts, expected %lu", local, want_local);
 	return busy;
 }
@@ -260,6 +328,57 @@ static void check_dmesg(void)
 		if (strstr(line, "WARNING") || strstr(line, "BUG") || strstr(line, "Oops"))
 			fail("kernel log: %s", line);
 	}
+}
+
+static int connect_to(int port)
+{
+	struct sockaddr_storage sa;
+	socklen_t salen = loopback(&sa, port);
+	int fd = socket(g_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	if (fd < 0)
+		fail("socket");
+	if (connect(fd, (struct sockaddr *)&sa, salen)) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+/*
+ * After fork a process re-spawns its listeners with SPAWN_ALL (the module picks and pins
+ * the CPU); a connection from that CPU lands on the new local socket. SHUTDOWN of the
+ * global stops its local sockets too; CLOSE then also closes the unreported local fd
+ * (the final rmmod proves it: an open local socket holds the module).
+ */
+static void check_spawn_all_and_shutdown(int dev, int lfd, int port)
+{
+	struct fsock_accept_args ac = { .fd = lfd };
+	struct fsock_shutdown_args sh = { .fd = lfd, .how = SHUT_RDWR };
+	struct stats a, b;
+	cpu_set_t set;
+	int n, cpu, c;
+
+	n = ioctl(dev, FSOCK_IOC_SPAWN_ALL);
+	cpu = sched_getcpu();
+	if (n != 1 || sched_getaffinity(0, sizeof(set), &set) || CPU_COUNT(&set) != 1 ||
+	    !CPU_ISSET(cpu, &set))
+		fail("SPAWN_ALL returned %d, not pinned", n);
+	read_stats(&a, 0);
+	c = connect_to(port);
+	if (c < 0 || ioctl(dev, FSOCK_IOC_ACCEPT, &ac))
+		fail("accept after SPAWN_ALL");
+	read_stats(&b, 0);
+	if (b.v[cpu][2] != a.v[cpu][2] + 1)
+		fail("connection from cpu%d not on its SPAWN_ALL local socket", cpu);
+	close(ac.new_fd);
+	close(c);
+	if (ioctl(dev, FSOCK_IOC_SHUTDOWN, &sh))
+		fail("SHUTDOWN");
+	c = connect_to(port);
+	if (c >= 0 || errno != ECONNREFUSED)
+		fail("connect after SHUTDOWN of the global socket");
+	printf("SPAWN_ALL on cpu%d, SHUTDOWN ok\n", cpu);
 }
 
 /* Bad arguments get clean errors. */
@@ -282,7 +401,23 @@ static void check_errors(int dev, int lfd, int ncpu)
 		fail("SPAWN on a socket that is not listening");
 	if (!ioctl(dev, _IO(FASTSOCKET_IOC_MAGIC, 0x7f)) || errno != ENOTTY)
 		fail("unknown ioctl");
-	close(plain);
+	/* A socket made with plain socket(2) and bound before LISTEN still gets spawned. */
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	struct fsock_listen_args pl = { .fd = plain, .backlog = 8 };
+	struct fsock_close_args cl = { .fd = plain };
+	cpu_set_t all;
+
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	sched_getaffinity(0, sizeof(all), &all);
+	if (bind(plain, (struct sockaddr *)&sa, sizeof(sa)) || ioctl(dev, FSOCK_IOC_LISTEN, &pl))
+		fail("LISTEN on a plain socket");
+	sp.cpu = ncpu - 1;
+	if (ioctl(dev, FSOCK_IOC_SPAWN, &sp) || sp.local_fd < 0 || sched_getcpu() != ncpu - 1)
+		fail("SPAWN on a plain socket");
+	close(sp.local_fd);
+	if (ioctl(dev, FSOCK_IOC_CLOSE, &cl))
+		fail("CLOSE of a plain listener");
+	sched_setaffinity(0, sizeof(all), &all);
 	printf("error paths ok\n");
 }
 
@@ -293,13 +428,18 @@ int main(int argc, char **argv)
 	int accepted = 0, status;
 	static struct stats before, after;
 	struct fsock_version ver;
-	struct fsock_socket_args so = { .family = AF_INET, .type = SOCK_STREAM | SOCK_CLOEXEC };
-	struct sockaddr_in sa = { .sin_family = AF_INET };
-	socklen_t slen = sizeof(sa);
+	struct fsock_socket_args so = { .type = SOCK_STREAM | SOCK_CLOEXEC };
+	struct sockaddr_storage sa;
+	socklen_t slen;
+	int port;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
-	while ((opt = getopt(argc, argv, "m:w:n:r")) != -1) {
-		if (opt == 'm')
+	while ((opt = getopt(argc, argv, "m:w:n:r6c")) != -1) {
+		if (opt == '6')
+			g_family = AF_INET6;
+		else if (opt == 'c')
+			g_churn = 1;
+		else if (opt == 'm')
 			module = optarg;
 		else if (opt == 'w')
 			workers = atoi(optarg);
@@ -330,19 +470,24 @@ int main(int argc, char **argv)
 	if (!(ver.features & FSOCK_FEAT_LISTEN_SPAWN) || ver.listen_spawn != 2)
 		fail("listen spawn not reported");
 
+	so.family = g_family;
+	if (g_churn && write_sysctl("/proc/sys/net/ipv4/tcp_migrate_req", "1"))
+		fail("tcp_migrate_req");
 	if (ioctl(dev, FSOCK_IOC_SOCKET, &so) || so.fd < 0)
 		fail("SOCKET");
 	lfd = so.fd;
-	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	if (bind(lfd, (struct sockaddr *)&sa, sizeof(sa)) ||
+	slen = loopback(&sa, 0);
+	if (bind(lfd, (struct sockaddr *)&sa, slen) ||
 	    getsockname(lfd, (struct sockaddr *)&sa, &slen))
-		fail("bind 127.0.0.1");
+		fail("bind loopback");
+	port = port_of(&sa);
 	struct fsock_listen_args li = { .fd = lfd, .backlog = 128 };
 	if (ioctl(dev, FSOCK_IOC_LISTEN, &li))
 		fail("LISTEN");
 	check_errors(dev, lfd, ncpu);
-	printf("listening on 127.0.0.1:%d, %d workers, %d CPUs\n", ntohs(sa.sin_port), workers,
-	       ncpu);
+	printf("listening on %s port %d, %d workers, %d CPUs%s\n",
+	       g_family == AF_INET6 ? "::1" : "127.0.0.1", port, workers, ncpu,
+	       g_churn ? ", workers re-spawn every 3 accepts" : "");
 
 	if (pipe(stop))
 		fail("pipe");
@@ -362,7 +507,7 @@ int main(int argc, char **argv)
 	close(stop[0]);
 	usleep(300000);	/* let the workers spawn before the client starts */
 	read_stats(&before, 0);
-	client(ntohs(sa.sin_port), conns, ncpu);
+	client(port, conns, ncpu);
 	close(stop[1]);
 	for (i = 0; i < workers; i++) {
 		if (wait(&status) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) > 250)
@@ -376,6 +521,8 @@ int main(int argc, char **argv)
 	printf("accepts from local sockets on %d CPUs\n", busy);
 	if (busy < (workers < 2 ? workers : 2))
 		fail("local accepts on only %d CPUs", busy);
+
+	check_spawn_all_and_shutdown(dev, lfd, port);
 
 	struct fsock_close_args cl = { .fd = lfd };
 	if (ioctl(dev, FSOCK_IOC_CLOSE, &cl))

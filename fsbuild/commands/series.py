@@ -1,0 +1,138 @@
+"""`fsbuild series ...`: the target's quilt series in its git workspace (one commit per
+applied patch): list, check, push, pop, refresh, new, import, export, status."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from fsbuild import progress
+from fsbuild import target as targets
+from fsbuild.errors import PatchApplyError
+from fsbuild.workspace import Workspace
+
+target_opt = click.option("--target", "-t", "target_name", help="Target (default: el6 or $FSBUILD_TARGET).")
+
+
+def _ws(target_name: str | None) -> Workspace:
+    return Workspace(targets.load(target_name))
+
+
+@click.group("series")
+def cmd() -> None:
+    """Work on the target's patch series in its workspace (state_dir/<target>/)."""
+
+
+@cmd.command("list")
+@target_opt
+@click.option("--json", "as_json", is_flag=True)
+def list_cmd(target_name: str | None, as_json: bool) -> None:
+    """Every patch of the series; `+` applied, `=` top."""
+    ws = _ws(target_name)
+    applied = [n for n, _ in ws.applied()] if ws.exists and ws.state().get("base") else []
+    rows = [(e.name, e.name in applied) for e in ws.entries()]
+    if as_json:
+        click.echo(json.dumps([{"name": n, "applied": a} for n, a in rows], indent=2))
+        return
+    for n, a in rows:
+        mark = "=" if applied and n == applied[-1] else ("+" if a else " ")
+        click.echo(f"{mark} {n}")
+
+
+@cmd.command("status")
+@target_opt
+@click.option("--json", "as_json", is_flag=True)
+def status_cmd(target_name: str | None, as_json: bool) -> None:
+    """Upstream version, applied/total patches, top patch, unrefreshed changes."""
+    ws = _ws(target_name)
+    st = ws.require()
+    applied = ws.applied()
+    info = {"target": ws.target.name, "upstream": st.get("version"), "tree": str(ws.root),
+            "applied": len(applied), "total": len(ws.entries()),
+            "top": applied[-1][0] if applied else None, "dirty": ws.dirty(),
+            "rebase_in_progress": (ws.meta_dir / "rebase.json").is_file()}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"target {info['target']}: upstream {info['upstream']} in {info['tree']}")
+    click.echo(f"applied {info['applied']}/{info['total']}, top: {info['top'] or '(none)'}"
+               + (", unrefreshed changes" if info["dirty"] else ""))
+    if info["rebase_in_progress"]:
+        click.echo("a rebase is in progress: `fsbuild rebase --continue|--skip|--abort`")
+
+
+@cmd.command("check")
+@target_opt
+def check_cmd(target_name: str | None) -> int:
+    """Verify every patch applies to the pristine upstream at fuzz 0 with no offset."""
+    ws = _ws(target_name)
+    results = ws.check()
+    bad = [(n, r) for n, r in results if r != "ok"]
+    for n, r in results:
+        click.echo(f"{'ok  ' if r == 'ok' else 'FAIL'} {n}" + ("" if r == "ok" else f": {r}"))
+    if bad:
+        raise PatchApplyError(f"{len(bad)} of {len(results)} patches do not apply exactly "
+                              f"(first: {bad[0][0]}); refresh them")
+    click.echo(f"{len(results)} patches apply exactly")
+    return 0
+
+
+@cmd.command("push")
+@target_opt
+@click.option("-a", "--all", "push_all", is_flag=True, help="Push every remaining patch.")
+@click.option("--fuzz", type=click.IntRange(0, 3), default=0, show_default=True)
+@click.argument("count", type=click.IntRange(1), default=1, required=False)
+def push_cmd(target_name: str | None, push_all: bool, fuzz: int, count: int) -> None:
+    """Apply the next COUNT patches (one commit each)."""
+    ws = _ws(target_name)
+    with progress.bar("pushing"):
+        for name in ws.push(None if push_all else count, fuzz=fuzz):
+            click.echo(f"applied {name}")
+
+
+@cmd.command("pop")
+@target_opt
+@click.option("-a", "--all", "pop_all", is_flag=True)
+@click.option("-f", "--force", is_flag=True, help="Discard unrefreshed changes.")
+@click.argument("count", type=click.IntRange(1), default=1, required=False)
+def pop_cmd(target_name: str | None, pop_all: bool, force: bool, count: int) -> None:
+    """Unapply the top COUNT patches (reset to the previous patch commit)."""
+    for name in _ws(target_name).pop(None if pop_all else count, force=force):
+        click.echo(f"removed {name}")
+
+
+@cmd.command("refresh")
+@target_opt
+def refresh_cmd(target_name: str | None) -> None:
+    """Regenerate the top patch file from its commit and the work tree's changes."""
+    click.echo(f"refreshed {_ws(target_name).refresh()}")
+
+
+@cmd.command("new")
+@target_opt
+@click.option("-m", "--message", default="", help="Description of the new patch.")
+@click.argument("name")
+def new_cmd(target_name: str | None, message: str, name: str) -> None:
+    """Start a new (empty) patch NAME after the top patch; edit files, then refresh."""
+    click.echo(f"created {_ws(target_name).new(name, message)}")
+
+
+@cmd.command("import")
+@target_opt
+@click.option("-P", "--name", "as_name", help="File name inside the series folder.")
+@click.option("-p", "strip", type=click.IntRange(0), default=1, show_default=True)
+@click.argument("patch", type=click.Path(path_type=Path))
+def import_cmd(target_name: str | None, as_name: str | None, strip: int, patch: Path) -> None:
+    """Add PATCH to the series after the top applied patch (not applied)."""
+    click.echo(f"imported {_ws(target_name).import_patch(patch, as_name, strip)}")
+
+
+@cmd.command("export")
+@target_opt
+@click.argument("out", type=click.Path(path_type=Path))
+def export_cmd(target_name: str | None, out: Path) -> None:
+    """Write the series and its patches (applied ones regenerated from commits) to OUT."""
+    files = _ws(target_name).export(out)
+    click.echo(f"exported {len(files)} patches to {out}")

@@ -1,0 +1,536 @@
+"""Move a patch series to a new upstream.
+
+Both sides are computed in memory from git trees (fsbuild.patch applier + `git merge-file`),
+then written as commits with one `git fast-import` run, so a 160-patch series costs a few
+seconds. For each patch, against the new upstream plus the patches already carried:
+
+  clean     applies at fuzz 0 with no offset        (its file is kept byte for byte)
+  offset    applies at fuzz 0 with line offsets     (hunks re-exported)
+  upstream  reverse-applies, or the 3-way merge changes nothing: already in the new
+            upstream -> dropped from the series, the reason recorded
+  merged    needed a 3-way merge (base: the file before the patch on the old upstream)
+  conflict  the 3-way merge left conflict markers
+
+Workspace mode stops at a conflict with the markers in the work tree and the state in
+.git/fsbuild/rebase.json (`--continue`, `--skip`, `--abort`); nothing under patches/ is
+written before the very end, and that last step keeps backups so `--abort` (or a rerun
+after Ctrl-C) restores patches/ and target.toml byte for byte."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fsbuild import paths, progress
+from fsbuild import upstream as U
+from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
+                            RebaseConflictError, UnsafePathError, WorkspaceError)
+from fsbuild.target import Target
+from fsbuild.workspace import (Applied, CommitSpec, Content, Entry, GitCat, Reader, Workspace,
+                               apply_patch, atomic_write, commit_diff, commit_message,
+                               fast_commits, git, git_out, read_series, rerender,
+                               update_series_file, write_tree_changes)
+
+OUTCOMES = ("clean", "offset", "merged", "upstream", "conflict")
+MARKER = re.compile(rb"^(<<<<<<<|>>>>>>>)( |$)", re.M)
+
+
+@dataclass
+class Result:
+    name: str
+    outcome: str
+    reason: str = ""
+    files: list[str] = field(default_factory=list)   # conflicting files
+    resolved: str = ""                                 # "", "manual" or "skipped"
+
+    @property
+    def kept(self) -> bool:
+        return self.outcome != "upstream" and self.resolved != "skipped"
+
+
+@dataclass
+class OldPatch:
+    """One patch of the old series as applied to the old upstream."""
+
+    entry: Entry
+    data: bytes
+    before: dict[str, Content]     # touched paths before the patch
+    after: dict[str, Content]      # ... and after
+
+
+# ---------------------------------------------------------------- the engine
+
+class Overlay:
+    """A tree = a git tree + in-memory changes on top."""
+
+    def __init__(self, base: Reader) -> None:
+        self.base = base
+        self.changes: dict[str, Content] = {}
+
+    def __call__(self, path: str) -> Content:
+        return self.changes[path] if path in self.changes else self.base(path)
+
+    def update(self, changes: dict[str, Content]) -> None:
+        self.changes.update(changes)
+
+
+def apply_old(entries: list[Entry], folder: Path, base: Reader) -> list[OldPatch]:
+    """The old series on the old upstream (GNU default fuzz 2, as quilt applied it)."""
+    tree = Overlay(base)
+    out = []
+    for e in entries:
+        path = folder / e.name
+        if not path.is_file():
+            raise MissingFileError(f"{folder / 'series'}: patch {e.name} does not exist")
+        data = path.read_bytes()
+        try:
+            applied = apply_patch(data, e.name, e.strip, tree, fuzz=2)
+        except PatchApplyError as exc:
+            raise PatchApplyError(f"the series does not apply to the old upstream: {exc.message}") from None
+        before = {p: tree(p) for p in applied.changes}
+        tree.update(applied.changes)
+        out.append(OldPatch(e, data, before, dict(applied.changes)))
+    return out
+
+
+def carry(old: OldPatch, tree: Overlay, new_version: str) -> tuple[Result, dict[str, Content]]:
+    """Classify one patch against `tree` and return the changes to make (empty if dropped
+    or conflicting; for a conflict the changes hold the files with markers)."""
+    name, e = old.entry.name, old.entry
+    try:
+        applied = apply_patch(old.data, name, e.strip, tree, fuzz=0)
+    except (PatchApplyError, PatchFormatError):
+        pass
+    else:
+        if applied.exact:
+            return Result(name, "clean"), applied.changes
+        where = ", ".join(f"{f} #{h} {o:+d}" for f, h, o, _ in applied.offsets[:4])
+        return Result(name, "offset", f"hunks moved: {where}"), applied.changes
+    if old.after and _reverse_applies(old, tree):
+        return Result(name, "upstream", f"reverse-applies cleanly to {new_version}: already upstream"), {}
+    return _merge3(old, tree, new_version)
+
+
+def _reverse_applies(old: OldPatch, tree: Overlay) -> bool:
+    try:
+        apply_patch(old.data, old.entry.name, old.entry.strip, tree, fuzz=0, reverse=True)
+    except (PatchApplyError, PatchFormatError):
+        return False
+    return True
+
+
+def _merge3(old: OldPatch, tree: Overlay, new_version: str) -> tuple[Result, dict[str, Content]]:
+    changes: dict[str, Content] = {}
+    conflicts: list[str] = []
+    for path, theirs in old.after.items():
+        base, ours = old.before.get(path), tree(path)
+        merged, ok = merge_file(base, ours, theirs, old.entry.name)
+        if not ok:
+            conflicts.append(path)
+        if merged != ours:
+            changes[path] = merged
+    if conflicts:
+        return Result(old.entry.name, "conflict", "3-way merge conflict in " + ", ".join(conflicts),
+                      files=conflicts), changes
+    if not changes:
+        return Result(old.entry.name, "upstream",
+                      f"3-way merge onto {new_version} changes nothing: already upstream"), {}
+    return Result(old.entry.name, "merged", "applied with a 3-way merge"), changes
+
+
+def merge_file(base: Content, ours: Content, theirs: Content, label: str) -> tuple[Content, bool]:
+    """(result, clean) of a 3-way merge of one file; absent files are None."""
+    if ours == base or ours == theirs:
+        return theirs, True
+    if theirs == base:
+        return ours, True
+    if theirs is None or ours is None:   # modify/delete: keep ours, flag it
+        return ours, False
+    mode = theirs[1] if base is None or theirs[1] != base[1] else ours[1]
+    with tempfile.TemporaryDirectory(prefix="fsbuild-merge-") as tmp:
+        files = []
+        for tag, content in (("ours", ours), ("base", base), ("theirs", theirs)):
+            p = Path(tmp) / tag
+            p.write_bytes(content[0] if content else b"")
+            files.append(str(p))
+        cp = subprocess.run(["git", "merge-file", "-p", "-L", "upstream", "-L", "base", "-L", label,
+                             *files], capture_output=True)
+    if cp.returncode < 0 or cp.returncode > 127:
+        raise WorkspaceError(f"git merge-file failed: {cp.stderr.decode(errors='replace').strip()}")
+    return (cp.stdout, mode), cp.returncode == 0
+
+
+# ---------------------------------------------------------------- one rebase run
+
+@dataclass
+class Plan:
+    """Everything a rebase needs across --continue: kept in .git/fsbuild/rebase.json."""
+
+    series: str                  # the series file being rebased
+    old_base: str
+    new_base: str
+    new_version: str
+    new_digest: str
+    old_commits: list[str]       # the old series as commits on old_base
+    results: list[dict[str, object]] = field(default_factory=list)
+    tip: str = ""                # new-side commit after the last carried patch
+    new_commits: dict[str, str] = field(default_factory=dict)   # name -> commit
+    stopped: int = -1            # index of the patch waiting for a resolution
+    head_before: str = ""
+    refs_before: dict[str, str] = field(default_factory=dict)
+    state_before: str = ""       # workspace.json before the rebase
+    phase: str = "carry"         # carry | export
+
+
+def _entries_of(plan_series: Path) -> list[Entry]:
+    return read_series(plan_series)
+
+
+def run_carry(repo: Path, plan: Plan, start: int, stop_on_conflict: bool,
+              with_worktree: bool) -> int | None:
+    """Carry patches from `start`; returns the index of a conflicting patch when stopping."""
+    entries = _entries_of(Path(plan.series))
+    folder = Path(plan.series).parent
+    with GitCat(repo) as cat:
+        tree = Overlay(cat.reader(plan.tip or plan.new_base))
+        pending: list[tuple[str, dict[str, Content], str]] = []   # (name, changes, message)
+        with progress.bar("rebasing", total=len(entries) - start) as bar:
+            for i in range(start, len(entries)):
+                old = _old_patch(cat, plan, entries, folder, i)
+                result, changes = carry(old, tree, plan.new_version)
+                bar.advance(description=f"{result.outcome:8} {old.entry.name}")
+                if result.outcome == "conflict" and stop_on_conflict:
+                    _flush(repo, plan, pending)
+                    plan.results.append(asdict(result))
+                    plan.stopped = i
+                    if with_worktree:
+                        _show_conflict(repo, plan, changes)
+                    return i
+                plan.results.append(asdict(result))
+                if result.outcome in ("clean", "offset", "merged"):
+                    tree.update(changes)
+                    pending.append((old.entry.name, changes, commit_message(old.data, old.entry.name)))
+        _flush(repo, plan, pending)
+    plan.stopped = -1
+    return None
+
+
+def _old_patch(cat: GitCat, plan: Plan, entries: list[Entry], folder: Path, i: int) -> OldPatch:
+    """Patch i of the old series with its before/after files, read from the old commits."""
+    e = entries[i]
+    data = (folder / e.name).read_bytes()
+    parent = plan.old_commits[i - 1] if i else plan.old_base
+    before_r, after_r = cat.reader(parent), cat.reader(plan.old_commits[i])
+    touched = _touched(cat, parent, plan.old_commits[i])
+    return OldPatch(e, data, {p: before_r(p) for p in touched}, {p: after_r(p) for p in touched})
+
+
+def _touched(cat: GitCat, a: str, b: str) -> list[str]:
+    out = git(cat.repo, "diff-tree", "-r", "--no-renames", "--name-only", "-z", a, b).stdout
+    return [p.decode(errors="surrogateescape") for p in out.split(b"\0") if p]
+
+
+def _flush(repo: Path, plan: Plan, pending: list[tuple[str, dict[str, Content], str]]) -> None:
+    if not pending:
+        return
+    specs = [CommitSpec(plan.tip or plan.new_base if k == 0 else k - 1, msg, changes)
+             for k, (_, changes, msg) in enumerate(pending)]
+    shas = fast_commits(repo, specs)
+    for (name, _, _), sha in zip(pending, shas):
+        plan.new_commits[name] = sha
+    plan.tip = shas[-1]
+    pending.clear()
+
+
+def _show_conflict(repo: Path, plan: Plan, changes: dict[str, Content]) -> None:
+    git(repo, "checkout", "-q", "-f", "-B", "series", plan.tip or plan.new_base)
+    git(repo, "clean", "-q", "-fd")
+    write_tree_changes(repo, changes)
+
+
+def build_old(repo: Path, entries: list[Entry], folder: Path, old_base: str) -> list[str]:
+    with GitCat(repo) as cat:
+        olds = apply_old(entries, folder, cat.reader(old_base))
+    specs = [CommitSpec(old_base if k == 0 else k - 1, commit_message(o.data, o.entry.name), o.after)
+             for k, o in enumerate(olds)]
+    return fast_commits(repo, specs)
+
+
+# ---------------------------------------------------------------- export and report
+
+def export_patch(repo: Path, plan: Plan, res: Result, e: Entry, original: bytes) -> bytes:
+    """Clean patches keep their bytes; others get fresh hunks under the same description."""
+    if res.outcome == "clean" and not res.resolved:
+        return original
+    diff = commit_diff(repo, plan.new_commits[e.name])
+    return rerender(original, diff, e.name) if original.strip() else diff
+
+
+def range_diff(repo: Path, plan: Plan) -> str:
+    if not plan.old_commits or not plan.tip:
+        return ""
+    old_tip = plan.old_commits[-1]
+    cp = git(repo, "range-diff", "--no-color", f"{plan.old_base}..{old_tip}",
+             f"{plan.new_base}..{plan.tip}", check=False)
+    return cp.stdout.decode(errors="replace")
+
+
+def write_report(out: Path, plan: Plan, old_version: str, extra: dict[str, object],
+                 rdiff: str) -> tuple[Path, Path]:
+    results = [Result(**r) for r in plan.results]  # type: ignore[arg-type]
+    counts = {o: sum(1 for r in results if r.outcome == o) for o in OUTCOMES}
+    data = {"from": old_version, "onto": plan.new_version, "counts": counts,
+            "patches": [{k: v for k, v in asdict(r).items() if v or k in ("name", "outcome")}
+                        for r in results], **extra}
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / "rebase-report.json"
+    atomic_write(js, (json.dumps(data, indent=1) + "\n").encode())
+    md = [f"# Rebase {old_version} -> {plan.new_version}", "",
+          " ".join(f"{o}: {n}" for o, n in counts.items()), "",
+          "| patch | outcome | note |", "|---|---|---|"]
+    for r in results:
+        note = r.reason + (f" (resolved: {r.resolved})" if r.resolved else "")
+        md.append(f"| {r.name} | {r.outcome} | {note.replace('|', '/')} |")
+    md += ["", "## git range-diff (old series vs rebased series)", "", "```", rdiff.rstrip(), "```", ""]
+    mdp = out / "rebase-report.md"
+    atomic_write(mdp, "\n".join(md).encode())
+    return mdp, js
+
+
+# ---------------------------------------------------------------- plain mode (contract)
+
+def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
+          report: Path | None = None) -> list[Result]:
+    """Rebase `series` from OLD onto NEW into `out` (series + patches); no stop on conflict:
+    a conflicting patch is written unchanged and reported, the rest carries on."""
+    if not series.is_file():
+        raise MissingFileError(f"series file {series} does not exist")
+    entries = read_series(series)
+    old_up, new_up = U.resolve(target, old_src), U.resolve(target, new_src)
+    ws = Workspace(target, root=paths.state_dir() / "rebase-plain")
+    old_base, new_base = ws.import_upstream(old_up), ws.import_upstream(new_up)
+    t0 = time.monotonic()
+    plan = Plan(series=str(series.resolve()), old_base=old_base, new_base=new_base,
+                new_version=new_up.version, new_digest=new_up.digest,
+                old_commits=build_old(ws.root, entries, series.parent, old_base))
+    run_carry(ws.root, plan, 0, stop_on_conflict=False, with_worktree=False)
+    results = [Result(**r) for r in plan.results]  # type: ignore[arg-type]
+    _write_series_dir(ws.root, plan, series, entries, results, out)
+    elapsed = time.monotonic() - t0
+    if report is not None:
+        data = {"from": old_up.version, "onto": new_up.version, "seconds": round(elapsed, 2),
+                "patches": [{k: v for k, v in asdict(r).items() if v or k in ("name", "outcome")}
+                            for r in results]}
+        atomic_write(report, (json.dumps(data, indent=1) + "\n").encode())
+    return results
+
+
+def _write_series_dir(repo: Path, plan: Plan, series: Path, entries: list[Entry],
+                      results: list[Result], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for e, r in zip(entries, results):
+        if not r.kept:
+            continue
+        original = (series.parent / e.name).read_bytes()
+        data = original if r.outcome == "conflict" else export_patch(repo, plan, r, e, original)
+        atomic_write(out / e.name, data)
+        kept.append(e)
+    shutil.copyfile(series, out / "series") if series.resolve() != (out / "series").resolve() else None
+    update_series_file(out / "series", kept)
+
+
+# ---------------------------------------------------------------- workspace mode
+
+class Rebase:
+    """`fsbuild rebase --onto SRC [--continue|--skip|--abort]` for one target."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.ws = Workspace(target)
+        self.state_file = self.ws.meta_dir / "rebase.json"
+        self.backup = self.ws.meta_dir / "rebase-backup"
+
+    def in_progress(self) -> bool:
+        return self.state_file.is_file()
+
+    def _load(self) -> Plan:
+        if not self.in_progress():
+            raise WorkspaceError(f"no rebase in progress for target {self.target.name}")
+        return Plan(**json.loads(self.state_file.read_text()))
+
+    def _save(self, plan: Plan) -> None:
+        atomic_write(self.state_file, json.dumps(asdict(plan), indent=1).encode())
+
+    def start(self, src: str) -> list[Result]:
+        if self.in_progress():
+            raise WorkspaceError("a rebase is already in progress: `fsbuild rebase --continue`, "
+                                 "`--skip` or `--abort`")
+        entries = self.ws.entries()
+        old_state = self.ws.require()
+        new_up = U.resolve(self.target, src)
+        repo = self.ws.root
+        refs = _refs(repo)
+        head = git_out(repo, "rev-parse", "HEAD")
+        if self.ws.dirty():
+            raise WorkspaceError("the workspace has unrefreshed changes: `fsbuild series refresh` first")
+        new_base = self.ws.import_upstream(new_up)
+        plan = Plan(series=str(self.target.series), old_base=old_state["base"], new_base=new_base,
+                    new_version=new_up.version, new_digest=new_up.digest, old_commits=[],
+                    head_before=head, refs_before=refs,
+                    state_before=(self.ws.meta_dir / "workspace.json").read_text())
+        self._backup_files(entries)
+        self._save(plan)   # from here on --abort works
+        plan.old_commits = build_old(repo, entries, self.target.series.parent, plan.old_base)
+        self._save(plan)
+        return self._carry(plan, 0)
+
+    def _carry(self, plan: Plan, start: int) -> list[Result]:
+        try:
+            stopped = run_carry(self.ws.root, plan, start, stop_on_conflict=True, with_worktree=True)
+        finally:
+            self._save(plan)
+        if stopped is not None:
+            name = read_series(Path(plan.series))[stopped].name
+            res = Result(**plan.results[-1])  # type: ignore[arg-type]
+            raise RebaseConflictError(
+                f"patch {name} conflicts in {', '.join(res.files)} (markers in {self.ws.root}); "
+                "resolve them, then `fsbuild rebase --continue` (or --skip / --abort)")
+        return self._finish(plan)
+
+    def resume(self) -> list[Result]:
+        plan = self._load()
+        if plan.phase == "export":
+            return self._finish(plan)
+        if plan.stopped < 0:
+            return self._carry(plan, len(plan.results))
+        entries = read_series(Path(plan.series))
+        e = entries[plan.stopped]
+        res = plan.results[-1]
+        left = [f for f in res["files"] if (self.ws.root / f).is_file()  # type: ignore[union-attr]
+                and MARKER.search((self.ws.root / f).read_bytes())]
+        if left:
+            raise RebaseConflictError(f"conflict markers left in {', '.join(left)}: resolve them first")
+        repo = self.ws.root
+        git(repo, "add", "-A")
+        data = (self.target.series.parent / e.name).read_bytes()
+        git(repo, "commit", "-q", "--allow-empty", "--no-verify", "-F", "-",
+            input=commit_message(data, e.name).encode())
+        plan.tip = git_out(repo, "rev-parse", "HEAD")
+        plan.new_commits[e.name] = plan.tip
+        res["resolved"] = "manual"
+        plan.stopped = -1
+        self._save(plan)
+        return self._carry(plan, len(plan.results))
+
+    def skip(self) -> list[Result]:
+        plan = self._load()
+        if plan.stopped < 0:
+            raise WorkspaceError("no conflicting patch to skip")
+        plan.results[-1]["resolved"] = "skipped"
+        git(self.ws.root, "checkout", "-q", "-f", "-B", "series", plan.tip or plan.new_base)
+        git(self.ws.root, "clean", "-q", "-fd")
+        plan.stopped = -1
+        self._save(plan)
+        return self._carry(plan, len(plan.results))
+
+    def abort(self) -> None:
+        """Restore refs, work tree, patches/ files and target.toml exactly as before."""
+        plan = self._load()
+        repo = self.ws.root
+        now = _refs(repo)
+        for ref in now.keys() - plan.refs_before.keys():
+            git(repo, "update-ref", "-d", ref)
+        for ref, sha in plan.refs_before.items():
+            git(repo, "update-ref", "--no-deref", ref, sha)
+        git(repo, "checkout", "-q", "-f", "series")
+        git(repo, "reset", "-q", "--hard", plan.head_before)
+        git(repo, "clean", "-q", "-fd")
+        self._restore_files()
+        atomic_write(self.ws.meta_dir / "workspace.json", plan.state_before.encode())
+        self._cleanup()
+
+    # -- files under patches/: backed up before anything is written ----------------
+
+    def _files_at_risk(self, entries: list[Entry]) -> list[Path]:
+        tdir = self.target.series.parent
+        return [self.target.series, self.target.dir / "target.toml", *(tdir / e.name for e in entries)]
+
+    def _backup_files(self, entries: list[Entry]) -> None:
+        shutil.rmtree(self.backup, ignore_errors=True)
+        manifest = {}
+        for k, path in enumerate(self._files_at_risk(entries)):
+            if path.is_file():
+                dest = self.backup / str(k)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+                manifest[str(path)] = str(k)
+        atomic_write(self.backup / "manifest.json", json.dumps(manifest).encode())
+
+    def _restore_files(self) -> None:
+        manifest = json.loads((self.backup / "manifest.json").read_text())
+        for path, k in manifest.items():
+            data = (self.backup / k).read_bytes()
+            p = Path(path)
+            if not p.is_file() or p.read_bytes() != data:
+                atomic_write(p, data)
+                shutil.copystat(self.backup / k, p)
+
+    def _cleanup(self) -> None:
+        self.state_file.unlink(missing_ok=True)
+        shutil.rmtree(self.backup, ignore_errors=True)
+
+    # -- the end: export, target.toml, report ------------------------------------
+
+    def _finish(self, plan: Plan) -> list[Result]:
+        plan.phase = "export"
+        self._save(plan)
+        repo = self.ws.root
+        entries = read_series(Path(plan.series))
+        results = [Result(**r) for r in plan.results]  # type: ignore[arg-type]
+        folder = self.target.series.parent
+        manifest = json.loads((self.backup / "manifest.json").read_text())
+        originals = {p: (self.backup / k).read_bytes() for p, k in manifest.items()}
+        kept = []
+        for e, r in zip(entries, results):
+            path = folder / e.name
+            original = originals.get(str(path), b"")
+            if r.kept:
+                new = export_patch(repo, plan, r, e, original)
+                if new != original:
+                    atomic_write(path, new)
+                kept.append(e)
+            else:
+                path.unlink(missing_ok=True)
+        if len(kept) != len(entries):
+            update_series_file(self.target.series, kept)
+        set_version(self.target.dir / "target.toml", plan.new_version)
+        git(repo, "checkout", "-q", "-f", "-B", "series", plan.tip or plan.new_base)
+        self.ws.save_state(base=plan.new_base, version=plan.new_version, digest=plan.new_digest,
+                           tag=f"upstream/{plan.new_version}")
+        old_version = json.loads(plan.state_before).get("version", "?")
+        write_report(paths.out_dir(self.target.name), plan, old_version, {}, range_diff(repo, plan))
+        self._cleanup()
+        return results
+
+
+def _refs(repo: Path) -> dict[str, str]:
+    out = git_out(repo, "for-each-ref", "--format=%(refname) %(objectname)")
+    return dict(line.split(" ", 1) for line in out.splitlines() if line)  # type: ignore[misc]
+
+
+def set_version(toml: Path, full_version: str) -> None:
+    """Minimal textual edit of target.toml: only the version/release values change."""
+    version, _, release = full_version.partition("-")
+    text = toml.read_text()
+    new = re.sub(r'(?m)^(version\s*=\s*")[^"]*(")', lambda m: m.group(1) + version + m.group(2), text, count=1)
+    if release:
+        new = re.sub(r'(?m)^(release\s*=\s*")[^"]*(")', lambda m: m.group(1) + release + m.group(2), new, count=1)
+    if new != text:
+        atomic_write(toml, new.encode())

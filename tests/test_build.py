@@ -1,0 +1,295 @@
+"""fsbuild rpm: config choice, input hashing, deterministic module tarball, reproducible
+SRPM, mock config/command line, incremental no-op; slow: a real linux-6.1 mini build."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, require_tool
+from fsbuild import build, paths, target
+from fsbuild.errors import MissingFileError, TargetError, ToolMissingError
+from fsbuild.upstream import Upstream, write_deterministic_tar, _Entry
+
+
+@pytest.fixture()
+def tiny_upstream(tmp_path: Path) -> Upstream:
+    """A small 'kernel' tarball: enough for spec rendering and rpmbuild -bs."""
+    tarball = tmp_path / "up" / "linux-6.1.192.tar.gz"
+    tarball.parent.mkdir()
+    mk = b"VERSION = 6\nPATCHLEVEL = 1\nSUBLEVEL = 192\nEXTRAVERSION =\n"
+    write_deterministic_tar(tarball, "linux-6.1.192", [_Entry("Makefile", "file", data=mk)])
+    import hashlib
+    return Upstream("linux-6.1", "6.1.192", tarball, "linux-6.1.192",
+                    hashlib.sha256(tarball.read_bytes()).hexdigest())
+
+
+def _req(**kw: object) -> build.Request:
+    return build.Request(target.load(str(kw.pop("target", "linux-6.1"))), **kw)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ configs / release
+
+def test_config_choices_linux61(tmp_path: Path) -> None:
+    t = target.load("linux-6.1")
+    mini = build.choose_config(t, "mini", {})
+    assert mini.base_make == "tinyconfig" and b"CONFIG_FASTSOCKET=m" in mini.fragment
+    full = build.choose_config(t, "full", {})
+    assert (full.base_make, full.base_file, full.fragment) == ("defconfig", None, b"")
+    mine = tmp_path / "my.config"
+    mine.write_text("CONFIG_SMP=y\n")
+    own = build.choose_config(t, str(mine), {})
+    assert own.base_file == mine.resolve() and own.fragment == b"CONFIG_SMP=y\n"
+    with pytest.raises(MissingFileError):
+        build.choose_config(t, str(tmp_path / "absent.config"), {})
+
+
+def test_config_choices_el6_prefer_srpm_config(tmp_path: Path) -> None:
+    t = target.load("el6")
+    srpm_cfg = tmp_path / "config-2.6.32-x86_64"
+    srpm_cfg.write_text("CONFIG_X86_64=y\n")
+    full = build.choose_config(t, "full", {"config-2.6.32-x86_64": srpm_cfg})
+    assert full.base_file == srpm_cfg and full.base_make is None
+    # No SRPM configs (tarball/dir/git source): the tree's RHEL defconfig via make.
+    assert build.choose_config(t, "full", {}).base_make == "x86_64_defconfig"
+    mini = build.choose_config(t, "mini", {})
+    assert mini.base_make == "x86_64_defconfig" and b"CONFIG_FASTSOCKET=m" in mini.fragment
+
+
+def test_release_suffix_default_and_validation() -> None:
+    t = target.load("linux-6.1")
+    assert build.release_suffix(t, None) == ".fastsocket"
+    assert build.release_suffix(t, "") == ""
+    with pytest.raises(TargetError):
+        build.release_suffix(t, "-bad")
+    assert build.split_version(t, "6.1.192") == ("6.1.192", "2")
+    assert build.split_version(target.load("el6"), "2.6.32-431.17.1.el6") == ("2.6.32", "431.17.1.el6")
+
+
+def test_hostcc_series_only_with_rpmbuild() -> None:
+    t = target.load("el6")
+    host = build.series_for(t, "rpmbuild")
+    chroot = build.series_for(t, "mock")
+    assert {p.origin for p in chroot} <= {"fastsocket"}
+    assert [p.origin for p in host[:len(host) - len(chroot)]] == ["hostcc"] * (len(host) - len(chroot))
+    if t.hostcc_series and t.hostcc_series.exists() and build.spec.read_series(t.hostcc_series, "hostcc"):
+        assert len(host) > len(chroot)
+
+
+# ------------------------------------------------------------------ module tarball / hashing
+
+def test_module_tarball_deterministic_and_clean(tmp_path: Path) -> None:
+    mod = tmp_path / "module"
+    (mod / "sub").mkdir(parents=True)
+    (mod / "Kconfig").write_text("config FASTSOCKET\n")
+    (mod / "fastsocket.c").write_text("int x;\n")
+    (mod / "sub" / "h.h").write_text("\n")
+    for junk in ("fastsocket.o", "fastsocket.ko", ".fastsocket.o.cmd", "modules.order", "Module.symvers"):
+        (mod / junk).write_text("junk")
+    a = build.module_tarball(mod, 1_700_000_000)
+    os.utime(mod / "fastsocket.c", (1, 1))
+    b = build.module_tarball(mod, 1_700_000_000)
+    assert a == b
+    with tarfile.open(fileobj=io.BytesIO(a)) as tf:
+        names = tf.getnames()
+        assert {m.mtime for m in tf.getmembers()} == {1_700_000_000}
+    assert names == ["Kconfig", "fastsocket.c", "sub", "sub/h.h"]
+    (mod / "fastsocket.c").write_text("int y;\n")
+    assert build.module_tarball(mod, 1_700_000_000) != a
+
+
+def test_inputs_hash_tracks_every_input(tiny_upstream: Upstream, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    base = build.make_plan(_req(), tiny_upstream).inputs_hash
+    assert build.make_plan(_req(jobs=7), tiny_upstream).inputs_hash == base  # -j is not an input
+    assert build.make_plan(_req(config="full"), tiny_upstream).inputs_hash != base
+    assert build.make_plan(_req(release_suffix=".x"), tiny_upstream).inputs_hash != base
+    other = Upstream(**{**tiny_upstream.__dict__, "digest": "0" * 64})
+    assert build.make_plan(_req(), other).inputs_hash != base
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000001")
+    assert build.make_plan(_req(), tiny_upstream).inputs_hash != base
+
+
+def test_inputs_hash_tracks_patch_content(tiny_upstream: Upstream, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = _scratch_repo(tmp_path, monkeypatch)
+    p = repo / "patches" / "linux-6.1" / "0001-x.patch"
+    p.write_text("x: one\n--- a/Makefile\n+++ b/Makefile\n@@ -1 +1 @@\n-a\n+b\n")
+    (repo / "patches" / "linux-6.1" / "series").write_text("0001-x.patch\n")
+    one = build.make_plan(_req(), tiny_upstream)
+    assert [sp.name for sp in one.series] == ["0001-x.patch"]
+    p.write_text(p.read_text().replace("+b", "+c"))
+    assert build.make_plan(_req(), tiny_upstream).inputs_hash != one.inputs_hash
+
+
+def _scratch_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the repo's inputs (patches, specs, module, configs) under FSBUILD_ROOT."""
+    repo = tmp_path / "repo"
+    for d in ("patches", "specs", "module", "ci/configs"):
+        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("*.o", "*.ko", ".*.cmd"))
+    monkeypatch.setenv("FSBUILD_ROOT", str(repo))
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    return repo
+
+
+# ------------------------------------------------------------------ SRPM
+
+def test_srpm_reproducible_and_self_contained(tiny_upstream: Upstream, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    require_tool("rpmbuild", "rpm")
+    repo = _scratch_repo(tmp_path, monkeypatch)
+    (repo / "patches" / "linux-6.1" / "0001-x.patch").write_text(
+        "Subject: [PATCH] net: wire fastsocket\n---\n--- a/Makefile\n+++ b/Makefile\n@@ -1 +1 @@\n-a\n+b\n")
+    (repo / "patches" / "linux-6.1" / "series").write_text("0001-x.patch\n")
+    plan = build.make_plan(_req(), tiny_upstream)
+    log = tmp_path / "log"
+    a = build.make_srpm(plan, tmp_path / "s1", tmp_path / "o1", log)
+    time.sleep(1.1)  # a wall-clock leak (buildtime, mtimes) would show now
+    b = build.make_srpm(plan, tmp_path / "s2", tmp_path / "o2", log)
+    assert a.name == "kernel-6.1.192-2.fastsocket.src.rpm"
+    assert a.read_bytes() == b.read_bytes()
+    files = subprocess.run(["rpm", "-qpl", str(a)], capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(files) == sorted(["0001-x.patch", "config-check.sh", "fastsocket-module.tar.gz",
+                                    "fsbuild-fragment.config", "kernel.spec", "linux-6.1.192.tar.gz"])
+    # Source0 is the pristine tarball, byte for byte.
+    extract = tmp_path / "x"
+    extract.mkdir()
+    subprocess.run(f"rpm2cpio {a} | cpio -idm --quiet linux-6.1.192.tar.gz", shell=True, cwd=extract, check=True)
+    assert (extract / "linux-6.1.192.tar.gz").read_bytes() == tiny_upstream.tarball.read_bytes()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700086400")
+    c = build.make_srpm(build.make_plan(_req(), tiny_upstream), tmp_path / "s3", tmp_path / "o3", log)
+    assert c.read_bytes() != a.read_bytes()
+
+
+# ------------------------------------------------------------------ mock
+
+def test_mock_config_and_command_line(tmp_path: Path) -> None:
+    t = target.load("el6")
+    url = "file:///srv/centos-vault/6.10"
+    cfg = build.mock_config(t, url, 2)
+    opts: dict[str, object] = {"macros": {}}
+    exec(cfg, {"config_opts": opts})  # mock configs are Python: it must at least run
+    assert opts["root"] == "fsbuild-el6-x86_64" and opts["releasever"] == "6"
+    assert opts["macros"] == {"%_smp_mflags": "-j2"}
+    repo_conf = str(opts["yum.conf"])
+    assert f"baseurl={url}/os/x86_64/" in repo_conf and f"baseurl={url}/updates/x86_64/" in repo_conf
+    assert "vault.centos.org" not in cfg  # the URL given wins over the target default
+    assert build.mock_command(tmp_path / "m.cfg", tmp_path / "k.src.rpm", tmp_path / "res") == [
+        "mock", "-r", str(tmp_path / "m.cfg"), "--rebuild", str(tmp_path / "k.src.rpm"),
+        "--resultdir", str(tmp_path / "res")]
+    with pytest.raises(TargetError):
+        build.mock_config(target.load("linux-6.1"), url, 2)
+
+
+def test_mock_baseurl_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = target.load("el6")
+    monkeypatch.setenv("FSBUILD_MOCK_BASEURL", "http://127.0.0.1:8080/vault/")
+    assert build.mock_baseurl(t, None) == "http://127.0.0.1:8080/vault"
+    assert build.mock_baseurl(t, "file:///m") == "file:///m"
+
+
+def test_mock_missing_is_tool_missing_exit_9(tmp_path: Path) -> None:
+    env = dict(os.environ, PATH=str(tmp_path))  # no mock (nor anything else) on PATH
+    out = subprocess.run([sys.executable, "-m", "fsbuild", "rpm", "--target", "el6", "--builder", "mock"],
+                         capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == ToolMissingError.exit_code
+    assert out.stderr.startswith("fsbuild: error: mock not found") and len(out.stderr.splitlines()) == 1
+
+
+# ------------------------------------------------------------------ incremental
+
+def test_unchanged_inputs_are_a_noop(tiny_upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    calls: list[str] = []
+
+    def fake_srpm(plan: build.Plan, srcdir: Path, srpm_dir: Path, log: Path) -> Path:
+        srpm_dir.mkdir(parents=True, exist_ok=True)
+        (srpm_dir / "k.src.rpm").write_text("srpm")
+        return srpm_dir / "k.src.rpm"
+
+    def fake_builder(plan: build.Plan, srpm: Path, lay: dict[str, Path]) -> list[Path]:
+        calls.append(plan.inputs_hash)
+        built = lay["out"] / "tmp-kernel.rpm"
+        built.write_text("rpm")
+        return build._collect([built], lay["rpms"])
+
+    monkeypatch.setattr(build, "make_srpm", fake_srpm)
+    monkeypatch.setattr(build, "_run_builder", fake_builder)
+    first = build.build(_req(), tiny_upstream)
+    assert not first.cached and len(calls) == 1
+    second = build.build(_req(), tiny_upstream)
+    assert second.cached and len(calls) == 1 and second.rpms == first.rpms
+    assert second.duration_s < 2
+    build.build(_req(release_suffix=".other"), tiny_upstream)
+    assert len(calls) == 2
+    build.build(_req(release_suffix=".other", force=True), tiny_upstream)
+    assert len(calls) == 3
+    # A vanished RPM is not "unchanged": rebuild.
+    for p in build.cached_result(build.make_plan(_req(release_suffix=".other"), tiny_upstream)).rpms:  # type: ignore[union-attr]
+        p.unlink()
+    build.build(_req(release_suffix=".other"), tiny_upstream)
+    assert len(calls) == 4
+
+
+# ------------------------------------------------------------------ end to end (slow)
+
+@pytest.mark.slow
+def test_linux61_mini_rpms_build_verify_install_and_build_a_module(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real thing: `fsbuild rpm --target linux-6.1 --config mini` with rpmbuild, then
+    verify, install into an empty root, and build an out-of-tree module against the
+    installed kernel-devel. Uses the checkout's out/ and .fsbuild/ (not tmp) so that
+    `make demo` after `make test` finds the same inputs and does not build twice."""
+    require_tool("rpmbuild", "rpm", "make", "gcc", "patch", "bc", "bison", "flex")
+    if not Path(target.load("linux-6.1").default_source()).exists():
+        pytest.skip("linux-6.1 source missing: apt-get install linux-source-6.1 (make deps)")
+    monkeypatch.setenv("FSBUILD_OUT", str(ROOT / "out"))
+    monkeypatch.setenv("FSBUILD_STATE", str(ROOT / ".fsbuild"))
+    out = subprocess.run([sys.executable, "-m", "fsbuild", "rpm", "--target", "linux-6.1",
+                          "--config", "mini", "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    rpms = [Path(p) for p in res["rpms"]]
+    kver = res["kver"]
+    assert kver == "6.1.192-2.fastsocket.x86_64"
+    from fsbuild import artifacts
+    report = artifacts.verify(rpms, lint=False)
+    assert report.ok, report.failures()
+
+    root = tmp_path / "root"
+    subprocess.run(["rpm", "--root", str(root), "--initdb"], check=True)
+    # --nodeps: the empty root has no el6 base system (coreutils, module-init-tools, a
+    # /bin/sh for the scriptlets: rpm warns that %post cannot run and installs anyway).
+    inst = subprocess.run(["rpm", "--root", str(root), "--force", "--nodeps", "-ivh",
+                           *map(str, rpms)], capture_output=True, text=True)
+    assert inst.returncode == 0, inst.stderr
+    q = subprocess.run(["rpm", "--root", str(root), "-qa", "--qf", "%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}\n"],
+                       capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(q) == sorted([f"kernel-{kver}", f"kernel-devel-{kver}",
+                                f"kernel-firmware-{kver.rsplit('.', 1)[0]}.noarch"])
+    assert (root / "boot" / f"vmlinuz-{kver}").is_file()
+    assert list((root / "lib" / "modules" / kver).rglob("fastsocket.ko"))
+
+    kdir = root / "usr" / "src" / "kernels" / kver
+    mod = tmp_path / "hello"
+    mod.mkdir()
+    (mod / "Makefile").write_text("obj-m += hello.o\n")
+    (mod / "hello.c").write_text(
+        '#include <linux/module.h>\n#include <linux/init.h>\n'
+        'static int __init h_init(void) { return 0; }\nstatic void __exit h_exit(void) { }\n'
+        'module_init(h_init);\nmodule_exit(h_exit);\nMODULE_LICENSE("GPL");\n')
+    mk = subprocess.run(["make", "-C", str(kdir), f"M={mod}", "modules"], capture_output=True, text=True)
+    assert mk.returncode == 0, mk.stdout[-2000:] + mk.stderr[-2000:]
+    info = subprocess.run(["modinfo", "-F", "vermagic", str(mod / "hello.ko")],
+                          capture_output=True, text=True, check=True).stdout
+    assert info.split()[0] == kver

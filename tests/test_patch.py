@@ -1,0 +1,311 @@
+"""Unified diff parsing/formatting and in-memory hunk application (GNU patch semantics),
+including property tests against `diff -u` and GNU `patch` itself."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fsbuild.errors import PatchFormatError, UnsafePathError
+from fsbuild.patch import HunkFailed, apply_hunks, format_patch, parse_patch, strip_path
+from fsbuild.series import PatchReport, Tree, apply_patch
+from tests.conftest import require_tool
+
+DEP3 = b"""From: Jane Doe <jane@example.org>
+Subject: fastsocket: wire up net/Kconfig
+Forwarded: not-needed
+
+A description with a --- line inside and a trailing blank line.
+---
+ net/Kconfig | 2 ++
+ 1 file changed
+
+"""
+
+GIT_PATCH = DEP3 + b"""diff --git a/net/Kconfig b/net/Kconfig
+index 1111111..2222222 100644
+--- a/net/Kconfig
++++ b/net/Kconfig
+@@ -1,3 +1,4 @@ menu "Networking"
+ a
++source "net/fastsocket/Kconfig"
+ b
+ c
+diff --git a/scripts/run.sh b/scripts/run.sh
+old mode 100644
+new mode 100755
+diff --git a/old.txt b/new.txt
+similarity index 90%
+rename from old.txt
+rename to new.txt
+--- a/old.txt
++++ b/new.txt
+@@ -1,2 +1,2 @@
+ x
+-y
+\\ No newline at end of file
++z
+diff --git a/gone.c b/gone.c
+deleted file mode 100644
+index 3333333..0000000
+--- a/gone.c
++++ /dev/null
+@@ -1 +0,0 @@
+-int x;
+diff --git a/net/fastsocket/Kconfig b/net/fastsocket/Kconfig
+new file mode 100644
+index 0000000..4444444
+--- /dev/null
++++ b/net/fastsocket/Kconfig
+@@ -0,0 +1 @@
++config FASTSOCKET
+-- 
+2.39.2
+"""
+
+QUILT_PATCH = b"""Subject: plain quilt patch
+
+Index: linux/a.c
+===================================================================
+--- linux.orig/a.c
++++ linux/a.c
+@@ -2 +2 @@
+-old
++new
+"""
+
+
+def test_parse_git_headers() -> None:
+    p = parse_patch(GIT_PATCH, "0001.patch")
+    assert p.description == DEP3
+    names = [(f.old_name, f.new_name) for f in p.files]
+    assert names == [("a/net/Kconfig", "b/net/Kconfig"), ("a/scripts/run.sh", "b/scripts/run.sh"),
+                     ("a/old.txt", "b/new.txt"), ("a/gone.c", "b/gone.c"),
+                     ("a/net/fastsocket/Kconfig", "b/net/fastsocket/Kconfig")]
+    kconfig, mode, ren, gone, new = p.files
+    assert kconfig.hunks[0].section == b' menu "Networking"'
+    assert (mode.old_mode, mode.new_mode, mode.hunks) == (0o100644, 0o100755, [])
+    assert ren.rename and ren.hunks[0].lines == [(" ", b"x\n"), ("-", b"y"), ("+", b"z\n")]
+    assert gone.new_absent == 2 and new.old_absent == 2 and new.new_mode == 0o100644
+    assert p.trailer == b"-- \n2.39.2\n"
+
+
+@pytest.mark.parametrize("data", [GIT_PATCH, QUILT_PATCH, DEP3, b""])
+def test_format_round_trip_is_byte_identical(data: bytes) -> None:
+    assert format_patch(parse_patch(data, "p")) == data
+
+
+def test_quilt_index_header_is_not_description() -> None:
+    p = parse_patch(QUILT_PATCH, "p")
+    assert p.description == b"Subject: plain quilt patch\n\n"
+    assert p.files[0].header.startswith(b"Index: linux/a.c\n")
+    assert (p.files[0].old_name, p.files[0].new_name) == ("linux.orig/a.c", "linux/a.c")
+
+
+def test_edited_hunk_is_rerendered() -> None:
+    p = parse_patch(QUILT_PATCH, "p")
+    h = p.files[0].hunks[0]
+    h.lines[1] = ("+", b"newer\n")
+    out = format_patch(p)
+    assert out.endswith(b"@@ -2 +2 @@\n-old\n+newer\n")
+    h.lines[1] = ("+", b"newer")
+    assert format_patch(p).endswith(b"+newer\n\\ No newline at end of file\n")
+
+
+@pytest.mark.parametrize("body, where", [
+    (b"--- a/f\n+++ b/f\n@@ -1,5 +1,5 @@\n a\n-b\n+c\n", "p:6"),  # truncated at EOF
+    (b"--- a/f\n+++ b/f\n@@ -1,3 +1,3 @@\n a\n-b\n+c\nX\n", "p:7"),  # garbage inside hunk
+    (b"--- a/f\n+++ b/f\n@@ -1,2 +1,3 @@\n a\n-b\n-c\n+d\n", "p:6"),  # too many old lines
+])
+def test_malformed_hunks(body: bytes, where: str) -> None:
+    with pytest.raises(PatchFormatError, match=where):
+        parse_patch(body, "p")
+
+
+def test_chopped_trailing_blank_context_is_accepted_like_gnu() -> None:
+    p = parse_patch(b"--- a/f\n+++ b/f\n@@ -1,3 +1,3 @@\n-a\n+b\n \n", "p")
+    assert p.files[0].hunks[0].lines[-1] == (" ", b"\n")
+    p = parse_patch(b"--- a/f\n+++ b/f\n@@ -1,3 +1,3 @@\n-a\n+b\n \n", "p")
+    assert len(p.files[0].hunks[0].lines) == 4
+
+
+@pytest.mark.parametrize("body", [
+    b"diff --git a/x.bin b/x.bin\nindex 1..2 100644\nGIT binary patch\nliteral 3\nabc\n",
+    b"diff --git a/x.bin b/x.bin\nindex 1..2 100644\nBinary files a/x.bin and b/x.bin differ\n",
+])
+def test_binary_diff_rejected(body: bytes) -> None:
+    with pytest.raises(PatchFormatError, match="binary diff not supported"):
+        parse_patch(body, "bin.patch")
+
+
+def test_absolute_path_rejected() -> None:
+    with pytest.raises(UnsafePathError, match="absolute"):
+        parse_patch(b"--- /etc/passwd\n+++ /etc/passwd\n@@ -1 +1 @@\n-a\n+b\n", "evil")
+
+
+def test_strip_path_gnu_rules() -> None:
+    assert strip_path("a/b/c", 1) == "b/c"
+    assert strip_path("a//b/c", 2) == "c"
+    assert strip_path("c", 1) is None
+    assert strip_path("a/b", 0) == "a/b"
+
+
+# ---------------------------------------------------------------- applying
+
+
+def hunks_of(diff: bytes):
+    return parse_patch(diff, "t").files[0].hunks
+
+
+def test_apply_exact_offset_and_failure() -> None:
+    diff = b"--- a/f\n+++ b/f\n@@ -2,3 +2,3 @@\n b\n-c\n+C\n d\n"
+    out, res = apply_hunks(b"a\nb\nc\nd\ne\n", hunks_of(diff))
+    assert out == b"a\nb\nC\nd\ne\n" and (res[0].offset, res[0].fuzz) == (0, 0)
+    out, res = apply_hunks(b"x\nx\nx\na\nb\nc\nd\n", hunks_of(diff))
+    assert out == b"x\nx\nx\na\nb\nC\nd\n" and res[0].offset == 3
+    with pytest.raises(HunkFailed) as exc:
+        apply_hunks(b"a\nb\nX\nd\n", hunks_of(diff))
+    assert exc.value.index == 1 and exc.value.line == 2
+
+
+def test_apply_fuzz_ignores_outer_context_only() -> None:
+    diff = b"--- a/f\n+++ b/f\n@@ -1,5 +1,5 @@\n a\n b\n-c\n+C\n d\n e\n"
+    text = b"A\nb\nc\nd\nE\n"
+    with pytest.raises(HunkFailed):
+        apply_hunks(text, hunks_of(diff), fuzz=0)
+    out, res = apply_hunks(text, hunks_of(diff), fuzz=1)
+    assert out == b"A\nb\nC\nd\nE\n" and res[0].fuzz == 1  # context comes from the file
+
+
+def test_apply_no_newline_both_sides() -> None:
+    diff = b"--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\n-b\n\\ No newline at end of file\n+c\n"
+    assert apply_hunks(b"a\nb", hunks_of(diff))[0] == b"a\nc\n"
+    diff = b"--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\n-b\n+c\n\\ No newline at end of file\n"
+    assert apply_hunks(b"a\nb\n", hunks_of(diff))[0] == b"a\nc"
+    with pytest.raises(HunkFailed):  # the old side says "no newline": b\n does not match
+        apply_hunks(b"a\nb\n", hunks_of(b"--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\n-b\n"
+                                        b"\\ No newline at end of file\n+c\n"))
+
+
+def test_lone_cr_is_not_a_line_break() -> None:
+    diff = b"--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\r b\n-c\n+d\n"
+    assert apply_hunks(b"a\r b\nc\n", hunks_of(diff))[0] == b"a\r b\nd\n"
+
+
+# ---------------------------------------------------------------- properties
+
+lines_st = st.lists(st.sampled_from([b"a\n", b"b\n", b"c\n", b"{\n", b"}\n", b"\n", b"x y\n"]),
+                    min_size=0, max_size=30)
+
+
+@st.composite
+def edited(draw: st.DrawFn) -> tuple[list[bytes], list[bytes]]:
+    old = draw(lines_st)
+    new = list(old)
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["ins", "del", "mod"]))
+        pos = draw(st.integers(0, len(new)))
+        if op == "ins" or not new:
+            new.insert(pos, draw(st.sampled_from([b"new\n", b"q\n", b"a\n"])))
+        elif op == "del":
+            del new[min(pos, len(new) - 1)]
+        else:
+            new[min(pos, len(new) - 1)] = b"mod\n"
+    return old, new
+
+
+def _strip_eol(lines: list[bytes], cut: bool) -> bytes:
+    data = b"".join(lines)
+    return data[:-1] if cut and data.endswith(b"\n") else data
+
+
+def _diff(old: bytes, new: bytes, context: int = 3) -> bytes:
+    with tempfile.TemporaryDirectory() as d:
+        a, b = Path(d, "a"), Path(d, "b")
+        (a / "f").parent.mkdir()
+        (b / "f").parent.mkdir()
+        (a / "f").write_bytes(old)
+        (b / "f").write_bytes(new)
+        proc = subprocess.run(["diff", f"-U{context}", "a/f", "b/f"], cwd=d, capture_output=True)
+        assert proc.returncode in (0, 1), proc.stderr
+        return proc.stdout
+
+
+def _ours(patch: bytes, target: bytes, fuzz: int) -> bytes | None:
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "f").write_bytes(target)
+        tree = Tree(Path(d))
+        try:
+            apply_patch(tree, parse_patch(patch, "p"), 1, fuzz)
+        except Exception as exc:  # noqa: BLE001 - compared with GNU's failure below
+            if "FAILED" in str(exc):
+                return None
+            raise
+        st_ = tree.get("f")
+        return b"" if st_ is None else st_.data
+
+
+def _gnu(patch: bytes, target: bytes, fuzz: int) -> bytes | None:
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "f").write_bytes(target)
+        Path(d, "p").write_bytes(patch)
+        proc = subprocess.run(["patch", "-p1", "-f", "-s", f"-F{fuzz}", "-r", "-",
+                               "--no-backup-if-mismatch", "-i", "p"], cwd=d, capture_output=True)
+        if proc.returncode != 0:
+            return None
+        return Path(d, "f").read_bytes()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edited(), st.booleans(), st.booleans(), st.integers(0, 3))
+def test_diff_then_apply_round_trips(pair, cut_old: bool, cut_new: bool, context: int) -> None:
+    old, new = _strip_eol(pair[0], cut_old), _strip_eol(pair[1], cut_new)
+    patch = _diff(old, new, context)
+    if not patch:
+        return
+    hunks = parse_patch(patch, "p").files[0].hunks
+    assert apply_hunks(old, hunks, path="f")[0] == new
+    assert format_patch(parse_patch(patch, "p")) == patch
+
+
+@st.composite
+def drifted(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
+    """A patch made from (old, new) and a target that drifted from old: lines inserted or
+    removed away from or near the change (offsets), context lines altered (fuzz), newline
+    at EOF dropped."""
+    old, new = draw(edited())
+    target = list(old)
+    target[0:0] = [b"pad\n"] * draw(st.integers(0, 4))  # shifts every hunk: offsets
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["shift", "ins", "del", "alter"]))
+        pos = draw(st.integers(0, len(target)))
+        if op == "shift":
+            target[pos:pos] = [b"pad\n"] * draw(st.integers(1, 5))
+        elif op == "ins" or not target:
+            target.insert(pos, draw(st.sampled_from([b"pad\n", b"a\n", b"b\n"])))
+        elif op == "del":
+            del target[min(pos, len(target) - 1)]
+        else:
+            target[min(pos, len(target) - 1)] = b"alt\n"
+    cut = draw(st.booleans())
+    patch = _diff(_strip_eol(old, draw(st.booleans())), _strip_eol(new, draw(st.booleans())))
+    return patch, _strip_eol(target, cut), draw(st.integers(0, 2))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(drifted())
+def test_agrees_with_gnu_patch(case: tuple[bytes, bytes, int]) -> None:
+    require_tool("patch", "diff")
+    patch, target, fuzz = case
+    if not patch:
+        return
+    assert _ours(patch, target, fuzz) == _gnu(patch, target, fuzz)
+
+
+def test_report_type_is_exported() -> None:
+    assert PatchReport("x").files == []

@@ -1,0 +1,257 @@
+"""Rebase: every outcome class on a small real case (tarballs, git, GNU diff), the
+workspace flow with --abort/--continue/--skip, and real Debian series between two real
+upstream versions (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from fsbuild import rebase as R
+from fsbuild import upstream
+from fsbuild.target import load
+from fsbuild.workspace import Workspace, apply_patch, git_out, read_series, tree_reader
+from test_upstream import kernel_files, lines, make_tarball, makefile, write_tree
+
+DESC = "From: Dev <dev@example.org>\nSubject: [PATCH] {name}\n\nWhy {name} exists.\n\nSigned-off-by: Dev <dev@example.org>\n---\n"
+
+
+def udiff(path: str, old: str, new: str) -> str:
+    """A quilt-style unified diff made by GNU diff."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = Path(tmp) / "a", Path(tmp) / "b"
+        a.write_text(old)
+        b.write_text(new)
+        cp = subprocess.run(["diff", "-u", "--label", f"a/{path}", "--label", f"b/{path}", str(a), str(b)],
+                            capture_output=True, text=True)
+    assert cp.returncode == 1, cp.stderr
+    return cp.stdout
+
+
+def replace_line(text: str, old: str, new: str) -> str:
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def build_case(tmp: Path) -> tuple[Path, Path, Path, dict[str, str]]:
+    """Old and new upstream tarballs and a series of six patches, one per expected outcome
+    (plus a last clean one after the conflict). Returns (old, new, series, expected)."""
+    old = kernel_files("1.0.0")
+    new = dict(old)
+    new["Makefile"] = makefile("1.0.1")
+    new["kernel/sched.c"] = lines("new upstream", 5) + old["kernel/sched.c"]          # -> offsets
+    new["kernel/sched.c"] = replace_line(new["kernel/sched.c"], "sched line 100\n", "sched line 100 fixed\n")
+    new["net/Kconfig"] = replace_line(old["net/Kconfig"], "kconfig line 20\n", "kconfig line 20 upstream\n")
+    new["net/Kconfig"] = replace_line(new["net/Kconfig"], "kconfig line 30\n", "kconfig line 30 upstream\n")
+    patches: list[tuple[str, str, str, str]] = [  # name, file, old line, new line
+        ("0001-clean.patch", "net/Makefile", "net line 10\n", "net line 10 patched\n"),
+        ("0002-offset.patch", "kernel/sched.c", "sched line 60\n", "sched line 60 patched\n"),
+        ("0003-merged.patch", "net/Kconfig", "kconfig line 22\n", "kconfig line 22 patched\n"),
+        ("0004-upstream.patch", "kernel/sched.c", "sched line 100\n", "sched line 100 fixed\n"),
+        ("0005-conflict.patch", "net/Kconfig", "kconfig line 30\n", "kconfig line 30 ours\n"),
+        ("0006-after.patch", "net/Makefile", "net line 30\n", "net line 30 patched\n"),
+    ]
+    expected = {"0001-clean.patch": "clean", "0002-offset.patch": "offset", "0003-merged.patch": "merged",
+                "0004-upstream.patch": "upstream", "0005-conflict.patch": "conflict",
+                "0006-after.patch": "clean"}
+    pdir = tmp / "patches"
+    pdir.mkdir(parents=True)
+    state = dict(old)
+    for name, path, a, b in patches:
+        after = replace_line(state[path], a, b)
+        (pdir / name).write_text(DESC.format(name=name) + udiff(path, state[path], after))
+        state[path] = after
+    series = pdir / "series"
+    series.write_text("# test series\n" + "".join(f"{p[0]}\n" for p in patches))
+    old_tb = make_tarball(tmp / "linux-1.0.0.tar.gz", "linux-1.0.0", old)
+    new_tb = make_tarball(tmp / "linux-1.0.1.tar.gz", "linux-1.0.1", new)
+    return old_tb, new_tb, series, expected
+
+
+def fsbuild(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fsbuild", *args], capture_output=True, text=True,
+                          cwd=cwd, env=os.environ.copy())
+
+
+def extract(tarball: Path, dest: Path) -> Path:
+    with tarfile.open(tarball) as tf:
+        tf.extractall(dest, filter="data")
+    (top,) = dest.iterdir()
+    return top
+
+
+def assert_applies_exactly(series: Path, tree: Path) -> None:
+    """Every patch of `series` applies to `tree` at fuzz 0 with no offset (in memory)."""
+    overlay: dict = {}
+    base = tree_reader(tree)
+    for e in read_series(series):
+        applied = apply_patch((series.parent / e.name).read_bytes(), e.name, e.strip,
+                              lambda p: overlay[p] if p in overlay else base(p))
+        assert applied.exact, (e.name, applied.offsets)
+        overlay.update(applied.changes)
+
+
+# ---------------------------------------------------------------- plain mode (contract)
+
+def test_plain_mode_each_outcome(tmp_path: Path) -> None:
+    old_tb, new_tb, series, expected = build_case(tmp_path)
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb),
+                 "--out", str(out), "--json", str(report))
+    assert cp.returncode == 7, cp.stderr   # RebaseConflictError: a conflict remains
+    data = json.loads(report.read_text())
+    assert {p["name"]: p["outcome"] for p in data["patches"]} == expected
+    assert [p["name"] for p in data["patches"]] == list(expected)   # every patch, in order
+    up = next(p for p in data["patches"] if p["outcome"] == "upstream")
+    assert "already upstream" in up["reason"]
+    # output series: upstream patch dropped, comment kept; clean patches byte-identical
+    assert (out / "series").read_text().splitlines() == ["# test series"] + [
+        n for n, o in expected.items() if o != "upstream"]
+    assert not (out / "0004-upstream.patch").exists()
+    for name in ("0001-clean.patch", "0005-conflict.patch"):
+        assert (out / name).read_bytes() == (series.parent / name).read_bytes()
+    # refreshed patches: same description, new line numbers
+    for name in ("0002-offset.patch", "0003-merged.patch"):
+        new, old = (out / name).read_text(), (series.parent / name).read_text()
+        assert new.startswith(DESC.format(name=name)) and new != old
+        assert new.count("\n") == old.count("\n")
+    assert "@@ -62,7 +62,7 @@" in (out / "0002-offset.patch").read_text()
+    # the non-conflicting output applies exactly to the new upstream
+    tree = extract(new_tb, tmp_path / "new")
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    names = [n for n, o in expected.items() if o not in ("upstream", "conflict")]
+    for n in names:
+        (kept / n).write_bytes((out / n).read_bytes())
+    (kept / "series").write_text("".join(f"{n}\n" for n in names))
+    assert_applies_exactly(kept / "series", tree)
+
+
+def test_plain_mode_no_conflict_exit_0(tmp_path: Path) -> None:
+    old_tb, new_tb, series, expected = build_case(tmp_path)
+    lines_ = [l for l in series.read_text().splitlines() if "conflict" not in l]
+    series.write_text("\n".join(lines_) + "\n")
+    out = tmp_path / "out"
+    cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb),
+                 "--out", str(out), "--json", str(tmp_path / "r.json"))
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    outcomes = [p["outcome"] for p in json.loads((tmp_path / "r.json").read_text())["patches"]]
+    assert outcomes == ["clean", "offset", "merged", "upstream", "clean"]
+    assert_applies_exactly(out / "series", extract(new_tb, tmp_path / "new"))
+
+
+def test_plain_mode_bad_input(tmp_path: Path) -> None:
+    old_tb, new_tb, series, _ = build_case(tmp_path)
+    cp = fsbuild("rebase", "--series", str(tmp_path / "nope"), "--from", str(old_tb), "--onto", str(new_tb),
+                 "--out", str(tmp_path / "o"))
+    assert cp.returncode == 3 and "does not exist" in cp.stderr
+    # a series that does not apply to --from: clear error, nothing written
+    cp = fsbuild("rebase", "--series", str(series), "--from", str(new_tb), "--onto", str(new_tb),
+                 "--out", str(tmp_path / "o"))
+    assert cp.returncode == 6 and "does not apply to the old upstream" in cp.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- workspace mode
+
+def make_target(root: Path, series_src: Path, name: str = "t1") -> Path:
+    """A checkout-like root with patches/<name>/{target.toml,series,*.patch}."""
+    tdir = root / "patches" / name
+    tdir.mkdir(parents=True)
+    for p in series_src.parent.iterdir():
+        (tdir / p.name).write_bytes(p.read_bytes())
+    (tdir / "target.toml").write_text(
+        f'# test target\nname = "{name}"\ndescription = "test"\nversion = "1.0.0"  # upstream\n'
+        'release = "1"\nseries = "series"\n\n[source]\nkind = "tarball"\n')
+    return tdir
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def ws_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path, dict[str, str]]:
+    old_tb, new_tb, series, expected = build_case(tmp_path / "case")
+    root = tmp_path / "root"
+    tdir = make_target(root, series)
+    monkeypatch.setenv("FSBUILD_ROOT", str(root))
+    assert fsbuild("upstream", "import", str(old_tb), "-t", "t1").returncode == 0
+    cp = fsbuild("series", "push", "-a", "-t", "t1")
+    assert cp.returncode == 0, cp.stderr
+    return tdir, old_tb, new_tb, expected
+
+
+def test_workspace_abort_restores_everything(ws_case: tuple) -> None:
+    tdir, _, new_tb, _ = ws_case
+    ws = Workspace(load("t1"))
+    before = snapshot(tdir), git_out(ws.root, "for-each-ref"), git_out(ws.root, "rev-parse", "HEAD")
+    state_before = (ws.meta_dir / "workspace.json").read_bytes()
+    cp = fsbuild("rebase", "--onto", str(new_tb), "-t", "t1")
+    assert cp.returncode == 7, cp.stderr
+    assert "0005-conflict.patch" in cp.stderr and "--continue" in cp.stderr
+    kconfig = (ws.root / "net" / "Kconfig").read_text()
+    assert "<<<<<<< upstream" in kconfig and "kconfig line 30 ours" in kconfig
+    # a second start is refused while one is in progress
+    assert fsbuild("rebase", "--onto", str(new_tb), "-t", "t1").returncode == 12
+    cp = fsbuild("rebase", "--abort", "-t", "t1")
+    assert cp.returncode == 0, cp.stderr
+    after = snapshot(tdir), git_out(ws.root, "for-each-ref"), git_out(ws.root, "rev-parse", "HEAD")
+    assert after == before
+    assert (ws.meta_dir / "workspace.json").read_bytes() == state_before
+    assert not ws.dirty()
+    assert fsbuild("rebase", "--continue", "-t", "t1").returncode == 12   # nothing in progress
+
+
+def test_workspace_continue_after_resolving(ws_case: tuple) -> None:
+    tdir, _, new_tb, expected = ws_case
+    ws = Workspace(load("t1"))
+    toml_before = (tdir / "target.toml").read_text()
+    assert fsbuild("rebase", "--onto", str(new_tb), "-t", "t1").returncode == 7
+    kconfig = ws.root / "net" / "Kconfig"
+    # --continue refuses while markers remain
+    cp = fsbuild("rebase", "--continue", "-t", "t1")
+    assert cp.returncode == 7 and "markers" in cp.stderr
+    text = kconfig.read_text()
+    start, end = text.index("<<<<<<< upstream"), text.index(">>>>>>> 0005-conflict.patch\n")
+    kconfig.write_text(text[:start] + "kconfig line 30 upstream ours\n" + text[end + len(">>>>>>> 0005-conflict.patch\n"):])
+    cp = fsbuild("rebase", "--continue", "-t", "t1")
+    assert cp.returncode == 0, cp.stderr
+    report = json.loads((Path(os.environ["FSBUILD_OUT"]) / "t1" / "rebase-report.json").read_text())
+    assert {p["name"]: p["outcome"] for p in report["patches"]} == expected
+    assert next(p for p in report["patches"] if p["outcome"] == "conflict")["resolved"] == "manual"
+    md = (Path(os.environ["FSBUILD_OUT"]) / "t1" / "rebase-report.md").read_text()
+    assert "range-diff" in md and "0003-merged.patch" in md
+    # target.toml: only the version value changed (comments kept)
+    new_toml = (tdir / "target.toml").read_text()
+    assert new_toml == toml_before.replace('version = "1.0.0"', 'version = "1.0.1"')
+    assert "0004-upstream.patch" not in (tdir / "series").read_text()
+    assert not (tdir / "0004-upstream.patch").exists()
+    assert "kconfig line 30 upstream ours" in (tdir / "0005-conflict.patch").read_text()
+    # the refreshed series applies exactly to the new upstream
+    assert fsbuild("series", "check", "-t", "t1").returncode == 0
+    assert [n for n, _ in ws.applied()] == [n for n, o in expected.items() if o != "upstream"]
+
+
+def test_workspace_skip(ws_case: tuple) -> None:
+    tdir, _, new_tb, _ = ws_case
+    assert fsbuild("rebase", "--onto", str(new_tb), "-t", "t1").returncode == 7
+    cp = fsbuild("rebase", "--skip", "-t", "t1")
+    assert cp.returncode == 0, cp.stderr
+    series = (tdir / "series").read_text()
+    assert "0005-conflict.patch" not in series and "0006-after.patch" in series
+    assert fsbuild("series", "check", "-t", "t1").returncode == 0
+
+
+def test_set_version_minimal_edit(tmp_path: Path) -> None:
+    toml = tmp_path / "target.toml"
+    toml.write_text('# c\nversion = "2.6.32"   # keep\nrelease = "431.17.1.el6"\n[rpm]\nversion = "x"\n')
+    R.set_version(toml, "2.6.32-504.el6")
+    assert toml.read_text() == '# c\nversion = "2.6.32"   # keep\nrelease = "504.el6"\n[rpm]\nversion = "x"\n'

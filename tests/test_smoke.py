@@ -1,0 +1,276 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, require_tool
+from fsbuild import qemu, smoke
+from fsbuild.errors import (MissingFileError, SmokeBootError, SmokeCheckError, SmokePanicError,
+                            SmokeTimeoutError)
+
+# ---------------------------------------------------------------- kernel for boot tests
+
+
+def kernel_rpm_or_skip() -> Path:
+    """The kernel RPM the boot tests boot: $FSBUILD_TEST_KERNEL (an RPM or a directory of
+    RPMs), else out/linux-6.1/rpms of this checkout (built by the RPM tests of `make test`)."""
+    env = os.environ.get("FSBUILD_TEST_KERNEL")
+    where = Path(env) if env else ROOT / "out" / "linux-6.1" / "rpms"
+    if where.is_file():
+        return where
+    try:
+        return smoke.find_kernel_rpm(where)
+    except MissingFileError as exc:
+        pytest.skip(f"no built kernel RPM to boot ({exc}); set FSBUILD_TEST_KERNEL=<kernel-*.rpm or dir> "
+                    "or build out/linux-6.1/rpms first (`fsbuild rpm -t linux-6.1`)")
+
+
+_STAGED: dict[Path, smoke.KernelInputs] = {}
+
+
+def staged_kernel_or_skip() -> smoke.KernelInputs:
+    rpm = kernel_rpm_or_skip()
+    if rpm not in _STAGED:
+        base = Path(os.environ.get("TMPDIR", "/tmp")) / f"fsbuild-test-kernel-{os.getpid()}"
+        _STAGED[rpm] = smoke.stage_rpm(rpm, base / "root")
+    return _STAGED[rpm]
+
+
+def _boot_tools() -> None:
+    require_tool("qemu-system-x86_64", "busybox", "musl-gcc", "rpm2cpio")
+
+
+def _init(tmp_path: Path, body: str) -> Path:
+    init = tmp_path / "init"
+    init.write_text("#!/bin/sh\nmount -t devtmpfs devtmpfs /dev\nmount -t proc proc /proc\n" + body)
+    return init
+
+
+# ---------------------------------------------------------------- parsing and verdicts
+
+GUEST_LOG = (
+    "\x00FSBOOT 6.1.192\r\n"
+    "[    3.1] some kernel line FSCHECK not-at-start pass x\r\n"
+    "FSCHECK kernel_version pass 6.1.192\r\n"
+    "FSCHECK igb_queues fail eth0: 2 rx, 2 tx (sysfs), want >= 4 each\r\n"
+    "FSCHECK fastsocket_load skip the RPM has no fastsocket.ko\r\n"
+    "FSCHECK broken maybe detail\r\n"
+    "FSDONE\r\n"
+)
+
+
+def test_parse_guest_lines() -> None:
+    rep = smoke.parse_guest(GUEST_LOG)
+    assert rep.booted == "6.1.192" and rep.done
+    assert [(c.name, c.status) for c in rep.checks] == [
+        ("kernel_version", "pass"), ("igb_queues", "fail"), ("fastsocket_load", "skip"), ("broken", "fail")]
+    assert rep.checks[1].detail == "eth0: 2 rx, 2 tx (sysfs), want >= 4 each"
+    assert "malformed" in rep.checks[3].detail
+    assert smoke.parse_guest("random noise\n") == smoke.GuestReport()
+
+
+def _vm(**kw: object) -> qemu.VmResult:
+    base: dict[str, object] = {"stopped_by": None, "timed_out": False, "returncode": 0, "duration_s": 1.0}
+    base.update(kw)
+    return qemu.VmResult(**base)  # type: ignore[arg-type]
+
+
+OK_LOG = "FSBOOT 6.1\nFSCHECK a pass x\nFSCHECK b skip why\nFSDONE\n"
+
+
+@pytest.mark.parametrize(("guest", "console", "vm", "err", "extra"), [
+    (OK_LOG, "", _vm(stopped_by="done"), None, None),
+    ("FSBOOT 6.1\nFSCHECK a fail no\nFSDONE\n", "", _vm(), SmokeCheckError, None),
+    ("FSBOOT 6.1\nFSCHECK a pass x\n", "", _vm(), SmokeCheckError, "guest_complete"),
+    ("FSBOOT 6.1\nFSCHECK a pass x\n", "[ 9.0] Kernel panic - not syncing: Attempted to kill init!\n",
+     _vm(), SmokePanicError, "kernel_panic"),
+    ("", "", _vm(events=["GUEST_PANICKED:pause"]), SmokePanicError, "kernel_panic"),
+    ("FSBOOT 6.1\nFSCHECK a pass x\n", "", _vm(timed_out=True, returncode=-9), SmokeTimeoutError, "timeout"),
+    ("", "[ 0.1] early boot\n", _vm(timed_out=True), SmokeTimeoutError, "timeout"),
+    ("", "SeaBIOS\n", _vm(returncode=1), SmokeBootError, None),
+])
+def test_classify(guest: str, console: str, vm: qemu.VmResult, err: type | None, extra: str | None) -> None:
+    checks, got, message = smoke.classify(smoke.parse_guest(guest), console, vm, 30.0, "tcg")
+    assert got is err
+    assert checks[0].name == "boot"
+    assert checks[0].status == ("pass" if "FSBOOT" in guest else "fail")
+    if extra:
+        assert checks[-1].name == extra and checks[-1].status == "fail"
+    assert bool(message) == (err is not None)
+
+
+def test_verdict_files(tmp_path: Path) -> None:
+    checks = [smoke.Check("boot", "pass", "ok"), smoke.Check("igb_queues", "fail", "2 < 4 <&>"),
+              smoke.Check("fastsocket_load", "skip", "no fastsocket.ko")]
+    v = smoke.Verdict("fail", 12.345, checks, SmokeCheckError, "1 failed")
+    smoke.write_verdict(v, tmp_path, "fsbuild.smoke.t")
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    assert list(data) == ["verdict", "duration_s", "checks"]
+    assert data["verdict"] == "fail" and data["duration_s"] == 12.35
+    assert data["checks"][1] == {"name": "igb_queues", "status": "fail", "detail": "2 < 4 <&>"}
+    suite = ET.parse(tmp_path / "smoke-junit.xml").getroot().find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("3", "1", "1")
+    failure = suite.find("testcase[@name='igb_queues']/failure")
+    assert failure is not None and failure.get("message") == "2 < 4 <&>"
+
+
+# ---------------------------------------------------------------- RPM input
+
+def _build_rpm(tmp_path: Path, name: str, files: dict[str, str], symlinks: dict[str, str] | None = None,
+               arch: str = "x86_64") -> Path:
+    require_tool("rpmbuild")
+    src = tmp_path / f"src-{name}"
+    for rel, text in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    links = "".join(f"ln -s {t} %{{buildroot}}/{p}\n" for p, t in (symlinks or {}).items())
+    spec = tmp_path / f"{name}.spec"
+    spec.write_text(f"""Name: {name}
+Version: 1.0
+Release: 1
+Summary: test
+License: GPL-2.0
+BuildArch: {arch}
+%global debug_package %{{nil}}
+%global __os_install_post %{{nil}}
+%description
+test
+%install
+cp -a {src}/. %{{buildroot}}/
+{links}%files
+/*
+""")
+    top = tmp_path / "rpmbuild"
+    subprocess.run(["rpmbuild", "-bb", "--define", f"_topdir {top}", str(spec)], check=True, capture_output=True)
+    return next((top / "RPMS" / arch).glob(f"{name}-1.0-1.*.rpm"))
+
+
+def test_find_kernel_rpm(tmp_path: Path) -> None:
+    with pytest.raises(MissingFileError, match="does not exist"):
+        smoke.find_kernel_rpm(tmp_path / "nope")
+    for n in ("kernel-devel-1-1.x86_64.rpm", "kernel-firmware-1-1.noarch.rpm", "kernel-headers-1-1.x86_64.rpm"):
+        (tmp_path / n).write_bytes(b"")
+    with pytest.raises(MissingFileError, match="no kernel"):
+        smoke.find_kernel_rpm(tmp_path)
+    (tmp_path / "kernel-6.1.192-2.x86_64.rpm").write_bytes(b"")
+    assert smoke.find_kernel_rpm(tmp_path).name == "kernel-6.1.192-2.x86_64.rpm"
+    (tmp_path / "kernel-6.1.193-1.x86_64.rpm").write_bytes(b"")
+    with pytest.raises(MissingFileError, match="several"):
+        smoke.find_kernel_rpm(tmp_path)
+
+
+def test_stage_rpm_takes_only_kernel_and_modules(tmp_path: Path) -> None:
+    require_tool("rpm2cpio", "depmod")
+    rpm = _build_rpm(tmp_path, "kernel", {
+        "boot/vmlinuz-9.9.9-test": "KERNEL",
+        "boot/config-9.9.9-test": "CONFIG_X=y",
+        "lib/modules/9.9.9-test/kernel/net/fastsocket/fastsocket.ko": "not really elf",
+        "etc/should-not-be-extracted": "x",
+    }, symlinks={"lib/modules/9.9.9-test/build": "/usr/src/kernels/9.9.9-test"})
+    kin = smoke.stage_rpm(rpm, tmp_path / "root")
+    assert kin.kver == "9.9.9-test" and kin.vmlinuz.read_text() == "KERNEL"
+    assert (kin.modules_dir / "kernel/net/fastsocket/fastsocket.ko").is_file()
+    assert (kin.modules_dir / "modules.dep").is_file()          # computed with depmod -b
+    assert not (tmp_path / "root" / "etc").exists()
+    assert not (kin.modules_dir / "build").exists()              # absolute symlink never followed
+
+
+def test_stage_rpm_without_kernel_image(tmp_path: Path) -> None:
+    require_tool("rpm2cpio")
+    rpm = _build_rpm(tmp_path, "kernel", {"lib/modules/1.0/kernel/x.ko": "x"})
+    with pytest.raises(MissingFileError, match="vmlinuz"):
+        smoke.stage_rpm(rpm, tmp_path / "root")
+    with pytest.raises(MissingFileError, match="rpm2cpio|unreadable"):
+        bad = tmp_path / "kernel-bad.x86_64.rpm"
+        bad.write_bytes(b"not an rpm at all")
+        smoke.stage_rpm(bad, tmp_path / "root2")
+
+
+# ---------------------------------------------------------------- real QEMU
+
+def test_unbootable_kernel_is_a_boot_error(tmp_path: Path) -> None:
+    """QEMU refuses the 'kernel' at once: a boot error, fast, no hang."""
+    _boot_tools()
+    mdir = tmp_path / "root/lib/modules/0.0"
+    mdir.mkdir(parents=True)
+    (mdir / "modules.dep").write_text("")
+    vmlinuz = tmp_path / "vmlinuz-0.0"
+    vmlinuz.write_bytes(b"\0" * 4096)
+    kin = smoke.KernelInputs("0.0", vmlinuz, mdir, None)
+    start = time.monotonic()
+    v = smoke.boot(kin, tmp_path / "out", smoke.BootOptions(timeout=30, userspace=False))
+    assert v.error is SmokeBootError and v.verdict == "fail"
+    assert v.checks[0].name == "boot" and v.checks[0].status == "fail"
+    assert time.monotonic() - start < 25
+
+
+@pytest.mark.slow
+def test_panicking_guest_ends_as_panic_verdict(tmp_path: Path) -> None:
+    _boot_tools()
+    rpm = kernel_rpm_or_skip()
+    rpms = tmp_path / "rpms"
+    rpms.mkdir()
+    (rpms / rpm.name).symlink_to(rpm)
+    # init exits: "Attempted to kill init!" -> panic=-1 resets -> -no-reboot ends QEMU
+    opts = smoke.BootOptions(timeout=90, userspace=False,
+                             init=_init(tmp_path, 'echo "FSBOOT $(cat /proc/sys/kernel/osrelease)" > /dev/ttyS1\nexit 3\n'))
+    start = time.monotonic()
+    with pytest.raises(SmokePanicError, match="Attempted to kill init"):
+        smoke.run("linux-6.1", rpms, opts)
+    assert time.monotonic() - start < 60
+    out = Path(os.environ["FSBUILD_OUT"]) / "linux-6.1"
+    data = json.loads((out / "smoke.json").read_text())
+    assert data["verdict"] == "fail"
+    names = {c["name"]: c["status"] for c in data["checks"]}
+    assert names["boot"] == "pass" and names["kernel_panic"] == "fail"
+    assert (out / "smoke-junit.xml").is_file() and "Kernel panic" in (out / "smoke-serial.log").read_text()
+
+
+@pytest.mark.slow
+def test_hung_guest_ends_as_timeout_within_the_limit(tmp_path: Path) -> None:
+    _boot_tools()
+    kin = staged_kernel_or_skip()
+    opts = smoke.BootOptions(timeout=15, userspace=False, init=_init(
+        tmp_path, 'echo "FSBOOT hung" > /dev/ttyS1\nwhile :; do sleep 1; done\n'))
+    start = time.monotonic()
+    v = smoke.boot(kin, tmp_path / "out", opts)
+    elapsed = time.monotonic() - start
+    assert v.error is SmokeTimeoutError
+    assert v.checks[0].status == "pass" and v.checks[-1].name == "timeout"
+    assert elapsed < 15 + 10, f"timeout 15 s took {elapsed:.1f}s"
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "out")], capture_output=True).returncode == 1
+
+
+@pytest.mark.slow
+def test_smoke_command_boots_the_rpm(tmp_path: Path) -> None:
+    """`fsbuild smoke --rpms DIR --json` end to end on the real kernel RPM."""
+    _boot_tools()
+    rpm = kernel_rpm_or_skip()
+    rpms = tmp_path / "rpms"
+    rpms.mkdir()
+    (rpms / rpm.name).symlink_to(rpm)
+    proc = subprocess.run([sys.executable, "-m", "fsbuild", "smoke", "-t", "linux-6.1", "--rpms", str(rpms),
+                           "--timeout", "150", "--json"], capture_output=True, text=True, timeout=300)
+    data = json.loads(proc.stdout)
+    statuses = {c["name"]: c for c in data["checks"]}
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.strip()} {statuses}"
+    assert data["verdict"] == "pass"
+    kver = next(c["detail"] for c in data["checks"] if c["name"] == "kernel_version")
+    assert smoke.stage_rpm(rpm, tmp_path / "root").kver == kver
+    for name in ("boot", "nic_module:igb", "igb_queues", "igb_msix", "dmesg_clean"):
+        assert statuses[name]["status"] == "pass", statuses[name]
+    assert all(c["status"] != "fail" for c in data["checks"])
+    out = Path(os.environ["FSBUILD_OUT"]) / "linux-6.1"
+    assert json.loads((out / "smoke.json").read_text()) == data
+    assert ET.parse(out / "smoke-junit.xml").getroot().find("testsuite") is not None
+    assert "fsbuild-smoke" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                 text=True).stdout if shutil.which("ip") else True

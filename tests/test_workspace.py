@@ -1,0 +1,153 @@
+"""The git workspace and `fsbuild series ...`: import, push/pop, refresh keeping the
+description, new, import, export, status, list, check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fsbuild.target import load
+from fsbuild.workspace import Workspace, git_out, rerender
+from test_rebase import build_case, fsbuild, make_target
+from test_upstream import kernel_files, make_tarball, write_tree
+
+
+@pytest.fixture
+def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Workspace, Path, Path]:
+    old_tb, _, series, _ = build_case(tmp_path / "case")
+    tdir = make_target(tmp_path / "root", series)
+    monkeypatch.setenv("FSBUILD_ROOT", str(tmp_path / "root"))
+    cp = fsbuild("upstream", "import", str(old_tb), "-t", "t1", "--json")
+    assert cp.returncode == 0, cp.stderr
+    info = json.loads(cp.stdout)
+    assert info["version"] == "1.0.0" and info["tag"] == "upstream/1.0.0"
+    return Workspace(load("t1")), tdir, old_tb
+
+
+def test_import_is_pristine_and_cached(ws: tuple[Workspace, Path, Path], tmp_path: Path) -> None:
+    w, _, old_tb = ws
+    assert (w.root / "kernel" / "sched.c").read_text() == kernel_files("1.0.0")["kernel/sched.c"]
+    tag = git_out(w.root, "rev-parse", "upstream/1.0.0")
+    assert git_out(w.root, "rev-parse", "HEAD") == tag
+    # the same tarball again: same commit, no second import
+    assert w.import_upstream(__import__("fsbuild.upstream").upstream.resolve(w.target, str(old_tb))) == tag
+    # the commit is deterministic: a directory with the same files yields the same tree
+    d = write_tree(tmp_path / "dir", kernel_files("1.0.0"))
+    from fsbuild import upstream
+    assert git_out(w.root, "rev-parse", f"{w.import_upstream(upstream.resolve(w.target, str(d)))}^{{tree}}") \
+        == git_out(w.root, "rev-parse", "upstream/1.0.0^{tree}")
+
+
+def test_push_pop_list_status(ws: tuple[Workspace, Path, Path]) -> None:
+    w, tdir, _ = ws
+    cp = fsbuild("series", "push", "2", "-t", "t1")
+    assert cp.returncode == 0 and cp.stdout.split() == ["applied", "0001-clean.patch", "applied", "0002-offset.patch"]
+    assert "net line 10 patched" in (w.root / "net" / "Makefile").read_text()
+    log = git_out(w.root, "log", "-1", "--format=%B")
+    assert log.startswith("From: Dev") and log.rstrip().endswith("Fsbuild-Patch: 0002-offset.patch")
+    st = json.loads(fsbuild("series", "status", "-t", "t1", "--json").stdout)
+    assert (st["applied"], st["total"], st["top"], st["dirty"]) == (2, 6, "0002-offset.patch", False)
+    listing = fsbuild("series", "list", "-t", "t1").stdout.splitlines()
+    assert listing[:3] == ["+ 0001-clean.patch", "= 0002-offset.patch", "  0003-merged.patch"]
+    # pop refuses to throw away unrefreshed work
+    (w.root / "net" / "Makefile").write_text("edited\n")
+    cp = fsbuild("series", "pop", "-t", "t1")
+    assert cp.returncode == 12 and "unrefreshed" in cp.stderr
+    assert fsbuild("series", "pop", "-a", "-f", "-t", "t1").returncode == 0
+    assert git_out(w.root, "rev-parse", "HEAD") == git_out(w.root, "rev-parse", "upstream/1.0.0")
+    assert (w.root / "net" / "Makefile").read_text() == kernel_files("1.0.0")["net/Makefile"]
+    assert fsbuild("series", "push", "-a", "-t", "t1").returncode == 0
+    assert len(w.applied()) == 6
+    cp = fsbuild("series", "push", "-t", "t1")
+    assert cp.returncode == 12 and "fully applied" in cp.stderr
+
+
+def test_push_failure_names_patch_and_leaves_tree(ws: tuple[Workspace, Path, Path]) -> None:
+    w, tdir, _ = ws
+    (tdir / "0001-clean.patch").write_text((tdir / "0001-clean.patch").read_text().replace(" net line 9\n", " net line 99\n"))
+    cp = fsbuild("series", "push", "-t", "t1")
+    assert cp.returncode == 6 and "0001-clean.patch" in cp.stderr and "hunk #1" in cp.stderr
+    assert not w.dirty() and w.applied() == []
+
+
+def test_refresh_keeps_description(ws: tuple[Workspace, Path, Path]) -> None:
+    w, tdir, _ = ws
+    before = (tdir / "0001-clean.patch").read_bytes()
+    assert fsbuild("series", "push", "-t", "t1").returncode == 0
+    # refresh without changes: byte-identical file
+    assert fsbuild("series", "refresh", "-t", "t1").returncode == 0
+    assert (tdir / "0001-clean.patch").read_bytes() == before
+    mk = w.root / "net" / "Makefile"
+    mk.write_text(mk.read_text().replace("net line 12\n", "net line 12 also\n"))
+    assert fsbuild("series", "refresh", "-t", "t1").returncode == 0
+    after = (tdir / "0001-clean.patch").read_text()
+    desc = before.decode().split("--- a/")[0]
+    assert after.startswith(desc) and "+net line 12 also" in after and "+net line 10 patched" in after
+    assert not w.dirty()
+    # pop + push reproduces the refreshed change
+    assert fsbuild("series", "pop", "-t", "t1").returncode == 0
+    assert fsbuild("series", "push", "-t", "t1").returncode == 0
+    assert "net line 12 also" in mk.read_text()
+
+
+def test_new_import_export_check(ws: tuple[Workspace, Path, Path], tmp_path: Path) -> None:
+    w, tdir, _ = ws
+    assert fsbuild("series", "push", "-t", "t1").returncode == 0
+    cp = fsbuild("series", "new", "-t", "t1", "-m", "net: add fastsocket hook", "0001a-new.patch")
+    assert cp.returncode == 0, cp.stderr
+    series = (tdir / "series").read_text().splitlines()
+    assert series[:3] == ["# test series", "0001-clean.patch", "0001a-new.patch"]
+    (w.root / "net" / "fastsocket.c").write_text("int fastsocket;\n")
+    assert fsbuild("series", "refresh", "-t", "t1").returncode == 0
+    text = (tdir / "0001a-new.patch").read_text()
+    assert text.startswith("net: add fastsocket hook\n") and "+int fastsocket;" in text
+    # import after the top patch
+    extra = tmp_path / "extra.patch"
+    extra.write_text("Extra change\n---\n--- a/Makefile\n+++ b/Makefile\n@@ -5 +5 @@\n-NAME = Test\n+NAME = Extra\n")
+    assert fsbuild("series", "import", "-t", "t1", str(extra)).returncode == 0
+    assert (tdir / "series").read_text().splitlines()[3] == "extra.patch"
+    assert fsbuild("series", "import", "-t", "t1", str(extra)).returncode == 12  # twice: refused
+    assert fsbuild("series", "import", "-t", "t1", str(tmp_path / "missing.patch")).returncode == 3
+    out = tmp_path / "export"
+    assert fsbuild("series", "export", "-t", "t1", str(out)).returncode == 0
+    assert (out / "series").read_bytes() == (tdir / "series").read_bytes()
+    assert (out / "0001a-new.patch").read_bytes() == (tdir / "0001a-new.patch").read_bytes()
+    assert (out / "0003-merged.patch").read_bytes() == (tdir / "0003-merged.patch").read_bytes()
+    cp = fsbuild("series", "check", "-t", "t1")
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "8 patches apply exactly" in cp.stdout
+
+
+def test_check_reports_offsets(ws: tuple[Workspace, Path, Path], tmp_path: Path) -> None:
+    w, tdir, _ = ws
+    # import an upstream with 5 extra lines at the top of sched.c: 0002 applies with an offset
+    files = kernel_files("1.0.0")
+    files["kernel/sched.c"] = "x\n" * 5 + files["kernel/sched.c"]
+    tb = make_tarball(tmp_path / "shifted.tar.gz", "linux-1.0.0", files)
+    assert fsbuild("upstream", "import", str(tb), "-t", "t1").returncode == 0
+    cp = fsbuild("series", "check", "-t", "t1")
+    assert cp.returncode == 6
+    assert "FAIL 0002-offset.patch: kernel/sched.c hunk #1 offset +5" in cp.stdout
+
+
+def test_commands_without_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, _, series, _ = build_case(tmp_path / "case")
+    make_target(tmp_path / "root", series)
+    monkeypatch.setenv("FSBUILD_ROOT", str(tmp_path / "root"))
+    cp = fsbuild("series", "push", "-t", "t1")
+    assert cp.returncode == 12 and "upstream import" in cp.stderr
+    cp = fsbuild("upstream", "import", str(tmp_path / "nope.tar.gz"), "-t", "t1")
+    assert cp.returncode == 3 and cp.stderr.startswith("fsbuild: error:")
+
+
+def test_rerender_keeps_headers_and_trailer() -> None:
+    original = (b"Desc\n\nSigned-off-by: x\n---\n net/a | 2 +-\n\n"
+                b"diff --git a/net/a b/net/a\nindex 1111111..2222222 100644\n--- a/net/a\n+++ b/net/a\n"
+                b"@@ -1,3 +1,3 @@\n a\n-b\n+B\n c\n-- \n2.39.5\n")
+    new_diff = (b"diff --git a/net/a b/net/a\nindex 3333333..4444444 100644\n--- a/net/a\n+++ b/net/a\n"
+                b"@@ -10,3 +10,3 @@\n a\n-b\n+B\n c\n")
+    out = rerender(original, new_diff, "p.patch")
+    assert out == original.replace(b"@@ -1,3 +1,3 @@", b"@@ -10,3 +10,3 @@")
