@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fsbuild import build, spec, target  # noqa: E402
+from fsbuild import build, target  # noqa: E402
 
 
 def sh(cmd: list[str] | str, **kw: object) -> float:

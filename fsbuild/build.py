@@ -5,6 +5,8 @@ rebuild is a no-op."""
 
 from __future__ import annotations
 
+import datetime as dt
+import gzip
 import hashlib
 import io
 import json
@@ -16,14 +18,12 @@ import signal
 import subprocess
 import tarfile
 import time
-import datetime as dt
-import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fsbuild import paths, progress, proc, spec
 from fsbuild.errors import (BuildError, FsbuildError, MissingFileError, PatchApplyError,
-                            RunInterruptedError, TargetError, ToolMissingError)
+                            RunInterruptedError, TargetError)
 from fsbuild.target import Target
 
 # Bump when the build recipe changes in a way the hashed inputs do not show.

@@ -136,14 +136,22 @@ def module_name(path: str) -> str:
 
 
 def parse_modules_dep(text: str) -> dict[str, list[str]]:
-    """modules.dep -> {relative .ko path: [dependency paths]} (paths as written)."""
+    """modules.dep -> {relative .ko path: [dependency paths]}. Old depmods (the 2.6.32
+    era) wrote absolute /lib/modules/<kver>/... paths: made relative here."""
     deps: dict[str, list[str]] = {}
     for line in text.splitlines():
         if ":" not in line:
             continue
         mod, _, rest = line.partition(":")
-        deps[mod.strip()] = rest.split()
+        deps[_relative(mod.strip())] = [_relative(d) for d in rest.split()]
     return deps
+
+
+def _relative(path: str) -> str:
+    parts = PurePosixPath(path).parts
+    if path.startswith("/") and len(parts) > 4 and parts[1:3] == ("lib", "modules"):
+        return "/".join(parts[4:])
+    return path
 
 
 def closure(deps: Mapping[str, list[str]], wanted: Iterable[str]) -> list[str]:
@@ -246,6 +254,9 @@ def build(spec: GuestSpec, out: Path) -> GuestImage:
         w.add_dir(d)
     w.add_node("dev/console", "c", 5, 1)
     w.add_node("dev/null", "c", 1, 3, 0o666)
+    # The checks channel must exist even where devtmpfs is not configured.
+    w.add_node("dev/ttyS0", "c", 4, 64)
+    w.add_node("dev/ttyS1", "c", 4, 65)
     w.add_file("bin/busybox", spec.busybox.read_bytes(), 0o755)
     for applet in busybox_applets(spec.busybox):
         w.add_symlink(f"bin/{applet}", "busybox")
@@ -257,6 +268,11 @@ def build(spec: GuestSpec, out: Path) -> GuestImage:
     conf = dict(spec.config, KVER=spec.kver,
                 NIC_MODULES=" ".join(module_name(m) for m in wanted),
                 FASTSOCKET_KO="1" if fs_mod else "0")
+    # Per-module insmod chains (deps first): the init's fallback when busybox modprobe
+    # misbehaves on an old kernel.
+    for name in wanted + (["fastsocket"] if fs_mod else []):
+        chain = closure(deps, [name])
+        conf[f"MODCHAIN_{name.replace('-', '_')}"] = " ".join(_plain(p) for p in chain)
     w.add_file("etc/fsmoke.conf", "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(conf.items()))
                .encode())
     w.close()

@@ -13,12 +13,12 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsbuild import paths
 from fsbuild.errors import ToolMissingError
 
 QEMU = "qemu-system-x86_64"
@@ -55,6 +55,7 @@ class VmConfig:
     memory_mb: int = 512
     pvpanic: bool = True
     qemu: str = QEMU
+    qmp_path: Path | None = None   # default workdir/qmp.sock; run() picks a short one
 
 
 @dataclass
@@ -103,7 +104,7 @@ def accel_arg(accel: Accel, smp: int, host_cpus: int | None = None) -> str:
 
 
 def qmp_socket(cfg: VmConfig) -> Path:
-    return cfg.workdir / "qmp.sock"
+    return cfg.qmp_path or cfg.workdir / "qmp.sock"
 
 
 def full_argv(cfg: VmConfig) -> list[str]:
@@ -121,7 +122,9 @@ def _boot_id() -> str:
 
 
 def _probe_cache() -> Path:
-    return paths.state_dir() / "smoke" / "accel-probe.json"
+    # A host fact, not project state: shared by every checkout and test of this user and
+    # keyed by boot id, so a reboot (or a fixed KVM) is probed afresh.
+    return Path(tempfile.gettempdir()) / f"fsbuild-accel-probe-{os.getuid()}.json"
 
 
 def probe_accel(kernel: Path, qemu: str = QEMU, timeout: float = PROBE_TIMEOUT_S,
@@ -135,24 +138,28 @@ def probe_accel(kernel: Path, qemu: str = QEMU, timeout: float = PROBE_TIMEOUT_S
         return Accel("tcg", "no usable /dev/kvm: TCG")
     cache = _probe_cache()
     key = f"{_boot_id()} {shutil.which(qemu)}"
-    if use_cache:
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            data = json.loads(cache.read_text())
-            if data["key"] == key:
-                return Accel(data["name"], data["reason"] + " (cached for this host boot)")
+    known: dict[str, dict[str, str]] = {}
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(cache.read_text())
+    if use_cache and isinstance(known.get(key), dict):
+        hit = known[key]
+        return Accel(hit["name"], hit["reason"] + " (cached for this host boot)")
     accel = _probe_kvm_boot(kernel, qemu, timeout)
+    # Keep only answers for this boot and for QEMU binaries that still exist.
+    known = {k: v for k, v in known.items()
+             if k.startswith(_boot_id() + " ") and Path(k.split(" ", 1)[1]).exists()}
+    known[key] = {"name": accel.name, "reason": accel.reason}
     with contextlib.suppress(OSError):
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "name": accel.name, "reason": accel.reason}))
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache)
     return accel
 
 
 def _probe_kvm_boot(kernel: Path, qemu: str, timeout: float) -> Accel:
     # A trivial guest runs fine under a broken KVM; the hang shows only once a real kernel
     # enters long mode, so boot the kernel itself and wait for its first console byte.
-    workdir = paths.state_dir() / "smoke"
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / f"kvm-probe-{os.getpid()}.log"
+    log = Path(tempfile.gettempdir()) / f"fsbuild-kvm-probe-{os.getpid()}.log"
     log.unlink(missing_ok=True)
     cmd = [qemu, "-accel", "kvm", "-M", "q35", "-m", "128", "-nodefaults", "-display", "none",
            "-no-reboot", "-kernel", str(kernel), "-append",
@@ -166,8 +173,9 @@ def _probe_kvm_boot(kernel: Path, qemu: str, timeout: float) -> Accel:
             if log.exists() and log.stat().st_size > 0:
                 return Accel("kvm", f"KVM printed within {time.monotonic() - start:.1f}s")
             if proc.poll() is not None:
-                err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
-                return Accel("tcg", f"KVM unusable ({err.strip().splitlines()[-1:] or 'exit'}): TCG")
+                err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace").strip()
+                last = err.splitlines()[-1] if err else f"exit {proc.returncode}"
+                return Accel("tcg", f"KVM unusable ({last}): TCG")
             time.sleep(0.05)
         return Accel("tcg", f"KVM probe printed nothing in {timeout:.0f}s (hangs): TCG")
     finally:
@@ -199,6 +207,7 @@ def setup_net(name: str) -> Net:
         return user_net("no `ip` tool: user networking (single queue virtio-net)")
     if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
         return user_net("no /dev/net/tun: user networking (single queue virtio-net)")
+    _reap_stale_netns()
     r = _ip("netns", "add", name)
     if r.returncode != 0:
         return user_net(f"cannot create a netns ({r.stderr.decode().strip()}): user networking "
@@ -206,7 +215,8 @@ def setup_net(name: str) -> Net:
     steps = [("-n", name, "tuntap", "add", "dev", "fsigb0", "mode", "tap"),
              ("-n", name, "tuntap", "add", "dev", "fsvnet0", "mode", "tap", "multi_queue"),
              ("-n", name, "link", "set", "fsigb0", "up"),
-             ("-n", name, "link", "set", "fsvnet0", "up")]
+             ("-n", name, "link", "set", "fsvnet0", "up"),
+             ("netns", "exec", name, "true")]  # QEMU will be started this way
     for step in steps:
         r = _ip(*step)
         if r.returncode != 0:
@@ -217,6 +227,16 @@ def setup_net(name: str) -> Net:
             "-netdev", f"tap,id=n1,ifname=fsvnet0,script=no,downscript=no,queues={TAP_QUEUES},vhost=off",
             "-device", f"virtio-net-pci,netdev=n1,mq=on,vectors={2 * TAP_QUEUES + 2},mac={GUEST_MAC[1]}")
     return Net("tap-netns", f"multi_queue tap ({TAP_QUEUES} queues) in netns {name}", name, args)
+
+
+def _reap_stale_netns() -> None:
+    """Namespaces of smoke runs that were SIGKILLed (fsbuild-smoke-<pid>, pid gone)."""
+    listing = _ip("netns", "list").stdout.decode()
+    for line in listing.splitlines():
+        name = line.split()[0] if line.split() else ""
+        pid = name.removeprefix("fsbuild-smoke-")
+        if name.startswith("fsbuild-smoke-") and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            _ip("netns", "del", name)
 
 
 def teardown_net(net: Net) -> None:
@@ -259,9 +279,13 @@ def run(cfg: VmConfig, timeout: float, stop_when: StopPredicate,
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_bytes(b"")
     cfg.workdir.mkdir(parents=True, exist_ok=True)
-    qmp_socket(cfg).unlink(missing_ok=True)
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # disconnects at quit are expected
-    return asyncio.run(_run(cfg, timeout, stop_when, status))
+    # unix socket paths are limited to 107 bytes; out/ may be deep (CI, pytest tmp dirs).
+    with tempfile.TemporaryDirectory(prefix="fsbuild-qmp-") as sockdir:
+        if len(str(qmp_socket(cfg))) > 100:
+            cfg.qmp_path = Path(sockdir) / "qmp.sock"
+        qmp_socket(cfg).unlink(missing_ok=True)
+        return asyncio.run(_run(cfg, timeout, stop_when, status))
 
 
 async def _run(cfg: VmConfig, timeout: float, stop_when: StopPredicate, status: StatusFn) -> VmResult:
@@ -274,19 +298,21 @@ async def _run(cfg: VmConfig, timeout: float, stop_when: StopPredicate, status: 
         stderr=open(cfg.workdir / "qemu.stderr", "wb"), start_new_session=True)
     result = VmResult(None, False, None, 0.0)
     qmp = QMPClient("fsbuild-smoke")
+    # QMP comes up in the background: the guest is watched (and the deadline kept) from
+    # the first moment, even if the monitor never answers.
+    connect = asyncio.create_task(_connect(qmp, qmp_socket(cfg), proc, deadline))
     events: asyncio.Task[None] | None = None
     try:
         status(f"QEMU started ({cfg.accel.name}, {cfg.net.mode} networking)")
-        if await _connect(qmp, qmp_socket(cfg), proc, deadline):
-            events = asyncio.create_task(_collect_events(qmp, result))
-            with contextlib.suppress(Exception):
-                answer = await asyncio.wait_for(qmp.execute("query-status"), 2)
-                result.status = str(answer.get("status")) if isinstance(answer, dict) else None
         while True:
+            if events is None and connect.done() and connect.result():
+                events = asyncio.create_task(_collect_events(qmp, result))
+                result.status = await _query_status(qmp)
             reason = stop_when()
             if reason:
                 result.stopped_by = reason
-                await _quit(qmp, proc)
+                if connect.done() and connect.result():
+                    await _quit(qmp, proc)
                 break
             if proc.returncode is not None:
                 break
@@ -299,6 +325,7 @@ async def _run(cfg: VmConfig, timeout: float, stop_when: StopPredicate, status: 
         if result.stopped_by is None:
             result.stopped_by = stop_when()
     finally:
+        connect.cancel()
         if events is not None:
             events.cancel()
         _kill_group(proc)
@@ -327,6 +354,14 @@ async def _connect(qmp: object, sock: Path, proc: asyncio.subprocess.Process, de
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(proc.wait(), 0.05)
     return False
+
+
+async def _query_status(qmp: object) -> str | None:
+    with contextlib.suppress(Exception):
+        answer = await asyncio.wait_for(qmp.execute("query-status"), 2)  # type: ignore[attr-defined]
+        if isinstance(answer, dict):
+            return str(answer.get("status"))
+    return None
 
 
 async def _collect_events(qmp: object, result: VmResult) -> None:

@@ -30,9 +30,9 @@ from pathlib import Path
 from fsbuild import paths, progress
 from fsbuild import upstream as U
 from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
-                            RebaseConflictError, UnsafePathError, WorkspaceError)
+                            RebaseConflictError, RunInterruptedError, UnsafePathError, WorkspaceError)
 from fsbuild.target import Target
-from fsbuild.workspace import (Applied, CommitSpec, Content, Entry, GitCat, Reader, Workspace,
+from fsbuild.workspace import (Applied, CommitSpec, Content, Entry, GitCat, Overlay, Reader, Workspace,
                                apply_patch, atomic_write, commit_diff, commit_message,
                                fast_commits, git, git_out, read_series, rerender,
                                update_series_file, write_tree_changes)
@@ -65,20 +65,6 @@ class OldPatch:
 
 
 # ---------------------------------------------------------------- the engine
-
-class Overlay:
-    """A tree = a git tree + in-memory changes on top."""
-
-    def __init__(self, base: Reader) -> None:
-        self.base = base
-        self.changes: dict[str, Content] = {}
-
-    def __call__(self, path: str) -> Content:
-        return self.changes[path] if path in self.changes else self.base(path)
-
-    def update(self, changes: dict[str, Content]) -> None:
-        self.changes.update(changes)
-
 
 def apply_old(entries: list[Entry], folder: Path, base: Reader) -> list[OldPatch]:
     """The old series on the old upstream (GNU default fuzz 2, as quilt applied it)."""
@@ -186,6 +172,7 @@ class Plan:
     refs_before: dict[str, str] = field(default_factory=dict)
     state_before: str = ""       # workspace.json before the rebase
     phase: str = "carry"         # carry | export
+    flushed: int = 0             # results whose commits exist (the rest is redone on resume)
 
 
 def _entries_of(plan_series: Path) -> list[Entry]:
@@ -197,26 +184,52 @@ def run_carry(repo: Path, plan: Plan, start: int, stop_on_conflict: bool,
     """Carry patches from `start`; returns the index of a conflicting patch when stopping."""
     entries = _entries_of(Path(plan.series))
     folder = Path(plan.series).parent
-    with GitCat(repo) as cat:
-        tree = Overlay(cat.reader(plan.tip or plan.new_base))
-        pending: list[tuple[str, dict[str, Content], str]] = []   # (name, changes, message)
-        with progress.bar("rebasing", total=len(entries) - start) as bar:
-            for i in range(start, len(entries)):
-                old = _old_patch(cat, plan, entries, folder, i)
-                result, changes = carry(old, tree, plan.new_version)
-                bar.advance(description=f"{result.outcome:8} {old.entry.name}")
-                if result.outcome == "conflict" and stop_on_conflict:
-                    _flush(repo, plan, pending)
-                    plan.results.append(asdict(result))
-                    plan.stopped = i
-                    if with_worktree:
-                        _show_conflict(repo, plan, changes)
-                    return i
+    committed = len(plan.results)
+    try:
+        with GitCat(repo) as cat:
+            return _carry_loop(repo, plan, cat, entries, folder, start, stop_on_conflict, with_worktree)
+    except BaseException:
+        # Ctrl-C or error: forget results whose commits were not written, so --continue
+        # redoes exactly those patches
+        del plan.results[max(committed, plan.flushed):]
+        plan.stopped = -1
+        raise
+
+
+def _carry_loop(repo: Path, plan: Plan, cat: GitCat, entries: list[Entry], folder: Path,
+                start: int, stop_on_conflict: bool, with_worktree: bool) -> int | None:
+    tree = Overlay(cat.reader(plan.tip or plan.new_base))
+    pending: list[tuple[str, dict[str, Content], str]] = []   # (name, changes, message)
+    with progress.bar("rebasing", total=len(entries) - start) as bar:
+        i = start
+        while i < len(entries):
+            old = _old_patch(cat, plan, entries, folder, i)
+            result, changes = carry(old, tree, plan.new_version)
+            if result.outcome == "conflict" and (last := _combined_upstream(cat, plan, entries, i, tree)):
+                names = [e.name for e in entries[i:last + 1]]
+                for name in names:
+                    plan.results.append(asdict(Result(
+                        name, "upstream", f"combined change of {' + '.join(names)} is already "
+                        f"in {plan.new_version}")))
+                bar.advance(last + 1 - i)
+                i = last + 1
+                continue
+            bar.advance(description=f"{result.outcome:8} {old.entry.name}")
+            if result.outcome == "conflict" and stop_on_conflict:
+                _flush(repo, plan, pending)
                 plan.results.append(asdict(result))
-                if result.outcome in ("clean", "offset", "merged"):
-                    tree.update(changes)
-                    pending.append((old.entry.name, changes, commit_message(old.data, old.entry.name)))
-        _flush(repo, plan, pending)
+                plan.flushed = len(plan.results)
+                plan.stopped = i
+                if with_worktree:
+                    _show_conflict(repo, plan, changes)
+                return i
+            plan.results.append(asdict(result))
+            if result.outcome in ("clean", "offset", "merged"):
+                tree.update(changes)
+                pending.append((old.entry.name, changes, commit_message(old.data, old.entry.name)))
+            i += 1
+    _flush(repo, plan, pending)
+    plan.flushed = len(plan.results)
     plan.stopped = -1
     return None
 
@@ -229,6 +242,29 @@ def _old_patch(cat: GitCat, plan: Plan, entries: list[Entry], folder: Path, i: i
     before_r, after_r = cat.reader(parent), cat.reader(plan.old_commits[i])
     touched = _touched(cat, parent, plan.old_commits[i])
     return OldPatch(e, data, {p: before_r(p) for p in touched}, {p: after_r(p) for p in touched})
+
+
+LOOKAHEAD = 3
+
+
+def _combined_upstream(cat: GitCat, plan: Plan, entries: list[Entry], i: int, tree: Overlay) -> int | None:
+    """For a conflicting patch i: the last index j (up to LOOKAHEAD patches on) such that
+    patches i..j together are already upstream (e.g. a revert followed by a corrected
+    re-apply, both superseded by the new upstream), else None."""
+    before = plan.old_commits[i - 1] if i else plan.old_base
+    base_r = cat.reader(before)
+    for j in range(i + 1, min(i + 1 + LOOKAHEAD, len(entries))):
+        after_r = cat.reader(plan.old_commits[j])
+        clean_noop = True
+        for path in _touched(cat, before, plan.old_commits[j]):
+            ours = tree(path)
+            merged, ok = merge_file(base_r(path), ours, after_r(path), entries[i].name)
+            if not ok or merged != ours:
+                clean_noop = False
+                break
+        if clean_noop:
+            return j
+    return None
 
 
 def _touched(cat: GitCat, a: str, b: str) -> list[str]:
@@ -394,6 +430,10 @@ class Rebase:
     def _carry(self, plan: Plan, start: int) -> list[Result]:
         try:
             stopped = run_carry(self.ws.root, plan, start, stop_on_conflict=True, with_worktree=True)
+        except KeyboardInterrupt:
+            self._save(plan)
+            raise RunInterruptedError("rebase interrupted; patches/ untouched: "
+                                      "`fsbuild rebase --continue` resumes, `--abort` restores") from None
         finally:
             self._save(plan)
         if stopped is not None:
@@ -492,10 +532,11 @@ class Rebase:
         plan.phase = "export"
         self._save(plan)
         repo = self.ws.root
-        entries = read_series(Path(plan.series))
+        manifest = json.loads((self.backup / "manifest.json").read_text())
+        # the series as it was: a rerun after Ctrl-C must not see a half-updated one
+        entries = read_series(self.backup / manifest[str(self.target.series)])
         results = [Result(**r) for r in plan.results]  # type: ignore[arg-type]
         folder = self.target.series.parent
-        manifest = json.loads((self.backup / "manifest.json").read_text())
         originals = {p: (self.backup / k).read_bytes() for p, k in manifest.items()}
         kept = []
         for e, r in zip(entries, results):

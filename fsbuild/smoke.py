@@ -237,7 +237,7 @@ def _last_line(text: str) -> str:
 
 
 def classify(rep: GuestReport, console: str, vm: qemu.VmResult, timeout: float,
-             boot_detail: str) -> tuple[list[Check], type[FsbuildError] | None, str]:
+             boot_detail: str, qemu_stderr: str = "") -> tuple[list[Check], type[FsbuildError] | None, str]:
     """Host-side checks + the guest's, and the error class of the outcome (None = pass)."""
     panic = find_panic(console)
     if panic is None and any(e.startswith("GUEST_PANICKED") for e in vm.events):
@@ -256,6 +256,9 @@ def classify(rep: GuestReport, console: str, vm: qemu.VmResult, timeout: float,
         return checks, SmokeTimeoutError, f"guest hung: no verdict within {timeout:.0f}s ({where})"
     if not rep.booted:
         why = f"QEMU exit {vm.returncode}, events {vm.events or 'none'}"
+        if qemu_stderr.strip():
+            why += f", QEMU said: {_last_line(qemu_stderr)}"
+            checks[0].detail += f"; QEMU said: {_last_line(qemu_stderr)}"
         return checks, SmokeBootError, f"guest did not boot to init ({why}); last console line: {_last_line(console)}"
     if not rep.done:
         checks.append(Check("guest_complete", "fail", f"guest stopped after check {last} "
@@ -346,10 +349,12 @@ def boot(kin: KernelInputs, out: Path, opts: BootOptions,
                             accel=accel, net=net, append=opts.append)
         watcher = _Watcher(cfg, status)
         vm = qemu.run(cfg, opts.timeout, watcher.poll, status)
-    rep = parse_guest(_read(cfg.checks_log))
+    rep = _guest_report(cfg)
     boot_detail = (f"{accel.name} ({accel.reason}); network {net.mode} ({net.reason}); "
-                   f"QEMU {vm.duration_s:.1f}s")
-    checks, err, message = classify(rep, _read(cfg.serial_log), vm, opts.timeout, boot_detail)
+                   f"QEMU {vm.duration_s:.1f}s, QMP status {vm.status or 'n/a'}, "
+                   f"events {','.join(vm.events) or 'none'}")
+    checks, err, message = classify(rep, _read(cfg.serial_log), vm, opts.timeout, boot_detail,
+                                    _read(work / "qemu.stderr"))
     checks = checks[:1] + host_checks + checks[1:]
     if err is None and host_checks:
         err, message = SmokeCheckError, "guest userspace failed to build"
@@ -363,17 +368,26 @@ class _Watcher:
         self.cfg, self.status, self.seen = cfg, status, 0
 
     def poll(self) -> str | None:
-        rep = parse_guest(_read(self.cfg.checks_log))
+        rep = _guest_report(self.cfg)
         if rep.done:
             return "done"
         if find_panic(_read(self.cfg.serial_log)):
             return "panic"
-        n = len(rep.checks) + (1 if rep.booted else 0)
-        if n != self.seen:
-            self.seen = n
-            self.status(f"guest: {rep.checks[-1].name} {rep.checks[-1].status}" if rep.checks
-                        else "guest: init running")
+        if not rep.booted:
+            return None
+        if self.seen == 0:  # seen = 1 (init) + checks already shown
+            self.status(f"guest: init running ({rep.booted})")
+            self.seen = 1
+        for c in rep.checks[self.seen - 1:]:
+            self.status(f"guest: {c.name} {c.status}")
+        self.seen = len(rep.checks) + 1
         return None
+
+
+def _guest_report(cfg: qemu.VmConfig) -> GuestReport:
+    """The checks channel (ttyS1); the console when the guest had no ttyS1 and fell back."""
+    rep = parse_guest(_read(cfg.checks_log))
+    return rep if rep.booted else parse_guest(_read(cfg.serial_log))
 
 
 def _read(path: Path) -> str:
@@ -390,9 +404,15 @@ def run(target: str, rpm_dir: Path | None = None, opts: BootOptions | None = Non
     out = paths.out_dir(target)
     rpm = find_kernel_rpm(rpm_dir or out / "rpms")
     with progress.bar(f"smoke {target}: staging {rpm.name}") as bar:
+
+        def status(msg: str) -> None:
+            bar.update(f"smoke {target}: {msg}")
+            if not progress.enabled():  # CI logs: one line per phase instead of a live bar
+                progress.info(f"smoke {target}: {msg}")
+
         kin = stage_rpm(rpm, out / "smoke" / "root")
-        bar.update(f"smoke {target}: booting {kin.kver}")
-        verdict = boot(kin, out, opts, lambda m: bar.update(f"smoke {target}: {m}"))
+        status(f"booting {kin.kver} from {rpm.name}")
+        verdict = boot(kin, out, opts, status)
     verdict.duration_s = time.monotonic() - start
     write_verdict(verdict, out, f"fsbuild.smoke.{target}")
     if verdict.error is not None:

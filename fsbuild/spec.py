@@ -182,7 +182,8 @@ def render(inputs: SpecInputs, upstream_desc: str) -> str:
         oldconfig=inputs.oldconfig, with_firmware=inputs.with_firmware,
         firmware_noarch=inputs.firmware_noarch, firmware_install=inputs.firmware_install,
         has_fastsocket=inputs.has_fastsocket, build_requires=inputs.build_requires,
-        patches=inputs.patches, changelog=changelog(inputs, upstream_desc))
+        patches=inputs.patches, packager=inputs.author,
+        changelog=changelog(inputs, upstream_desc))
 
 
 def render_config_check() -> str:

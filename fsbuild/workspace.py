@@ -113,6 +113,11 @@ class GitReader:
     def __init__(self, cat: GitCat, tree: str) -> None:
         self.cat, self.tree = cat, tree
 
+    def isdir(self, path: str) -> bool:
+        parent, _, base = path.rpartition("/")
+        entry = self.cat.listing(self.tree, parent).get(base)
+        return entry is not None and entry[0] == 0o40000
+
     def __call__(self, path: str) -> Content:
         parent, _, base = path.rpartition("/")
         entry = self.cat.listing(self.tree, parent).get(base)
@@ -138,6 +143,13 @@ def tree_reader(root: Path) -> Reader:
     """Reads files of a work tree, refusing paths that leave it through symlinks."""
     real_root = root.resolve()
 
+    class _Read:
+        def isdir(self, path: str) -> bool:
+            return (root / path).is_dir() and not (root / path).is_symlink()
+
+        def __call__(self, path: str) -> Content:
+            return read(path)
+
     def read(path: str) -> Content:
         full = root / path
         try:
@@ -150,7 +162,7 @@ def tree_reader(root: Path) -> Reader:
             return None
         return full.read_bytes(), 0o100755 if st.st_mode & 0o100 else 0o100644
 
-    return read
+    return _Read()
 
 
 def _fi_path(path: str) -> bytes:
@@ -200,6 +212,33 @@ def fast_commits(repo: Path, specs: list[CommitSpec]) -> list[str]:
     return [by_mark[f":{n}"] for n in range(1, len(specs) + 1)]
 
 
+class Overlay:
+    """A tree = a git tree + in-memory changes on top."""
+
+    def __init__(self, base: Reader) -> None:
+        self.base = base
+        self.changes: dict[str, Content] = {}
+
+    def __call__(self, path: str) -> Content:
+        return self.changes[path] if path in self.changes else self.base(path)
+
+    def update(self, changes: dict[str, Content]) -> None:
+        self.changes.update(changes)
+        self._dirs = {d for p, c in self.changes.items() if c is not None
+                      for d in _parents(p)}
+
+    def isdir(self, path: str) -> bool:
+        if path in getattr(self, "_dirs", ()):
+            return True
+        isdir = getattr(self.base, "isdir", None)
+        return bool(isdir(path)) if isdir else True
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split("/")[:-1]
+    return ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]
+
+
 # ---------------------------------------------------------------- patches in memory
 
 @dataclass
@@ -228,8 +267,19 @@ class _ReaderTree(S.Tree):
             self.orig[rel] = None if content is None else S.FileState(content[0], content[1] & 0o777)
         return self.orig[rel]
 
-    def missing_dirs(self, rel: str) -> int:
-        return 0
+    def _check_dirs(self, rel: str) -> bool:
+        """GNU picks the file name needing the fewest new directories: ask the reader."""
+        isdir = getattr(self._read, "isdir", None)
+        if isdir is None:
+            return True
+        parts = rel.split("/")[:-1]
+        for k in range(1, len(parts) + 1):
+            d = "/".join(parts[:k])
+            if d not in self._dirs:
+                self._dirs[d] = bool(isdir(d))
+            if not self._dirs[d]:
+                return False
+        return True
 
 
 def apply_patch(data: bytes, name: str, strip: int, read: Reader, fuzz: int = 0,
@@ -265,12 +315,27 @@ def rerender(original: bytes, new_diff: bytes, name: str) -> bytes:
         orig = by_path.get(_key(fp))
         if orig is not None and not (fp.binary or orig.binary):
             fp = P.FilePatch(orig.old_name, orig.new_name, orig.lineno, header=orig.header,
-                             hunks=fp.hunks, git=orig.git)
+                             hunks=[_like(h, orig.hunks) for h in fp.hunks], git=orig.git)
         files.append(fp)
         idx = old.files.index(orig) if orig is not None else -1
         leading.append(old.leading[idx] if 0 < idx < len(old.leading) else b"")
     out = P.Patch(name, old.description, files, leading, old.trailer)
     return P.format_patch(out)
+
+
+def _like(h: P.Hunk, olds: list[P.Hunk]) -> P.Hunk:
+    """Give a regenerated hunk the `@@` section text the original tool wrote (GNU diff
+    without -p writes none; git adds a function name), so only line numbers churn."""
+    same = next((o for o in olds if o.lines == h.lines), None)
+    if same is not None:
+        section = same.section
+    elif all(not o.section.strip() for o in olds):
+        section = b""
+    else:
+        return h
+    if section != h.section:
+        h.section, h.raw = section, None
+    return h
 
 
 def _key(fp: P.FilePatch) -> str:
@@ -584,11 +649,7 @@ class Workspace:
         base = self.require()["base"]
         results: list[tuple[str, str]] = []
         with GitCat(self.root) as cat:
-            reader = cat.reader(base)
-            overlay: dict[str, Content] = {}
-
-            def read(path: str) -> Content:
-                return overlay[path] if path in overlay else reader(path)
+            read = Overlay(cat.reader(base))
 
             for e in self.entries():
                 path = self.patch_path(e)
@@ -600,7 +661,7 @@ class Workspace:
                 except (PatchApplyError, PatchFormatError, UnsafePathError) as exc:
                     results.append((e.name, f"FAILED: {exc.message}"))
                     continue
-                overlay.update(applied.changes)
+                read.update(applied.changes)
                 results.append((e.name, _offset_text(applied) or "ok"))
         return results
 

@@ -163,10 +163,28 @@ static int env_on(const char *name)
 
 static void atfork_prepare(void) { pthread_mutex_lock(&g_mu); }
 static void atfork_parent(void) { pthread_mutex_unlock(&g_mu); }
+
+/* A child must not keep the parent's local listeners alive: a helper process that never
+ * accepts would otherwise hold a queue the steering keeps feeding.  The child spawns its
+ * own on first use (owner != its pid). */
 static void atfork_child(void)
 {
+	int c, i;
+
 	g_pid = (pid_t)syscall(SYS_getpid);
 	pthread_mutex_init(&g_mu, NULL);
+	for (c = 0; c < NCHUNKS; c++) {
+		struct fdent *ch = g_chunks[c];
+		if (!ch)
+			continue;
+		for (i = 0; i < CHUNK; i++) {
+			if (ch[i].local_fd < 0)
+				continue;
+			sys_close(ch[i].local_fd);
+			ch[i].local_fd = -1;
+			ch[i].flags &= ~F_SPAWNED;
+		}
+	}
 }
 
 static int query_version(struct fsock_version *v)

@@ -410,6 +410,7 @@ static int rp_listen(int fd, int backlog)
 	struct socket *sock;
 	struct sock *sk;
 	int err, somaxconn;
+	bool spawn;
 
 	sock = sockfd_lookup(fd, &err);
 	if (!sock)
@@ -418,11 +419,12 @@ static int rp_listen(int fd, int backlog)
 	somaxconn = READ_ONCE(sock_net(sk)->core.sysctl_somaxconn);
 	if ((unsigned int)backlog > somaxconn)
 		backlog = somaxconn;	/* as listen(2) */
+	spawn = fsock_param(FSOCK_PARAM_LISTEN_SPAWN) && fsock_spawnable(sk);
 	/* SO_REUSEPORT before listen: the group is formed when the socket is hashed. */
-	if (fsock_param(FSOCK_PARAM_LISTEN_SPAWN) && fsock_spawnable(sk) && !sk->sk_reuseport)
+	if (spawn && !sk->sk_reuseport)
 		sock_set_reuseport(sk);
 	err = kernel_listen(sock, backlog);
-	if (!err && sk->sk_reuseport && fsock_spawnable(sk)) {
+	if (!err && spawn) {
 		struct fsock_ent *e;
 
 		mutex_lock(&fsock_lock);

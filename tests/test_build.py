@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, require_tool
-from fsbuild import build, paths, target
+from fsbuild import build, target
 from fsbuild.errors import MissingFileError, TargetError, ToolMissingError
 from fsbuild.upstream import Upstream, write_deterministic_tar, _Entry
 

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_tool
+try:  # tests/ as rootdir-relative modules (default) or as a package
+    from conftest import require_tool
+except ImportError:
+    from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 HTTP_LOAD = ROOT / "demo" / "http_load.sh"

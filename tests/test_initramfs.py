@@ -112,6 +112,12 @@ def test_closure_orders_dependencies_first() -> None:
     assert initramfs.closure(deps, ["i2c-algo-bit"])[-1].endswith("i2c-algo-bit.ko")
 
 
+def test_old_depmod_absolute_paths() -> None:
+    old = "/lib/modules/2.6.32-431.el6/kernel/drivers/net/igb/igb.ko: /lib/modules/2.6.32-431.el6/kernel/drivers/i2c/algos/i2c-algo-bit.ko\n"
+    deps = initramfs.parse_modules_dep(old)
+    assert deps == {"kernel/drivers/net/igb/igb.ko": ["kernel/drivers/i2c/algos/i2c-algo-bit.ko"]}
+
+
 def test_closure_errors() -> None:
     deps = initramfs.parse_modules_dep(MODULES_DEP)
     with pytest.raises(MissingFileError, match="ixgbe"):
@@ -161,6 +167,10 @@ def test_build_guest_image(tmp_path: Path) -> None:
     assert "KVER=6.1.0-test\n" in conf and "FASTSOCKET_KO=1\n" in conf
     assert "SERVER_CMD='/bin/server -p 80'" in conf       # shell-quoted for `. /etc/fsmoke.conf`
     assert "NIC_MODULES='igb e1000e virtio_net'" in conf
+    # insmod fallback chains, dependencies first, decompressed names
+    assert ("MODCHAIN_igb='kernel/drivers/i2c/i2c-core.ko kernel/drivers/i2c/algos/i2c-algo-bit.ko "
+            "kernel/drivers/net/ethernet/intel/igb/igb.ko'") in conf
+    assert "MODCHAIN_fastsocket=kernel/net/fastsocket/fastsocket.ko\n" in conf
     # the kernel's unpacker needs every parent before its children
     names = list(entries)
     for n in names:

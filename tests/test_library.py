@@ -13,13 +13,19 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import require_tool
-from test_demo import (Server, Userspace, build_userspace, loadgen, preload_env, start_server,
-                       worker_requests)
+try:  # tests/ as rootdir-relative modules (default) or as a package
+    from conftest import require_tool
+    from test_demo import (Server, Userspace, build_userspace, loadgen, preload_env,
+                           start_server, worker_requests)
+except ImportError:
+    from tests.conftest import require_tool
+    from tests.test_demo import (Server, Userspace, build_userspace, loadgen, preload_env,
+                                 start_server, worker_requests)
 
 ROOT = Path(__file__).resolve().parent.parent
 WARNING = re.compile(r"^libsocket: \S+: .*; using (plain|portable SO_REUSEPORT) sockets "
@@ -32,7 +38,7 @@ def userspace(tmp_path_factory: pytest.TempPathFactory) -> Userspace:
 
 
 @pytest.fixture
-def servers() -> object:
+def servers() -> Iterator[list[Server]]:
     started: list[Server] = []
     yield started
     for s in started:
@@ -57,6 +63,14 @@ def listeners(port: int) -> int:
             f = row.split()
             if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
                 n += 1
+    return n
+
+
+def wait_listeners(port: int, want: int, timeout: float = 10) -> int:
+    """Workers spawn their listeners asynchronously: wait until `want` exist."""
+    deadline = time.monotonic() + timeout
+    while (n := listeners(port)) != want and time.monotonic() < deadline:
+        time.sleep(0.05)
     return n
 
 
@@ -236,7 +250,7 @@ def test_nginx_under_preload(userspace: Userspace, tmp_path: Path, extra: dict[s
         res = loadgen(userspace, port, n=2000, conns=8)
         assert res["requests"] == 2000 and res["errors"] == 0, res
         if extra:  # workers pinned by worker_cpu_affinity: each got its own listener
-            assert listeners(port) == 3
+            assert wait_listeners(port, 3) == 3
     finally:
         proc.send_signal(signal.SIGQUIT)
         try:
@@ -259,8 +273,15 @@ def test_non_socket_fds_untouched(userspace: Userspace, tmp_path: Path) -> None:
 # ---- portable mode -------------------------------------------------------------------
 PORTABLE_PROBE = textwrap.dedent("""
     import fcntl, json, os, select, socket, sys
-    sys.path.insert(0, sys.argv[1])
-    from test_library import listeners
+
+    def listeners(port):
+        n = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for row in open(table).read().splitlines()[1:]:
+                f = row.split()
+                n += f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port
+        return n
+
     cpu = sorted(os.sched_getaffinity(0))[0]
     out = {}
 
@@ -311,6 +332,18 @@ PORTABLE_PROBE = textwrap.dedent("""
 
     s, port = listener()
     ep.register(s.fileno(), select.EPOLLIN)
+    rd, wr = os.pipe()
+    child = os.fork()                          # must not inherit the local listener
+    if child == 0:
+        os.write(wr, b"x")                     # after the atfork handlers ran
+        import time; time.sleep(5); os._exit(0)
+    os.read(rd, 1)
+    ep.unregister(s.fileno()); s.close()
+    out["after_fork_close"] = listeners(port)  # only the child's copy of the global one
+    os.kill(child, 9); os.waitpid(child, 0)
+
+    s, port = listener()
+    ep.register(s.fileno(), select.EPOLLIN)
     os.dup2(os.open(os.devnull, os.O_RDONLY), s.fileno())
     out["after_dup2"] = listeners(port)
 
@@ -332,13 +365,13 @@ PORTABLE_PROBE = textwrap.dedent("""
 def test_portable_mode_listener_lifecycle(userspace: Userspace) -> None:
     if not kernel_at_least(3, 9):
         pytest.skip("SO_REUSEPORT needs Linux >= 3.9")
-    r = subprocess.run([sys.executable, "-c", PORTABLE_PROBE, str(Path(__file__).parent)],
+    r = subprocess.run([sys.executable, "-c", PORTABLE_PROBE],
                        capture_output=True, text=True, timeout=60,
                        env=preload_env(userspace.lib, FASTSOCKET_PORTABLE="1", FASTSOCKET_QUIET="1"))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out == {"unpinned": 1, "pinned": 2, "flags_kept": True, "accepted": 20, "event_fds": True,
-                   "after_close": 0, "after_dup2": 0, "app_reuseport": 1, "blocking": 1,
+                   "after_close": 0, "after_fork_close": 1, "after_dup2": 0, "app_reuseport": 1, "blocking": 1,
                    "blocking_accept": True}
 
 
@@ -349,9 +382,9 @@ def test_portable_mode_demo_server(userspace: Userspace, servers: list[Server], 
     for keepalive in (False, True):
         res = loadgen(userspace, srv.port, n=3000, keepalive=keepalive)
         assert res["requests"] == 3000 and res["errors"] == 0, res
-    assert listeners(srv.port) == 3  # the inherited socket + one per pinned worker
+    assert wait_listeners(srv.port, 3) == 3  # the inherited socket + one per pinned worker
     assert srv.stop() == 0
-    assert listeners(srv.port) == 0
+    assert wait_listeners(srv.port, 0) == 0
 
 
 def test_portable_mode_steers_by_cpu(userspace: Userspace, servers: list[Server], tmp_path: Path) -> None:
@@ -364,8 +397,7 @@ def test_portable_mode_steers_by_cpu(userspace: Userspace, servers: list[Server]
         pytest.skip(f"needs two consecutive CPUs, have {cpus()}")
     srv = start_server(userspace, tmp_path, "-w", "2", "-c", str(first), "-v", lib=userspace.lib,
                        env={"FASTSOCKET_PORTABLE": "1"})
-    time.sleep(0.3)  # both workers registered with epoll: listeners spawned
-    assert listeners(srv.port) == 3
+    assert wait_listeners(srv.port, 3) == 3  # both workers registered with epoll: spawned
     # loopback processes the SYN on the client's CPU: pin the client, all must land there
     for cpu, n in ((first, 1000), (second, 600)):
         res = loadgen(userspace, srv.port, "-p", str(cpu), n=n, conns=4, workers=1)

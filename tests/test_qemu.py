@@ -24,7 +24,8 @@ def _value(argv: list[str], flag: str) -> list[str]:
 
 
 def test_argv_renders_the_smoke_machine(tmp_path: Path) -> None:
-    argv = qemu.argv(_cfg(tmp_path, append="fs.extra=1"))
+    cfg = _cfg(tmp_path, append="fs.extra=1")
+    argv = qemu.argv(cfg)
     assert argv[0] == "qemu-system-x86_64"
     assert _value(argv, "-smp") == ["4"] and _value(argv, "-m") == ["512"]
     assert "-no-reboot" in argv and "-nodefaults" in argv
@@ -43,7 +44,7 @@ def test_argv_renders_the_smoke_machine(tmp_path: Path) -> None:
     assert any(d.startswith("igb,netdev=n0") for d in devices)
     assert any(d.startswith("virtio-net-pci,netdev=n1") for d in devices)
     assert all("restrict=on" in n for n in _value(argv, "-netdev"))   # user net reaches nothing
-    assert qemu.full_argv(_cfg(tmp_path)) == argv                      # no netns prefix
+    assert qemu.full_argv(cfg) == argv                                 # no netns prefix
 
 
 def test_argv_tap_netns_multiqueue(tmp_path: Path) -> None:
@@ -76,7 +77,8 @@ def _fake_qemu(tmp_path: Path, body: str) -> str:
 
 
 @pytest.fixture
-def kvm_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+def kvm_usable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(qemu, "_probe_cache", lambda: tmp_path / "accel-cache.json")  # not the host's
     real = os.access
     monkeypatch.setattr(qemu.os, "access", lambda p, m: True if p == "/dev/kvm" else real(p, m))
     monkeypatch.delenv("FSBUILD_SMOKE_ACCEL", raising=False)
@@ -118,16 +120,12 @@ def test_probe_without_dev_kvm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 def test_probe_against_this_hosts_qemu(tmp_path: Path) -> None:
     """The real probe on the real QEMU answers within its timeout, whatever the host."""
     require_tool("qemu-system-x86_64")
-    kernel = _any_kernel()
+    from test_smoke import staged_kernel_or_skip
+    kernel = staged_kernel_or_skip(tmp_path).vmlinuz
     start = time.monotonic()
     accel = qemu.probe_accel(kernel, timeout=3.0, use_cache=False)
     assert accel.name in ("kvm", "tcg") and accel.reason
     assert time.monotonic() - start < 10
-
-
-def _any_kernel() -> Path:
-    from test_smoke import staged_kernel_or_skip
-    return staged_kernel_or_skip().vmlinuz
 
 
 # ---------------------------------------------------------------- run loop

@@ -16,7 +16,7 @@ import pytest
 from fsbuild import rebase as R
 from fsbuild import upstream
 from fsbuild.target import load
-from fsbuild.workspace import Workspace, apply_patch, git_out, read_series, tree_reader
+from fsbuild.workspace import Overlay, Workspace, apply_patch, git_out, read_series, tree_reader
 from test_upstream import kernel_files, lines, make_tarball, makefile, write_tree
 
 DESC = "From: Dev <dev@example.org>\nSubject: [PATCH] {name}\n\nWhy {name} exists.\n\nSigned-off-by: Dev <dev@example.org>\n---\n"
@@ -89,11 +89,9 @@ def extract(tarball: Path, dest: Path) -> Path:
 
 def assert_applies_exactly(series: Path, tree: Path) -> None:
     """Every patch of `series` applies to `tree` at fuzz 0 with no offset (in memory)."""
-    overlay: dict = {}
-    base = tree_reader(tree)
+    overlay = Overlay(tree_reader(tree))
     for e in read_series(series):
-        applied = apply_patch((series.parent / e.name).read_bytes(), e.name, e.strip,
-                              lambda p: overlay[p] if p in overlay else base(p))
+        applied = apply_patch((series.parent / e.name).read_bytes(), e.name, e.strip, overlay)
         assert applied.exact, (e.name, applied.offsets)
         overlay.update(applied.changes)
 
@@ -255,3 +253,205 @@ def test_set_version_minimal_edit(tmp_path: Path) -> None:
     toml.write_text('# c\nversion = "2.6.32"   # keep\nrelease = "431.17.1.el6"\n[rpm]\nversion = "x"\n')
     R.set_version(toml, "2.6.32-504.el6")
     assert toml.read_text() == '# c\nversion = "2.6.32"   # keep\nrelease = "504.el6"\n[rpm]\nversion = "x"\n'
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+def test_ctrl_c_during_carry_is_resumable(ws_case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    tdir, _, new_tb, expected = ws_case
+    before = snapshot(tdir)
+    real_carry = R.carry
+    calls = {"n": 0}
+
+    def interrupted(*args: object, **kw: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_carry(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(R, "carry", interrupted)
+    rb = R.Rebase(load("t1"))
+    with pytest.raises(R.RunInterruptedError):
+        rb.start(str(new_tb))
+    assert snapshot(tdir) == before and rb.in_progress()
+    monkeypatch.setattr(R, "carry", real_carry)
+    with pytest.raises(R.RebaseConflictError):   # resumes, then stops at the conflict
+        R.Rebase(load("t1")).resume()
+    plan = R.Rebase(load("t1"))._load()
+    assert [r["name"] for r in plan.results] == list(expected)[:5]   # nothing done twice
+    R.Rebase(load("t1")).abort()
+    assert snapshot(tdir) == before
+
+
+def test_ctrl_c_during_export_abort_restores(ws_case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    tdir, _, new_tb, _ = ws_case
+    before = snapshot(tdir)
+    rb = R.Rebase(load("t1"))
+    with pytest.raises(R.RebaseConflictError):
+        rb.start(str(new_tb))
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(R, "set_version", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        R.Rebase(load("t1")).skip()
+    assert snapshot(tdir) != before     # patches were being rewritten when "Ctrl-C" hit
+    R.Rebase(load("t1")).abort()
+    assert snapshot(tdir) == before
+    # and the same interrupted export can instead be completed
+    with pytest.raises(R.RebaseConflictError):
+        R.Rebase(load("t1")).start(str(new_tb))
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(R, "set_version", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        R.Rebase(load("t1")).skip()
+    results = R.Rebase(load("t1")).resume()
+    assert [r.outcome for r in results].count("upstream") == 1
+    assert 'version = "1.0.1"' in (tdir / "target.toml").read_text()
+    assert "0004-upstream.patch" not in (tdir / "series").read_text()
+
+
+# ---------------------------------------------------------------- real upstream versions (slow)
+
+OLD_DEB, NEW_DEB = "6.1.170-3", "6.1.176-1"
+
+
+@pytest.fixture(scope="session")
+def real_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One state dir for the session: each 140 MB orig tarball is imported once."""
+    return tmp_path_factory.mktemp("real-state")
+
+
+@pytest.fixture
+def debian(real_state: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    import debsrc
+    old, new = debsrc.fetch(OLD_DEB), debsrc.fetch(NEW_DEB)
+    monkeypatch.setenv("FSBUILD_STATE", str(real_state))
+    return old, new
+
+
+def _series_names(series: Path) -> list[str]:
+    return [e.name for e in read_series(series)]
+
+
+def _check_output_applies(real_state: Path, out: Path, names: list[str], new_version: str) -> None:
+    """Every given output patch applies at fuzz 0, no offset, to the new upstream (git tree)."""
+    from fsbuild.workspace import GitCat
+    repo = real_state / "rebase-plain"
+    with GitCat(repo) as cat:
+        tree = Overlay(cat.reader(f"upstream/{new_version}"))
+        for n in names:
+            applied = apply_patch((out / n).read_bytes(), n, 1, tree)
+            assert applied.exact, (n, applied.offsets)
+            tree.update(applied.changes)
+
+
+@pytest.mark.slow
+def test_debian_series_rebase_matches_debian(debian, real_state: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Debian's 6.1.170-3 series from orig 6.1.170 onto orig 6.1.176, judged against what
+    Debian itself did in 6.1.176-1."""
+    from fsbuild import patch as P
+    old, new = debian
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    results = R.plain(old.series, str(old.orig_tarball), str(new.orig_tarball), out, load("linux-6.1"), report)
+    names = _series_names(old.series)
+    assert [r.name for r in results] == names and len(names) > 150
+    data = json.loads(report.read_text())
+    assert [p["name"] for p in data["patches"]] == names
+    assert {p["outcome"] for p in data["patches"]} <= set(R.OUTCOMES)
+    dropped_by_debian = set(names) - set(_series_names(new.series))
+    ours_upstream = {r.name for r in results if r.outcome == "upstream"}
+    # never drop a patch Debian kept; recognise most of what Debian dropped
+    assert ours_upstream <= dropped_by_debian, ours_upstream - dropped_by_debian
+    assert len(ours_upstream) >= len(dropped_by_debian) - 2, (ours_upstream, dropped_by_debian)
+    # a conflict is only reported where Debian had to rework the patch by hand too, or
+    # where an earlier conflicting patch (left out in plain mode) touched the same file
+    conflicted_files: set[str] = set()
+    for r in results:
+        if r.outcome == "conflict":
+            newer = new.debian_dir / "patches" / r.name
+            reworked = not newer.is_file() or newer.read_bytes() != (old.series.parent / r.name).read_bytes()
+            assert reworked or conflicted_files & set(r.files), r.name
+            conflicted_files |= set(r.files)
+    # minimal churn: same names, byte-identical descriptions, clean patches untouched
+    kept = [r for r in results if r.kept]
+    assert _series_names(out / "series") == [r.name for r in kept]
+    for r in kept:
+        orig, now = (old.series.parent / r.name).read_bytes(), (out / r.name).read_bytes()
+        assert P.parse_patch(now, r.name).description == P.parse_patch(orig, r.name).description
+        if r.outcome in ("clean", "conflict"):
+            assert now == orig
+    # every kept, non-conflicting patch applies exactly to 6.1.176
+    _check_output_applies(real_state, out, [r.name for r in kept if r.outcome != "conflict"], "6.1.176")
+
+
+def _bytes_diff(path: str, old: bytes, new: bytes, tmp: Path) -> bytes:
+    a, b = tmp / "a.bin", tmp / "b.bin"
+    a.write_bytes(old)
+    b.write_bytes(new)
+    cp = subprocess.run(["diff", "-u", "--label", f"a/{path}", "--label", f"b/{path}", str(a), str(b)],
+                        capture_output=True)
+    assert cp.returncode == 1
+    return cp.stdout
+
+
+@pytest.mark.slow
+def test_own_series_between_real_versions(debian, real_state: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Hand-made patches on real 6.1.170 files that 6.1.176 changed, one per outcome."""
+    from fsbuild import patch as P
+    from fsbuild.workspace import GitCat, Workspace, git
+    old, new = debian
+    ws = Workspace(load("linux-6.1"), root=real_state / "rebase-plain")
+    old_up = upstream.resolve(load("linux-6.1"), str(old.orig_tarball))
+    new_up = upstream.resolve(load("linux-6.1"), str(new.orig_tarball))
+    a, b = ws.import_upstream(old_up), ws.import_upstream(new_up)
+    diff = git(ws.root, "diff", "-U0", "--no-renames", a, b, "--", "net/", "drivers/net/").stdout
+    changed = [fp for fp in P.parse_patch(diff, "u").files
+               if not fp.old_absent and not fp.new_absent and fp.hunks and not fp.binary]
+    pdir = tmp_path / "patches"
+    pdir.mkdir()
+    expected: dict[str, str] = {}
+    used: set[str] = set()
+    with GitCat(ws.root) as cat:
+        old_r = cat.reader(a)
+
+        def add(name: str, path: str, lineno: int, outcome: str, text: bytes | None = None) -> None:
+            content = old_r(path)[0]  # type: ignore[index]
+            lines_ = content.splitlines(keepends=True)
+            if text is None:
+                lines_[lineno - 1] = lines_[lineno - 1].rstrip(b"\n") + b" /* fastsocket */\n"
+                text = b"".join(lines_)
+            (pdir / name).write_bytes(f"{name}: test change\n\n".encode()
+                                      + _bytes_diff(path, content, text, tmp_path))
+            expected[name] = outcome
+            used.add(path)
+
+        def pick(pred) -> tuple[str, P.Hunk]:  # type: ignore[no-untyped-def]
+            for fp in changed:
+                path = P.strip_path(fp.new_name, 1)
+                for k, h in enumerate(fp.hunks):
+                    nxt = fp.hunks[k + 1].old_start if k + 1 < len(fp.hunks) else 10**9
+                    if path not in used and pred(h, nxt, len(old_r(path)[0].splitlines())):  # type: ignore[index]
+                        return path, h
+            pytest.skip("no suitable upstream change between the versions")
+
+        # offset: 10 lines below a change that adds/removes lines
+        p, h = pick(lambda h, nxt, n: h.old_len != h.new_len and h.old_start + h.old_len + 12 < min(nxt, n))
+        add("0001-offset.patch", p, h.old_start + max(h.old_len, 1) + 10, "offset")
+        # merged: one unchanged line between the upstream change and ours
+        p, h = pick(lambda h, nxt, n: h.old_len > 0 and h.old_start + h.old_len + 6 < min(nxt, n))
+        add("0002-merged.patch", p, h.old_start + h.old_len + 1, "merged")
+        # conflict: a line upstream changed, changed differently
+        p, h = pick(lambda h, nxt, n: h.old_len > 0)
+        add("0003-conflict.patch", p, h.old_start, "conflict")
+        # upstream: a change the new version made itself
+        p, h = pick(lambda h, nxt, n: True)
+        add("0004-upstream.patch", p, 0, "upstream", text=cat.reader(b)(p)[0])  # type: ignore[index]
+        # clean: the Fastsocket wiring in net/Makefile, unchanged between the versions
+        assert old_r("net/Makefile") == cat.reader(b)("net/Makefile")
+        mk = old_r("net/Makefile")[0]  # type: ignore[index]
+        add("0005-clean.patch", "net/Makefile", 0, "clean",
+            text=mk + b"obj-$(CONFIG_FASTSOCKET)\t\t+= fastsocket/\n")
+    (pdir / "series").write_text("".join(f"{n}\n" for n in expected))
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    results = R.plain(pdir / "series", str(old.orig_tarball), str(new.orig_tarball), out,
+                      load("linux-6.1"), report)
+    assert {r.name: r.outcome for r in results} == expected, [(r.name, r.outcome, r.reason) for r in results]
+    _check_output_applies(real_state, out, ["0001-offset.patch", "0002-merged.patch", "0005-clean.patch"],
+                          "6.1.176")

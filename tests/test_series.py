@@ -68,12 +68,13 @@ P1 = b"""Description: edit main.c twice, one hunk drifted by an offset
 
 --- a/src/main.c
 +++ b/src/main.c
-@@ -2,3 +2,4 @@
+@@ -2,4 +2,5 @@
  line 2
  line 3
 +inserted after 3
  line 4
-@@ -30,3 +31,3 @@
+ line 5
+@@ -26,3 +27,3 @@
  line 27
 -line 28
 +LINE 28
@@ -121,8 +122,8 @@ deleted file mode 100644
 P3 = b"""--- a/src/main.c
 +++ b/src/main.c
 @@ -39,2 +39,3 @@
- line 38
  line 39
+ line 40
 +tail
 \\ No newline at end of file
 """
@@ -228,7 +229,7 @@ def evil(path: str) -> bytes:
     (evil("/etc/passwd"), UnsafePathError, "absolute path"),
     (evil("a/link/gone.txt"), UnsafePathError, "symlink"),
     (b"--- a/src/main.c\n+++ b/src/main.c\n@@ -1,4 +1,4 @@\n line 1\n-line 2\n", PatchFormatError,
-     r"3\.patch:6: truncated hunk"),
+     r"3\.patch:5: truncated hunk"),
     (b"diff --git a/x.bin b/x.bin\nGIT binary patch\nliteral 1\n", PatchFormatError,
      "binary diff not supported"),
 ])

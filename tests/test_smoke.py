@@ -33,15 +33,8 @@ def kernel_rpm_or_skip() -> Path:
                     "or build out/linux-6.1/rpms first (`fsbuild rpm -t linux-6.1`)")
 
 
-_STAGED: dict[Path, smoke.KernelInputs] = {}
-
-
-def staged_kernel_or_skip() -> smoke.KernelInputs:
-    rpm = kernel_rpm_or_skip()
-    if rpm not in _STAGED:
-        base = Path(os.environ.get("TMPDIR", "/tmp")) / f"fsbuild-test-kernel-{os.getpid()}"
-        _STAGED[rpm] = smoke.stage_rpm(rpm, base / "root")
-    return _STAGED[rpm]
+def staged_kernel_or_skip(where: Path) -> smoke.KernelInputs:
+    return smoke.stage_rpm(kernel_rpm_or_skip(), where / "staged-root")
 
 
 def _boot_tools() -> None:
@@ -210,6 +203,7 @@ def test_unbootable_kernel_is_a_boot_error(tmp_path: Path) -> None:
     v = smoke.boot(kin, tmp_path / "out", smoke.BootOptions(timeout=30, userspace=False))
     assert v.error is SmokeBootError and v.verdict == "fail"
     assert v.checks[0].name == "boot" and v.checks[0].status == "fail"
+    assert "QEMU said" in v.message and "QEMU said" in v.checks[0].detail
     assert time.monotonic() - start < 25
 
 
@@ -238,7 +232,7 @@ def test_panicking_guest_ends_as_panic_verdict(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_hung_guest_ends_as_timeout_within_the_limit(tmp_path: Path) -> None:
     _boot_tools()
-    kin = staged_kernel_or_skip()
+    kin = staged_kernel_or_skip(tmp_path)
     opts = smoke.BootOptions(timeout=15, userspace=False, init=_init(
         tmp_path, 'echo "FSBOOT hung" > /dev/ttyS1\nwhile :; do sleep 1; done\n'))
     start = time.monotonic()
@@ -246,6 +240,7 @@ def test_hung_guest_ends_as_timeout_within_the_limit(tmp_path: Path) -> None:
     elapsed = time.monotonic() - start
     assert v.error is SmokeTimeoutError
     assert v.checks[0].status == "pass" and v.checks[-1].name == "timeout"
+    assert "QMP status running" in v.checks[0].detail      # qemu.qmp talked to this QEMU
     assert elapsed < 15 + 10, f"timeout 15 s took {elapsed:.1f}s"
     assert subprocess.run(["pgrep", "-f", str(tmp_path / "out")], capture_output=True).returncode == 1
 
