@@ -32,9 +32,10 @@ LOOP_C = r"""
 int main(int argc, char **argv) {
 	long n = atol(argv[1]);
 	struct timespec a, b;
-	clock_gettime(CLOCK_MONOTONIC, &a);
+	/* CPU time, not wall time: other load on the machine does not count */
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &a);
 	for (long i = 0; i < n; i++) close(socket(AF_INET, SOCK_STREAM, 0));
-	clock_gettime(CLOCK_MONOTONIC, &b);
+	clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &b);
 	printf("%.0f\n", n / ((b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9));
 	return 0;
 }
@@ -56,7 +57,18 @@ def env_for(out: Path, extra: dict[str, str] | None) -> dict[str, str]:
     return env
 
 
-def server_rps(out: Path, extra: dict[str, str] | None, secs: float, workers: int) -> tuple[float, int]:
+def cpu_ns(pid: int) -> int:
+    """CPU time of a process (ns): time on CPU, so waiting for a busy machine is not counted."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) * 10**9 // os.sysconf("SC_CLK_TCK")
+
+
+def server_rps(out: Path, extra: dict[str, str] | None, secs: float,
+               workers: int) -> tuple[float, float, int]:
+    """(requests/s, server CPU microseconds per request, errors)"""
     log = out / "server.log"
     log.unlink(missing_ok=True)
     srv = subprocess.Popen([str(out / "server"), "-w", str(workers), "-a", "127.0.0.1:0", "-o", str(log)],
@@ -71,12 +83,16 @@ def server_rps(out: Path, extra: dict[str, str] | None, secs: float, workers: in
             time.sleep(0.025)
         if port is None:
             raise RuntimeError("server did not start")
+        time.sleep(0.2)  # workers up
+        kids = [int(k) for k in Path(f"/proc/{srv.pid}/task/{srv.pid}/children").read_text().split()]
+        before = sum(cpu_ns(k) for k in kids)
         r = subprocess.run([str(out / "loadgen"), "-d", str(secs), "-c", "16", "-w", str(workers),
                             f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=secs + 60)
+        used = sum(cpu_ns(k) for k in kids) - before
         m = re.search(r"requests=(\d+) errors=(\d+) rps=(\d+)", r.stdout)
-        if not m:
+        if not m or int(m[1]) == 0:
             raise RuntimeError(f"loadgen failed: {r.stdout} {r.stderr}")
-        return float(m[3]), int(m[2])
+        return float(m[3]), used / 1000 / int(m[1]), int(m[2])
     finally:
         srv.send_signal(signal.SIGTERM)
         try:
@@ -103,10 +119,12 @@ def main() -> int:
         out = Path(tmp)
         build(out)
         rps: dict[str, list[float]] = {k: [] for k in CONFIGS}
+        cpu: dict[str, list[float]] = {k: [] for k in CONFIGS}
         for _ in range(args.rounds):
             for name, extra in CONFIGS.items():
-                value, errs = server_rps(out, extra, args.secs, args.workers)
+                value, us, errs = server_rps(out, extra, args.secs, args.workers)
                 rps[name].append(value)
+                cpu[name].append(us)
                 errors += errs
         loops: dict[str, list[float]] = {k: [] for k in ("plain", "fallback")}
         for _ in range(max(5, 2 * args.rounds)):
@@ -123,15 +141,22 @@ def main() -> int:
               f"runs {' '.join(f'{v:.0f}' for v in values)}")
     for a, b in (("fallback", "plain"), ("portable", "plain"), ("portable", "fallback")):
         print(f"  ratio {a}/{b}: median {med[a] / med[b]:.3f}  best {best[a] / best[b]:.3f}")
-    print(f"  run-to-run spread of plain: {spread:.1f} %")
+    print(f"  run-to-run spread of plain: {spread:.1f} % (wall-clock rates on a shared machine)")
+    cm = {k: statistics.median(v) for k, v in cpu.items()}
+    for name, values in cpu.items():
+        print(f"  {name:9s} server CPU per request: median {cm[name]:6.1f} us   "
+              f"runs {' '.join(f'{v:.1f}' for v in values)}")
+    for a in ("fallback", "portable"):
+        print(f"  ratio CPU/request {a}/plain: {cm[a] / cm['plain']:.3f}")
     lm = {k: max(v) for k, v in loops.items()}
     cost = (1 - lm["fallback"] / lm["plain"]) * 100
-    print(f"bench_userspace: socket()+close() pairs/s (best of {len(loops['plain'])}): plain {lm['plain']:.0f}, "
+    print(f"bench_userspace: socket()+close() pairs per CPU-second (best of {len(loops['plain'])}): plain {lm['plain']:.0f}, "
           f"fallback preload {lm['fallback']:.0f}, ratio {lm['fallback'] / lm['plain']:.3f}")
-    server_cost = (1 - best["fallback"] / best["plain"]) * 100
-    verdict = "met" if server_cost < 3 else f"NOT met (spread {spread:.1f} %)"
-    print(f"bench_userspace: fallback cost: server {server_cost:+.1f} % (target < 3 %: {verdict}), "
-          f"syscall pair {cost:+.1f} %")
+    # CPU per request is what the preload can cost; it is robust to a busy machine.
+    server_cost = (cm["fallback"] / cm["plain"] - 1) * 100
+    verdict = "met" if server_cost < 3 and cost < 3 else "NOT met"
+    print(f"bench_userspace: fallback cost: server CPU/request {server_cost:+.1f} %, "
+          f"socket+close {cost:+.1f} % (target < 3 %: {verdict})")
     if errors:
         print(f"bench_userspace: {errors} failed requests", file=sys.stderr)
     return 1 if errors else 0

@@ -80,7 +80,9 @@ class Report:
 
     def as_dict(self) -> dict[str, object]:
         return {"ok": self.ok, "packages": [p.as_dict() for p in self.packages],
-                "rpmlint": {"status": self.rpmlint_status, "findings": self.rpmlint}}
+                "rpmlint": {"status": self.rpmlint_status, "findings": self.rpmlint,
+                            "summary": [{"check": k, "count": n, "example": ex}
+                                        for k, n, ex in summarize_lint(self.rpmlint)]}}
 
 
 # ------------------------------------------------------------------ reading
@@ -229,6 +231,17 @@ def run_rpmlint(paths: list[Path], timeout: float = 600) -> tuple[str, list[str]
     lines = (out.stdout + out.stderr).splitlines()
     findings = [line for line in lines if re.search(r": [EW]: ", line)]
     return "ran", findings
+
+
+def summarize_lint(findings: list[str]) -> list[tuple[str, int, str]]:
+    """(check, count, first example) per rpmlint check, most frequent first: a kernel-devel
+    draws hundreds of identical findings (zero-length include/config/* stamps)."""
+    groups: dict[str, list[str]] = {}
+    for line in findings:
+        m = re.search(r": ([EW]): (\S+)", line)
+        key = f"{m.group(1)}: {m.group(2)}" if m else line
+        groups.setdefault(key, []).append(line)
+    return sorted(((k, len(v), v[0]) for k, v in groups.items()), key=lambda t: (-t[1], t[0]))
 
 
 # ------------------------------------------------------------------ entry point

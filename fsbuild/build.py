@@ -36,7 +36,9 @@ CHECK_SCRIPT = "config-check.sh"
 MANIFEST = "build.json"
 # Build artefacts an in-place `make -C KDIR M=module` leaves in module/.
 _MODULE_JUNK = re.compile(r"(\.o|\.ko|\.mod|\.mod\.c|\.cmd|\.order|\.symvers|\.a|~|\.swp)$")
-_MODULE_JUNK_DIRS = {".tmp_versions", "__pycache__", ".git"}
+# tests/ holds host-side tests of the module, not kernel sources: editing them must not
+# trigger a kernel rebuild.
+_MODULE_JUNK_DIRS = {".tmp_versions", "__pycache__", ".git", "tests"}
 DEFAULT_REQUIRES = ["bc", "bison", "flex", "perl", "make", "gcc", "elfutils-libelf-devel",
                     "openssl-devel"]
 

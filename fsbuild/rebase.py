@@ -30,9 +30,9 @@ from pathlib import Path
 from fsbuild import paths, progress
 from fsbuild import upstream as U
 from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
-                            RebaseConflictError, RunInterruptedError, UnsafePathError, WorkspaceError)
+                            RebaseConflictError, RunInterruptedError, WorkspaceError)
 from fsbuild.target import Target
-from fsbuild.workspace import (Applied, CommitSpec, Content, Entry, GitCat, Overlay, Reader, Workspace,
+from fsbuild.workspace import (CommitSpec, Content, Entry, GitCat, Overlay, Reader, Workspace,
                                apply_patch, atomic_write, commit_diff, commit_message,
                                fast_commits, git, git_out, read_series, rerender,
                                update_series_file, write_tree_changes)
@@ -234,8 +234,14 @@ def _carry_loop(repo: Path, plan: Plan, cat: GitCat, entries: list[Entry], folde
     return None
 
 
+_OLD: dict[str, OldPatch] = {}   # old commit -> its patch, filled by build_old (same process)
+
+
 def _old_patch(cat: GitCat, plan: Plan, entries: list[Entry], folder: Path, i: int) -> OldPatch:
     """Patch i of the old series with its before/after files, read from the old commits."""
+    cached = _OLD.get(plan.old_commits[i])
+    if cached is not None and cached.entry == entries[i]:
+        return cached
     e = entries[i]
     data = (folder / e.name).read_bytes()
     parent = plan.old_commits[i - 1] if i else plan.old_base
@@ -295,17 +301,47 @@ def build_old(repo: Path, entries: list[Entry], folder: Path, old_base: str) -> 
         olds = apply_old(entries, folder, cat.reader(old_base))
     specs = [CommitSpec(old_base if k == 0 else k - 1, commit_message(o.data, o.entry.name), o.after)
              for k, o in enumerate(olds)]
-    return fast_commits(repo, specs)
+    shas = fast_commits(repo, specs)
+    _OLD.clear()
+    _OLD.update(zip(shas, olds))
+    return shas
 
 
 # ---------------------------------------------------------------- export and report
 
-def export_patch(repo: Path, plan: Plan, res: Result, e: Entry, original: bytes) -> bytes:
+def export_patch(repo: Path, plan: Plan, res: Result, e: Entry, original: bytes,
+                 diffs: dict[str, bytes] | None = None) -> bytes:
     """Clean patches keep their bytes; others get fresh hunks under the same description."""
     if res.outcome == "clean" and not res.resolved:
         return original
-    diff = commit_diff(repo, plan.new_commits[e.name])
+    sha = plan.new_commits[e.name]
+    diff = diffs[sha] if diffs and sha in diffs else commit_diff(repo, sha)
     return rerender(original, diff, e.name) if original.strip() else diff
+
+
+def commit_diffs(repo: Path, shas: list[str]) -> dict[str, bytes]:
+    """The diffs of many commits against their parents from one `git diff-tree --stdin`."""
+    if not shas:
+        return {}
+    out = git(repo, "diff-tree", "--stdin", "-p", "--no-renames", "--no-color", "--no-ext-diff", "-U3",
+              input="".join(f"{s}\n" for s in shas).encode()).stdout
+    wanted = {s.encode() + b"\n" for s in shas}
+    diffs: dict[str, list[bytes]] = {}
+    current: list[bytes] | None = None
+    for line in out.splitlines(keepends=True):
+        if line in wanted:
+            current = diffs.setdefault(line.decode().strip(), [])
+        elif current is not None:
+            current.append(line)
+    return {s: b"".join(v) for s, v in diffs.items()}
+
+
+def diffs_needed(repo: Path, plan: Plan, entries: list[Entry], results: list[Result]) -> dict[str, bytes]:
+    """Batch the diffs of every patch whose file will be regenerated."""
+    shas = [plan.new_commits[e.name] for e, r in zip(entries, results)
+            if r.kept and e.name in plan.new_commits
+            and (r.resolved or r.outcome not in ("clean", "conflict"))]
+    return commit_diffs(repo, shas)
 
 
 def range_diff(repo: Path, plan: Plan) -> str:
@@ -371,11 +407,12 @@ def _write_series_dir(repo: Path, plan: Plan, series: Path, entries: list[Entry]
                       results: list[Result], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     kept = []
+    diffs = diffs_needed(repo, plan, entries, results)
     for e, r in zip(entries, results):
         if not r.kept:
             continue
         original = (series.parent / e.name).read_bytes()
-        data = original if r.outcome == "conflict" else export_patch(repo, plan, r, e, original)
+        data = original if r.outcome == "conflict" else export_patch(repo, plan, r, e, original, diffs)
         atomic_write(out / e.name, data)
         kept.append(e)
     shutil.copyfile(series, out / "series") if series.resolve() != (out / "series").resolve() else None
@@ -409,6 +446,9 @@ class Rebase:
             raise WorkspaceError("a rebase is already in progress: `fsbuild rebase --continue`, "
                                  "`--skip` or `--abort`")
         entries = self.ws.entries()
+        if "base" not in self.ws.state():
+            # no workspace yet: the series applies to the target's own upstream
+            self.ws.use_upstream(U.resolve(self.target))
         old_state = self.ws.require()
         new_up = U.resolve(self.target, src)
         repo = self.ws.root
@@ -539,11 +579,12 @@ class Rebase:
         folder = self.target.series.parent
         originals = {p: (self.backup / k).read_bytes() for p, k in manifest.items()}
         kept = []
+        diffs = diffs_needed(repo, plan, entries, results)
         for e, r in zip(entries, results):
             path = folder / e.name
             original = originals.get(str(path), b"")
             if r.kept:
-                new = export_patch(repo, plan, r, e, original)
+                new = export_patch(repo, plan, r, e, original, diffs)
                 if new != original:
                     atomic_write(path, new)
                 kept.append(e)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fsbuild import patch as P
 from fsbuild import series as S
-from fsbuild import paths, proc, progress
+from fsbuild import paths, progress
 from fsbuild.errors import (FsbuildError, MissingFileError, PatchApplyError, PatchFormatError,
                             UnsafePathError, WorkspaceError)
 from fsbuild.target import Target
@@ -549,12 +549,20 @@ class Workspace:
         if not path.is_file():
             raise MissingFileError(f"{self.target.series}: patch {e.name} does not exist")
         data = path.read_bytes()
-        applied = apply_patch(data, e.name, e.strip, tree_reader(self.root), fuzz=fuzz)
-        write_tree_changes(self.root, applied.changes)
-        if applied.changes:
-            git(self.root, "add", "-A", "--", *applied.changes)
-        git(self.root, "commit", "-q", "--allow-empty", "--no-verify", "-F", "-",
-            input=commit_message(data, e.name).encode())
+        reader = tree_reader(self.root)
+        applied = apply_patch(data, e.name, e.strip, reader, fuzz=fuzz)
+        originals = {p: reader(p) for p in applied.changes}
+        try:
+            write_tree_changes(self.root, applied.changes)
+            if applied.changes:  # -f: the kernel's .gitignore may match files a patch adds
+                git(self.root, "add", "-A", "-f", "--", *applied.changes)
+            git(self.root, "commit", "-q", "--allow-empty", "--no-verify", "-F", "-",
+                input=commit_message(data, e.name).encode())
+        except BaseException:
+            # all or nothing: put the files back as they were
+            write_tree_changes(self.root, originals)
+            git(self.root, "reset", "-q", "--", *applied.changes, check=False)
+            raise
 
     def pop(self, count: int | None = 1, force: bool = False) -> list[str]:
         stack = self.applied()

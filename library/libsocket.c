@@ -389,13 +389,16 @@ static void grp_attach(int s, struct pgroup *g)
 	g->steer = setsockopt(s, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof(prog)) == 0;
 }
 
-/* The kernel fills a removed slot with the last member; mirror that. */
+/* The kernel fills a removed slot with the last member; mirror that, and re-attach the
+ * program through our socket before it leaves (the program belongs to the group). */
 static void grp_leave(struct pgroup *g, int s)
 {
 	int i, last;
 
-	if (grp_lock(g))
+	if (grp_lock(g)) {
+		real_close(s);
 		return;
+	}
 	for (i = 1; i < g->nsocks; i++) {
 		if (g->pid_of[i] != g_pid)
 			continue;
@@ -403,6 +406,8 @@ static void grp_leave(struct pgroup *g, int s)
 		g->cpu_of[i] = g->cpu_of[last];
 		g->pid_of[i] = g->pid_of[last];
 		g->nsocks--;
+		if (g->steer)
+			grp_attach(s, g);
 		break;
 	}
 	real_close(s); /* leaves the kernel group while we hold the lock */

@@ -169,9 +169,9 @@ list_irqs() {
 
 if [ -n "$RSS" ]; then
 	echo "rss: $RSS channels on $IFACE"
-	if have_ethtool || [ "$DRY" = 1 ]; then
-		run "${ETHTOOL:-ethtool}" -L "$IFACE" combined "$RSS" ||
-			run "${ETHTOOL:-ethtool}" -L "$IFACE" rx "$RSS" tx "$RSS" ||
+	if have_ethtool; then
+		run "$ETHTOOL" -L "$IFACE" combined "$RSS" ||
+			run "$ETHTOOL" -L "$IFACE" rx "$RSS" tx "$RSS" ||
 			{ warn "$DRIVER: cannot set $RSS channels"; FAILED=1; }
 	else
 		warn "--rss needs ethtool"
@@ -256,9 +256,9 @@ else
 fi
 
 if [ "$COALESCE" -gt 0 ]; then
-	if have_ethtool || { [ "$DRY" = 1 ] && [ -z "$ROOT" ]; }; then
+	if have_ethtool; then
 		echo "coalescing: rx-usecs $COALESCE"
-		run "${ETHTOOL:-ethtool}" -C "$IFACE" rx-usecs "$COALESCE" ||
+		run "$ETHTOOL" -C "$IFACE" rx-usecs "$COALESCE" ||
 			warn "$DRIVER does not support interrupt coalescing settings"
 	else
 		echo "coalescing: skipped (no ethtool)"

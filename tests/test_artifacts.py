@@ -164,6 +164,9 @@ def test_rpmlint_findings_reported_not_fatal(tmp_path: Path) -> None:
     assert report.rpmlint_status == "ran"
     assert report.ok  # findings never fail verification
     assert report.rpmlint, "a synthetic kernel without changelog/docs must draw rpmlint findings"
+    summary = artifacts.summarize_lint(report.rpmlint)
+    assert sum(n for _, n, _ in summary) == len(report.rpmlint)
+    assert all(k.startswith(("E: ", "W: ")) for k, _, _ in summary)
 
 
 def test_cli_verify_json_and_exit_codes(tmp_path: Path) -> None:

@@ -116,6 +116,18 @@ def test_igb_4_queues_8_cpus(tmp_path: Path, shell: list[str]) -> None:
     assert "xps: skipped" in r.stdout
 
 
+def test_separate_rx_tx_vectors_follow_queue_numbers(tmp_path: Path) -> None:
+    """igb with fewer vectors (as QEMU's igb): eth0-rx-N and eth0-tx-N go to CPU N."""
+    names = ["eth0"] + [f"eth0-{d}-{q}" for d in ("rx", "tx") for q in range(2)]
+    irqs = build_tree(tmp_path, Nic(queues=2, cpus=2, irq_names=names))
+    r = run_nic(tmp_path, "-i", "eth0")
+    assert r.returncode == 0, r.stderr
+    for d in ("rx", "tx"):
+        assert read(tmp_path, f"proc/irq/{irqs[f'eth0-{d}-0']}/smp_affinity") == "1"
+        assert read(tmp_path, f"proc/irq/{irqs[f'eth0-{d}-1']}/smp_affinity") == "2"
+    assert read(tmp_path, f"proc/irq/{irqs['eth0']}/smp_affinity") == "ff"
+
+
 def test_queues_equal_cpus_turns_rps_off(tmp_path: Path) -> None:
     build_tree(tmp_path, Nic(queues=2, cpus=2))
     for q in range(2):
@@ -166,17 +178,30 @@ def test_down_interface(tmp_path: Path) -> None:
     assert tree_digest(tmp_path) == before
 
 
+def fake_ethtool(tmp_path: Path, driver: str = "ixgbe") -> tuple[Path, Path]:
+    """An ethtool that logs its arguments and reports `driver`."""
+    log = tmp_path / "ethtool.log"
+    fake = tmp_path / "fake-ethtool"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n'
+                    f'[ "$1" = -i ] && printf "driver: {driver}\\nversion: 5\\n"\nexit 0\n')
+    fake.chmod(0o755)
+    return fake, log
+
+
 @pytest.mark.parametrize("shell", SHELLS, ids=SHELL_IDS)
 def test_dry_run_changes_nothing(tmp_path: Path, shell: list[str]) -> None:
-    build_tree(tmp_path, Nic(queues=4, cpus=2, irqbalance_pid=4242))
-    before = tree_digest(tmp_path)
-    r = run_nic(tmp_path, "-i", "eth0", "--dry-run", "--rss", "2", shell=shell,
-                env={"NIC_SH_UID": "1000"})  # dry run needs no root
+    build_tree(tmp_path / "t", Nic(queues=4, cpus=2, irqbalance_pid=4242))
+    fake, log = fake_ethtool(tmp_path, "igb")
+    before = tree_digest(tmp_path / "t")
+    r = run_nic(tmp_path / "t", "-i", "eth0", "--dry-run", "--rss", "2", shell=shell,
+                env={"NIC_SH_UID": "1000", "NIC_SH_ETHTOOL": str(fake)})  # dry run needs no root
     assert r.returncode == 0, r.stderr
-    assert tree_digest(tmp_path) == before
+    assert tree_digest(tmp_path / "t") == before
     assert "would write 1 > /proc/irq/" in r.stdout
-    assert "would run: ethtool -L eth0 combined 2" in r.stdout
+    assert f"would run: {fake} -L eth0 combined 2" in r.stdout
+    assert f"would run: {fake} -C eth0 rx-usecs 333" in r.stdout
     assert "irqbalance: running (pid 4242)" in r.stdout
+    assert log.read_text().splitlines() == ["-i eth0"]  # only queried, never changed
 
 
 def test_not_root_refused(tmp_path: Path) -> None:
@@ -189,17 +214,19 @@ def test_not_root_refused(tmp_path: Path) -> None:
 
 def test_ethtool_driver_rss_and_coalescing(tmp_path: Path) -> None:
     build_tree(tmp_path, Nic(driver="e1000e", queues=2, cpus=2))
-    log = tmp_path / "ethtool.log"
-    fake = tmp_path / "fake-ethtool"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n'
-                    '[ "$1" = -i ] && printf "driver: ixgbe\\nversion: 5\\n"\nexit 0\n')
-    fake.chmod(0o755)
+    fake, log = fake_ethtool(tmp_path)
     r = run_nic(tmp_path, "-i", "eth0", "--rss", "2", env={"NIC_SH_ETHTOOL": str(fake)})
     assert r.returncode == 0, r.stderr
     assert "driver ixgbe" in r.stdout  # ethtool wins over sysfs
     calls = log.read_text().splitlines()
     assert "-L eth0 combined 2" in calls
     assert "-C eth0 rx-usecs 333" in calls
+
+
+def test_rss_without_ethtool_fails(tmp_path: Path) -> None:
+    build_tree(tmp_path, Nic())
+    r = run_nic(tmp_path, "-i", "eth0", "--rss", "2")
+    assert r.returncode == 1 and "--rss needs ethtool" in r.stderr
 
 
 @pytest.mark.parametrize("args", [[], ["-i"], ["-i", "eth0", "--rss", "x"], ["-i", "../x"], ["--bogus"]])

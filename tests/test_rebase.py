@@ -17,7 +17,7 @@ from fsbuild import rebase as R
 from fsbuild import upstream
 from fsbuild.target import load
 from fsbuild.workspace import Overlay, Workspace, apply_patch, git_out, read_series, tree_reader
-from test_upstream import kernel_files, lines, make_tarball, makefile, write_tree
+from test_upstream import kernel_files, lines, make_tarball, makefile
 
 DESC = "From: Dev <dev@example.org>\nSubject: [PATCH] {name}\n\nWhy {name} exists.\n\nSigned-off-by: Dev <dev@example.org>\n---\n"
 
@@ -455,3 +455,15 @@ def test_own_series_between_real_versions(debian, real_state: Path, tmp_path: Pa
     assert {r.name: r.outcome for r in results} == expected, [(r.name, r.outcome, r.reason) for r in results]
     _check_output_applies(real_state, out, ["0001-offset.patch", "0002-merged.patch", "0005-clean.patch"],
                           "6.1.176")
+
+
+def test_rebase_without_workspace_imports_target_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old_tb, new_tb, series, expected = build_case(tmp_path / "case")
+    tdir = make_target(tmp_path / "root", series)
+    toml = tdir / "target.toml"
+    toml.write_text(toml.read_text() + f'default = "{old_tb}"\n')
+    monkeypatch.setenv("FSBUILD_ROOT", str(tmp_path / "root"))
+    assert fsbuild("rebase", "--onto", str(new_tb), "-t", "t1").returncode == 7
+    cp = fsbuild("rebase", "--skip", "-t", "t1")
+    assert cp.returncode == 0, cp.stderr
+    assert "upstream=1" in cp.stdout and 'version = "1.0.1"' in toml.read_text()

@@ -96,10 +96,10 @@ def test_tarball_cached_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     tb = make_tarball(tmp_path / "a.tar.gz", "linux-5.4.3", kernel_files("5.4.3"))
     first = upstream.resolve(load("linux-6.1"), str(tb))
     # unchanged file: neither hashed nor scanned again
-    monkeypatch.setattr(upstream, "scan_tarball", lambda *a, **k: pytest.fail("rescanned"))
-    monkeypatch.setattr(upstream, "sha256_file", lambda *a: pytest.fail("rehashed"))
-    assert upstream.resolve(load("linux-6.1"), str(tb)) == first
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(upstream, "scan_tarball", lambda *a, **k: pytest.fail("rescanned"))
+        m.setattr(upstream, "sha256_file", lambda *a: pytest.fail("rehashed"))
+        assert upstream.resolve(load("linux-6.1"), str(tb)) == first
     # same bytes under another name: hashed, but the entry is shared
     copy = tmp_path / "b.tar.gz"
     copy.write_bytes(tb.read_bytes())

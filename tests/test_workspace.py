@@ -4,7 +4,6 @@ description, new, import, export, status, list, check."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -141,6 +140,15 @@ def test_commands_without_workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert cp.returncode == 12 and "upstream import" in cp.stderr
     cp = fsbuild("upstream", "import", str(tmp_path / "nope.tar.gz"), "-t", "t1")
     assert cp.returncode == 3 and cp.stderr.startswith("fsbuild: error:")
+    import tarfile
+    slip = tarfile.TarInfo("linux-1.0.0/../../../escaped")
+    slip.size = 1
+    bad = make_tarball(tmp_path / "slip.tar.gz", "linux-1.0.0", kernel_files("1.0.0"),
+                       extra=[(slip, b"x")])
+    cp = fsbuild("upstream", "import", str(bad), "-t", "t1")
+    assert cp.returncode == 4 and "escapes the tree" in cp.stderr
+    assert len(cp.stderr.strip().splitlines()) == 1
+    assert not Workspace(load("t1")).exists and not (tmp_path / "escaped").exists()
 
 
 def test_rerender_keeps_headers_and_trailer() -> None:

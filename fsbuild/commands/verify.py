@@ -50,9 +50,10 @@ def _print(report: object) -> None:
         click.echo(f"{'ok  ' if pkg.ok else 'FAIL'} {pkg.nevra}  ({len(pkg.files)} files)")
         for c in pkg.checks:
             click.echo(f"     {'pass' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    from fsbuild.artifacts import summarize_lint
+
     findings = report.rpmlint  # type: ignore[attr-defined]
-    click.echo(f"rpmlint ({report.rpmlint_status}): {len(findings)} finding(s), reported only")  # type: ignore[attr-defined]
-    for line in findings[:40]:
-        click.echo(f"     {line}")
-    if len(findings) > 40:
-        click.echo(f"     ... {len(findings) - 40} more (run rpmlint yourself for all)")
+    click.echo(f"rpmlint ({report.rpmlint_status}): {len(findings)} finding(s), "  # type: ignore[attr-defined]
+               "reported only (not fatal)")
+    for check, count, example in summarize_lint(findings):
+        click.echo(f"     {count:5d} x {check}   e.g. {example}")
