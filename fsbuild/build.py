@@ -488,9 +488,11 @@ def _failure(cmd: list[str], rc: int, log: Path) -> FsbuildError:
     """The most telling line of the log: a config drop, a patch that does not apply, else
     the tail."""
     text = log.read_bytes()[-2_000_000:].decode(errors="replace").splitlines()
-    cfg = [line for line in text if line.startswith("fsbuild: ")]
-    if cfg:
-        return BuildError(f"{cmd[0]} failed: {cfg[-1][len('fsbuild: '):]} (full log: {log})")
+    ours = [line[len("fsbuild: "):] for line in text if line.startswith("fsbuild: ")]
+    if ours:
+        # the first names the option/patch, the last the verdict
+        detail = ours[0] if len(ours) == 1 else f"{ours[0]}; {ours[-1]}"
+        return BuildError(f"{cmd[0]} failed: {detail} (full log: {log})")
     if any("FAILED" in line and "Hunk" in line for line in text[-200:]):
         patch = next((line for line in reversed(text) if line.startswith("+ patch ")), "")
         name = Path(patch.split()[-1]).name if patch else "a series patch"

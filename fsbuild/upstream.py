@@ -17,7 +17,6 @@ import posixpath
 import re
 import shutil
 import stat
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -456,10 +455,7 @@ def _from_git(target: str, repo: Path, ref: str) -> Upstream:
     digest = _index_get(key)
     if digest and (up := _cached(target, digest)):
         return up
-    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", tree],
-                             capture_output=True, check=False)
-    if archive.returncode != 0:
-        raise UpstreamError(f"git archive {repo}@{ref} failed: {archive.stderr.decode().strip()}")
+    archive = proc.run(["git", "-C", repo, "archive", "--format=tar", tree], error=UpstreamError)
     entries = list(_tar_entries(archive.stdout, f"{repo}@{ref}"))
     up = _from_entries(target, entries, f"git:{repo}@{ref}")
     _index_put(key, up.digest)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fsbuild import patch as P
 from fsbuild import series as S
-from fsbuild import paths, progress
+from fsbuild import paths, proc, progress
 from fsbuild.errors import (FsbuildError, MissingFileError, PatchApplyError, PatchFormatError,
                             UnsafePathError, WorkspaceError)
 from fsbuild.target import Target
@@ -43,12 +43,12 @@ Reader = Callable[[str], Content]
 
 def git(repo: Path, *args: str, input: bytes | None = None, check: bool = True,
         error: type[FsbuildError] = WorkspaceError) -> subprocess.CompletedProcess[bytes]:
+    """git in `repo` with a fixed identity and dates (same content -> same commit ids)."""
     env = {**os.environ, **GIT_ENV}
-    cp = subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True, env=env)
-    if check and cp.returncode != 0:
-        msg = (cp.stderr or cp.stdout).decode(errors="replace").strip().splitlines()
-        raise error(f"git {' '.join(args[:2])} failed: {' | '.join(msg[-3:])}")
-    return cp
+    argv = ["git", "-C", str(repo), *args]
+    if check:
+        return proc.run(argv, env=env, input=input, error=error)
+    return subprocess.run(argv, input=input, capture_output=True, env=env)
 
 
 def git_out(repo: Path, *args: str) -> str:

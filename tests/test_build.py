@@ -293,3 +293,18 @@ def test_linux61_mini_rpms_build_verify_install_and_build_a_module(tmp_path: Pat
     info = subprocess.run(["modinfo", "-F", "vermagic", str(mod / "hello.ko")],
                           capture_output=True, text=True, check=True).stdout
     assert info.split()[0] == kver
+
+
+def test_failure_messages_name_the_cause(tmp_path: Path) -> None:
+    from fsbuild.errors import BuildError, PatchApplyError
+    log = tmp_path / "build.log"
+    log.write_text("+ patch -p1 -F0 -s -f -E --no-backup-if-mismatch -i /s/0002-epoll.patch\n"
+                   "1 out of 2 hunks FAILED -- saving rejects to file fs/eventpoll.c.rej\n"
+                   "Hunk #2 FAILED at 120.\nerror: Bad exit status from /var/tmp/rpm-tmp (%prep)\n")
+    err = build._failure(["rpmbuild", "--rebuild"], 1, log)
+    assert isinstance(err, PatchApplyError) and "0002-epoll.patch" in err.message
+    log.write_text("fsbuild: config: CONFIG_FASTSOCKET=m from frag did not survive (resolved: not set)\n"
+                   "fsbuild: config: 1 option(s) of the fragment were dropped: a dependency is missing\n")
+    err = build._failure(["rpmbuild", "--rebuild"], 1, log)
+    assert isinstance(err, BuildError)
+    assert "CONFIG_FASTSOCKET=m" in err.message and "dropped" in err.message
