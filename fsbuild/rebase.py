@@ -6,8 +6,9 @@ seconds. For each patch, against the new upstream plus the patches already carri
 
   clean     applies at fuzz 0 with no offset        (its file is kept byte for byte)
   offset    applies at fuzz 0 with line offsets     (hunks re-exported)
-  upstream  reverse-applies, or the 3-way merge changes nothing: already in the new
-            upstream -> dropped from the series, the reason recorded
+  upstream  reverse-applies, or the 3-way merge changes nothing, or (for a patch that
+            would conflict) it and the next few patches together change nothing (a revert
+            + corrected re-apply): already in the new upstream -> dropped, reason recorded
   merged    needed a 3-way merge (base: the file before the patch on the old upstream)
   conflict  the 3-way merge left conflict markers
 
