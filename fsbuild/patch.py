@@ -218,9 +218,9 @@ def parse_patch(data: bytes, name: str = "<patch>") -> Patch:
         if line.startswith(b"--- ") and i + 1 < n and lines[i + 1].startswith(b"+++ "):
             old, old_absent = _fetchname(line[4:])
             new, new_absent = _fetchname(lines[i + 1][4:])
-            if cur is None or not cur.git or cur.hunks:
-                if cur is not None:
-                    finish(_header_start(lines, consumed, i))
+            if cur is None or not cur.git:
+                # Like GNU, a ---/+++ pair without hunks (e.g. quoted in the description)
+                # is superseded by the next one; its lines stay in the leading text.
                 begin(_header_start(lines, consumed, i), FilePatch(None, None, lineno=i + 1))
             assert cur is not None
             # A git header's /dev/null keeps the name from the `diff --git` line.

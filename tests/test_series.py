@@ -14,6 +14,7 @@ import pytest
 
 from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
                             RunInterruptedError, UnsafePathError)
+from fsbuild.patch import format_patch, parse_patch
 from fsbuild.series import apply_series, parse_series, parse_series_text, write_series
 from tests.conftest import require_tool
 
@@ -309,3 +310,25 @@ def test_cli_fuzz(tmp_path: Path) -> None:
     proc = fsbuild("apply", "--series", series, "--fuzz", "1", "--json", tree)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["patches"][0]["hunks"][0]["fuzz"] == 1
+
+
+def test_reverse_entry_undoes_patch(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t")
+    before = snapshot(tree)
+    folder = tmp_path / "p"
+    make_series(folder, {"1.patch": P1, "undo/1.patch": P1})
+    (folder / "series").write_text("1.patch\nundo/1.patch -R # revert it again\n")
+    reports = apply_series(parse_series(folder / "series"), tree)
+    assert [len(r.hunks) for r in reports] == [2, 2]
+    assert snapshot(tree) == before
+
+
+def test_diff_quoted_in_description_is_ignored(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t")
+    body = b"Example in the text:\n--- a/nowhere\n+++ b/nowhere\nend of text\n\n" + P1
+    series = make_series(tmp_path / "p", {"1.patch": body})
+    assert apply_series(parse_series(series), tree)[0].files == ["src/main.c"]
+    parsed = parse_patch(body, "1.patch")
+    assert parsed.description.startswith(b"Example in the text:\n--- a/nowhere\n")
+    assert parsed.description.endswith(b"one hunk drifted by an offset\n\n")
+    assert format_patch(parsed) == body

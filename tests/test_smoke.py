@@ -269,3 +269,14 @@ def test_smoke_command_boots_the_rpm(tmp_path: Path) -> None:
     assert ET.parse(out / "smoke-junit.xml").getroot().find("testsuite") is not None
     assert "fsbuild-smoke" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                                  text=True).stdout if shutil.which("ip") else True
+
+
+def test_console_fallback_when_the_guest_has_no_second_port(tmp_path: Path) -> None:
+    cfg = qemu.VmConfig(kernel=tmp_path / "k", initrd=tmp_path / "i", workdir=tmp_path, serial_log=tmp_path / "s",
+                        checks_log=tmp_path / "c", accel=qemu.Accel("tcg", ""), net=qemu.user_net(""))
+    cfg.checks_log.write_text("")
+    cfg.serial_log.write_text("[ 1.0] boot\nFSBOOT 2.6.32-431.17.1.el6.fastsocket\nFSCHECK kernel_version pass ok\n")
+    rep = smoke._guest_report(cfg)
+    assert rep.booted == "2.6.32-431.17.1.el6.fastsocket" and rep.checks[0].name == "kernel_version"
+    cfg.checks_log.write_text("FSBOOT 6.1\nFSDONE\n")     # the checks channel wins when it has the boot
+    assert smoke._guest_report(cfg).booted == "6.1" and smoke._guest_report(cfg).done

@@ -51,10 +51,10 @@ def cmd(series_path: Path, fuzz: int, as_json: bool, dry_run: bool, tree: Path) 
     verb = "would apply" if dry_run else "applied"
     progress.info(f"{verb} {s['patches']} patches to {s['files']} files "
                   f"({s['hunks']} hunks; {s['offset']} with offset, {s['fuzz']} with fuzz)")
+    # Offsets are routine; fuzz means context was ignored and deserves a look.
     for r in reports:
         for h in r.hunks:
-            if h.offset or h.fuzz:
-                progress.info(f"  {r.name}: {h.file} hunk #{h.hunk}"
-                              + (f" offset {h.offset:+d}" if h.offset else "")
-                              + (f" fuzz {h.fuzz}" if h.fuzz else ""))
+            if h.fuzz:
+                progress.info(f"  {r.name}: {h.file} hunk #{h.hunk} applied with fuzz {h.fuzz}"
+                              + (f" (offset {h.offset:+d})" if h.offset else ""))
     return 0
