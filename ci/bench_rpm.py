@@ -75,13 +75,16 @@ def main() -> int:
         work = scratch / "raw"
         work.mkdir()
         tree, prep_s = raw_tree(plan, work)
+        print(f"raw prep (unpack, patch, config): {prep_s:.1f} s", file=sys.stderr, flush=True)
         make_s = sh(["make", f"-j{args.jobs}", "ARCH=x86_64", "LOCALVERSION=", "bzImage", "modules"],
                     cwd=tree, stdout=subprocess.DEVNULL)
+        print(f"raw make -j{args.jobs} bzImage modules: {make_s:.1f} s", file=sys.stderr, flush=True)
         shutil.rmtree(work)
 
         fs = [sys.executable, "-m", "fsbuild", "rpm", "--target", args.target, "--config", args.config,
               "-j", str(args.jobs), "--json"]
         rpm_s = sh(fs + ["--force"], cwd=ROOT, stdout=subprocess.DEVNULL)
+        print(f"fsbuild rpm --force: {rpm_s:.1f} s", file=sys.stderr, flush=True)
         noop_s = sh(fs, cwd=ROOT, stdout=subprocess.DEVNULL)
         overhead = (rpm_s - make_s) / make_s
         result = {

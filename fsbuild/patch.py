@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from fsbuild.errors import PatchApplyError, PatchFormatError, UnsafePathError
+from fsbuild.errors import PatchFormatError, UnsafePathError
 
 _HUNK_RE = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*?)(\r?\n)?$", re.S)
 # A timestamp within a day of the epoch marks a nonexistent file (GNU patch's rule).

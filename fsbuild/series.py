@@ -405,6 +405,9 @@ def commit(root: Path, changes: dict[str, FileState | None],
             if isinstance(exc, KeyboardInterrupt):
                 raise RunInterruptedError("interrupted while writing; the tree was restored "
                                           "to its state before the run") from None
+            if isinstance(exc, OSError):
+                raise PatchApplyError(f"cannot write {exc.filename}: {exc.strerror}; "
+                                      "the tree was restored") from exc
             raise
         for rel, st in changes.items():
             if st is None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from fsbuild.patch import format_patch, parse_patch
+from fsbuild.series import parse_series
 from tests import debsrc
 from tests.conftest import require_tool
 
@@ -34,6 +36,10 @@ def kinds_and_modes(root: Path) -> dict[str, tuple[int, int]]:
 def test_debian_series_matches_quilt(tmp_path: Path) -> None:
     require_tool("quilt", "patch", "tar", "xz", "diff")
     src = debsrc.fetch(VERSION)
+    series = parse_series(src.series)
+    for entry in series.entries:  # cheap: every real patch formats back byte-identically
+        data = series.patch_path(entry).read_bytes()
+        assert format_patch(parse_patch(data, entry.name)) == data, entry.name
     ours = debsrc.extract_orig(src, tmp_path / "ours")
     theirs = debsrc.extract_orig(src, tmp_path / "theirs")
 

@@ -293,7 +293,8 @@ def drifted(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
         else:
             target[min(pos, len(target) - 1)] = b"alt\n"
     cut = draw(st.booleans())
-    patch = _diff(_strip_eol(old, draw(st.booleans())), _strip_eol(new, draw(st.booleans())))
+    patch = _diff(_strip_eol(old, draw(st.booleans())), _strip_eol(new, draw(st.booleans())),
+                  draw(st.sampled_from([3, 3, 2, 1, 0])))
     return patch, _strip_eol(target, cut), draw(st.integers(0, 2))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -332,3 +333,20 @@ def test_diff_quoted_in_description_is_ignored(tmp_path: Path) -> None:
     assert parsed.description.startswith(b"Example in the text:\n--- a/nowhere\n")
     assert parsed.description.endswith(b"one hunk drifted by an offset\n\n")
     assert format_patch(parsed) == body
+
+
+def test_real_sigint_during_write_restores_tree(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t")
+    before = snapshot(tree)
+    series = make_series(tmp_path / "p", {"1.patch": P1, "2.patch": P2})
+    sent: list[str] = []
+
+    def hook(step: str) -> None:
+        if step == "replaced" and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGINT)  # deferred to the next safe point
+
+    with pytest.raises(RunInterruptedError):
+        apply_series(parse_series(series), tree, hook=hook)
+    assert snapshot(tree) == before
+    assert not list(tree.rglob(".*.fsbuild-*"))  # no temp files left behind
