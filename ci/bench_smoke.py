@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fsbuild import initramfs, paths, qemu, smoke  # noqa: E402
+from fsbuild import initramfs, paths, progress, qemu, smoke  # noqa: E402
 from fsbuild.errors import FsbuildError  # noqa: E402
 
 
@@ -87,6 +87,7 @@ def main() -> int:
     ap.add_argument("--target", default="linux-6.1")
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
+    progress.set_quiet(True)  # only the measurements on stdout
     rpm = kernel_rpm(args)
     if rpm is None:
         return 0
