@@ -71,8 +71,9 @@ class VmResult:
 # ---------------------------------------------------------------- command line
 
 def kernel_cmdline(extra: str = "") -> str:
-    # panic=-1 + -no-reboot: a panic resets at once and the reset ends QEMU.
-    base = "console=ttyS0,115200 panic=-1 rdinit=/init printk.time=1"
+    # panic=1 + -no-reboot: a panic resets after 1 s and the reset ends QEMU. (2.6.32 hangs
+    # with panic=-1 instead of resetting; the serial watcher also stops at the panic line.)
+    base = "console=ttyS0,115200 panic=1 rdinit=/init printk.time=1"
     return f"{base} {extra}".strip()
 
 

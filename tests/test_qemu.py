@@ -30,7 +30,7 @@ def test_argv_renders_the_smoke_machine(tmp_path: Path) -> None:
     assert _value(argv, "-smp") == ["4"] and _value(argv, "-m") == ["512"]
     assert "-no-reboot" in argv and "-nodefaults" in argv
     append = _value(argv, "-append")[0]
-    assert "console=ttyS0" in append.split(",")[0] and "panic=-1" in append.split() and "fs.extra=1" in append
+    assert "console=ttyS0" in append.split(",")[0] and "panic=1" in append.split() and "fs.extra=1" in append
     assert _value(argv, "-kernel") == [str(tmp_path / "vmlinuz")]
     assert _value(argv, "-initrd") == [str(tmp_path / "initrd.gz")]
     # console and the checks channel are two serial ports, each into its own file

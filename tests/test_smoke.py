@@ -214,7 +214,7 @@ def test_panicking_guest_ends_as_panic_verdict(tmp_path: Path) -> None:
     rpms = tmp_path / "rpms"
     rpms.mkdir()
     (rpms / rpm.name).symlink_to(rpm)
-    # init exits: "Attempted to kill init!" -> panic=-1 resets -> -no-reboot ends QEMU
+    # init exits: "Attempted to kill init!" -> panic=1 resets -> -no-reboot ends QEMU
     opts = smoke.BootOptions(timeout=90, userspace=False,
                              init=_init(tmp_path, 'echo "FSBOOT $(cat /proc/sys/kernel/osrelease)" > /dev/ttyS1\nexit 3\n'))
     start = time.monotonic()
