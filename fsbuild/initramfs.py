@@ -21,7 +21,8 @@ from fsbuild.errors import MissingFileError, UnsafePathError
 NEWC_MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
 # Loaded in this order; each pulls its own dependencies from modules.dep first.
-NIC_MODULES = ("igb", "e1000e", "virtio_net")
+# virtio_pci is the transport: a module on el6, so it is not a modules.dep dependency of virtio_net.
+NIC_MODULES = ("igb", "e1000e", "virtio_pci", "virtio_net")
 MUSL_LOADER = "/lib/ld-musl-x86_64.so.1"
 
 

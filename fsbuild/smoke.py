@@ -27,6 +27,12 @@ REQUESTS = 200
 DEMO_PORT = 8080
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\r\n]*")
 LINE_RE = re.compile(r"^(FSBOOT|FSCHECK|FSDONE)\b ?(.*)$")
+# A UART may put a junk byte before the first line (seen on 2.6.32): strip non-printables.
+JUNK_RE = re.compile(r"^[^\x20-\x7e]+")
+# Checks the guest init always reports (pass, fail or skip): a run missing any of them did not
+# really test the kernel, whatever else it says.
+REQUIRED_CHECKS = ("kernel_version", "igb_queues", "nic_affinity", "fastsocket_load",
+                   "fastsocket_demo", "dmesg_clean")
 STATUSES = ("pass", "fail", "skip")
 # Sub-packages of the kernel that are not the kernel (kernel-devel, kernel-firmware...).
 NOT_KERNEL = re.compile(r"^kernel-(devel|headers|firmware|debug|debuginfo|doc|tools|abi)")
@@ -208,7 +214,7 @@ def parse_guest(text: str) -> GuestReport:
     """FSBOOT/FSCHECK/FSDONE lines -> report; other lines (and CRs) are ignored."""
     rep = GuestReport()
     for raw in text.splitlines():
-        m = LINE_RE.match(raw.strip("\r\x00 "))
+        m = LINE_RE.match(JUNK_RE.sub("", raw.strip("\r\x00 ")))
         if not m:
             continue
         kind, rest = m.groups()
@@ -263,6 +269,9 @@ def classify(rep: GuestReport, console: str, vm: qemu.VmResult, timeout: float,
     if not rep.done:
         checks.append(Check("guest_complete", "fail", f"guest stopped after check {last} "
                             f"(QEMU exit {vm.returncode}, events {vm.events or 'none'})"))
+    missing = [n for n in REQUIRED_CHECKS if n not in {c.name for c in rep.checks}]
+    if missing:
+        checks.append(Check("checks_reported", "fail", f"guest never reported: {', '.join(missing)}"))
     failed = [c.name for c in checks if c.status == "fail"]
     if failed:
         return checks, SmokeCheckError, f"{len(failed)} smoke check(s) failed: {', '.join(failed)}"

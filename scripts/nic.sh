@@ -63,7 +63,9 @@ put() { # FILE VALUE
 	elif [ ! -e "$1" ]; then
 		warn "${1#"$ROOT"} does not exist"
 		FAILED=1
-	elif (printf '%s\n' "$2" >"$1") 2>/dev/null; then
+	# echo, not printf: one write(2) per value. Some shells' printf (glibc busybox on 2.6.32)
+	# writes the value and the newline separately, and a lone "\n" is an invalid mask.
+	elif (echo "$2" >"$1") 2>/dev/null; then
 		echo "  wrote $2 > ${1#"$ROOT"}"
 	else
 		warn "cannot write $2 > ${1#"$ROOT"}"
@@ -224,7 +226,9 @@ else
 	} || FAILED=1
 fi
 
-if [ "$NTX" -ge "$NCPU" ] && [ "$NTX" -gt 0 ]; then
+if [ "$NTX" -gt 0 ] && [ ! -e "$NET/queues/tx-0/xps_cpus" ]; then
+	echo "xps: skipped (this kernel has no xps_cpus)"  # 2.6.32: XPS came in 2.6.38
+elif [ "$NTX" -ge "$NCPU" ] && [ "$NTX" -gt 0 ]; then
 	echo "xps: one CPU per tx queue ($NTX tx queues >= $NCPU CPUs)"
 	j=0
 	while [ $j -lt "$NTX" ]; do
@@ -237,7 +241,9 @@ else
 fi
 
 ALL=$(cpumask $CPUS)
-if [ "$NRX" -ne "$NCPU" ]; then
+if [ "$NRX" -gt 0 ] && [ ! -e "$NET/queues/rx-0/rps_cpus" ]; then
+	echo "rps: skipped (this kernel has no rps_cpus)"
+elif [ "$NRX" -ne "$NCPU" ]; then
 	echo "rps: all CPUs on every rx queue ($NRX rx queues != $NCPU CPUs), rfs on"
 	put "$PROC/sys/net/core/rps_sock_flow_entries" 32768
 	j=0

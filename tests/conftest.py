@@ -70,16 +70,29 @@ def linux61_rpms() -> Path:
 
 @pytest.fixture(scope="session")
 def linux61_kernel_devel(linux61_rpms: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """/usr/src/kernels/KVER of the built kernel-devel, installed into an empty RPM root."""
+    """/usr/src/kernels/KVER of the built kernel-devel, installed with its kernel into an
+    empty RPM root (so ROOT/boot/vmlinuz-KVER is the image the modules are built for)."""
     import subprocess
 
     root = tmp_path_factory.mktemp("kdevel-root")
     subprocess.run(["rpm", "--root", str(root), "--initdb"], check=True)
-    devel = sorted(linux61_rpms.glob("kernel-devel-*.rpm"))
-    assert devel, f"no kernel-devel RPM in {linux61_rpms}"
-    # --nodeps: the empty root has no base system to satisfy the package's requirements.
-    subprocess.run(["rpm", "--root", str(root), "--nodeps", "-i", str(devel[-1])],
+    pkgs = sorted(linux61_rpms.glob("kernel-devel-*.rpm")) + sorted(linux61_rpms.glob("kernel-[0-9]*.rpm"))
+    assert len(pkgs) == 2, f"want one kernel and one kernel-devel RPM in {linux61_rpms}: {pkgs}"
+    # --nodeps: the empty root has no base system to satisfy the package's requirements
+    # (and no /bin/sh: rpm warns that %post cannot run and installs anyway).
+    subprocess.run(["rpm", "--root", str(root), "--nodeps", "-i", *map(str, pkgs)],
                    check=True, capture_output=True)
     kdirs = sorted((root / "usr" / "src" / "kernels").iterdir())
     assert len(kdirs) == 1, kdirs
     return kdirs[0]
+
+
+@pytest.fixture()
+def kernel_rpm(request: pytest.FixtureRequest) -> Path:
+    """The kernel RPM boot tests boot: $FSBUILD_TEST_KERNEL (an RPM or a directory of RPMs),
+    else the linux-6.1 RPMs this checkout builds (linux61_rpms)."""
+    from fsbuild import smoke
+
+    env = os.environ.get("FSBUILD_TEST_KERNEL")
+    where = Path(env) if env else request.getfixturevalue("linux61_rpms")
+    return where if where.is_file() else smoke.find_kernel_rpm(where)

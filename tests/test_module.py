@@ -33,19 +33,28 @@ def _kdir_candidates() -> list[Path]:
     return found
 
 
-def kernel_tree() -> Path:
-    """A configured kernel tree (or kernel-devel) to build against; skip saying why not."""
+def kernel_tree(request: pytest.FixtureRequest) -> Path:
+    """A configured kernel tree (or kernel-devel) to build against: $FSBUILD_TEST_KDIR, the
+    host's, else the kernel-devel of the linux-6.1 RPMs this checkout builds (conftest)."""
     for kdir in _kdir_candidates():
         configured = any((kdir / "include" / sub / "autoconf.h").is_file() for sub in ("generated", "linux"))
         if (kdir / "Makefile").is_file() and configured:  # linux/: 2.6.32 layout
             return kdir
-    pytest.skip("no configured kernel tree: set FSBUILD_TEST_KDIR (CI: the kernel-devel of the RPM build)")
+    return request.getfixturevalue("linux61_kernel_devel")
+
+
+def kernel_image(kdir: Path) -> Path:
+    """The bzImage of a built tree, or /boot/vmlinuz-KVER next to an installed kernel-devel."""
+    built = kdir / "arch" / "x86" / "boot" / "bzImage"
+    if built.is_file() or kdir.parent.name != "kernels":
+        return built
+    return kdir.parents[3] / "boot" / f"vmlinuz-{kdir.name}"
 
 
 @pytest.fixture(scope="module")
-def built_module(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def built_module(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """module/ copied out of the checkout (no build products in the repo) and built."""
-    kdir = kernel_tree()
+    kdir = kernel_tree(request)
     require_tool("make", "gcc")
     work = tmp_path_factory.mktemp("module")
     shutil.copytree(MODULE, work, dirs_exist_ok=True)
@@ -205,7 +214,7 @@ def _initramfs(tmp_path: Path, ko: Path, test_bin: Path, busybox: str) -> Path:
 @pytest.mark.slow
 def test_module_in_qemu_guest(built_module: tuple[Path, Path], tmp_path: Path) -> None:
     kdir, work = built_module
-    bzimage = kdir / "arch" / "x86" / "boot" / "bzImage"
+    bzimage = kernel_image(kdir)
     if not bzimage.is_file():
         pytest.skip(f"{bzimage} missing: the guest needs the kernel the module was built for")
     if (kdir / "include" / "net" / "fastsocket.h").is_file():

@@ -117,11 +117,11 @@ def test_probe_without_dev_kvm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert qemu.probe_accel(tmp_path / "vmlinuz").name == "kvm"
 
 
-def test_probe_against_this_hosts_qemu(tmp_path: Path) -> None:
+def test_probe_against_this_hosts_qemu(tmp_path: Path, kernel_rpm: Path) -> None:
     """The real probe on the real QEMU answers within its timeout, whatever the host."""
     require_tool("qemu-system-x86_64")
-    from test_smoke import staged_kernel_or_skip
-    kernel = staged_kernel_or_skip(tmp_path).vmlinuz
+    from test_smoke import staged_kernel
+    kernel = staged_kernel(kernel_rpm, tmp_path).vmlinuz
     start = time.monotonic()
     accel = qemu.probe_accel(kernel, timeout=3.0, use_cache=False)
     assert accel.name in ("kvm", "tcg") and accel.reason

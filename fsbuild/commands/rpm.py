@@ -9,7 +9,7 @@ from fsbuild import target as targets
 
 
 @click.command("rpm")
-@click.option("--target", "target_name", metavar="T", help="Target (default el6 / $FSBUILD_TARGET).")
+@click.option("--target", "-t", "target_name", metavar="T", help="Target (default el6 / $FSBUILD_TARGET).")
 @click.option("--source", metavar="SRC", help="Upstream SRPM, tarball, directory or PATH@REF.")
 @click.option("--config", "config", default="mini", show_default=True, metavar="mini|full|FILE",
               help="mini: CI/smoke profile; full: the target's base config; FILE: your config.")

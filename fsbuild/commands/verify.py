@@ -12,7 +12,7 @@ from fsbuild.errors import MissingFileError, VerifyError
 
 @click.command("verify")
 @click.argument("rpms", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--target", "target_name", metavar="T",
+@click.option("--target", "-t", "target_name", metavar="T",
               help="Verify every RPM in out/<T>/rpms/ (also gives the target's [rpm] facts).")
 @click.option("--no-rpmlint", is_flag=True, help="Skip rpmlint (its findings never fail anyway).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
