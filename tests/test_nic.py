@@ -235,3 +235,16 @@ def test_bad_usage(tmp_path: Path, args: list[str]) -> None:
     r = run_nic(tmp_path, *args)
     assert r.returncode == 2
     assert "usage" in r.stderr or "bad interface" in r.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=SHELL_IDS)
+def test_kernel_without_xps_is_not_a_failure(tmp_path: Path, shell: list[str]) -> None:
+    """2.6.32 (el6) has RPS but no XPS: nic.sh skips the missing knob, sets the rest, exits 0."""
+    irqs = build_tree(tmp_path, Nic(queues=4, cpus=4))
+    for q in range(4):
+        (tmp_path / f"sys/class/net/eth0/queues/tx-{q}/xps_cpus").unlink()
+    res = run_nic(tmp_path, "-i", "eth0", shell=shell)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "xps: skipped (this kernel has no xps_cpus)" in res.stdout
+    masks = {read(tmp_path, f"proc/irq/{irqs[f'eth0-TxRx-{q}']}/smp_affinity") for q in range(4)}
+    assert masks == {"1", "2", "4", "8"}
