@@ -25,6 +25,10 @@
  * grace period.  Connections still queued on a local socket at that point are reset,
  * as for any listener that is closed.  Module exit tears all groups down the same way.
  *
+ * VFS shortcut: sockets made by SOCKET and ACCEPT come from fastsocket_sock_create() /
+ * fastsocket_sock_create_lite() (patch 0005), so their inodes and dentries stay off the
+ * VFS lists and neither creating nor closing them takes inode_lock or dcache_lock.
+ *
  * Written for 2.6.32 (gcc 4.4, C89 style) and builds with the host gcc 12 as well.
  */
 #include <linux/module.h>
@@ -195,6 +199,33 @@ static int fsock_put_addr(struct socket *newsock, struct sockaddr __user *uaddr,
 	return put_user(klen, uaddrlen);
 }
 
+#ifdef FASTSOCKET_NOLIST_SOCKETS
+/* kernel_accept() with a socket whose file skips the global VFS locks. */
+static int fsock_kernel_accept(struct socket *lsock, struct socket **newsock, int flags)
+{
+	struct sock *sk = lsock->sk;
+	int err;
+
+	err = fastsocket_sock_create_lite(sk->sk_family, sk->sk_type, sk->sk_protocol,
+					  newsock);
+	if (err < 0)
+		return err;
+	err = lsock->ops->accept(lsock, *newsock, flags);
+	if (err < 0) {
+		sock_release(*newsock);
+		*newsock = NULL;
+		return err;
+	}
+	(*newsock)->ops = lsock->ops;
+	__module_get((*newsock)->ops->owner);
+	return 0;
+}
+#define fsock_sock_create	fastsocket_sock_create
+#else	/* a kernel without patch 0005: ordinary socket files */
+#define fsock_kernel_accept	kernel_accept
+#define fsock_sock_create	sock_create
+#endif
+
 /* One non-blocking accept on a listen socket; the new socket gets an fd. */
 static int fsock_accept_one(struct socket *lsock, int flags,
 			    struct sockaddr __user *uaddr, int __user *uaddrlen)
@@ -202,7 +233,7 @@ static int fsock_accept_one(struct socket *lsock, int flags,
 	struct socket *newsock;
 	int err, fd;
 
-	err = kernel_accept(lsock, &newsock, O_NONBLOCK);
+	err = fsock_kernel_accept(lsock, &newsock, O_NONBLOCK);
 	if (err < 0)
 		return err;
 	err = fsock_put_addr(newsock, uaddr, uaddrlen);
@@ -228,7 +259,7 @@ static int fsock_el6_socket(int family, int type, int protocol)
 
 	if (flags & ~(SOCK_CLOEXEC | SOCK_NONBLOCK))
 		return -EINVAL;
-	err = sock_create(family, type & SOCK_TYPE_MASK, protocol, &sock);
+	err = fsock_sock_create(family, type & SOCK_TYPE_MASK, protocol, &sock);
 	if (err < 0)
 		return err;
 	fd = sock_map_fd(sock, flags & (O_NONBLOCK | O_CLOEXEC));
