@@ -13,19 +13,18 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 try:  # tests/ as rootdir-relative modules (default) or as a package
     from conftest import require_tool
-    from test_demo import (Server, Userspace, build_userspace, loadgen, preload_env,
-                           start_server, worker_requests)
+    from test_demo import (Server, Userspace, build_userspace, loadgen, preload_env,  # noqa: F401
+                           servers, start_server, worker_requests)
 except ImportError:
     from tests.conftest import require_tool
-    from tests.test_demo import (Server, Userspace, build_userspace, loadgen, preload_env,
-                                 start_server, worker_requests)
+    from tests.test_demo import (Server, Userspace, build_userspace, loadgen,  # noqa: F401
+                                 preload_env, servers, start_server, worker_requests)
 
 ROOT = Path(__file__).resolve().parent.parent
 WARNING = re.compile(r"^libsocket: \S+: .*; using (plain|portable SO_REUSEPORT) sockets "
@@ -35,14 +34,6 @@ WARNING = re.compile(r"^libsocket: \S+: .*; using (plain|portable SO_REUSEPORT) 
 @pytest.fixture(scope="module")
 def userspace(tmp_path_factory: pytest.TempPathFactory) -> Userspace:
     return build_userspace(tmp_path_factory.mktemp("userspace"))
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    started: list[Server] = []
-    yield started
-    for s in started:
-        s.stop()
 
 
 def free_port() -> int:
