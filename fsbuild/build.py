@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ class Request:
     jobs: int = 2
     force: bool = False
     mock_baseurl: str | None = None
+    tmpfs: bool | None = None     # build tree in RAM: None = when there is room
 
 
 @dataclass
@@ -94,12 +96,15 @@ class Result:
     inputs_hash: str
     cached: bool
     duration_s: float
+    # seconds per step (srpm, prep, config, make, install, package, write, clean, collect):
+    # where the time beyond `make` goes
+    phases: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {"target": self.target, "kver": self.kver, "rpms": [str(p) for p in self.rpms],
                 "srpm": str(self.srpm), "log": str(self.log), "builder": self.builder,
                 "config": self.config, "inputs": self.inputs_hash, "cached": self.cached,
-                "duration_s": round(self.duration_s, 2)}
+                "duration_s": round(self.duration_s, 2), "phases": self.phases}
 
 
 # ------------------------------------------------------------------ inputs
@@ -260,7 +265,7 @@ def inputs_hash(plan: Plan) -> str:
     add("evr", f"{plan.version}-{plan.release}")
     add("builder", plan.req.builder)
     for p in plan.series:
-        add("patch", f"{p.origin}/{p.name}/-p{p.strip}")
+        add("patch", f"{p.origin}/{p.name}/-p{p.strip}" + (" -R" if p.reverse else ""))
         add("patch-data", p.path.read_bytes())
     for tmpl in spec.template_files():
         add(f"spec/{tmpl.name}", tmpl.read_bytes())
@@ -370,11 +375,95 @@ def make_srpm(plan: Plan, srcdir: Path, srpm_dir: Path, log: Path) -> Path:
 
 # ------------------------------------------------------------------ builders
 
-def rpmbuild_command(srpm: Path, topdir: Path, jobs: int, epoch: int) -> list[str]:
+def rpmbuild_command(srpm: Path, topdir: Path, jobs: int, epoch: int,
+                     scratch: Path | None = None) -> list[str]:
+    """`scratch`: where the build tree and build root go instead of topdir (a tmpfs)."""
     # --nodeps: Debian's rpm database knows no BuildRequires; the host tools are checked
     # by `fsbuild doctor` instead.
-    return ["rpmbuild", "--rebuild", "--nodeps", "--define", f"_topdir {topdir}",
+    where = ["--define", f"_builddir {scratch}/BUILD", "--define", f"_buildrootdir {scratch}/BUILDROOT"] \
+        if scratch else []
+    return ["rpmbuild", "--rebuild", "--nodeps", "--define", f"_topdir {topdir}", *where,
             "--define", f"_smp_mflags -j{jobs}", *repro_defines(epoch), str(srpm)]
+
+
+# ------------------------------------------------------------------ build tree in RAM
+
+TMPFS_DIRS = (Path("/dev/shm"),)
+GIB = 1 << 30
+
+
+def tree_bytes_needed(plan: Plan) -> int:
+    """Room for source tree + objects + build root: the compressed tarball is ~1/10 of the
+    tree; objects of the mini profile fit in 2 GiB, a full distro config needs ~12 GiB."""
+    tarball = Path(plan.upstream.tarball).stat().st_size  # type: ignore[attr-defined]
+    return 12 * tarball + (2 if plan.config.label == "mini" else 12) * GIB
+
+
+def tmpfs_dir(need: int, dirs: tuple[Path, ...] = TMPFS_DIRS) -> Path | None:
+    """A mounted tmpfs with `need` bytes free, leaving 2 GiB of RAM for the compilers
+    (tmpfs pages are RAM; the same rule as mock's tmpfs plugin's required_ram_mb)."""
+    mounts = _tmpfs_mounts()
+    for d in dirs:
+        if str(d) not in mounts or not os.access(d, os.W_OK):
+            continue
+        st = os.statvfs(d)
+        if st.f_bavail * st.f_frsize >= need and _mem_available() >= need + 2 * GIB:
+            return d
+    return None
+
+
+def _tmpfs_mounts() -> set[str]:
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return set()
+    return {f[1] for f in (line.split() for line in lines) if len(f) > 2 and f[2] == "tmpfs"}
+
+
+def _mem_available() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _ram_scratch(ram: Path, target: str) -> Path:
+    """A fresh build dir in the tmpfs, tagged with our pid; dirs of runs that were killed
+    (SIGKILL, power loss: no `finally`) would hold RAM forever, so they go first."""
+    for old in ram.glob("fsbuild-*"):
+        try:
+            pid = int((old / "fsbuild.pid").read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created
+        if not _alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"fsbuild-{target}-", dir=ram))
+    (scratch / "fsbuild.pid").write_text(str(os.getpid()))
+    return scratch
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def choose_scratch(plan: Plan) -> Path | None:
+    """The tmpfs to build in, or None for the disk. --tmpfs insists, --no-tmpfs refuses."""
+    if plan.req.tmpfs is False:
+        return None
+    found = tmpfs_dir(tree_bytes_needed(plan))
+    if found is None and plan.req.tmpfs:
+        raise BuildError(f"--tmpfs: no tmpfs among {', '.join(map(str, TMPFS_DIRS))} has "
+                         f"{tree_bytes_needed(plan) // GIB + 1} GiB free with as much RAM available")
+    return found
 
 
 def mock_baseurl(target: Target, override: str | None) -> str:
@@ -385,7 +474,7 @@ def mock_baseurl(target: Target, override: str | None) -> str:
     return str(url).rstrip("/")
 
 
-def mock_config(target: Target, baseurl: str, jobs: int) -> str:
+def mock_config(target: Target, baseurl: str, jobs: int, tmpfs_mb: int = 0) -> str:
     """A mock chroot config for CentOS 6.10 (EOL: packages from the vault at baseurl)."""
     rpm = target.section("rpm")
     if not rpm.get("mock_chroot"):
@@ -415,6 +504,12 @@ def mock_config(target: Target, baseurl: str, jobs: int) -> str:
         f"config_opts['yum.conf'] = {conf!r}",
         f"config_opts['dnf.conf'] = {conf!r}",
     ]
+    if tmpfs_mb:
+        # mock's tmpfs plugin: chroot (~2 GiB of el6 build deps) and build tree in RAM;
+        # mock itself skips it when the host has less than required_ram_mb.
+        lines += ["config_opts['plugin_conf']['tmpfs_enable'] = True",
+                  f"config_opts['plugin_conf']['tmpfs_opts'] = {{'required_ram_mb': {tmpfs_mb + 2048}, "
+                  f"'max_fs_size': '{tmpfs_mb + 2048}m', 'mode': '0755', 'keep_mounted': False}}"]
     return "\n".join(lines) + "\n"
 
 
@@ -422,54 +517,84 @@ def mock_command(cfg: Path, srpm: Path, resultdir: Path) -> list[str]:
     return ["mock", "-r", str(cfg), "--rebuild", str(srpm), "--resultdir", str(resultdir)]
 
 
-_PHASES = [(b"Executing(%prep)", "prep: unpack + patches"), (b"Executing(%build)", "build: make"),
-           (b"Executing(%install)", "install"), (b"Processing files:", "package"),
-           (b"Wrote:", "write RPMs"), (b"Executing(%clean)", "clean"),
-           (b"Start: build phase", "mock: build"), (b"Start: chroot init", "mock: chroot")]
+# log marker -> phase shown on the progress line; the word before ":" keys the timings.
+_PHASES = [(b"Executing(%prep)", "prep: unpack + patches"), (b"Executing(%build)", "config: base + fragment"),
+           (b"fsbuild-phase: make", "make: bzImage + modules"),
+           (b"Executing(%install)", "install: modules + kernel-devel"),
+           (b"Processing files:", "package: file lists"), (b"Wrote:", "write: RPM payloads"),
+           (b"Executing(%clean)", "clean: remove build root"),
+           (b"Start: chroot init", "chroot: mock init"), (b"Start: build phase", "mock: build")]
 _OBJ = re.compile(rb"^\s+(CC|AS|LD)(\s|\s\[M\]\s)", re.M)
 
 
 def run_logged(cmd: list[str], log: Path, env: dict[str, str], what: str,
-               error: type[FsbuildError] = BuildError) -> None:
-    """Run a long build with output to `log` and a spinner showing phase, objects, elapsed.
+               error: type[FsbuildError] = BuildError) -> dict[str, float]:
+    """Run a long build with output to `log` and a spinner showing phase, objects, elapsed;
+    returns seconds per phase (as the log's markers show them, 0.25 s resolution).
     (proc.run cannot watch the log while the command runs, hence Popen here.)"""
     proc.which(cmd[0])
     log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
+    watch = _LogWatch(log, what)
     with open(log, "ab") as fh, progress.bar(what, total=None) as bar:
         fh.write(f"$ {shlex.join(cmd)}\n".encode())
         fh.flush()
-        offset = log.stat().st_size
-        child = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                 start_new_session=True)
-        phase, objects = "start", 0
+        watch.offset = log.stat().st_size
+        child = subprocess.Popen(_line_buffered(cmd), stdout=fh, stderr=subprocess.STDOUT,
+                                 env=env, start_new_session=True)
         try:
             while child.poll() is None:
-                time.sleep(0.5)
-                phase, objects, offset = _watch(log, offset, phase, objects, what, bar, start)
+                time.sleep(0.25)
+                watch.poll(bar)
         except KeyboardInterrupt:
             _kill(child)
             raise RunInterruptedError(f"{what} interrupted; partial log in {log}") from None
     if child.returncode != 0:
         raise _failure(cmd, child.returncode, log)
+    return watch.durations()
 
 
-def _watch(log: Path, offset: int, phase: str, objects: int, what: str,
-           bar: progress.Bar, start: float) -> tuple[str, int, int]:
-    with open(log, "rb") as fh:
-        fh.seek(offset)
-        chunk = fh.read()
-    # Keep a partial last line for the next round.
-    cut = chunk.rfind(b"\n") + 1
-    chunk, offset = chunk[:cut], offset + cut
-    objects += len(_OBJ.findall(chunk))
-    for marker, name in _PHASES:
-        if marker in chunk and name != phase:
-            phase = name
-            if not progress.enabled():
-                progress.info(f"{what}: {phase} ({time.monotonic() - start:.0f} s)")
-    bar.update(f"{what}: {phase}" + (f" · {objects} objects" if objects else ""))
-    return phase, objects, offset
+def _line_buffered(cmd: list[str]) -> list[str]:
+    """rpmbuild's own messages (the phase markers) are block-buffered into a file; stdbuf
+    makes them arrive when they happen, so phase times are right."""
+    stdbuf = shutil.which("stdbuf")
+    return [stdbuf, "-oL", "-eL", *cmd] if stdbuf else cmd
+
+
+class _LogWatch:
+    """Follows a growing build log: current phase, compiled objects, phase start times."""
+
+    def __init__(self, log: Path, what: str) -> None:
+        self.log, self.what = log, what
+        self.offset, self.objects = 0, 0
+        self.start = time.monotonic()
+        self.marks: list[tuple[str, float]] = [("start", self.start)]
+
+    @property
+    def phase(self) -> str:
+        return self.marks[-1][0]
+
+    def poll(self, bar: progress.Bar) -> None:
+        with open(self.log, "rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        # Keep a partial last line for the next round.
+        cut = chunk.rfind(b"\n") + 1
+        chunk, self.offset = chunk[:cut], self.offset + cut
+        self.objects += len(_OBJ.findall(chunk))
+        for marker, name in _PHASES:
+            if marker in chunk and name != self.phase:
+                self.marks.append((name, time.monotonic()))
+                if not progress.enabled():
+                    progress.info(f"{self.what}: {name} ({time.monotonic() - self.start:.0f} s)")
+        bar.update(f"{self.what}: {self.phase}" + (f" · {self.objects} objects" if self.objects else ""))
+
+    def durations(self) -> dict[str, float]:
+        ends = [t for _, t in self.marks[1:]] + [time.monotonic()]
+        out: dict[str, float] = {}
+        for (name, begin), end in zip(self.marks, ends):
+            key = name.split(":")[0]
+            out[key] = round(out.get(key, 0.0) + end - begin, 2)
+        return out
 
 
 def _kill(child: subprocess.Popen[bytes]) -> None:
@@ -541,28 +666,51 @@ def build(req: Request, upstream: object | None = None) -> Result:
                   f"{len(plan.series)} patches, builder {req.builder}); log: {lay['log']}")
     srpm = make_srpm(plan, lay["srcdir"], lay["srpm"], lay["log"])
     shutil.rmtree(lay["srcdir"], ignore_errors=True)
+    phases = {"srpm": round(time.monotonic() - start, 2)}
     progress.info(f"rpm: SRPM {srpm}")
-    rpms = _run_builder(plan, srpm, lay)
+    rpms = _run_builder(plan, srpm, lay, phases)
     result = Result(req.target.name, plan.kver, rpms, srpm, lay["log"], req.builder,
-                    plan.config.label, plan.inputs_hash, False, time.monotonic() - start)
+                    plan.config.label, plan.inputs_hash, False, time.monotonic() - start, phases)
     lay["manifest"].write_text(json.dumps(result.as_dict(), indent=2) + "\n")
     return result
 
 
-def _run_builder(plan: Plan, srpm: Path, lay: dict[str, Path]) -> list[Path]:
-    env = build_env(plan.epoch)
+def _run_builder(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, float]) -> list[Path]:
     if plan.req.builder == "mock":
-        cfg = lay["out"] / "mock.cfg"
-        cfg.write_text(mock_config(plan.req.target, plan.extra["mock_baseurl"], plan.req.jobs))
-        shutil.rmtree(lay["mock"], ignore_errors=True)
-        run_logged(mock_command(cfg, srpm, lay["mock"]), lay["log"], env, "mock")
-        return _collect(sorted(p for p in lay["mock"].glob("*.rpm")
-                               if not p.name.endswith(".src.rpm")), lay["rpms"])
+        return _run_mock(plan, srpm, lay, phases)
+    return _run_rpmbuild(plan, srpm, lay, phases)
+
+
+def _run_mock(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, float]) -> list[Path]:
+    cfg = lay["out"] / "mock.cfg"
+    tmpfs_mb = 0 if plan.req.tmpfs is False else tree_bytes_needed(plan) // (1 << 20)
+    cfg.write_text(mock_config(plan.req.target, plan.extra["mock_baseurl"], plan.req.jobs, tmpfs_mb))
+    shutil.rmtree(lay["mock"], ignore_errors=True)
+    phases.update(run_logged(mock_command(cfg, srpm, lay["mock"]), lay["log"],
+                             build_env(plan.epoch), "mock"))
+    return _collect(sorted(p for p in lay["mock"].glob("*.rpm") if not p.name.endswith(".src.rpm")),
+                    lay["rpms"])
+
+
+def _run_rpmbuild(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, float]) -> list[Path]:
     topdir = lay["topdir"]
     shutil.rmtree(topdir, ignore_errors=True)
-    run_logged(rpmbuild_command(srpm, topdir, plan.req.jobs, plan.epoch), lay["log"], env, "rpmbuild")
-    rpms = _collect(sorted(topdir.glob("RPMS/*/*.rpm")), lay["rpms"])
-    shutil.rmtree(topdir, ignore_errors=True)  # ~1.5 GB of build tree; the SRPM rebuilds it
+    ram = choose_scratch(plan)
+    # The build tree (~1.5 GB for 6.1) lives in RAM when there is room: unpacking, compiling
+    # and removing it then never wait for the disk. Always removed: tmpfs pages are RAM.
+    scratch = _ram_scratch(ram, plan.req.target.name) if ram else None
+    try:
+        if scratch:
+            progress.info(f"rpm: build tree in {scratch} (tmpfs; --no-tmpfs for the disk)")
+        cmd = rpmbuild_command(srpm, topdir, plan.req.jobs, plan.epoch, scratch)
+        phases.update(run_logged(cmd, lay["log"], build_env(plan.epoch), "rpmbuild"))
+        start = time.monotonic()
+        rpms = _collect(sorted(topdir.glob("RPMS/*/*.rpm")), lay["rpms"])
+    finally:
+        shutil.rmtree(topdir, ignore_errors=True)  # the build tree; the SRPM rebuilds it
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    phases["collect"] = round(time.monotonic() - start, 2)
     return rpms
 
 

@@ -34,6 +34,9 @@ TOOLS: tuple[Tool, ...] = (
     Tool("cpio", "cpio", ("smoke",)),
     Tool("xz", "xz-utils", ("upstream",)),
     Tool("bzip2", "bzip2", ("upstream",)),
+    # parallel decompression of Source0 in %prep (el6 SRPMs carry a .tar.bz2)
+    Tool("lbzip2", "lbzip2", ("rpm",), optional=True),
+    Tool("pigz", "pigz", ("rpm",), optional=True),
     Tool("musl-gcc", "musl-tools", ("smoke",)),
     Tool("busybox", "busybox-static", ("smoke",)),
     Tool("qemu-system-x86_64", "qemu-system-x86", ("smoke",), backports=True),

@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 
 from fsbuild import paths
-from fsbuild.errors import MissingFileError, PatchFormatError, UnsafePathError
+from fsbuild.series import parse_series
 
 TEMPLATE = "kernel.spec.j2"
 CHECK_TEMPLATE = "config-check.sh.j2"
@@ -39,6 +39,7 @@ class SeriesPatch:
     path: Path
     strip: int       # -pN of the series line
     origin: str      # which series: "fastsocket" | "hostcc"
+    reverse: bool = False  # -R: applied reversed (quilt semantics)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class SpecPatch:
     strip: int
     origin: str
     subject: str
+    reverse: bool = False
 
 
 @dataclass
@@ -79,28 +81,11 @@ class SpecInputs:
 
 
 def read_series(series: Path, origin: str) -> list[SeriesPatch]:
-    """Quilt series: one patch per line, `#` comments, optional `-pN`. Missing file → error."""
-    if not series.is_file():
-        raise MissingFileError(f"series file {series} does not exist")
-    base = series.parent.resolve()
-    out: list[SeriesPatch] = []
-    for lineno, raw in enumerate(series.read_text().splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        words = line.split()
-        strip = 1
-        for opt in words[1:]:
-            if not re.fullmatch(r"-p\d", opt):
-                raise PatchFormatError(f"{series}:{lineno}: unsupported series option {opt!r}")
-            strip = int(opt[2:])
-        path = (base / words[0]).resolve()
-        if not path.is_relative_to(base):
-            raise UnsafePathError(f"{series}:{lineno}: patch {words[0]!r} is outside {base}")
-        if not path.is_file():
-            raise MissingFileError(f"{series}:{lineno}: patch {words[0]} does not exist")
-        out.append(SeriesPatch(words[0], path, strip, origin))
-    return out
+    """The patches of a quilt series (the series engine's parser: comments, `-pN`, `-R`,
+    no path escaping the series folder, every file present)."""
+    parsed = parse_series(series)
+    return [SeriesPatch(e.name, parsed.patch_path(e).resolve(), e.strip, origin, e.reverse)
+            for e in parsed.entries]
 
 
 _SUBJECT = re.compile(r"^Subject:\s*(.*)$", re.M | re.I)
@@ -139,7 +124,7 @@ def spec_patches(series: Iterable[SeriesPatch]) -> list[SpecPatch]:
         if file in seen or file.startswith(("linux-", "config-", "fastsocket-module")):
             file = f"{p.origin}-{n:04d}-{p.path.name}"
         seen.add(file)
-        out.append(SpecPatch(n, file, p.name, p.strip, p.origin, patch_subject(p.path)))
+        out.append(SpecPatch(n, file, p.name, p.strip, p.origin, patch_subject(p.path), p.reverse))
     return out
 
 

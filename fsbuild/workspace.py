@@ -352,8 +352,16 @@ class Entry:
 
 
 def read_series(series: Path) -> list[Entry]:
-    """Entries of a quilt series file (comments, blank lines, -pN)."""
-    return [Entry(e.name, e.strip) for e in S.parse_series(series, check_files=False).entries]
+    """Entries of a quilt series file (comments, blank lines, -pN). A `-R` entry has no
+    faithful commit form (refresh would write the reversed diff under a `-R` line), so
+    the workspace refuses it rather than apply it forward."""
+    entries = S.parse_series(series, check_files=False).entries
+    for e in entries:
+        if e.reverse:
+            raise PatchFormatError(f"{series}:{e.lineno}: {e.name} -R: reversed entries work with "
+                                   "`fsbuild apply` and `fsbuild rpm`, not in the git workspace "
+                                   "(store the patch inverted instead)")
+    return [Entry(e.name, e.strip) for e in entries]
 
 
 def series_line(e: Entry) -> str:

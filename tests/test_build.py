@@ -3,6 +3,7 @@ SRPM, mock config/command line, incremental no-op; slow: a real linux-6.1 mini b
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -180,6 +181,7 @@ def test_mock_config_and_command_line(tmp_path: Path) -> None:
     opts: dict[str, object] = {"macros": {}}
     exec(cfg, {"config_opts": opts})  # mock configs are Python: it must at least run
     assert opts["root"] == "fsbuild-el6-x86_64" and opts["releasever"] == "6"
+    assert "plugin_conf" not in opts  # tmpfs_mb=0: no tmpfs plugin
     assert opts["macros"] == {"%_smp_mflags": "-j2"}
     repo_conf = str(opts["yum.conf"])
     assert f"baseurl={url}/os/x86_64/" in repo_conf and f"baseurl={url}/updates/x86_64/" in repo_conf
@@ -189,6 +191,16 @@ def test_mock_config_and_command_line(tmp_path: Path) -> None:
         "--resultdir", str(tmp_path / "res")]
     with pytest.raises(TargetError):
         build.mock_config(target.load("linux-6.1"), url, 2)
+
+
+def test_mock_config_enables_the_tmpfs_plugin_with_the_tree_size() -> None:
+    opts: dict[str, object] = {"macros": {}, "plugin_conf": {}}
+    exec(build.mock_config(target.load("el6"), "file:///v", 2, tmpfs_mb=3000), {"config_opts": opts})
+    plugin = opts["plugin_conf"]
+    assert plugin["tmpfs_enable"] is True  # type: ignore[index]
+    # the el6 chroot itself lives there too: 2 GiB on top of the build tree
+    assert plugin["tmpfs_opts"]["required_ram_mb"] == 5048  # type: ignore[index]
+    assert plugin["tmpfs_opts"]["max_fs_size"] == "5048m"  # type: ignore[index]
 
 
 def test_mock_baseurl_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,6 +218,110 @@ def test_mock_missing_is_tool_missing_exit_9(tmp_path: Path) -> None:
     assert out.stderr.startswith("fsbuild: error: mock not found") and len(out.stderr.splitlines()) == 1
 
 
+# ------------------------------------------------------------------ build tree in RAM
+
+def test_tmpfs_dir_only_a_mounted_tmpfs_with_room(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    expect = shm if str(shm) in build._tmpfs_mounts() and os.access(shm, os.W_OK) else None
+    assert build.tmpfs_dir(1, (shm,)) == expect
+    assert build.tmpfs_dir(1 << 60, (shm,)) is None      # no RAM that large
+    assert build.tmpfs_dir(1, (tmp_path,)) is None or str(tmp_path) in build._tmpfs_mounts()
+
+
+def test_choose_scratch_honours_tmpfs_flag(tiny_upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsbuild.errors import BuildError
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    assert build.choose_scratch(build.make_plan(_req(tmpfs=False), tiny_upstream)) is None
+    monkeypatch.setattr(build, "tree_bytes_needed", lambda plan: 1 << 60)
+    assert build.choose_scratch(build.make_plan(_req(), tiny_upstream)) is None  # auto: the disk
+    with pytest.raises(BuildError, match="--tmpfs: no tmpfs"):
+        build.choose_scratch(build.make_plan(_req(tmpfs=True), tiny_upstream))
+
+
+def test_ram_scratch_reaps_dirs_of_dead_runs_only(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live, foreign = (tmp_path / "fsbuild-el6-old", tmp_path / "fsbuild-el6-live", tmp_path / "fsbuild-x")
+    for d, pid in ((stale, dead.pid), (live, os.getpid())):
+        d.mkdir()
+        (d / "fsbuild.pid").write_text(str(pid))
+    foreign.mkdir()
+    new = build._ram_scratch(tmp_path, "linux-6.1")
+    assert not stale.exists() and live.exists() and foreign.exists()
+    assert new.name.startswith("fsbuild-linux-6.1-") and (new / "fsbuild.pid").read_text() == str(os.getpid())
+
+
+def test_rpmbuild_command_puts_tree_and_buildroot_in_scratch(tmp_path: Path) -> None:
+    cmd = build.rpmbuild_command(tmp_path / "k.src.rpm", tmp_path / "top", 2, 1700000000, Path("/dev/shm/x"))
+    assert "_builddir /dev/shm/x/BUILD" in cmd and "_buildrootdir /dev/shm/x/BUILDROOT" in cmd
+    assert "_topdir " + str(tmp_path / "top") in cmd  # RPMS/ stay under out/
+    assert not any("_builddir" in c for c in build.rpmbuild_command(tmp_path / "k", tmp_path, 2, 1))
+
+
+# ------------------------------------------------------------------ %prep, phases
+
+def _compress(tar: Path, suffix: str) -> Path:
+    tool = {"xz": ["xz", "-T2", "--block-size=4096"], "bz2": ["bzip2"], "gz": ["gzip", "-n"]}[suffix]
+    subprocess.run([*tool, "-k", "-f", str(tar)], check=True)
+    return tar.with_name(f"{tar.name}.{suffix}")
+
+
+@pytest.mark.parametrize("suffix", ["xz", "bz2", "gz"])
+def test_prep_unpacks_each_compression_and_names_a_corrupt_tarball(
+        suffix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """%prep's parallel-decompressor unpack: the tree appears, patched and versioned; a
+    truncated tarball stops it with one `fsbuild:` line naming the file."""
+    require_tool("rpmbuild", {"xz": "xz", "bz2": "bzip2", "gz": "gzip"}[suffix])
+    import hashlib
+    repo = _scratch_repo(tmp_path, monkeypatch)
+    (repo / "patches" / "linux-6.1" / "series").write_text("")
+    mk = b"VERSION = 6\nPATCHLEVEL = 1\nSUBLEVEL = 192\nEXTRAVERSION =\n" + b"# filler\n" * 20000
+    tar = tmp_path / "up" / "linux-6.1.192.tar"
+    tar.parent.mkdir()
+    write_deterministic_tar(tar.with_suffix(".tgz"), "linux-6.1.192", [_Entry("Makefile", "file", data=mk)])
+    tar.write_bytes(gzip.decompress(tar.with_suffix(".tgz").read_bytes()))  # plain tar
+    packed = _compress(tar, suffix)
+
+    def prep(tarball: Path) -> subprocess.CompletedProcess[str]:
+        up = Upstream("linux-6.1", "6.1.192", tarball, "linux-6.1.192",
+                      hashlib.sha256(tarball.read_bytes()).hexdigest())
+        plan = build.make_plan(_req(), up)
+        src = tmp_path / "src"
+        spec_path = build.write_sources(plan, src)
+        top = tmp_path / "top"
+        shutil.rmtree(top, ignore_errors=True)
+        return subprocess.run(["rpmbuild", "-bp", "--nodeps", "--define", f"_topdir {top}",
+                               "--define", f"_sourcedir {src}", str(spec_path)],
+                              capture_output=True, text=True)
+
+    ok = prep(packed)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    tree = tmp_path / "top" / "BUILD" / "linux-6.1.192"
+    assert (tree / "Makefile").read_bytes().startswith(
+        b"VERSION = 6\nPATCHLEVEL = 1\nSUBLEVEL = 192\nEXTRAVERSION = -2.fastsocket.x86_64\n")
+    assert (tree / "net" / "fastsocket" / "fastsocket_main.c").is_file()
+
+    broken = tmp_path / "broken" / packed.name
+    broken.parent.mkdir()
+    broken.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    bad = prep(broken)
+    assert bad.returncode != 0
+    assert f"fsbuild: cannot decompress {tmp_path}/src/{packed.name}" in bad.stderr
+
+
+def test_run_logged_times_each_phase(tmp_path: Path) -> None:
+    log = tmp_path / "build.log"
+    script = ("echo 'Executing(%prep)'; sleep 1.2; echo 'Executing(%build)'; sleep 1.2; "
+              "echo 'fsbuild-phase: make'; sleep 1.2; echo 'Wrote: x'")
+    start = time.monotonic()
+    phases = build.run_logged(["sh", "-c", script], log, dict(os.environ), "t")
+    total = time.monotonic() - start
+    assert list(phases) == ["start", "prep", "config", "make", "write"]
+    assert min(phases["prep"], phases["config"], phases["make"]) >= 0.9  # 0.25 s polling
+    assert sum(phases.values()) <= total + 0.1
+    assert "Executing(%build)" in log.read_text()
+
+
 # ------------------------------------------------------------------ incremental
 
 def test_unchanged_inputs_are_a_noop(tiny_upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -217,7 +333,8 @@ def test_unchanged_inputs_are_a_noop(tiny_upstream: Upstream, monkeypatch: pytes
         (srpm_dir / "k.src.rpm").write_text("srpm")
         return srpm_dir / "k.src.rpm"
 
-    def fake_builder(plan: build.Plan, srpm: Path, lay: dict[str, Path]) -> list[Path]:
+    def fake_builder(plan: build.Plan, srpm: Path, lay: dict[str, Path],
+                     phases: dict[str, float]) -> list[Path]:
         calls.append(plan.inputs_hash)
         built = lay["out"] / "tmp-kernel.rpm"
         built.write_text("rpm")

@@ -64,11 +64,22 @@ def test_read_series_rejects_missing_escaping_and_bad_options(tmp_path: Path) ->
     with pytest.raises(UnsafePathError):
         spec.read_series(tmp_path / "series", "fastsocket")
     _patch(tmp_path / "a.patch", "x")
-    (tmp_path / "series").write_text("a.patch -R\n")
+    (tmp_path / "series").write_text("a.patch -X\n")
     with pytest.raises(PatchFormatError):
         spec.read_series(tmp_path / "series", "fastsocket")
     with pytest.raises(MissingFileError):
         spec.read_series(tmp_path / "absent-series", "fastsocket")
+
+
+def test_reverse_entries_become_patch_minus_R_in_prep(tmp_path: Path) -> None:
+    _patch(tmp_path / "a.patch", "Subject: forward")
+    _patch(tmp_path / "revert.patch", "Subject: undo an upstream change")
+    (tmp_path / "series").write_text("a.patch\nrevert.patch -p0 -R\n")
+    got = spec.read_series(tmp_path / "series", "fastsocket")
+    assert [(p.strip, p.reverse) for p in got] == [(1, False), (0, True)]
+    text = spec.render(_inputs("linux-6.1", spec.spec_patches(got)), "linux-6.1 6.1.192")
+    prep = [line for line in text.splitlines() if line.startswith("patch ")]
+    assert prep[0].startswith("patch -p1 -F0 ") and prep[1].startswith("patch -p0 -R -F0 ")
 
 
 def test_duplicate_basenames_get_unique_source_names(tmp_path: Path) -> None:
@@ -102,7 +113,7 @@ def test_empty_series_renders_and_says_so() -> None:
 def test_linux61_spec_essentials() -> None:
     text = spec.render(_inputs("linux-6.1", []), "linux-6.1 6.1.192")
     assert "Release: %{pkg_release}" in text and "%define pkg_release 2.fastsocket" in text
-    assert "make -s ARCH=%{kernel_arch} LOCALVERSION= tinyconfig" in text
+    assert "make -s %{?_smp_mflags} ARCH=%{kernel_arch} LOCALVERSION= tinyconfig" in text
     assert "olddefconfig" in text and "oldconfig >/dev/null" not in text
     assert "firmware_install" in text and "%define firmware_install 0" in text
     assert not spec.forbidden_syntax(text)

@@ -159,3 +159,14 @@ def test_rerender_keeps_headers_and_trailer() -> None:
                 b"@@ -10,3 +10,3 @@\n a\n-b\n+B\n c\n")
     out = rerender(original, new_diff, "p.patch")
     assert out == original.replace(b"@@ -1,3 +1,3 @@", b"@@ -10,3 +10,3 @@")
+
+
+def test_reverse_series_entry_is_refused_not_applied_forward(tmp_path: Path) -> None:
+    from fsbuild.errors import PatchFormatError
+    from fsbuild.workspace import read_series
+    (tmp_path / "a.patch").write_text("--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n")
+    (tmp_path / "series").write_text("a.patch -p1\n")
+    assert [(e.name, e.strip) for e in read_series(tmp_path / "series")] == [("a.patch", 1)]
+    (tmp_path / "series").write_text("# keep\na.patch -R\n")
+    with pytest.raises(PatchFormatError, match=r"series:2: a.patch -R"):
+        read_series(tmp_path / "series")

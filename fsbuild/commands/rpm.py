@@ -19,11 +19,13 @@ from fsbuild import target as targets
               "(default: target [rpm] release_suffix, .fastsocket).")
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=2, show_default=True)
 @click.option("--mock-baseurl", metavar="URL", help="CentOS 6.10 vault/mirror for --builder mock.")
+@click.option("--tmpfs/--no-tmpfs", default=None,
+              help="Build tree in a tmpfs (/dev/shm). Default: when RAM has room for it.")
 @click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def cmd(target_name: str | None, source: str | None, config: str, builder: str,
-        release_suffix: str | None, jobs: int, mock_baseurl: str | None, force: bool,
-        as_json: bool) -> int:
+        release_suffix: str | None, jobs: int, mock_baseurl: str | None, tmpfs: bool | None,
+        force: bool, as_json: bool) -> int:
     """Build kernel, kernel-devel and kernel-firmware RPMs (and the SRPM) into out/<target>/."""
     from fsbuild import build  # lazy: keeps `fsbuild --help` fast
 
@@ -31,7 +33,7 @@ def cmd(target_name: str | None, source: str | None, config: str, builder: str,
     tgt = targets.load(target_name)
     result = build.build(build.Request(tgt, source=source, config=config, builder=builder,
                                        release_suffix=release_suffix, jobs=jobs, force=force,
-                                       mock_baseurl=mock_baseurl))
+                                       mock_baseurl=mock_baseurl, tmpfs=tmpfs))
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return 0
