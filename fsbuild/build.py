@@ -96,7 +96,7 @@ class Result:
     inputs_hash: str
     cached: bool
     duration_s: float
-    # seconds per step (srpm, prep, config, make, install, package, write, clean, collect):
+    # seconds per step (inputs, srpm, prep, config, make, install, package, write, clean, collect):
     # where the time beyond `make` goes
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -658,6 +658,7 @@ def build(req: Request, upstream: object | None = None) -> Result:
         hit.duration_s = time.monotonic() - start
         return hit
     proc.which("rpmbuild")
+    phases = {"inputs": round(time.monotonic() - start, 2)}  # resolve upstream, hash inputs
     lay = out_layout(req.target.name)
     lay["out"].mkdir(parents=True, exist_ok=True)
     lay["manifest"].unlink(missing_ok=True)  # never a stale no-op after a failed build
@@ -666,7 +667,7 @@ def build(req: Request, upstream: object | None = None) -> Result:
                   f"{len(plan.series)} patches, builder {req.builder}); log: {lay['log']}")
     srpm = make_srpm(plan, lay["srcdir"], lay["srpm"], lay["log"])
     shutil.rmtree(lay["srcdir"], ignore_errors=True)
-    phases = {"srpm": round(time.monotonic() - start, 2)}
+    phases["srpm"] = round(time.monotonic() - start - phases["inputs"], 2)
     progress.info(f"rpm: SRPM {srpm}")
     rpms = _run_builder(plan, srpm, lay, phases)
     result = Result(req.target.name, plan.kver, rpms, srpm, lay["log"], req.builder,

@@ -19,6 +19,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,11 +420,35 @@ class _Entry:
     data: bytes | None = None   # file content (git) ...
     path: Path | None = None    # ... or where to read it (dir)
     link: str = ""
+    stamp: tuple[int, ...] = ()  # (size, mtime_ns, ctime_ns, inode) of a dir source's file
+
+
+# A file changed within this window of its last stat may not show in mtime/ctime yet (coarse
+# timestamps): such a tree is not indexed by stat (git's "racy" rule).
+RACY_NS = 2_000_000_000
 
 
 def _from_dir(target: str, root: Path) -> Upstream:
+    """A directory: re-tarring 80k files costs ~15 s, so an unchanged tree (every name, mode,
+    size, mtime, ctime and inode as before) is found in the index by its stat signature."""
     entries = list(_walk_dir(root))
-    return _from_entries(target, entries, f"dir:{root}")
+    key, settled = _dir_key(root, entries)
+    digest = _index_get(key)
+    if digest and (up := _cached(target, digest)):
+        return up
+    up = _from_entries(target, entries, f"dir:{root}")
+    if settled:
+        _index_put(key, up.digest)
+    return up
+
+
+def _dir_key(root: Path, entries: list[_Entry]) -> tuple[str, bool]:
+    h = hashlib.sha256()
+    newest = 0
+    for e in entries:
+        newest = max([newest, *e.stamp[1:3]])
+        h.update(f"{e.name}\0{e.kind}\0{e.mode:o}\0{e.stamp}\0{e.link}\n".encode(errors="surrogateescape"))
+    return f"dir-stat:{root.resolve()}:{h.hexdigest()}", newest < time.time_ns() - RACY_NS
 
 
 def _walk_dir(root: Path) -> Iterator[_Entry]:
@@ -442,7 +467,8 @@ def _walk_dir(root: Path) -> Iterator[_Entry]:
             elif stat.S_ISDIR(st.st_mode):
                 yield _Entry(rel, "dir", mode=0o755)
             elif stat.S_ISREG(st.st_mode):
-                yield _Entry(rel, "file", mode=0o755 if st.st_mode & 0o100 else 0o644, path=full)
+                yield _Entry(rel, "file", mode=0o755 if st.st_mode & 0o100 else 0o644, path=full,
+                             stamp=(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
             else:
                 raise UnsafePathError(f"{root}: {rel} is a device node, fifo or socket")
 

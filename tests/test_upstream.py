@@ -4,6 +4,7 @@ The helpers at the top build tiny real kernel-like trees; test_workspace/test_re
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import tarfile
@@ -182,6 +183,29 @@ def test_directory_deterministic(tmp_path: Path) -> None:
         assert tf.extractfile("linux-4.19.5/kernel/sched.c").read().decode() == lines("sched", 120)
     (b / "net" / "Kconfig").write_text("changed\n")
     assert upstream.resolve(load("linux-6.1"), str(b)).digest != ua.digest
+
+
+def test_unchanged_directory_is_found_by_stat_signature(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    a = write_tree(tmp_path / "a", kernel_files("4.19.5"))
+    fresh = upstream.resolve(load("linux-6.1"), str(a))  # files just written: racy, not indexed
+    index = upstream._index_path()
+    assert not index.exists() or not any(k.startswith("dir-stat:") for k in json.loads(index.read_text()))
+    monkeypatch.setattr(upstream, "RACY_NS", 0)
+    assert upstream.resolve(load("linux-6.1"), str(a)).digest == fresh.digest
+    calls: list[str] = []
+    real = upstream._from_entries
+
+    def counting(target: str, entries: list, where: str) -> upstream.Upstream:  # type: ignore[type-arg]
+        calls.append(where)
+        return real(target, entries, where)
+
+    monkeypatch.setattr(upstream, "_from_entries", counting)
+    assert upstream.resolve(load("linux-6.1"), str(a)).digest == fresh.digest
+    assert calls == []  # from the index: no re-tar
+    (a / "net" / "Kconfig").write_text("changed\n")
+    changed = upstream.resolve(load("linux-6.1"), str(a))
+    assert calls == [f"dir:{a}"] and changed.digest != fresh.digest
 
 
 def test_directory_symlink_escape(tmp_path: Path) -> None:
