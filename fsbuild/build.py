@@ -394,9 +394,10 @@ GIB = 1 << 30
 
 def tree_bytes_needed(plan: Plan) -> int:
     """Room for source tree + objects + build root: the compressed tarball is ~1/10 of the
-    tree; objects of the mini profile fit in 2 GiB, a full distro config needs ~12 GiB."""
+    tree; objects of the mini profile fit in 2 GiB; a full distro config with DEBUG_INFO
+    (el6's) can reach ~20 GiB, so it builds in RAM only on a big host."""
     tarball = Path(plan.upstream.tarball).stat().st_size  # type: ignore[attr-defined]
-    return 12 * tarball + (2 if plan.config.label == "mini" else 12) * GIB
+    return 12 * tarball + (2 if plan.config.label == "mini" else 20) * GIB
 
 
 def tmpfs_dir(need: int, dirs: tuple[Path, ...] = TMPFS_DIRS) -> Path | None:
@@ -704,7 +705,13 @@ def _run_rpmbuild(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str
         if scratch:
             progress.info(f"rpm: build tree in {scratch} (tmpfs; --no-tmpfs for the disk)")
         cmd = rpmbuild_command(srpm, topdir, plan.req.jobs, plan.epoch, scratch)
-        phases.update(run_logged(cmd, lay["log"], build_env(plan.epoch), "rpmbuild"))
+        try:
+            phases.update(run_logged(cmd, lay["log"], build_env(plan.epoch), "rpmbuild"))
+        except BuildError as err:
+            if scratch and b"No space left on device" in lay["log"].read_bytes()[-200_000:]:
+                raise BuildError(f"the tmpfs build tree {scratch} ran out of space: rerun with "
+                                 f"--no-tmpfs (full log: {lay['log']})") from err
+            raise
         start = time.monotonic()
         rpms = _collect(sorted(topdir.glob("RPMS/*/*.rpm")), lay["rpms"])
     finally:

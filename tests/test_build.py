@@ -251,6 +251,26 @@ def test_ram_scratch_reaps_dirs_of_dead_runs_only(tmp_path: Path) -> None:
     assert new.name.startswith("fsbuild-linux-6.1-") and (new / "fsbuild.pid").read_text() == str(os.getpid())
 
 
+def test_full_tmpfs_says_rerun_with_no_tmpfs(tiny_upstream: Upstream, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsbuild.errors import BuildError
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    monkeypatch.setattr(build, "choose_scratch", lambda plan: tmp_path)
+
+    def enospc(cmd: list[str], log: Path, env: dict[str, str], what: str) -> dict[str, float]:
+        with open(log, "a") as fh:
+            fh.write("cc1: fatal error: .tmp_foo.o: No space left on device\n")
+        raise BuildError("rpmbuild failed")
+
+    monkeypatch.setattr(build, "run_logged", enospc)
+    lay = build.out_layout("linux-6.1")
+    lay["out"].mkdir(parents=True, exist_ok=True)
+    lay["log"].write_text("")
+    with pytest.raises(BuildError, match="ran out of space: rerun with --no-tmpfs"):
+        build._run_rpmbuild(build.make_plan(_req(), tiny_upstream), tmp_path / "k.src.rpm", lay, {})
+    assert not list(tmp_path.glob("fsbuild-*"))  # the RAM is given back
+
+
 def test_rpmbuild_command_puts_tree_and_buildroot_in_scratch(tmp_path: Path) -> None:
     cmd = build.rpmbuild_command(tmp_path / "k.src.rpm", tmp_path / "top", 2, 1700000000, Path("/dev/shm/x"))
     assert "_builddir /dev/shm/x/BUILD" in cmd and "_buildrootdir /dev/shm/x/BUILDROOT" in cmd
