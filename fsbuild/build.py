@@ -452,7 +452,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, someone else's
     return True
 
 
@@ -460,10 +460,11 @@ def choose_scratch(plan: Plan) -> Path | None:
     """The tmpfs to build in, or None for the disk. --tmpfs insists, --no-tmpfs refuses."""
     if plan.req.tmpfs is False:
         return None
-    found = tmpfs_dir(tree_bytes_needed(plan))
+    need = tree_bytes_needed(plan)
+    found = tmpfs_dir(need)
     if found is None and plan.req.tmpfs:
         raise BuildError(f"--tmpfs: no tmpfs among {', '.join(map(str, TMPFS_DIRS))} has "
-                         f"{tree_bytes_needed(plan) // GIB + 1} GiB free with as much RAM available")
+                         f"{need // GIB + 1} GiB free with as much RAM available")
     return found
 
 
@@ -528,8 +529,7 @@ _PHASES = [(b"Executing(%prep)", "prep: unpack + patches"), (b"Executing(%build)
 _OBJ = re.compile(rb"^\s+(CC|AS|LD)(\s|\s\[M\]\s)", re.M)
 
 
-def run_logged(cmd: list[str], log: Path, env: dict[str, str], what: str,
-               error: type[FsbuildError] = BuildError) -> dict[str, float]:
+def run_logged(cmd: list[str], log: Path, env: dict[str, str], what: str) -> dict[str, float]:
     """Run a long build with output to `log` and a spinner showing phase, objects, elapsed;
     returns seconds per phase (as the log's markers show them, 0.25 s resolution).
     (proc.run cannot watch the log while the command runs, hence Popen here.)"""
@@ -611,9 +611,12 @@ def _kill(child: subprocess.Popen[bytes]) -> None:
 
 
 def _failure(cmd: list[str], rc: int, log: Path) -> FsbuildError:
-    """The most telling line of the log: a config drop, a patch that does not apply, else
-    the tail."""
+    """The most telling line of the log: a full filesystem, a config drop, a patch that does
+    not apply, else the tail."""
     text = log.read_bytes()[-2_000_000:].decode(errors="replace").splitlines()
+    if any("No space left on device" in line for line in text[-200:]):
+        return BuildError(f"{cmd[0]} ran out of space for the build tree: free some, or if it "
+                          f"was in a tmpfs rerun with --no-tmpfs (full log: {log})")
     ours = [line[len("fsbuild: "):] for line in text if line.startswith("fsbuild: ")]
     if ours:
         # the first names the option/patch, the last the verdict
@@ -666,9 +669,10 @@ def build(req: Request, upstream: object | None = None) -> Result:
     lay["log"].write_text(f"fsbuild rpm {req.target.name} inputs={plan.inputs_hash}\n")
     progress.info(f"rpm: {req.target.name} {plan.kver} (config {plan.config.label}, "
                   f"{len(plan.series)} patches, builder {req.builder}); log: {lay['log']}")
+    begin = time.monotonic()
     srpm = make_srpm(plan, lay["srcdir"], lay["srpm"], lay["log"])
     shutil.rmtree(lay["srcdir"], ignore_errors=True)
-    phases["srpm"] = round(time.monotonic() - start - phases["inputs"], 2)
+    phases["srpm"] = round(time.monotonic() - begin, 2)
     progress.info(f"rpm: SRPM {srpm}")
     rpms = _run_builder(plan, srpm, lay, phases)
     result = Result(req.target.name, plan.kver, rpms, srpm, lay["log"], req.builder,
@@ -705,13 +709,7 @@ def _run_rpmbuild(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str
         if scratch:
             progress.info(f"rpm: build tree in {scratch} (tmpfs; --no-tmpfs for the disk)")
         cmd = rpmbuild_command(srpm, topdir, plan.req.jobs, plan.epoch, scratch)
-        try:
-            phases.update(run_logged(cmd, lay["log"], build_env(plan.epoch), "rpmbuild"))
-        except BuildError as err:
-            if scratch and b"No space left on device" in lay["log"].read_bytes()[-200_000:]:
-                raise BuildError(f"the tmpfs build tree {scratch} ran out of space: rerun with "
-                                 f"--no-tmpfs (full log: {lay['log']})") from err
-            raise
+        phases.update(run_logged(cmd, lay["log"], build_env(plan.epoch), "rpmbuild"))
         start = time.monotonic()
         rpms = _collect(sorted(topdir.glob("RPMS/*/*.rpm")), lay["rpms"])
     finally:

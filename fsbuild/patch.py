@@ -37,9 +37,6 @@ class Hunk:
     def old_lines(self) -> list[bytes]:
         return [c for t, c in self.lines if t != "+"]
 
-    def new_lines(self) -> list[bytes]:
-        return [c for t, c in self.lines if t != "-"]
-
     def context(self) -> tuple[int, int]:
         """(prefix, suffix) context line counts as GNU patch computes them."""
         prefix = -1
@@ -164,10 +161,6 @@ def _git_names(rest: bytes) -> tuple[str | None, str | None]:
     half = (len(rest) - 1) // 2
     a, b = rest[:half], rest[half + 1:]
     return a.decode("utf-8", "surrogateescape"), b.decode("utf-8", "surrogateescape")
-
-
-def _is_header_start(line: bytes) -> bool:
-    return line.startswith((b"Index: ", b"diff ", b"====")) or line.startswith(b"--- ")
 
 
 def parse_patch(data: bytes, name: str = "<patch>") -> Patch:

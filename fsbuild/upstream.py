@@ -32,7 +32,6 @@ from fsbuild.target import Target
 CHUNK = 1 << 20
 FIXED_MTIME = 1_000_000_000  # 2001-09-09: deterministic tarballs need *some* constant
 META = "meta.json"
-TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
 _MAGIC = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
 RPM_MAGIC = b"\xed\xab\xee\xdb"
 

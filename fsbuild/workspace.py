@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -602,15 +602,21 @@ class Workspace:
         atomic_write(path, rerender(original, diff, name) if original.strip() else diff)
         return path
 
-    def new(self, name: str, message: str = "") -> Path:
-        """Create an empty patch after the top one and push it (quilt new)."""
-        P.safe_relpath(name, "series new", 0)
+    def _free_slot(self, name: str, hint: str = "") -> tuple[list[Entry], Path]:
+        """The series entries and the path for a patch `name` that is neither in the series
+        nor on disk yet (new/import never overwrite)."""
         entries = self.entries()
         if any(e.name == name for e in entries):
             raise WorkspaceError(f"patch {name} is already in the series")
         path = self.target.series.parent / name
         if path.exists():
-            raise WorkspaceError(f"{path} exists: use `fsbuild series import`")
+            raise WorkspaceError(f"{path} exists{hint}")
+        return entries, path
+
+    def new(self, name: str, message: str = "") -> Path:
+        """Create an empty patch after the top one and push it (quilt new)."""
+        P.safe_relpath(name, "series new", 0)
+        entries, path = self._free_slot(name, ": use `fsbuild series import`")
         done = len(self.applied())
         body = (message.rstrip("\n") + "\n").encode() if message else b""
         atomic_write(path, body)
@@ -627,12 +633,7 @@ class Workspace:
         P.safe_relpath(name, "series import", 0)
         data = src.read_bytes()
         P.parse_patch(data, name)  # reject malformed patches before touching anything
-        entries = self.entries()
-        if any(e.name == name for e in entries):
-            raise WorkspaceError(f"patch {name} is already in the series")
-        dest = self.target.series.parent / name
-        if dest.exists():
-            raise WorkspaceError(f"{dest} exists")
+        entries, dest = self._free_slot(name)
         done = len(self.applied()) if self.exists and "base" in self.state() else len(entries)
         atomic_write(dest, data)
         self._write_series(entries[:done] + [Entry(name, strip)] + entries[done:])
@@ -735,7 +736,3 @@ def commit_diff(repo: Path, commit: str, strip: int = 1, parent: str | None = No
     args = ["diff", "--no-color", "--no-renames", "--no-ext-diff", "-U3",
             parent or f"{commit}^", commit]
     return git(repo, *args).stdout
-
-
-def iter_names(entries: Iterable[Entry]) -> Iterator[str]:
-    return (e.name for e in entries)

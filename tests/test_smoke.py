@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_tool
+from conftest import require_tool
 from fsbuild import qemu, smoke
 from fsbuild.errors import (MissingFileError, SmokeBootError, SmokeCheckError, SmokePanicError,
                             SmokeTimeoutError)
@@ -25,6 +25,15 @@ def staged_kernel(rpm: Path, where: Path) -> smoke.KernelInputs:
 
 def _boot_tools() -> None:
     require_tool("qemu-system-x86_64", "busybox", "musl-gcc", "rpm2cpio")
+
+
+def _rpm_dir(tmp_path: Path, rpm: Path) -> Path:
+    """An --rpms directory holding just the kernel RPM (the boot tools checked first)."""
+    _boot_tools()
+    rpms = tmp_path / "rpms"
+    rpms.mkdir()
+    (rpms / rpm.name).symlink_to(rpm)
+    return rpms
 
 
 def _init(tmp_path: Path, body: str) -> Path:
@@ -198,11 +207,7 @@ def test_unbootable_kernel_is_a_boot_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_panicking_guest_ends_as_panic_verdict(tmp_path: Path, kernel_rpm: Path) -> None:
-    _boot_tools()
-    rpm = kernel_rpm
-    rpms = tmp_path / "rpms"
-    rpms.mkdir()
-    (rpms / rpm.name).symlink_to(rpm)
+    rpms = _rpm_dir(tmp_path, kernel_rpm)
     # init exits: "Attempted to kill init!" -> panic=1 resets -> -no-reboot ends QEMU
     opts = smoke.BootOptions(timeout=90, userspace=False,
                              init=_init(tmp_path, 'echo "FSBOOT $(cat /proc/sys/kernel/osrelease)" > /dev/ttyS1\nexit 3\n'))
@@ -237,11 +242,7 @@ def test_hung_guest_ends_as_timeout_within_the_limit(tmp_path: Path, kernel_rpm:
 @pytest.mark.slow
 def test_smoke_command_boots_the_rpm(tmp_path: Path, kernel_rpm: Path) -> None:
     """`fsbuild smoke --rpms DIR --json` end to end on the real kernel RPM."""
-    _boot_tools()
-    rpm = kernel_rpm
-    rpms = tmp_path / "rpms"
-    rpms.mkdir()
-    (rpms / rpm.name).symlink_to(rpm)
+    rpms = _rpm_dir(tmp_path, kernel_rpm)
     proc = subprocess.run([sys.executable, "-m", "fsbuild", "smoke", "-t", "linux-6.1", "--rpms", str(rpms),
                            "--timeout", "150", "--json"], capture_output=True, text=True, timeout=300)
     data = json.loads(proc.stdout)
@@ -249,7 +250,7 @@ def test_smoke_command_boots_the_rpm(tmp_path: Path, kernel_rpm: Path) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.strip()} {statuses}"
     assert data["verdict"] == "pass"
     kver = next(c["detail"] for c in data["checks"] if c["name"] == "kernel_version")
-    assert smoke.stage_rpm(rpm, tmp_path / "root").kver == kver
+    assert smoke.stage_rpm(kernel_rpm, tmp_path / "root").kver == kver
     for name in ("boot", "nic_module:igb", "igb_queues", "igb_msix", "dmesg_clean"):
         assert statuses[name]["status"] == "pass", statuses[name]
     assert all(c["status"] != "fail" for c in data["checks"])
