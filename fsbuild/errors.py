@@ -80,6 +80,30 @@ class TargetError(FsbuildError):
     exit_code = 13
 
 
+class LockHeldError(FsbuildError):
+    """Another fsbuild holds the lock of this tree or workspace."""
+
+    exit_code = 14
+
+
+class ArchiveLimitError(FsbuildError):
+    """An archive member, or the archive in total, is over the size ceiling."""
+
+    exit_code = 15
+
+
+class UpstreamIdentityError(FsbuildError):
+    """An upstream source does not say which kernel version-release it is."""
+
+    exit_code = 16
+
+
+class RecoveryError(FsbuildError):
+    """An interrupted run left a journal that must be (or could not be) recovered."""
+
+    exit_code = 17
+
+
 class SmokeBootError(FsbuildError):
     """The guest did not boot to init."""
 

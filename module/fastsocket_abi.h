@@ -27,9 +27,9 @@ typedef __s32 __fs_s32;
 typedef __u64 __fs_u64;
 #endif
 
-#define FASTSOCKET_ABI_VERSION 1
+#define FASTSOCKET_ABI_VERSION 2
 #define FASTSOCKET_DEVICE "/dev/fastsocket"
-#define FASTSOCKET_IOC_MAGIC 0xF5
+#define FASTSOCKET_IOC_MAGIC 0xB9 /* unassigned in ioctl-number.rst */
 
 /* Feature bits reported by FSOCK_IOC_VERSION. */
 #define FSOCK_FEAT_LISTEN_SPAWN   (1u << 0) /* per-CPU local listen sockets */

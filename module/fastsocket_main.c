@@ -304,7 +304,7 @@ static long fsock_do_shutdown(void __user *uarg)
 	return fsock_backend.shutdown(a.fd, a.how);
 }
 
-static long fsock_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
+static long fsk_dev_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 {
 	void __user *uarg = (void __user *)arg;
 
@@ -332,9 +332,9 @@ static long fsock_ioctl(struct file *filp, unsigned int cmd, unsigned long arg)
 
 static const struct file_operations fsock_fops = {
 	.owner		= THIS_MODULE,	/* no unload while /dev/fastsocket is open */
-	.unlocked_ioctl	= fsock_ioctl,
+	.unlocked_ioctl	= fsk_dev_ioctl,
 #ifdef CONFIG_COMPAT
-	.compat_ioctl	= fsock_ioctl,	/* fixed-width ABI: same layout for 32-bit callers */
+	.compat_ioctl	= fsk_dev_ioctl,	/* fixed-width ABI: same layout for 32-bit callers */
 #endif
 };
 
