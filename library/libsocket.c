@@ -11,9 +11,12 @@
  *   plain     everything else: every call goes straight to libc.  Never exits, never
  *             changes behaviour; one warning line on stderr (FASTSOCKET_QUIET=1 hides it).
  *
- * Only fds the library created or saw listening are tracked (a two-level table indexed
- * by fd), so close/accept of anything else costs one table probe and the libc call.
- * accept never changes the application's O_NONBLOCK setting.
+ * Only fds the library created or saw listening are tracked (a preallocated table of
+ * atomic words indexed by fd; dup/F_DUPFD/dup2/dup3 copies share the entry's listener
+ * state), so close/accept of anything else costs one table probe and the libc call.
+ * close/accept/listen are lock-free and allocation-free (async-signal-safe); a blocking
+ * accept honours SA_RESTART like the kernel's.  accept never changes the application's
+ * O_NONBLOCK setting.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -469,17 +472,20 @@ static int not_supported(int err)
 /* A spin lock, not a pthread mutex: its holders never block (no cancellation point, no
  * allocation), a handler can take another group's lock while its thread holds one, and a
  * holder that died (any process of the group) is detected by its pid.  Returns -1 when
- * this very thread holds it (a handler interrupted it): the caller goes without. */
+ * this very thread holds it (a handler interrupted it), or when another thread of this
+ * process keeps it far longer than any critical section (two handlers each waiting for
+ * the lock their own thread holds): the caller goes without (stale mirror, no hang). */
+#define GRP_SPIN_MAX 200000
 static int grp_lock(struct pgroup *g)
 {
 	uint64_t me = (uint64_t)(uint32_t)g_pid << 32 | (uint32_t)syscall(SYS_gettid), cur;
-	int saved = errno, r = 0;
+	int saved = errno, r = 0, spins = 0;
 
 	for (;;) {
 		cur = 0;
 		if (CAS(&g->lock, &cur, me))
 			break;
-		if (cur == me) {
+		if (cur == me || ((pid_t)(cur >> 32) == g_pid && ++spins > GRP_SPIN_MAX)) {
 			r = -1;
 			break;
 		}
