@@ -422,7 +422,7 @@ SIGPROBE = r"""
  *   restart M     blocking accept() interrupted by SIGALRM: M=0 no SA_RESTART, 1 SA_RESTART,
  *                 2 no SA_RESTART while SIGUSR1 has a handler with it, 3 the reverse */
 static int pool[4096];
-static volatile sig_atomic_t next_fd, npool, fired;
+static volatile sig_atomic_t next_fd, npool, fired, note_fd = -1;
 
 static void on_alarm(int sig)
 {
@@ -431,6 +431,7 @@ static void on_alarm(int sig)
 	if (next_fd < npool)
 		close(pool[next_fd++]);
 	fired++;
+	if (note_fd >= 0 && write(note_fd, "x", 1) < 0) {}
 	errno = e;
 }
 
@@ -517,23 +518,29 @@ static int restart(int m)
 	struct sigaction sa = { .sa_handler = on_alarm, .sa_flags = m & 1 ? SA_RESTART : 0 };
 	struct sigaction other = { .sa_handler = on_usr1, .sa_flags = m & 1 ? 0 : SA_RESTART };
 	struct itimerval it = { { 0, 0 }, { 0, 200000 } };
-	int ep = epoll_create1(0), port, s = listener(ep, &port), c, err, n;
+	int ep = epoll_create1(0), port, s = listener(ep, &port), c, err, n, pp[2];
 	pid_t kid;
 
-	if (s < 0)
+	if (s < 0 || pipe(pp))
 		return 2;
 	n = listeners(port);
 	fcntl(s, F_SETFL, fcntl(s, F_GETFL) & ~O_NONBLOCK); /* blocking accept after the split */
 	kid = fork();
-	if (kid == 0) { /* connect after the signal */
+	if (kid == 0) { /* connect once the handler ran */
 		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port),
 					 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 		int k = socket(AF_INET, SOCK_STREAM, 0);
-		usleep(700000);
+		char x;
+		close(pp[1]);
+		if (read(pp[0], &x, 1) != 1)
+			_exit(1);
+		usleep(200000);
 		connect(k, (void *)&a, sizeof(a));
 		usleep(300000);
 		_exit(0);
 	}
+	close(pp[0]);
+	note_fd = pp[1];
 	sigaction(SIGALRM, &sa, NULL);
 	if (m >= 2)
 		sigaction(SIGUSR1, &other, NULL);
