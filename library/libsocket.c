@@ -246,7 +246,7 @@ static void atfork_child(void)
 	g_pid = (pid_t)syscall(SYS_getpid);
 	g_forking = 0;
 	g_spawning = t_spawning;
-	for (i = 1; i <= LS_MAX; i++) {
+	for (i = 1; i <= LS_MAX && g_tracking; i++) {
 		struct lstate *l = &g_ls[i];
 
 		r = l->refs;

@@ -601,6 +601,24 @@ def test_signal_handler_closing_tracked_fds_never_deadlocks(userspace: Userspace
     assert out["closed"] == 400 and out["signals"] >= 400 and out["rounds"] > 0, out
 
 
+BLOCKING_IMPORTS = re.compile(r"^(malloc|calloc|realloc|free|aligned_alloc|posix_memalign|"
+                              r"pthread_mutex_(timed)?lock|pthread_mutex_trylock|pthread_rwlock_\w+|"
+                              r"pthread_spin_lock|pthread_cond_\w*wait|sem_(timed)?wait)$")
+
+
+def test_library_imports_no_allocator_or_lock(userspace: Userspace) -> None:
+    """Item 19, statically: nothing the library calls can allocate or wait for a lock
+    (pthread_once only runs before the constructor finished), so no interposer can
+    deadlock against the thread a handler interrupted.  The old library imported
+    calloc, free and pthread_mutex_lock."""
+    require_tool("nm")
+    r = subprocess.run(["nm", "-D", "--undefined-only", str(userspace.lib)], capture_output=True,
+                       text=True, timeout=30, check=True)
+    names = {line.split()[-1].split("@")[0] for line in r.stdout.splitlines() if line.strip()}
+    assert "close" not in names and "socket" not in names  # sanity: these are ours, not imports
+    assert sorted(n for n in names if BLOCKING_IMPORTS.match(n)) == []
+
+
 @pytest.mark.parametrize("mode", [0, 1, 2, 3],
                          ids=["no_restart", "sa_restart", "mixed_no_restart", "mixed_sa_restart"])
 def test_blocking_accept_honours_sa_restart(userspace: Userspace, sigprobe: Path, mode: int) -> None:
