@@ -415,12 +415,16 @@ SIGPROBE = r"""
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <sys/wait.h>
+#include <dirent.h>
+#include <pthread.h>
 #include <unistd.h>
 /* Signal-safety probes run under libsocket.so in portable mode (pinned, epoll: spawned):
  *   sigsafe N     a SIGALRM handler closes tracked listeners while the main thread loops
  *                 over socket/listen/epoll_ctl/accept/close of other listeners
  *   restart M     blocking accept() interrupted by SIGALRM: M=0 no SA_RESTART, 1 SA_RESTART,
- *                 2 no SA_RESTART while SIGUSR1 has a handler with it, 3 the reverse */
+ *                 2 no SA_RESTART while SIGUSR1 has a handler with it, 3 the reverse
+ *   churn T N     T threads create, dup, accept on and close spawned listeners N times
+ *                 while forks come and go; "leaked" counts fds left over at the end */
 static int pool[4096];
 static volatile sig_atomic_t next_fd, npool, fired, note_fd = -1;
 
@@ -470,6 +474,65 @@ static int listener(int ep, int *port)
 	return s;
 }
 
+static int nfds(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	int n = 0;
+	while (d && readdir(d))
+		n++;
+	if (d)
+		closedir(d);
+	return n;
+}
+
+static int churn_n;
+
+static void *churn_thread(void *arg)
+{
+	int ep = epoll_create1(0), i, t = (int)(long)arg;
+
+	for (i = 0; i < churn_n; i++) {
+		int s = listener(ep, NULL), d;
+		if (s < 0)
+			return (void *)1;
+		d = (i + t) % 3 == 0 ? dup(s) : (i + t) % 3 == 1 ? fcntl(s, F_DUPFD_CLOEXEC, 0) : dup3(s, 900 + t, 0);
+		if (d < 0 || (accept(i % 2 ? d : s, NULL, NULL) >= 0 || errno != EAGAIN))
+			return (void *)2;
+		if (i % 2) {
+			close(s);
+			close(d);
+		} else {
+			close(d);
+			close(s);
+		}
+		if (t == 0 && i % 25 == 0) {
+			pid_t k = fork();
+			if (k == 0)
+				_exit(0);
+			waitpid(k, NULL, 0);
+		}
+	}
+	close(ep);
+	return NULL;
+}
+
+static int churn(int threads, int n)
+{
+	pthread_t th[16];
+	void *r;
+	int i, base = nfds(), bad = 0;
+
+	churn_n = n;
+	for (i = 0; i < threads && i < 16; i++)
+		pthread_create(&th[i], NULL, churn_thread, (void *)(long)i);
+	for (i = 0; i < threads && i < 16; i++) {
+		pthread_join(th[i], &r);
+		bad |= r != NULL;
+	}
+	printf("{\"failed\": %s, \"leaked\": %d}\n", bad ? "true" : "false", nfds() - base);
+	return 0;
+}
+
 static void pin(void)
 {
 	cpu_set_t s;
@@ -487,7 +550,7 @@ static int sigsafe(int rounds)
 	struct rlimit rl;
 	struct sigaction sa = { .sa_handler = on_alarm, .sa_flags = SA_RESTART };
 	struct itimerval it = { { 0, 300 }, { 0, 300 } };
-	int ep = epoll_create1(0), i, port, spawned;
+	int ep = epoll_create1(0), i, port, spawned, base = nfds();
 
 	getrlimit(RLIMIT_NOFILE, &rl);
 	rl.rlim_cur = rl.rlim_max;
@@ -506,8 +569,8 @@ static int sigsafe(int rounds)
 	}
 	memset(&it, 0, sizeof(it));
 	setitimer(ITIMER_REAL, &it, NULL);
-	printf("{\"rounds\": %d, \"signals\": %d, \"closed\": %d, \"spawned\": %d}\n", i, (int)fired,
-	       (int)next_fd, spawned);
+	printf("{\"rounds\": %d, \"signals\": %d, \"closed\": %d, \"spawned\": %d, \"leaked\": %d}\n",
+	       i, (int)fired, (int)next_fd, spawned, nfds() - base);
 	return 0;
 }
 
@@ -561,6 +624,8 @@ int main(int argc, char **argv)
 		return sigsafe(atoi(argv[2]));
 	if (argc == 3 && !strcmp(argv[1], "restart"))
 		return restart(atoi(argv[2]));
+	if (argc == 4 && !strcmp(argv[1], "churn"))
+		return churn(atoi(argv[2]), atoi(argv[3]));
 	return 1;
 }
 """
@@ -571,7 +636,7 @@ def sigprobe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require_tool("cc")
     d = tmp_path_factory.mktemp("sigprobe")
     (d / "sigprobe.c").write_text(SIGPROBE)
-    subprocess.run(["cc", "-O2", "-o", str(d / "sigprobe"), str(d / "sigprobe.c")],
+    subprocess.run(["cc", "-O2", "-pthread", "-o", str(d / "sigprobe"), str(d / "sigprobe.c")],
                    check=True, capture_output=True, timeout=120)
     return d / "sigprobe"
 
@@ -599,6 +664,14 @@ def test_signal_handler_closing_tracked_fds_never_deadlocks(userspace: Userspace
     out = run_probe([str(sigprobe), "sigsafe", "400"], portable_env(userspace))
     assert out["spawned"] == 2, out  # the listeners were tracked and split: the real paths ran
     assert out["closed"] == 400 and out["signals"] >= 400 and out["rounds"] > 0, out
+    assert out["leaked"] == 0, out  # every local listener was released exactly once
+
+
+def test_threads_dup_close_and_fork_leak_nothing(userspace: Userspace, sigprobe: Path) -> None:
+    """Items 19, 21: listener slots are reference-counted across dup copies, calls in
+    flight and forks; whichever close comes last releases the local listener, once."""
+    out = run_probe([str(sigprobe), "churn", "4", "300"], portable_env(userspace), timeout=60)
+    assert out == {"failed": False, "leaked": 0}
 
 
 BLOCKING_IMPORTS = re.compile(r"^(malloc|calloc|realloc|free|aligned_alloc|posix_memalign|"
