@@ -641,6 +641,113 @@ def sigprobe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d / "sigprobe"
 
 
+FAKE_MODULE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include "fastsocket_abi.h"
+/* Test stand-in for fastsocket.ko, preloaded after libsocket.so: answers the ABI's
+ * ioctls (on any fd, e.g. FASTSOCKET_DEVICE=/dev/null) with plain syscalls.  SPAWN hands
+ * out an eventfd as the local listener (never readable), so leaks show as fds. */
+static long sys(long n, long a, long b, long c, long d)
+{
+	long r = syscall(n, a, b, c, d);
+	return r;
+}
+
+int ioctl(int fd, unsigned long req, ...)
+{
+	va_list ap;
+	void *arg;
+	long r;
+
+	va_start(ap, req);
+	arg = va_arg(ap, void *);
+	va_end(ap);
+	switch (req) {
+	case FSOCK_IOC_VERSION: {
+		struct fsock_version *v = arg;
+		v->abi = FASTSOCKET_ABI_VERSION;
+		v->features = FSOCK_FEAT_LISTEN_SPAWN;
+		v->listen_spawn = 2;
+		return 0;
+	}
+	case FSOCK_IOC_SOCKET: {
+		struct fsock_socket_args *a = arg;
+		r = sys(SYS_socket, a->family, a->type, a->protocol, 0);
+		if (r < 0)
+			return -1;
+		a->fd = (int)r;
+		return 0;
+	}
+	case FSOCK_IOC_LISTEN: {
+		struct fsock_listen_args *a = arg;
+		return (int)sys(SYS_listen, a->fd, a->backlog, 0, 0);
+	}
+	case FSOCK_IOC_SPAWN: {
+		struct fsock_spawn_args *a = arg;
+		r = sys(SYS_eventfd2, 0, EFD_CLOEXEC, 0, 0);
+		if (r < 0)
+			return -1;
+		a->local_fd = (int)r;
+		return 0;
+	}
+	case FSOCK_IOC_ACCEPT: {
+		struct fsock_accept_args *a = arg;
+		struct pollfd p = { .fd = a->fd, .events = POLLIN };
+		if (sys(SYS_poll, (long)&p, 1, 0, 0) != 1) { /* the module's accept never sleeps */
+			errno = EAGAIN;
+			return -1;
+		}
+		r = sys(SYS_accept4, a->fd, (long)a->addr, (long)a->addrlen, a->flags | SOCK_NONBLOCK);
+		if (r < 0)
+			return -1;
+		a->new_fd = (int)r;
+		if (!(a->flags & SOCK_NONBLOCK)) /* the accepted socket keeps the caller's mode */
+			sys(SYS_fcntl, r, F_SETFL, 0, 0);
+		return 0;
+	}
+	case FSOCK_IOC_CLOSE: {
+		struct fsock_close_args *a = arg;
+		return (int)sys(SYS_close, a->fd, 0, 0, 0);
+	}
+	case FSOCK_IOC_SHUTDOWN: {
+		struct fsock_shutdown_args *a = arg;
+		return (int)sys(SYS_shutdown, a->fd, a->how, 0, 0);
+	}
+	}
+	return (int)sys(SYS_ioctl, fd, (long)req, (long)arg, 0);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def fakemod(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's ioctls answered in user space, so module mode runs on the host."""
+    require_tool("cc")
+    d = tmp_path_factory.mktemp("fakemod")
+    (d / "fakemod.c").write_text(FAKE_MODULE)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", f"-I{ROOT / 'module'}", "-o", str(d / "fakemod.so"),
+                    str(d / "fakemod.c")], check=True, capture_output=True, timeout=120)
+    return d / "fakemod.so"
+
+
+def mode_env(mode: str, userspace: Userspace, fakemod: Path) -> dict[str, str]:
+    """portable: SO_REUSEPORT locals (kernel >= 3.9); module: the fake module preloaded
+    after the library (the device node is /dev/null, its ioctls never reach it)."""
+    if mode == "portable":
+        return portable_env(userspace)
+    return preload_env(userspace.lib, LD_PRELOAD=f"{userspace.lib} {fakemod}",
+                       FASTSOCKET_DEVICE="/dev/null", FASTSOCKET_QUIET="1")
+
+
 def run_probe(cmd: list[str], env: dict[str, str], timeout: float = 30) -> dict[str, object]:
     """Run a probe printing one JSON line; a hang (deadlock) fails the test."""
     try:
@@ -657,20 +764,26 @@ def portable_env(userspace: Userspace) -> dict[str, str]:
     return preload_env(userspace.lib, FASTSOCKET_PORTABLE="1", FASTSOCKET_QUIET="1")
 
 
-def test_signal_handler_closing_tracked_fds_never_deadlocks(userspace: Userspace, sigprobe: Path) -> None:
+@pytest.mark.parametrize("mode", ["portable", "module"])
+def test_signal_handler_closing_tracked_fds_never_deadlocks(userspace: Userspace, sigprobe: Path,
+                                                            fakemod: Path, mode: str) -> None:
     """Item 19: a SIGALRM handler (every 300 us) closes tracked, spawned listeners while
-    the main thread is inside socket/listen/epoll_ctl (spawn)/accept/close of others.
-    The old interposers took a process mutex there: the handler deadlocked its thread."""
-    out = run_probe([str(sigprobe), "sigsafe", "400"], portable_env(userspace))
-    assert out["spawned"] == 2, out  # the listeners were tracked and split: the real paths ran
+    the main thread is inside socket/listen (module: spawn)/epoll_ctl (portable: spawn)/
+    accept/close of others.  The old interposers took a process mutex there: the handler
+    deadlocked its thread, in both modes."""
+    out = run_probe([str(sigprobe), "sigsafe", "400"], mode_env(mode, userspace, fakemod))
+    # portable: the listeners were split (module: the local is the fake's eventfd)
+    assert out["spawned"] == (2 if mode == "portable" else 1), out
     assert out["closed"] == 400 and out["signals"] >= 400 and out["rounds"] > 0, out
     assert out["leaked"] == 0, out  # every local listener was released exactly once
 
 
-def test_threads_dup_close_and_fork_leak_nothing(userspace: Userspace, sigprobe: Path) -> None:
+@pytest.mark.parametrize("mode", ["portable", "module"])
+def test_threads_dup_close_and_fork_leak_nothing(userspace: Userspace, sigprobe: Path, fakemod: Path,
+                                                 mode: str) -> None:
     """Items 19, 21: listener slots are reference-counted across dup copies, calls in
     flight and forks; whichever close comes last releases the local listener, once."""
-    out = run_probe([str(sigprobe), "churn", "4", "300"], portable_env(userspace), timeout=60)
+    out = run_probe([str(sigprobe), "churn", "4", "300"], mode_env(mode, userspace, fakemod), timeout=60)
     assert out == {"failed": False, "leaked": 0}
 
 
@@ -692,17 +805,20 @@ def test_library_imports_no_allocator_or_lock(userspace: Userspace) -> None:
     assert sorted(n for n in names if BLOCKING_IMPORTS.match(n)) == []
 
 
+@pytest.mark.parametrize("lib_mode", ["portable", "module"])
 @pytest.mark.parametrize("mode", [0, 1, 2, 3],
                          ids=["no_restart", "sa_restart", "mixed_no_restart", "mixed_sa_restart"])
-def test_blocking_accept_honours_sa_restart(userspace: Userspace, sigprobe: Path, mode: int) -> None:
+def test_blocking_accept_honours_sa_restart(userspace: Userspace, sigprobe: Path, fakemod: Path,
+                                            mode: int, lib_mode: str) -> None:
     """Item 20: a blocking accept() on a split listener, interrupted by SIGALRM, restarts
     under SA_RESTART and returns EINTR without it, exactly like the kernel's own accept
     (the same probe under FASTSOCKET_DISABLE=1), also when another signal's handler
     has the other flag (modes 2, 3)."""
     kernel = run_probe([str(sigprobe), "restart", str(mode)],
                        preload_env(userspace.lib, FASTSOCKET_DISABLE="1"))
-    ours = run_probe([str(sigprobe), "restart", str(mode)], portable_env(userspace))
-    assert ours["listeners"] == 2 and kernel["listeners"] == 1, (ours, kernel)  # library path taken
+    ours = run_probe([str(sigprobe), "restart", str(mode)], mode_env(lib_mode, userspace, fakemod))
+    if lib_mode == "portable":  # split: the library's wait, not the kernel's accept
+        assert ours["listeners"] == 2 and kernel["listeners"] == 1, (ours, kernel)
     assert ours["signals"] == kernel["signals"] == 1
     assert (ours["accepted"], ours["errno"]) == (kernel["accepted"], kernel["errno"]), (ours, kernel)
     assert kernel["accepted"] == bool(mode & 1)
@@ -730,6 +846,18 @@ def listeners(port):
             n += f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port
     return n
 
+def eventfds():                                       # the fake module's locals
+    n = 0
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{f}") == "anon_inode:[eventfd]"
+        except OSError:
+            pass
+    return n
+
+def state():
+    return [listeners(port), eventfds()]
+
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
 out = {}
 s = socket.socket()
@@ -738,14 +866,14 @@ s.listen(64)
 s.setblocking(False)
 port = s.getsockname()[1]
 select.epoll().register(s.fileno(), select.EPOLLIN)   # pinned + epoll: own listener
-out["spawned"] = listeners(port)
+out["spawned"] = state()
 d = COPY[sys.argv[1]](s.fileno())
 assert d >= 0, ctypes.get_errno()
 s.close()                                             # the copy keeps socket and local
-out["after_close_original"] = listeners(port)
+out["after_close_original"] = state()
 ep = select.epoll()
 ep.register(d, select.EPOLLIN)                        # tracked: no second local
-out["after_register_copy"] = listeners(port)
+out["after_register_copy"] = state()
 clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
 ls = socket.socket(fileno=d)
 got = 0
@@ -761,21 +889,24 @@ out["accepted"] = got
 for c in clients:
     c.close()
 ls.close()
-out["after_close_copy"] = listeners(port)
+out["after_close_copy"] = state()
 print(json.dumps(out))
 ''')
 
 
 @pytest.mark.parametrize("copy", ["dup", "fcntl_dupfd", "fcntl_dupfd_cloexec", "os_dup", "dup2", "dup3"])
-def test_dup_copy_keeps_listener_tracked(userspace: Userspace, copy: str) -> None:
+@pytest.mark.parametrize("mode", ["portable", "module"])
+def test_dup_copy_keeps_listener_tracked(userspace: Userspace, fakemod: Path, copy: str, mode: str) -> None:
     """Item 21: a copy of a spawned listener (dup, F_DUPFD[_CLOEXEC], dup2, dup3) shares the
     socket's tracking: closing the original keeps the local listener for the copy, epoll
-    on the copy spawns nothing new, it accepts everything, and its close releases all."""
+    on the copy spawns nothing new, it accepts everything, and its close releases all.
+    State: [listening sockets on the port, the fake module's local listeners]."""
     r = subprocess.run([sys.executable, "-c", DUP_PROBE, copy], capture_output=True, text=True,
-                       timeout=60, env=portable_env(userspace))
+                       timeout=60, env=mode_env(mode, userspace, fakemod))
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout) == {"spawned": 2, "after_close_original": 2, "after_register_copy": 2,
-                                    "accepted": 20, "after_close_copy": 0}
+    live = [2, 0] if mode == "portable" else [1, 1]
+    assert json.loads(r.stdout) == {"spawned": live, "after_close_original": live,
+                                    "after_register_copy": live, "accepted": 20, "after_close_copy": [0, 0]}
 
 
 REUSEPORT_PROBE = textwrap.dedent('''
