@@ -269,7 +269,7 @@ static void atfork_child(void)
 static int query_version(struct fsock_version *v)
 {
 	memset(v, 0, sizeof(*v));
-	return ioctl(g_devfd, FSOCK_IOC_VERSION, v);
+	return ioctl(LOAD(&g_devfd), FSOCK_IOC_VERSION, v);
 }
 
 static void init(void)
