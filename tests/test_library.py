@@ -1,6 +1,8 @@
 """library/libsocket.so on a host without the module: the fallback warning, plain
 behaviour for real applications (nginx, a threaded and a forking blocking server, shells),
-portable SO_REUSEPORT mode (per-worker listeners, CBPF steering by CPU) and a musl build."""
+portable SO_REUSEPORT mode (per-worker listeners, CBPF steering by CPU), module mode through
+a fake module (its ioctls answered in user space), async-signal safety, SA_RESTART, dup
+tracking, SO_REUSEPORT only while managed, and a musl build."""
 
 from __future__ import annotations
 
@@ -976,6 +978,26 @@ def test_reuseport_only_while_managed(userspace: Userspace) -> None:
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"while_managed": 1, "after_worker_left": 0,
                                     "plain_second_server": os.strerror(98), "failed_spawn": 0}
+
+
+MODULE_REUSEPORT_PROBE = textwrap.dedent("""
+    import os, select, socket
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    s = socket.socket()                     # FSOCK_IOC_SOCKET
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)                            # FSOCK_IOC_LISTEN, pinned: FSOCK_IOC_SPAWN
+    s.setblocking(False)
+    select.epoll().register(s.fileno(), select.EPOLLIN)
+    print(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+""")
+
+
+def test_module_mode_library_sets_no_reuseport(userspace: Userspace, fakemod: Path) -> None:
+    """Item 4, library side in module mode: whatever SO_REUSEPORT a socket gets is the
+    module's doing (the fake module sets none), never the library's."""
+    r = subprocess.run([sys.executable, "-c", MODULE_REUSEPORT_PROBE], capture_output=True, text=True,
+                       timeout=60, env=mode_env("module", userspace, fakemod))
+    assert r.returncode == 0 and r.stdout == "0\n", (r.stdout, r.stderr)
 
 
 # ---- musl ----------------------------------------------------------------------------
