@@ -11,9 +11,12 @@
  *   plain     everything else: every call goes straight to libc.  Never exits, never
  *             changes behaviour; one warning line on stderr (FASTSOCKET_QUIET=1 hides it).
  *
- * Only fds the library created or saw listening are tracked (a two-level table indexed
- * by fd), so close/accept of anything else costs one table probe and the libc call.
- * accept never changes the application's O_NONBLOCK setting.
+ * Only fds the library created or saw listening are tracked (a preallocated table of
+ * atomic words indexed by fd; dup/F_DUPFD/dup2/dup3 copies share the entry's listener
+ * state), so close/accept of anything else costs one table probe and the libc call.
+ * close/accept/listen are lock-free and allocation-free (async-signal-safe); a blocking
+ * accept honours SA_RESTART like the kernel's.  accept never changes the application's
+ * O_NONBLOCK setting.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -25,6 +28,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,12 +36,17 @@
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
 
 #include "fastsocket_abi.h"
+
+#ifdef fcntl64 /* musl spells it as a macro: we export both symbols */
+#undef fcntl64
+#endif
 
 #ifndef SO_REUSEPORT
 #define SO_REUSEPORT 15
@@ -61,32 +70,51 @@ struct fs_fprog {
 #define FS_AD_CPU   (-0x1000 + 36) /* SKF_AD_OFF + SKF_AD_CPU */
 
 #define EXPORT __attribute__((visibility("default")))
+#define LOAD(p)     __atomic_load_n(p, __ATOMIC_ACQUIRE)
+#define STORE(p, v) __atomic_store_n(p, v, __ATOMIC_RELEASE)
+#define XCHG(p, v)  __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL)
+#define CAS(p, o, n) __atomic_compare_exchange_n(p, o, n, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)
 
 enum { MODE_PLAIN = 0, MODE_MODULE = 1, MODE_PORTABLE = 2 };
 
-/* Per-fd flags. */
-#define F_FS       1u  /* socket created by the module: close/shutdown via ioctl */
-#define F_LISTEN   2u  /* listening socket we manage */
-#define F_SPAWNED  4u  /* a local (per-CPU) listener exists for the owner process */
+/*
+ * Tracking state.  close, accept and listen are async-signal-safe in POSIX, and a signal
+ * handler may call them while the interrupted thread is inside one of them: every path
+ * reachable from them is lock-free and allocation-free.  All state lives in preallocated
+ * arrays of atomics:
+ *   g_fd[fd]   one word per fd: F_* flags | listener slot << LS_SHIFT (0 = untracked);
+ *   g_ls[i]    per listening socket (shared by its dup'd fds): local listener, spawn owner,
+ *              backlog, portable group page, and a reference count (fds + calls in flight)
+ *              whose last holder releases the local listener.
+ */
+#define F_FS      1u  /* socket created by the module: close/shutdown via ioctl */
+#define F_LISTEN  2u  /* listening socket we manage (has a listener slot) */
+#define LS_SHIFT  8
+#define LS_OF(w)  ((unsigned)((w) >> LS_SHIFT))
+#define FD_MAX    (1 << 20) /* fds below 1M are tracked; larger ones stay plain */
+#define LS_MAX    4096      /* listening sockets managed at once; more stay plain */
 
-struct fdent {
-	uint32_t flags;     /* atomic; 0 = untracked */
+#define REF_FD    1         /* a tracked fd of the socket */
+#define REF_USE   (1 << 16) /* a call using the slot right now */
+#define REF_DEAD  (-1)      /* being set up or released */
+
+struct lstate {
+	int refs;           /* 0 = free */
 	int local_fd;       /* local listener fd in process `owner`, or -1 */
-	pid_t owner;        /* process that made the spawn decision (0 = none yet) */
+	int spawned;        /* owner has a local listener (module: maybe without an fd) */
+	pid_t owner;        /* process that made the spawn decision; 0 none, -pid deciding */
 	int backlog;
 	struct pgroup *grp; /* portable mode: state shared by all forks of this listener */
 };
 
-#define CHUNK_BITS 10
-#define CHUNK (1 << CHUNK_BITS)
-#define NCHUNKS 1024 /* fds below 1M are tracked; larger ones stay plain */
-static struct fdent *g_chunks[NCHUNKS];
+static uint32_t g_fd[FD_MAX];         /* BSS: pages appear only where fds are tracked */
+static struct lstate g_ls[LS_MAX + 1]; /* slot 0 means "none" */
 
 /* Portable mode: one shared page per listener, inherited across fork, mirroring the
  * kernel's reuseport group so the CBPF program can map CPU -> socket index. */
 #define MAXG 1000
 struct pgroup {
-	pthread_mutex_t mu;     /* process-shared, robust */
+	uint64_t lock;          /* pid << 32 | tid of the holder, 0 = free (see grp_lock) */
 	int nsocks;             /* sockets in the kernel group; index 0 is the inherited one */
 	int steer;              /* 1 while the CBPF program is attached */
 	int cpu_of[MAXG];
@@ -102,16 +130,21 @@ static int (*real_close)(int);
 static int (*real_shutdown)(int, int);
 static pid_t (*real_fork)(void);
 static int (*real_epoll_ctl)(int, int, int, struct epoll_event *);
+static int (*real_dup)(int);
 static int (*real_dup2)(int, int);
 static int (*real_dup3)(int, int, int);
+static int (*real_fcntl)(int, int, ...);
+static int (*real_fcntl64)(int, int, ...);
 
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 static int g_ready;      /* atomic: init finished */
 static int g_mode;       /* MODE_* */
-static int g_devfd = -1; /* /dev/fastsocket in module mode */
+static int g_devfd = -1; /* /dev/fastsocket in module mode (atomic: dup2 may move it) */
 static int g_tracking;   /* atomic: some fd was ever tracked (skips probes otherwise) */
 static pid_t g_pid;      /* cached getpid(), refreshed in the child after fork */
-static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER; /* slow-path state changes */
+/* fork() waits for spawns in flight so that no child inherits a half-made local fd. */
+static int g_spawning, g_forking; /* seq_cst */
+static __thread int t_spawning __attribute__((tls_model("initial-exec")));
 
 /* ---- fallbacks when dlsym cannot find a symbol (static oddities) ---- */
 static int sys_close(int fd) { return (int)syscall(SYS_close, fd); }
@@ -128,11 +161,23 @@ static int sys_epoll_ctl(int e, int o, int fd, struct epoll_event *ev)
 {
 	return (int)syscall(SYS_epoll_ctl, e, o, fd, ev);
 }
+static int sys_fcntl(int fd, int cmd, ...)
+{
+	va_list ap;
+	void *arg;
+
+	va_start(ap, cmd);
+	arg = va_arg(ap, void *);
+	va_end(ap);
+	return (int)syscall(SYS_fcntl, fd, cmd, arg);
+}
+#define sys_fcntl64 sys_fcntl
+static int sys_dup(int o) { return (int)syscall(SYS_fcntl, o, F_DUPFD, 0); }
 static int sys_dup3(int o, int n, int f) { return (int)syscall(SYS_dup3, o, n, f); }
 static int sys_dup2(int o, int n)
 {
 	if (o == n)
-		return fcntl(o, F_GETFD) < 0 ? -1 : n;
+		return syscall(SYS_fcntl, o, F_GETFD) < 0 ? -1 : n;
 	return sys_dup3(o, n, 0);
 }
 static pid_t sys_fork(void) { return (pid_t)syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0); }
@@ -161,36 +206,70 @@ static int env_on(const char *name)
 	return v && *v && strcmp(v, "0") != 0;
 }
 
-static void atfork_prepare(void) { pthread_mutex_lock(&g_mu); }
-static void atfork_parent(void) { pthread_mutex_unlock(&g_mu); }
+/* ---- spawns vs fork ---- */
+static int spawn_enter(void)
+{
+	__atomic_add_fetch(&g_spawning, 1, __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&g_forking, __ATOMIC_SEQ_CST)) {
+		__atomic_sub_fetch(&g_spawning, 1, __ATOMIC_SEQ_CST);
+		return 0; /* the next use spawns */
+	}
+	t_spawning++;
+	return 1;
+}
+
+static void spawn_exit(void)
+{
+	t_spawning--;
+	__atomic_sub_fetch(&g_spawning, 1, __ATOMIC_SEQ_CST);
+}
+
+/* Spawns are a few syscalls long.  A fork from a handler that interrupted this thread's
+ * own spawn does not wait for it (t_spawning). */
+static void atfork_prepare(void)
+{
+	__atomic_add_fetch(&g_forking, 1, __ATOMIC_SEQ_CST);
+	while (__atomic_load_n(&g_spawning, __ATOMIC_SEQ_CST) > t_spawning)
+		sched_yield();
+}
+
+static void atfork_parent(void) { __atomic_sub_fetch(&g_forking, 1, __ATOMIC_SEQ_CST); }
 
 /* A child must not keep the parent's local listeners alive: a helper process that never
  * accepts would otherwise hold a queue the steering keeps feeding.  The child spawns its
- * own on first use (owner != its pid). */
+ * own on first use (owner != its pid).  Calls in flight in other threads of the parent
+ * did not come along: their references go. */
 static void atfork_child(void)
 {
-	int c, i;
+	int i, r, lfd;
 
 	g_pid = (pid_t)syscall(SYS_getpid);
-	pthread_mutex_init(&g_mu, NULL);
-	for (c = 0; c < NCHUNKS; c++) {
-		struct fdent *ch = g_chunks[c];
-		if (!ch)
+	g_forking = 0;
+	g_spawning = t_spawning;
+	for (i = 1; i <= LS_MAX && g_tracking; i++) {
+		struct lstate *l = &g_ls[i];
+
+		r = l->refs;
+		if (r == 0)
 			continue;
-		for (i = 0; i < CHUNK; i++) {
-			if (ch[i].local_fd < 0)
-				continue;
-			sys_close(ch[i].local_fd);
-			ch[i].local_fd = -1;
-			ch[i].flags &= ~F_SPAWNED;
+		r = r < 0 ? 0 : r & (REF_USE - 1);
+		lfd = l->local_fd;
+		l->local_fd = -1;
+		l->spawned = 0;
+		if (lfd >= 0)
+			sys_close(lfd);
+		if (r == 0 && l->grp) {
+			munmap(l->grp, sizeof(*l->grp));
+			l->grp = NULL;
 		}
+		l->refs = r;
 	}
 }
 
 static int query_version(struct fsock_version *v)
 {
 	memset(v, 0, sizeof(*v));
-	return ioctl(g_devfd, FSOCK_IOC_VERSION, v);
+	return ioctl(LOAD(&g_devfd), FSOCK_IOC_VERSION, v);
 }
 
 static void init(void)
@@ -209,8 +288,11 @@ static void init(void)
 	RESOLVE(shutdown);
 	RESOLVE(fork);
 	RESOLVE(epoll_ctl);
+	RESOLVE(dup);
 	RESOLVE(dup2);
 	RESOLVE(dup3);
+	RESOLVE(fcntl);
+	RESOLVE(fcntl64);
 	g_pid = (pid_t)syscall(SYS_getpid);
 	pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 
@@ -257,67 +339,115 @@ static inline void ensure(void)
 __attribute__((constructor)) static void libsocket_ctor(void) { ensure(); }
 
 /* ---- fd table ---- */
-static struct fdent *ent_get(int fd)
+static uint32_t *fd_word(int fd)
 {
-	struct fdent *c;
-
-	if (fd < 0 || fd >= NCHUNKS * CHUNK)
-		return NULL;
-	c = __atomic_load_n(&g_chunks[fd >> CHUNK_BITS], __ATOMIC_ACQUIRE);
-	return c ? &c[fd & (CHUNK - 1)] : NULL;
+	return fd >= 0 && fd < FD_MAX ? &g_fd[fd] : NULL;
 }
 
-static struct fdent *ent_make(int fd)
+static uint32_t fd_load(int fd)
 {
-	struct fdent *c, *want = NULL;
-	int i;
+	uint32_t *p = fd_word(fd);
 
-	if (fd < 0 || fd >= NCHUNKS * CHUNK)
-		return NULL;
-	c = __atomic_load_n(&g_chunks[fd >> CHUNK_BITS], __ATOMIC_ACQUIRE);
-	if (!c) {
-		c = calloc(CHUNK, sizeof(*c));
-		if (!c)
-			return NULL;
-		for (i = 0; i < CHUNK; i++)
-			c[i].local_fd = -1;
-		if (!__atomic_compare_exchange_n(&g_chunks[fd >> CHUNK_BITS], &want, c, 0,
-						 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-			free(c);
-			c = want;
+	return p && LOAD(&g_tracking) ? LOAD(p) : 0;
+}
+
+/* Take fd's word (its references come along); untracked fds cost one load. */
+static uint32_t fd_take(int fd)
+{
+	uint32_t *p = fd_word(fd);
+
+	return p && LOAD(&g_tracking) && LOAD(p) ? XCHG(p, 0) : 0;
+}
+
+static int ls_put(unsigned i, int unit, int fd);
+
+/* Publish `w` (owning one fd reference of its slot) for fd; a word left behind by a
+ * close we did not see (close_range, raw syscalls) is released. */
+static void fd_track(int fd, uint32_t w)
+{
+	uint32_t *p = fd_word(fd), old;
+
+	if (!p) {
+		if (LS_OF(w))
+			ls_put(LS_OF(w), REF_FD, -1);
+		return;
+	}
+	if (w)
+		STORE(&g_tracking, 1);
+	old = XCHG(p, w);
+	if (LS_OF(old))
+		ls_put(LS_OF(old), REF_FD, -1);
+}
+
+/* A free listener slot with one fd reference, or 0 when all are taken. */
+static unsigned ls_new(int backlog, struct pgroup *g)
+{
+	unsigned i;
+
+	for (i = 1; i <= LS_MAX; i++) {
+		struct lstate *l = &g_ls[i];
+		int zero = 0;
+
+		if (LOAD(&l->refs) != 0 || !CAS(&l->refs, &zero, REF_DEAD))
+			continue;
+		STORE(&l->local_fd, -1);
+		STORE(&l->spawned, 0);
+		STORE(&l->owner, 0);
+		STORE(&l->backlog, backlog);
+		STORE(&l->grp, g);
+		STORE(&l->refs, REF_FD);
+		return i;
+	}
+	return 0;
+}
+
+static int ls_get(unsigned i, int unit)
+{
+	int r = LOAD(&g_ls[i].refs);
+
+	while (r > 0)
+		if (CAS(&g_ls[i].refs, &r, r + unit))
+			return 1;
+	return 0;
+}
+
+/* The listener slot of fd with a use reference (drop it with ls_put(i, REF_USE, -1)). */
+static unsigned ls_use(int fd)
+{
+	uint32_t w = fd_load(fd);
+	unsigned i = LS_OF(w);
+
+	if (!i || !(w & F_LISTEN) || !ls_get(i, REF_USE))
+		return 0;
+	if (LS_OF(fd_load(fd)) != i) { /* closed (and maybe reused) meanwhile */
+		ls_put(i, REF_USE, -1);
+		return 0;
+	}
+	return i;
+}
+
+static void ls_release(struct lstate *l, int fd);
+
+/* Drop a reference; the last one releases the slot.  fd: an fd of the listening socket
+ * that is still open, or -1.  Returns 1 when this call released it. */
+static int ls_put(unsigned i, int unit, int fd)
+{
+	struct lstate *l = &g_ls[i];
+	int r = LOAD(&l->refs);
+
+	for (;;) {
+		if (r < unit)
+			return 0; /* a reference that stayed in the parent (fork from a handler) */
+		if (r != unit) {
+			if (CAS(&l->refs, &r, r - unit))
+				return 0;
+		} else if (CAS(&l->refs, &r, REF_DEAD)) {
+			break;
 		}
 	}
-	__atomic_store_n(&g_tracking, 1, __ATOMIC_RELEASE);
-	return &c[fd & (CHUNK - 1)];
-}
-
-static inline uint32_t ent_flags(struct fdent *e)
-{
-	return e ? __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) : 0;
-}
-
-/* Fields are written before the flags are published (release), read after (acquire). */
-static void track(int fd, uint32_t flags)
-{
-	struct fdent *e = ent_make(fd);
-
-	if (!e)
-		return;
-	e->local_fd = -1;
-	e->owner = 0;
-	e->backlog = SOMAXCONN;
-	e->grp = NULL;
-	__atomic_store_n(&e->flags, flags, __ATOMIC_RELEASE);
-}
-
-static inline struct fdent *tracked(int fd)
-{
-	struct fdent *e;
-
-	if (!__atomic_load_n(&g_tracking, __ATOMIC_ACQUIRE))
-		return NULL;
-	e = ent_get(fd);
-	return ent_flags(e) ? e : NULL;
+	ls_release(l, fd);
+	STORE(&l->refs, 0);
+	return 1;
 }
 
 static int pinned_cpu(void)
@@ -339,40 +469,57 @@ static int not_supported(int err)
 }
 
 /* ---- portable mode: reuseport group mirror ---- */
+/* A spin lock, not a pthread mutex: its holders never block (no cancellation point, no
+ * allocation), a handler can take another group's lock while its thread holds one, and a
+ * holder that died (any process of the group) is detected by its pid.  Returns -1 when
+ * this very thread holds it (a handler interrupted it), or when another thread of this
+ * process keeps it far longer than any critical section (two handlers each waiting for
+ * the lock their own thread holds): the caller goes without (stale mirror, no hang). */
+#define GRP_SPIN_MAX 200000
 static int grp_lock(struct pgroup *g)
 {
-	int r = pthread_mutex_lock(&g->mu);
+	uint64_t me = (uint64_t)(uint32_t)g_pid << 32 | (uint32_t)syscall(SYS_gettid), cur;
+	int saved = errno, r = 0, spins = 0;
 
-	if (r == EOWNERDEAD) { /* a worker died holding it: the table is still consistent */
-		pthread_mutex_consistent(&g->mu);
-		r = 0;
+	for (;;) {
+		cur = 0;
+		if (CAS(&g->lock, &cur, me))
+			break;
+		if (cur == me || ((pid_t)(cur >> 32) == g_pid && ++spins > GRP_SPIN_MAX)) {
+			r = -1;
+			break;
+		}
+		if (kill((pid_t)(cur >> 32), 0) != 0 && errno == ESRCH) {
+			if (CAS(&g->lock, &cur, me))
+				break; /* the mirror is still consistent: holders write it last */
+			continue;
+		}
+		sched_yield();
 	}
+	errno = saved;
 	return r;
 }
 
+static void grp_unlock(struct pgroup *g) { STORE(&g->lock, 0); }
+
 static struct pgroup *grp_new(void)
 {
-	pthread_mutexattr_t a;
 	struct pgroup *g = mmap(NULL, sizeof(*g), PROT_READ | PROT_WRITE,
 				MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 
 	if (g == MAP_FAILED)
 		return NULL;
-	pthread_mutexattr_init(&a);
-	pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-	pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-	pthread_mutex_init(&g->mu, &a);
-	pthread_mutexattr_destroy(&a);
 	g->nsocks = 1; /* the application's socket: first member of the group */
 	g->cpu_of[0] = -1;
 	return g;
 }
 
 /* CPU -> group index as a jump list: `ld cpu; jeq #c,ret #i ...; ret #~0`.
- * An index beyond the group makes the kernel fall back to its hash. */
+ * An index beyond the group makes the kernel fall back to its hash.  Sized to the group:
+ * this may run on a small signal stack. */
 static void grp_attach(int s, struct pgroup *g)
 {
-	struct fs_filter f[2 + 2 * MAXG];
+	struct fs_filter f[2 + 2 * g->nsocks];
 	struct fs_fprog prog;
 	int i, n = 0;
 
@@ -389,14 +536,25 @@ static void grp_attach(int s, struct pgroup *g)
 	g->steer = setsockopt(s, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof(prog)) == 0;
 }
 
+/* SO_REUSEPORT stays on the application's socket only while the group has locals: then a
+ * second server gets EADDRINUSE again and nobody else can join.  Group lock held. */
+static void grp_unshare(struct pgroup *g, int fd)
+{
+	int zero = 0;
+
+	if (g->nsocks <= 1 && fd >= 0)
+		setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &zero, sizeof(zero));
+}
+
 /* The kernel fills a removed slot with the last member; mirror that, and re-attach the
- * program through our socket before it leaves (the program belongs to the group). */
-static void grp_leave(struct pgroup *g, int s)
+ * program through our socket before it leaves (the program belongs to the group).
+ * fd: the application's socket if still open here, else -1. */
+static void grp_leave(struct pgroup *g, int s, int fd)
 {
 	int i, last;
 
 	if (grp_lock(g)) {
-		real_close(s);
+		sys_close(s);
 		return;
 	}
 	for (i = 1; i < g->nsocks; i++) {
@@ -410,8 +568,9 @@ static void grp_leave(struct pgroup *g, int s)
 			grp_attach(s, g);
 		break;
 	}
-	real_close(s); /* leaves the kernel group while we hold the lock */
-	pthread_mutex_unlock(&g->mu);
+	sys_close(s); /* leaves the kernel group while we hold the lock */
+	grp_unshare(g, fd);
+	grp_unlock(g);
 }
 
 static void copy_opt(int from, int to, int level, int name)
@@ -426,25 +585,23 @@ static void copy_opt(int from, int to, int level, int name)
 /* Give this pinned worker its own listener bound like the inherited one.  The inherited
  * socket stays open and keeps being accepted from: it is the global queue for
  * connections that arrived before the group existed or on CPUs without a worker. */
-static void portable_spawn(int fd, struct fdent *e)
+static void portable_spawn(int fd, struct lstate *l)
 {
 	struct sockaddr_storage ss;
 	socklen_t sl = sizeof(ss);
-	struct pgroup *g = e->grp;
-	int one = 1, cpu, fl, s;
+	struct pgroup *g = LOAD(&l->grp);
+	int one = 1, cpu, fl, s, ok;
 	char dev[64];
 	socklen_t dl = sizeof(dev);
 
 	cpu = pinned_cpu();
-	fl = fcntl(fd, F_GETFL);
+	fl = real_fcntl(fd, F_GETFL);
 	/* Blocking accept() on the shared socket could sleep while our own queue fills,
 	 * so only non-blocking (event-driven) listeners are split. */
 	if (!g || cpu < 0 || cpu >= 65536 || fl < 0 || !(fl & O_NONBLOCK))
 		return;
 	if (getsockname(fd, (struct sockaddr *)&ss, &sl) != 0)
 		return;
-	if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0)
-		return; /* kernel < 3.9 */
 	s = real_socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (s < 0)
 		return;
@@ -464,26 +621,32 @@ static void portable_spawn(int fd, struct fdent *e)
 		setsockopt(s, SOL_SOCKET, SO_BINDTODEVICE, dev, dl);
 	setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
 	if (grp_lock(g)) {
-		real_close(s);
+		sys_close(s);
 		return;
 	}
-	if (g->nsocks >= MAXG || real_bind(s, (struct sockaddr *)&ss, sl) != 0 ||
-	    real_listen(s, e->backlog) != 0) {
-		pthread_mutex_unlock(&g->mu);
-		real_close(s);
+	/* SO_REUSEPORT goes on the application's socket under the lock, only when a local
+	 * really joins (kernel < 3.9: setsockopt fails). */
+	ok = g->nsocks < MAXG && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) == 0 &&
+	     real_bind(s, (struct sockaddr *)&ss, sl) == 0 && real_listen(s, LOAD(&l->backlog)) == 0;
+	if (!ok) {
+		grp_unshare(g, fd);
+		grp_unlock(g);
+		sys_close(s);
 		return;
 	}
 	g->cpu_of[g->nsocks] = cpu;
 	g->pid_of[g->nsocks] = g_pid;
 	g->nsocks++;
 	grp_attach(s, g);
-	pthread_mutex_unlock(&g->mu);
-	e->local_fd = s;
-	__atomic_or_fetch(&e->flags, F_SPAWNED, __ATOMIC_RELEASE);
+	grp_unlock(g);
+	STORE(&l->local_fd, s);
+	STORE(&l->spawned, 1);
 }
 
 /* ---- module mode ---- */
-static void module_spawn(int fd, struct fdent *e)
+static int query_version(struct fsock_version *v);
+
+static void module_spawn(int fd, struct lstate *l)
 {
 	struct fsock_version v;
 	struct fsock_spawn_args a;
@@ -496,76 +659,119 @@ static void module_spawn(int fd, struct fdent *e)
 	a.fd = fd;
 	a.cpu = -1;
 	a.local_fd = -1;
-	if (ioctl(g_devfd, FSOCK_IOC_SPAWN, &a) != 0)
+	if (ioctl(LOAD(&g_devfd), FSOCK_IOC_SPAWN, &a) != 0)
 		return;
-	e->local_fd = a.local_fd;
-	__atomic_or_fetch(&e->flags, F_SPAWNED, __ATOMIC_RELEASE);
+	STORE(&l->local_fd, a.local_fd);
+	STORE(&l->spawned, 1);
 }
 
 /* Spawn decision, once per listener and process: a forked child drops its copy of the
- * parent's local listener and spawns for the CPU it runs on.  Caller: F_LISTEN set. */
-static void spawn_once(int fd, struct fdent *e, int from_epoll)
+ * parent's local listener and spawns for the CPU it runs on.  The decision is claimed
+ * with a CAS on `owner`: a concurrent caller (another thread, a handler) goes on
+ * without the local this once.  Caller holds a use reference on slot i. */
+static void spawn_once(int fd, unsigned i, int from_epoll)
 {
-	if (__atomic_load_n(&e->owner, __ATOMIC_ACQUIRE) == g_pid)
+	struct lstate *l = &g_ls[i];
+	pid_t o = LOAD(&l->owner);
+	int old, saved = errno;
+
+	if (o == g_pid || o == -g_pid)
 		return;
 	/* Portable local sockets are only visible to epoll users: a poll()/accept() loop
 	 * would never look at them, so only epoll_ctl may create one. */
 	if (g_mode == MODE_PORTABLE && !from_epoll)
 		return;
-	pthread_mutex_lock(&g_mu);
-	if (e->owner != g_pid) {
-		if (e->local_fd >= 0)
-			real_close(e->local_fd); /* inherited copy; the parent keeps its own */
-		e->local_fd = -1;
-		__atomic_and_fetch(&e->flags, ~F_SPAWNED, __ATOMIC_RELEASE);
+	if (!spawn_enter())
+		return;
+	if (CAS(&l->owner, &o, -g_pid)) {
+		old = XCHG(&l->local_fd, -1);
+		if (old >= 0)
+			sys_close(old); /* inherited copy; the parent keeps its own */
+		STORE(&l->spawned, 0);
 		if (g_mode == MODE_MODULE)
-			module_spawn(fd, e);
+			module_spawn(fd, l);
 		else
-			portable_spawn(fd, e);
-		__atomic_store_n(&e->owner, g_pid, __ATOMIC_RELEASE);
+			portable_spawn(fd, l);
+		STORE(&l->owner, g_pid);
 	}
-	pthread_mutex_unlock(&g_mu);
+	spawn_exit();
+	errno = saved;
 }
 
-/* Forget a tracked fd and release its local listener (the fd itself stays open). */
-static uint32_t untrack(int fd, struct fdent *e)
+/* Last reference of a listening socket gone: release its local listener. */
+static void ls_release(struct lstate *l, int fd)
 {
-	uint32_t fl;
-	int lfd;
-	pid_t owner;
-	struct pgroup *g;
+	int lfd = XCHG(&l->local_fd, -1), saved = errno;
+	pid_t owner = LOAD(&l->owner);
+	struct pgroup *g = XCHG(&l->grp, NULL);
 
-	(void)fd;
-	pthread_mutex_lock(&g_mu);
-	fl = __atomic_exchange_n(&e->flags, 0, __ATOMIC_ACQ_REL);
-	lfd = e->local_fd;
-	owner = e->owner;
-	g = e->grp;
-	e->local_fd = -1;
-	e->owner = 0;
-	e->grp = NULL;
-	pthread_mutex_unlock(&g_mu);
+	STORE(&l->spawned, 0);
 	if (lfd >= 0) {
 		if (owner != g_pid) {
-			real_close(lfd);
+			sys_close(lfd);
 		} else if (g_mode == MODE_MODULE) {
 			struct fsock_close_args c = { .fd = lfd };
-			if (ioctl(g_devfd, FSOCK_IOC_CLOSE, &c) != 0 && errno != EBADF)
-				real_close(lfd);
+			if (ioctl(LOAD(&g_devfd), FSOCK_IOC_CLOSE, &c) != 0 && errno != EBADF)
+				sys_close(lfd);
 		} else if (g) {
-			grp_leave(g, lfd);
+			grp_leave(g, lfd, fd);
 		} else {
-			real_close(lfd);
+			sys_close(lfd);
 		}
 	}
 	if (g)
 		munmap(g, sizeof(*g));
-	return fl;
+	errno = saved;
 }
 
 static int is_inet_stream(int domain, int type)
 {
 	return (domain == AF_INET || domain == AF_INET6) && (type & 0xf) == SOCK_STREAM;
+}
+
+/*
+ * Sleep until one of p[0..n-1] is readable (p has room for one more entry).  Returns 0
+ * to retry the accept, -1 with errno EINTR when a handler without SA_RESTART ran: what
+ * the kernel's blocking accept does.  poll() itself never restarts, so when handlers of
+ * both kinds are installed, the SA_RESTART signals are blocked during the wait and
+ * watched with a signalfd: one arriving ends the wait, its handler runs when ppoll
+ * restores the mask, and the accept is retried.
+ */
+static int wait_readable(struct pollfd *p, int n, int timeout_ms)
+{
+	struct timespec ts = { timeout_ms / 1000, (timeout_ms % 1000) * 1000000L };
+	sigset_t cur, restart, mask;
+	int sig, r, err, sfd = -1, other = 0;
+
+	sigemptyset(&restart);
+	pthread_sigmask(SIG_SETMASK, NULL, &cur);
+	for (sig = 1; sig < NSIG; sig++) {
+		struct sigaction sa;
+
+		if (sigismember(&cur, sig) == 1 || sigaction(sig, NULL, &sa) != 0 ||
+		    sa.sa_handler == SIG_DFL || sa.sa_handler == SIG_IGN)
+			continue;
+		if (sa.sa_flags & SA_RESTART)
+			sigaddset(&restart, sig);
+		else
+			other = 1;
+	}
+	if (other && !sigisemptyset(&restart))
+		sfd = signalfd(-1, &restart, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (sfd >= 0) {
+		p[n].fd = sfd;
+		p[n].events = POLLIN;
+		p[n].revents = 0;
+		sigorset(&mask, &cur, &restart);
+	}
+	r = ppoll(p, (nfds_t)(n + (sfd >= 0)), timeout_ms < 0 ? NULL : &ts, sfd >= 0 ? &mask : NULL);
+	err = errno;
+	if (sfd >= 0)
+		sys_close(sfd);
+	if (r >= 0 || (err == EINTR && !other))
+		return 0;
+	errno = err; /* EINTR: a handler without SA_RESTART (or one we cannot tell apart) */
+	return -1;
 }
 
 /* ---- interposers ---- */
@@ -574,11 +780,11 @@ EXPORT int socket(int domain, int type, int protocol)
 	ensure();
 	if (g_mode == MODE_MODULE && is_inet_stream(domain, type)) {
 		struct fsock_socket_args a = { .family = domain, .type = type, .protocol = protocol, .fd = -1 };
-		int r = ioctl(g_devfd, FSOCK_IOC_SOCKET, &a);
+		int r = ioctl(LOAD(&g_devfd), FSOCK_IOC_SOCKET, &a);
 		int fd = a.fd >= 0 ? a.fd : r;
 
 		if (r >= 0 && fd >= 0) {
-			track(fd, F_FS);
+			fd_track(fd, F_FS);
 			return fd;
 		}
 	}
@@ -596,10 +802,17 @@ static int portable_listen(int fd, int backlog)
 	int r = real_listen(fd, backlog), v = 0, type = 0;
 	struct sockaddr_storage ss;
 	socklen_t sl = sizeof(ss), vl = sizeof(v), tl = sizeof(type);
-	struct fdent *e;
+	struct pgroup *g;
+	uint32_t w;
+	unsigned i;
 
-	if (r != 0 || tracked(fd))
+	if (r != 0)
 		return r;
+	w = fd_load(fd);
+	if (LS_OF(w)) { /* listen() again: new backlog for locals spawned from now on */
+		STORE(&g_ls[LS_OF(w)].backlog, backlog);
+		return r;
+	}
 	if (getsockname(fd, (struct sockaddr *)&ss, &sl) != 0 ||
 	    (ss.ss_family != AF_INET && ss.ss_family != AF_INET6) ||
 	    getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) != 0 || type != SOCK_STREAM)
@@ -607,53 +820,58 @@ static int portable_listen(int fd, int backlog)
 	/* Applications doing their own SO_REUSEPORT keep full control of their group. */
 	if (getsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &v, &vl) == 0 && v)
 		return r;
-	pthread_mutex_lock(&g_mu);
-	e = ent_make(fd);
-	if (e) {
-		e->local_fd = -1;
-		e->owner = 0;
-		e->backlog = backlog;
-		e->grp = grp_new();
-		__atomic_store_n(&e->flags, F_LISTEN, __ATOMIC_RELEASE);
+	g = grp_new();
+	if (!g)
+		return r;
+	i = ls_new(backlog, g);
+	if (!i) {
+		munmap(g, sizeof(*g));
+		return r;
 	}
-	pthread_mutex_unlock(&g_mu);
+	fd_track(fd, w | F_LISTEN | i << LS_SHIFT);
 	return r;
 }
 
 EXPORT int listen(int fd, int backlog)
 {
-	struct fdent *e;
+	uint32_t w;
+	unsigned i;
 
 	ensure();
 	if (g_mode == MODE_PORTABLE)
 		return portable_listen(fd, backlog);
-	e = g_mode == MODE_MODULE ? tracked(fd) : NULL;
-	if (e && (ent_flags(e) & F_FS)) {
+	w = g_mode == MODE_MODULE ? fd_load(fd) : 0;
+	if (w & F_FS) {
 		struct fsock_listen_args a = { .fd = fd, .backlog = backlog };
 
-		if (ioctl(g_devfd, FSOCK_IOC_LISTEN, &a) != 0) {
+		if (ioctl(LOAD(&g_devfd), FSOCK_IOC_LISTEN, &a) != 0) {
 			if (!not_supported(errno))
 				return -1;
 			if (real_listen(fd, backlog) != 0)
 				return -1;
 		}
-		e->backlog = backlog;
-		__atomic_or_fetch(&e->flags, F_LISTEN, __ATOMIC_RELEASE);
+		i = LS_OF(w);
+		if (i)
+			STORE(&g_ls[i].backlog, backlog);
+		else if ((i = ls_new(backlog, NULL)))
+			fd_track(fd, w | F_LISTEN | i << LS_SHIFT);
 		/* An unpinned caller is usually a master about to fork workers: spawning now
 		 * would (in mode 2) pin it, and every worker would inherit that one CPU.  Its
 		 * workers spawn on first use instead. */
-		if (pinned_cpu() >= 0)
-			spawn_once(fd, e, 0);
+		if (i && pinned_cpu() >= 0 && (i = ls_use(fd))) {
+			spawn_once(fd, i, 0);
+			ls_put(i, REF_USE, -1);
+		}
 		return 0;
 	}
 	return real_listen(fd, backlog);
 }
 
-static int module_accept(int fd, struct fdent *e, struct sockaddr *addr, socklen_t *len, int flags)
+static int module_accept(int fd, struct lstate *l, struct sockaddr *addr, socklen_t *len, int flags)
 {
 	for (;;) {
 		struct fsock_accept_args a;
-		struct pollfd p[2];
+		struct pollfd p[3];
 		int r, n = 1, fl, lfd;
 
 		memset(&a, 0, sizeof(a));
@@ -662,57 +880,50 @@ static int module_accept(int fd, struct fdent *e, struct sockaddr *addr, socklen
 		a.addr = (uint64_t)(uintptr_t)addr;
 		a.addrlen = (uint64_t)(uintptr_t)len;
 		a.new_fd = -1;
-		r = ioctl(g_devfd, FSOCK_IOC_ACCEPT, &a);
+		r = ioctl(LOAD(&g_devfd), FSOCK_IOC_ACCEPT, &a);
 		if (r >= 0) {
 			int nfd = a.new_fd >= 0 ? a.new_fd : r;
-			track(nfd, F_FS);
+			fd_track(nfd, F_FS);
 			return nfd;
 		}
 		if (errno == ENOTTY || errno == ENOSYS)
 			return real_accept4(fd, addr, len, flags);
 		if (errno != EAGAIN && errno != EWOULDBLOCK)
 			return -1;
-		fl = fcntl(fd, F_GETFL);
+		fl = real_fcntl(fd, F_GETFL);
 		if (fl < 0 || (fl & O_NONBLOCK)) {
 			errno = EAGAIN;
 			return -1;
 		}
 		/* Blocking listener: sleep until either queue has a connection, then retry
 		 * (another worker may win the race; the ioctl then says EAGAIN again). */
-		lfd = e->local_fd;
-		p[0].fd = fd;
-		p[0].events = POLLIN;
-		if (lfd >= 0) {
-			p[1].fd = lfd;
-			p[1].events = POLLIN;
-			n = 2;
-		}
+		lfd = LOAD(&l->local_fd);
+		p[0] = (struct pollfd){ .fd = fd, .events = POLLIN };
+		if (lfd >= 0)
+			p[n++] = (struct pollfd){ .fd = lfd, .events = POLLIN };
 		/* A local queue kept inside the kernel is invisible to poll: re-check it. */
-		if (poll(p, n, lfd >= 0 ? -1 : 20) < 0 && errno == EINTR)
+		if (wait_readable(p, n, lfd >= 0 ? -1 : 20) != 0)
 			return -1;
 	}
 }
 
-static int portable_accept(int fd, struct fdent *e, struct sockaddr *addr, socklen_t *len, int flags)
+static int portable_accept(int fd, struct lstate *l, struct sockaddr *addr, socklen_t *len, int flags)
 {
-	int r, lfd = e->local_fd, fl;
+	int r, lfd = LOAD(&l->local_fd), fl;
 
 	for (;;) {
-		struct pollfd p[2];
+		struct pollfd p[3];
 
 		r = real_accept4(lfd, addr, len, flags);
 		if (r >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
 			return r;
-		fl = fcntl(fd, F_GETFL);
+		fl = real_fcntl(fd, F_GETFL);
 		if (fl < 0 || (fl & O_NONBLOCK))
 			return real_accept4(fd, addr, len, flags);
 		/* The application made the shared socket blocking after the split: wait on both. */
-		p[0].fd = fd;
-		p[0].events = POLLIN;
-		p[1].fd = lfd;
-		p[1].events = POLLIN;
-		p[0].revents = p[1].revents = 0;
-		if (poll(p, 2, -1) < 0)
+		p[0] = (struct pollfd){ .fd = fd, .events = POLLIN };
+		p[1] = (struct pollfd){ .fd = lfd, .events = POLLIN };
+		if (wait_readable(p, 2, -1) != 0)
 			return -1;
 		if (p[0].revents && !p[1].revents)
 			return real_accept4(fd, addr, len, flags);
@@ -721,17 +932,26 @@ static int portable_accept(int fd, struct fdent *e, struct sockaddr *addr, sockl
 
 static int do_accept(int fd, struct sockaddr *addr, socklen_t *len, int flags, int four)
 {
-	struct fdent *e;
+	unsigned i;
 
 	ensure();
-	if (g_mode != MODE_PLAIN && (e = tracked(fd)) && (ent_flags(e) & F_LISTEN)) {
-		spawn_once(fd, e, 0);
-		if (ent_flags(e) & F_SPAWNED) {
-			if (g_mode == MODE_MODULE)
-				return module_accept(fd, e, addr, len, flags);
-			if (e->owner == g_pid && e->local_fd >= 0)
-				return portable_accept(fd, e, addr, len, flags);
-		}
+	if (g_mode != MODE_PLAIN && (i = ls_use(fd))) {
+		struct lstate *l = &g_ls[i];
+		int r = 0, mine, err;
+
+		spawn_once(fd, i, 0);
+		mine = LOAD(&l->spawned) && LOAD(&l->owner) == g_pid;
+		if (mine && g_mode == MODE_MODULE)
+			r = module_accept(fd, l, addr, len, flags);
+		else if (mine && LOAD(&l->local_fd) >= 0)
+			r = portable_accept(fd, l, addr, len, flags);
+		else
+			mine = 0;
+		err = errno;
+		ls_put(i, REF_USE, -1);
+		errno = err;
+		if (mine)
+			return r;
 	}
 	return four ? real_accept4(fd, addr, len, flags) : real_accept(fd, addr, len);
 }
@@ -748,20 +968,21 @@ EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 
 EXPORT int close(int fd)
 {
-	struct fdent *e;
-	uint32_t fl;
+	uint32_t w;
+	int last = 1;
 
 	ensure();
-	if (fd >= 0 && fd == g_devfd)
+	if (fd >= 0 && fd == LOAD(&g_devfd))
 		return 0; /* daemons closing "all" fds must not cut us off the module */
-	e = tracked(fd);
-	if (!e)
+	w = fd_take(fd);
+	if (!w)
 		return real_close(fd);
-	fl = untrack(fd, e);
-	if ((fl & F_FS) && g_mode == MODE_MODULE) {
+	if (LS_OF(w)) /* other fds (dup) may still share the socket and its local */
+		last = ls_put(LS_OF(w), REF_FD, fd);
+	if ((w & F_FS) && last && g_mode == MODE_MODULE) {
 		struct fsock_close_args c = { .fd = fd };
 
-		if (ioctl(g_devfd, FSOCK_IOC_CLOSE, &c) == 0)
+		if (ioctl(LOAD(&g_devfd), FSOCK_IOC_CLOSE, &c) == 0)
 			return 0;
 		if (errno == EBADF)
 			return -1;
@@ -771,21 +992,22 @@ EXPORT int close(int fd)
 
 EXPORT int shutdown(int fd, int how)
 {
-	struct fdent *e;
-	uint32_t fl;
+	uint32_t w;
+	unsigned i;
 
 	ensure();
-	e = tracked(fd);
-	fl = ent_flags(e);
-	if (fl & F_LISTEN) { /* stopping a listener stops its local one too */
-		int lfd = e->local_fd;
-		if (lfd >= 0 && e->owner == g_pid)
+	w = fd_load(fd);
+	if ((w & F_LISTEN) && (i = ls_use(fd))) { /* stopping a listener stops its local one too */
+		int lfd = LOAD(&g_ls[i].local_fd);
+
+		if (lfd >= 0 && LOAD(&g_ls[i].owner) == g_pid)
 			real_shutdown(lfd, how);
+		ls_put(i, REF_USE, -1);
 	}
-	if ((fl & F_FS) && g_mode == MODE_MODULE) {
+	if ((w & F_FS) && g_mode == MODE_MODULE) {
 		struct fsock_shutdown_args a = { .fd = fd, .how = how };
 
-		if (ioctl(g_devfd, FSOCK_IOC_SHUTDOWN, &a) == 0)
+		if (ioctl(LOAD(&g_devfd), FSOCK_IOC_SHUTDOWN, &a) == 0)
 			return 0;
 		if (!not_supported(errno))
 			return -1;
@@ -803,64 +1025,123 @@ EXPORT pid_t fork(void)
 
 EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 {
-	struct fdent *e;
+	unsigned i;
 	int r, lfd, saved;
 
 	ensure();
 	r = real_epoll_ctl(epfd, op, fd, ev);
-	if (g_mode == MODE_PLAIN || r != 0)
+	if (g_mode == MODE_PLAIN || r != 0 || !(i = ls_use(fd)))
 		return r;
-	e = tracked(fd);
-	if (!(ent_flags(e) & F_LISTEN))
-		return r;
-	if (op == EPOLL_CTL_ADD)
-		spawn_once(fd, e, 1);
-	lfd = e->local_fd;
-	if (lfd < 0 || e->owner != g_pid)
-		return r;
-	/* Same event data: readiness of the local queue wakes the app for the listen fd. */
 	saved = errno;
-	if (op == EPOLL_CTL_ADD) {
-		if (real_epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, ev) != 0 && errno == EEXIST)
-			real_epoll_ctl(epfd, EPOLL_CTL_MOD, lfd, ev);
-	} else if (op == EPOLL_CTL_MOD) {
-		if (real_epoll_ctl(epfd, EPOLL_CTL_MOD, lfd, ev) != 0 && errno == ENOENT)
-			real_epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, ev);
-	} else if (op == EPOLL_CTL_DEL) {
-		real_epoll_ctl(epfd, EPOLL_CTL_DEL, lfd, ev);
+	if (op == EPOLL_CTL_ADD)
+		spawn_once(fd, i, 1);
+	lfd = LOAD(&g_ls[i].local_fd);
+	/* Same event data: readiness of the local queue wakes the app for the listen fd. */
+	if (lfd >= 0 && LOAD(&g_ls[i].owner) == g_pid) {
+		if (op == EPOLL_CTL_ADD) {
+			if (real_epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, ev) != 0 && errno == EEXIST)
+				real_epoll_ctl(epfd, EPOLL_CTL_MOD, lfd, ev);
+		} else if (op == EPOLL_CTL_MOD) {
+			if (real_epoll_ctl(epfd, EPOLL_CTL_MOD, lfd, ev) != 0 && errno == ENOENT)
+				real_epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, ev);
+		} else if (op == EPOLL_CTL_DEL) {
+			real_epoll_ctl(epfd, EPOLL_CTL_DEL, lfd, ev);
+		}
 	}
+	ls_put(i, REF_USE, -1);
 	errno = saved;
 	return r;
 }
 
-/* dup2/dup3 over a tracked fd closes it implicitly: drop our state first, and move our
- * device fd out of the way instead of losing it. */
-static void before_dup_over(int newfd)
+/* ---- dup family: a copy shares the socket, so it shares its tracking ---- */
+static void dup_track(int oldfd, int newfd)
 {
-	struct fdent *e;
+	uint32_t w = fd_load(oldfd);
+	unsigned i = LS_OF(w);
+	int saved = errno;
 
-	if (newfd >= 0 && newfd == g_devfd) {
-		int moved = fcntl(g_devfd, F_DUPFD_CLOEXEC, 3);
-		if (moved >= 0)
-			g_devfd = moved; /* the old number is closed by the dup itself */
+	if (newfd < 0 || newfd == oldfd || !w)
+		return;
+	if (i && !ls_get(i, REF_FD))
+		w &= F_FS; /* oldfd was closed meanwhile */
+	fd_track(newfd, w);
+	errno = saved;
+}
+
+/* dup2/dup3 over a tracked fd closes it implicitly: drop our state first (while the
+ * socket is still open here), and move our device fd out of the way instead of losing
+ * it.  A bad oldfd changes nothing. */
+static int dup_over(int oldfd, int newfd, int flags, int three)
+{
+	uint32_t w;
+	int r;
+
+	ensure();
+	if (oldfd != newfd && real_fcntl(oldfd, F_GETFD) >= 0) {
+		if (newfd >= 0 && newfd == LOAD(&g_devfd)) {
+			int moved = real_fcntl(newfd, F_DUPFD_CLOEXEC, 3);
+			if (moved >= 0)
+				STORE(&g_devfd, moved); /* the old number is closed by the dup itself */
+		}
+		w = fd_take(newfd);
+		if (LS_OF(w))
+			ls_put(LS_OF(w), REF_FD, newfd);
 	}
-	e = tracked(newfd);
-	if (e)
-		untrack(newfd, e);
+	r = three ? real_dup3(oldfd, newfd, flags) : real_dup2(oldfd, newfd);
+	if (r >= 0)
+		dup_track(oldfd, r);
+	return r;
 }
 
-EXPORT int dup2(int oldfd, int newfd)
+EXPORT int dup(int oldfd)
 {
+	int r;
+
 	ensure();
-	if (oldfd != newfd)
-		before_dup_over(newfd);
-	return real_dup2(oldfd, newfd);
+	r = real_dup(oldfd);
+	if (r >= 0)
+		dup_track(oldfd, r);
+	return r;
 }
 
-EXPORT int dup3(int oldfd, int newfd, int flags)
+EXPORT int dup2(int oldfd, int newfd) { return dup_over(oldfd, newfd, 0, 0); }
+
+EXPORT int dup3(int oldfd, int newfd, int flags) { return dup_over(oldfd, newfd, flags, 1); }
+
+/* fcntl's third argument is an int or a pointer: passed on as a pointer-sized word, as
+ * libc's own fcntl reads it. */
+static int do_fcntl(int (*fn)(int, int, ...), int fd, int cmd, void *arg)
 {
-	ensure();
-	if (oldfd != newfd)
-		before_dup_over(newfd);
-	return real_dup3(oldfd, newfd, flags);
+	int r = fn(fd, cmd, arg);
+
+	if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC))
+		dup_track(fd, r);
+	return r;
+}
+
+EXPORT int fcntl(int fd, int cmd, ...)
+{
+	va_list ap;
+	void *arg;
+
+	va_start(ap, cmd);
+	arg = va_arg(ap, void *);
+	va_end(ap);
+	if (!LOAD(&g_ready)) /* another library's constructor, before ours: nothing tracked */
+		return sys_fcntl(fd, cmd, arg);
+	return do_fcntl(real_fcntl, fd, cmd, arg);
+}
+
+/* glibc's fcntl with _FILE_OFFSET_BITS=64 (Python, nginx) */
+EXPORT int fcntl64(int fd, int cmd, ...)
+{
+	va_list ap;
+	void *arg;
+
+	va_start(ap, cmd);
+	arg = va_arg(ap, void *);
+	va_end(ap);
+	if (!LOAD(&g_ready))
+		return sys_fcntl(fd, cmd, arg);
+	return do_fcntl(real_fcntl64, fd, cmd, arg);
 }

@@ -1,6 +1,8 @@
 """library/libsocket.so on a host without the module: the fallback warning, plain
 behaviour for real applications (nginx, a threaded and a forking blocking server, shells),
-portable SO_REUSEPORT mode (per-worker listeners, CBPF steering by CPU) and a musl build."""
+portable SO_REUSEPORT mode (per-worker listeners, CBPF steering by CPU), module mode through
+a fake module (its ioctls answered in user space), async-signal safety, SA_RESTART, dup
+tracking, SO_REUSEPORT only while managed, and a musl build."""
 
 from __future__ import annotations
 
@@ -396,6 +398,606 @@ def test_portable_mode_steers_by_cpu(userspace: Userspace, servers: list[Server]
     srv.stop()
     per_cpu = worker_requests(srv.log)
     assert per_cpu.get(first, 0) >= 950 and per_cpu.get(second, 0) >= 570, per_cpu
+
+
+# ---- async-signal safety, SA_RESTART, dup tracking, SO_REUSEPORT (issue 10) -------------
+SIGPROBE = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <dirent.h>
+#include <pthread.h>
+#include <unistd.h>
+/* Signal-safety probes run under libsocket.so in portable mode (pinned, epoll: spawned):
+ *   sigsafe N     a SIGALRM handler closes tracked listeners while the main thread loops
+ *                 over socket/listen/epoll_ctl/accept/close of other listeners
+ *   restart M     blocking accept() interrupted by SIGALRM: M=0 no SA_RESTART, 1 SA_RESTART,
+ *                 2 no SA_RESTART while SIGUSR1 has a handler with it, 3 the reverse
+ *   churn T N     T threads create, dup, accept on and close spawned listeners N times
+ *                 while forks come and go; "leaked" counts fds left over at the end */
+static int pool[4096];
+static volatile sig_atomic_t next_fd, npool, fired, note_fd = -1;
+
+static void on_alarm(int sig)
+{
+	int e = errno;
+	(void)sig;
+	if (next_fd < npool)
+		close(pool[next_fd++]);
+	fired++;
+	if (note_fd >= 0 && write(note_fd, "x", 1) < 0) {}
+	errno = e;
+}
+
+static int listeners(int port)
+{
+	const char *t[] = { "/proc/net/tcp", "/proc/net/tcp6" };
+	char line[512], want[16];
+	int n = 0;
+	snprintf(want, sizeof(want), ":%04X ", port);
+	for (int i = 0; i < 2; i++) {
+		FILE *f = fopen(t[i], "r");
+		while (f && fgets(line, sizeof(line), f)) {
+			char *p = strstr(line, want); /* local address comes first */
+			if (p && p < strstr(line, " ") + 20 && strstr(p + 6, " 0A "))
+				n++;
+		}
+		if (f)
+			fclose(f);
+	}
+	return n;
+}
+
+static int listener(int ep, int *port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t l = sizeof(a);
+	struct epoll_event ev = { .events = EPOLLIN };
+	int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+	if (s < 0 || bind(s, (void *)&a, sizeof(a)) || listen(s, 16) || getsockname(s, (void *)&a, &l))
+		return -1;
+	ev.data.fd = s;
+	if (epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev)) /* pinned + non-blocking + epoll: spawned */
+		return -1;
+	if (port)
+		*port = ntohs(a.sin_port);
+	return s;
+}
+
+static int nfds(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	int n = 0;
+	while (d && readdir(d))
+		n++;
+	if (d)
+		closedir(d);
+	return n;
+}
+
+static int churn_n;
+
+static void *churn_thread(void *arg)
+{
+	int ep = epoll_create1(0), i, t = (int)(long)arg;
+
+	for (i = 0; i < churn_n; i++) {
+		int s = listener(ep, NULL), d;
+		if (s < 0)
+			return (void *)1;
+		d = (i + t) % 3 == 0 ? dup(s) : (i + t) % 3 == 1 ? fcntl(s, F_DUPFD_CLOEXEC, 0) : dup3(s, 900 + t, 0);
+		if (d < 0 || (accept(i % 2 ? d : s, NULL, NULL) >= 0 || errno != EAGAIN))
+			return (void *)2;
+		if (i % 2) {
+			close(s);
+			close(d);
+		} else {
+			close(d);
+			close(s);
+		}
+		if (t == 0 && i % 25 == 0) {
+			pid_t k = fork();
+			if (k == 0)
+				_exit(0);
+			waitpid(k, NULL, 0);
+		}
+	}
+	close(ep);
+	return NULL;
+}
+
+static int churn(int threads, int n)
+{
+	pthread_t th[16];
+	void *r;
+	int i, base = nfds(), bad = 0;
+
+	churn_n = n;
+	for (i = 0; i < threads && i < 16; i++)
+		pthread_create(&th[i], NULL, churn_thread, (void *)(long)i);
+	for (i = 0; i < threads && i < 16; i++) {
+		pthread_join(th[i], &r);
+		bad |= r != NULL;
+	}
+	printf("{\"failed\": %s, \"leaked\": %d}\n", bad ? "true" : "false", nfds() - base);
+	return 0;
+}
+
+static void pin(void)
+{
+	cpu_set_t s;
+	int c = 0;
+	sched_getaffinity(0, sizeof(s), &s);
+	while (!CPU_ISSET(c, &s))
+		c++;
+	CPU_ZERO(&s);
+	CPU_SET(c, &s);
+	sched_setaffinity(0, sizeof(s), &s);
+}
+
+static int sigsafe(int rounds)
+{
+	struct rlimit rl;
+	struct sigaction sa = { .sa_handler = on_alarm, .sa_flags = SA_RESTART };
+	struct itimerval it = { { 0, 300 }, { 0, 300 } };
+	int ep = epoll_create1(0), i, port, spawned, base = nfds();
+
+	getrlimit(RLIMIT_NOFILE, &rl);
+	rl.rlim_cur = rl.rlim_max;
+	setrlimit(RLIMIT_NOFILE, &rl);
+	for (npool = 0; npool < rounds && npool < 4096; npool++)
+		if ((pool[npool] = listener(ep, &port)) < 0)
+			return 2;
+	spawned = listeners(port);
+	sigaction(SIGALRM, &sa, NULL);
+	setitimer(ITIMER_REAL, &it, NULL);
+	for (i = 0; next_fd < npool; i++) {
+		int s = listener(ep, NULL);
+		if (s < 0 || accept(s, NULL, NULL) >= 0 || errno != EAGAIN)
+			return 3;
+		close(s);
+	}
+	memset(&it, 0, sizeof(it));
+	setitimer(ITIMER_REAL, &it, NULL);
+	printf("{\"rounds\": %d, \"signals\": %d, \"closed\": %d, \"spawned\": %d, \"leaked\": %d}\n",
+	       i, (int)fired, (int)next_fd, spawned, nfds() - base);
+	return 0;
+}
+
+static void on_usr1(int sig) { (void)sig; }
+
+static int restart(int m)
+{
+	struct sigaction sa = { .sa_handler = on_alarm, .sa_flags = m & 1 ? SA_RESTART : 0 };
+	struct sigaction other = { .sa_handler = on_usr1, .sa_flags = m & 1 ? 0 : SA_RESTART };
+	struct itimerval it = { { 0, 0 }, { 0, 200000 } };
+	int ep = epoll_create1(0), port, s = listener(ep, &port), c, err, n, pp[2];
+	pid_t kid;
+
+	if (s < 0 || pipe(pp))
+		return 2;
+	n = listeners(port);
+	fcntl(s, F_SETFL, fcntl(s, F_GETFL) & ~O_NONBLOCK); /* blocking accept after the split */
+	kid = fork();
+	if (kid == 0) { /* connect once the handler ran */
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port),
+					 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+		int k = socket(AF_INET, SOCK_STREAM, 0);
+		char x;
+		close(pp[1]);
+		if (read(pp[0], &x, 1) != 1)
+			_exit(1);
+		usleep(200000);
+		connect(k, (void *)&a, sizeof(a));
+		usleep(300000);
+		_exit(0);
+	}
+	close(pp[0]);
+	note_fd = pp[1];
+	sigaction(SIGALRM, &sa, NULL);
+	if (m >= 2)
+		sigaction(SIGUSR1, &other, NULL);
+	setitimer(ITIMER_REAL, &it, NULL);
+	c = accept(s, NULL, NULL);
+	err = errno;
+	waitpid(kid, NULL, 0);
+	printf("{\"accepted\": %s, \"errno\": \"%s\", \"signals\": %d, \"listeners\": %d}\n",
+	       c >= 0 ? "true" : "false", c >= 0 ? "" : strerrorname_np(err), (int)fired, n);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	setvbuf(stdout, NULL, _IONBF, 0);
+	pin();
+	if (argc == 3 && !strcmp(argv[1], "sigsafe"))
+		return sigsafe(atoi(argv[2]));
+	if (argc == 3 && !strcmp(argv[1], "restart"))
+		return restart(atoi(argv[2]));
+	if (argc == 4 && !strcmp(argv[1], "churn"))
+		return churn(atoi(argv[2]), atoi(argv[3]));
+	return 1;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def sigprobe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_tool("cc")
+    d = tmp_path_factory.mktemp("sigprobe")
+    (d / "sigprobe.c").write_text(SIGPROBE)
+    subprocess.run(["cc", "-O2", "-pthread", "-o", str(d / "sigprobe"), str(d / "sigprobe.c")],
+                   check=True, capture_output=True, timeout=120)
+    return d / "sigprobe"
+
+
+FAKE_MODULE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include "fastsocket_abi.h"
+/* Test stand-in for fastsocket.ko, preloaded after libsocket.so: answers the ABI's
+ * ioctls (on any fd, e.g. FASTSOCKET_DEVICE=/dev/null) with plain syscalls.  SPAWN hands
+ * out an eventfd as the local listener (never readable), so leaks show as fds. */
+static long sys(long n, long a, long b, long c, long d)
+{
+	long r = syscall(n, a, b, c, d);
+	return r;
+}
+
+int ioctl(int fd, unsigned long req, ...)
+{
+	va_list ap;
+	void *arg;
+	long r;
+
+	va_start(ap, req);
+	arg = va_arg(ap, void *);
+	va_end(ap);
+	switch (req) {
+	case FSOCK_IOC_VERSION: {
+		struct fsock_version *v = arg;
+		v->abi = FASTSOCKET_ABI_VERSION;
+		v->features = FSOCK_FEAT_LISTEN_SPAWN;
+		v->listen_spawn = 2;
+		return 0;
+	}
+	case FSOCK_IOC_SOCKET: {
+		struct fsock_socket_args *a = arg;
+		r = sys(SYS_socket, a->family, a->type, a->protocol, 0);
+		if (r < 0)
+			return -1;
+		a->fd = (int)r;
+		return 0;
+	}
+	case FSOCK_IOC_LISTEN: {
+		struct fsock_listen_args *a = arg;
+		return (int)sys(SYS_listen, a->fd, a->backlog, 0, 0);
+	}
+	case FSOCK_IOC_SPAWN: {
+		struct fsock_spawn_args *a = arg;
+		r = sys(SYS_eventfd2, 0, EFD_CLOEXEC, 0, 0);
+		if (r < 0)
+			return -1;
+		a->local_fd = (int)r;
+		return 0;
+	}
+	case FSOCK_IOC_ACCEPT: {
+		struct fsock_accept_args *a = arg;
+		struct pollfd p = { .fd = a->fd, .events = POLLIN };
+		if (sys(SYS_poll, (long)&p, 1, 0, 0) != 1) { /* the module's accept never sleeps */
+			errno = EAGAIN;
+			return -1;
+		}
+		r = sys(SYS_accept4, a->fd, (long)a->addr, (long)a->addrlen, a->flags | SOCK_NONBLOCK);
+		if (r < 0)
+			return -1;
+		a->new_fd = (int)r;
+		if (!(a->flags & SOCK_NONBLOCK)) /* the accepted socket keeps the caller's mode */
+			sys(SYS_fcntl, r, F_SETFL, 0, 0);
+		return 0;
+	}
+	case FSOCK_IOC_CLOSE: {
+		struct fsock_close_args *a = arg;
+		return (int)sys(SYS_close, a->fd, 0, 0, 0);
+	}
+	case FSOCK_IOC_SHUTDOWN: {
+		struct fsock_shutdown_args *a = arg;
+		return (int)sys(SYS_shutdown, a->fd, a->how, 0, 0);
+	}
+	}
+	return (int)sys(SYS_ioctl, fd, (long)req, (long)arg, 0);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def fakemod(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's ioctls answered in user space, so module mode runs on the host."""
+    require_tool("cc")
+    d = tmp_path_factory.mktemp("fakemod")
+    (d / "fakemod.c").write_text(FAKE_MODULE)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", f"-I{ROOT / 'module'}", "-o", str(d / "fakemod.so"),
+                    str(d / "fakemod.c")], check=True, capture_output=True, timeout=120)
+    return d / "fakemod.so"
+
+
+def mode_env(mode: str, userspace: Userspace, fakemod: Path) -> dict[str, str]:
+    """portable: SO_REUSEPORT locals (kernel >= 3.9); module: the fake module preloaded
+    after the library (the device node is /dev/null, its ioctls never reach it)."""
+    if mode == "portable":
+        return portable_env(userspace)
+    return preload_env(userspace.lib, LD_PRELOAD=f"{userspace.lib} {fakemod}",
+                       FASTSOCKET_DEVICE="/dev/null", FASTSOCKET_QUIET="1")
+
+
+def run_probe(cmd: list[str], env: dict[str, str], timeout: float = 30) -> dict[str, object]:
+    """Run a probe printing one JSON line; a hang (deadlock) fails the test."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{cmd[-2:]} hung for {timeout} s: deadlock")
+    assert r.returncode == 0, (r.returncode, r.stdout, r.stderr)
+    return json.loads(r.stdout)
+
+
+def portable_env(userspace: Userspace) -> dict[str, str]:
+    if not kernel_at_least(3, 9):
+        pytest.skip("portable mode (tracked, spawned listeners) needs SO_REUSEPORT, Linux >= 3.9")
+    return preload_env(userspace.lib, FASTSOCKET_PORTABLE="1", FASTSOCKET_QUIET="1")
+
+
+@pytest.mark.parametrize("mode", ["portable", "module"])
+def test_signal_handler_closing_tracked_fds_never_deadlocks(userspace: Userspace, sigprobe: Path,
+                                                            fakemod: Path, mode: str) -> None:
+    """Item 19: a SIGALRM handler (every 300 us) closes tracked, spawned listeners while
+    the main thread is inside socket/listen (module: spawn)/epoll_ctl (portable: spawn)/
+    accept/close of others.  The old interposers took a process mutex there: the handler
+    deadlocked its thread, in both modes."""
+    out = run_probe([str(sigprobe), "sigsafe", "400"], mode_env(mode, userspace, fakemod))
+    # portable: the listeners were split (module: the local is the fake's eventfd)
+    assert out["spawned"] == (2 if mode == "portable" else 1), out
+    assert out["closed"] == 400 and out["signals"] >= 400 and out["rounds"] > 0, out
+    assert out["leaked"] == 0, out  # every local listener was released exactly once
+
+
+@pytest.mark.parametrize("mode", ["portable", "module"])
+def test_threads_dup_close_and_fork_leak_nothing(userspace: Userspace, sigprobe: Path, fakemod: Path,
+                                                 mode: str) -> None:
+    """Items 19, 21: listener slots are reference-counted across dup copies, calls in
+    flight and forks; whichever close comes last releases the local listener, once."""
+    out = run_probe([str(sigprobe), "churn", "4", "300"], mode_env(mode, userspace, fakemod), timeout=60)
+    assert out == {"failed": False, "leaked": 0}
+
+
+BLOCKING_IMPORTS = re.compile(r"^(malloc|calloc|realloc|free|aligned_alloc|posix_memalign|"
+                              r"pthread_mutex_(timed)?lock|pthread_mutex_trylock|pthread_rwlock_\w+|"
+                              r"pthread_spin_lock|pthread_cond_\w*wait|sem_(timed)?wait)$")
+
+
+def test_library_imports_no_allocator_or_lock(userspace: Userspace) -> None:
+    """Item 19, statically: nothing the library calls can allocate or wait for a lock
+    (pthread_once only runs before the constructor finished), so no interposer can
+    deadlock against the thread a handler interrupted.  The old library imported
+    calloc, free and pthread_mutex_lock."""
+    require_tool("nm")
+    r = subprocess.run(["nm", "-D", "--undefined-only", str(userspace.lib)], capture_output=True,
+                       text=True, timeout=30, check=True)
+    names = {line.split()[-1].split("@")[0] for line in r.stdout.splitlines() if line.strip()}
+    assert "close" not in names and "socket" not in names  # sanity: these are ours, not imports
+    assert sorted(n for n in names if BLOCKING_IMPORTS.match(n)) == []
+
+
+@pytest.mark.parametrize("lib_mode", ["portable", "module"])
+@pytest.mark.parametrize("mode", [0, 1, 2, 3],
+                         ids=["no_restart", "sa_restart", "mixed_no_restart", "mixed_sa_restart"])
+def test_blocking_accept_honours_sa_restart(userspace: Userspace, sigprobe: Path, fakemod: Path,
+                                            mode: int, lib_mode: str) -> None:
+    """Item 20: a blocking accept() on a split listener, interrupted by SIGALRM, restarts
+    under SA_RESTART and returns EINTR without it, exactly like the kernel's own accept
+    (the same probe under FASTSOCKET_DISABLE=1), also when another signal's handler
+    has the other flag (modes 2, 3)."""
+    kernel = run_probe([str(sigprobe), "restart", str(mode)],
+                       preload_env(userspace.lib, FASTSOCKET_DISABLE="1"))
+    ours = run_probe([str(sigprobe), "restart", str(mode)], mode_env(lib_mode, userspace, fakemod))
+    if lib_mode == "portable":  # split: the library's wait, not the kernel's accept
+        assert ours["listeners"] == 2 and kernel["listeners"] == 1, (ours, kernel)
+    assert ours["signals"] == kernel["signals"] == 1
+    assert (ours["accepted"], ours["errno"]) == (kernel["accepted"], kernel["errno"]), (ours, kernel)
+    assert kernel["accepted"] == bool(mode & 1)
+
+
+DUP_PROBE = textwrap.dedent('''
+import ctypes, fcntl, json, os, select, socket, sys
+
+libc = ctypes.CDLL(None, use_errno=True)  # the preloaded library's symbols come first
+F_DUPFD, F_DUPFD_CLOEXEC, O_CLOEXEC = 0, 1030, 0o2000000
+COPY = {
+    "dup": lambda fd: libc.dup(fd),
+    "fcntl_dupfd": lambda fd: libc.fcntl(fd, F_DUPFD, 0),
+    "fcntl_dupfd_cloexec": lambda fd: libc.fcntl(fd, F_DUPFD_CLOEXEC, 0),
+    "os_dup": os.dup,
+    "dup2": lambda fd: libc.dup2(fd, 200),
+    "dup3": lambda fd: libc.dup3(fd, 201, O_CLOEXEC),
+}
+
+def listeners(port):
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in open(table).read().splitlines()[1:]:
+            f = row.split()
+            n += f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port
+    return n
+
+def eventfds():                                       # the fake module's locals
+    n = 0
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{f}") == "anon_inode:[eventfd]"
+        except OSError:
+            pass
+    return n
+
+def state():
+    return [listeners(port), eventfds()]
+
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+out = {}
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(64)
+s.setblocking(False)
+port = s.getsockname()[1]
+select.epoll().register(s.fileno(), select.EPOLLIN)   # pinned + epoll: own listener
+out["spawned"] = state()
+d = COPY[sys.argv[1]](s.fileno())
+assert d >= 0, ctypes.get_errno()
+s.close()                                             # the copy keeps socket and local
+out["after_close_original"] = state()
+ep = select.epoll()
+ep.register(d, select.EPOLLIN)                        # tracked: no second local
+out["after_register_copy"] = state()
+clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+ls = socket.socket(fileno=d)
+got = 0
+while got < 20 and ep.poll(2):
+    while True:
+        try:
+            c, _ = ls.accept()
+        except BlockingIOError:
+            break
+        got += 1
+        c.close()
+out["accepted"] = got
+for c in clients:
+    c.close()
+ls.close()
+out["after_close_copy"] = state()
+print(json.dumps(out))
+''')
+
+
+@pytest.mark.parametrize("copy", ["dup", "fcntl_dupfd", "fcntl_dupfd_cloexec", "os_dup", "dup2", "dup3"])
+@pytest.mark.parametrize("mode", ["portable", "module"])
+def test_dup_copy_keeps_listener_tracked(userspace: Userspace, fakemod: Path, copy: str, mode: str) -> None:
+    """Item 21: a copy of a spawned listener (dup, F_DUPFD[_CLOEXEC], dup2, dup3) shares the
+    socket's tracking: closing the original keeps the local listener for the copy, epoll
+    on the copy spawns nothing new, it accepts everything, and its close releases all.
+    State: [listening sockets on the port, the fake module's local listeners]."""
+    r = subprocess.run([sys.executable, "-c", DUP_PROBE, copy], capture_output=True, text=True,
+                       timeout=60, env=mode_env(mode, userspace, fakemod))
+    assert r.returncode == 0, r.stderr
+    live = [2, 0] if mode == "portable" else [1, 1]
+    assert json.loads(r.stdout) == {"spawned": live, "after_close_original": live,
+                                    "after_register_copy": live, "accepted": 20, "after_close_copy": [0, 0]}
+
+
+REUSEPORT_PROBE = textwrap.dedent('''
+import json, os, resource, select, socket
+
+def reuseport(s):
+    return s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+
+def bind_plain(port):                   # a second server without SO_REUSEPORT
+    t = socket.socket()
+    try:
+        t.bind(("127.0.0.1", port))
+        return "bound"
+    except OSError as e:
+        return os.strerror(e.errno)
+    finally:
+        t.close()
+
+def listener():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    s.setblocking(False)
+    return s, s.getsockname()[1]
+
+cpu = sorted(os.sched_getaffinity(0))[0]
+out = {}
+# a worker's local leaves (worker closes its copy, exits): the master's socket is plain again
+s, port = listener()
+rd, wr = os.pipe()
+rd2, wr2 = os.pipe()
+kid = os.fork()
+if kid == 0:
+    os.sched_setaffinity(0, {cpu})
+    ep = select.epoll()
+    ep.register(s.fileno(), select.EPOLLIN)
+    os.write(wr, b"%d" % reuseport(s))
+    os.read(rd2, 1)                     # wait for the parent's look
+    s.close()
+    os._exit(0)
+out["while_managed"] = int(os.read(rd, 1))
+os.write(wr2, b"x")
+os.waitpid(kid, 0)
+out["after_worker_left"] = reuseport(s)
+out["plain_second_server"] = bind_plain(port)
+s.close()
+# spawn fails (no fd left for the local): the application's socket stays as it was
+os.sched_setaffinity(0, {cpu})
+s, port = listener()
+ep = select.epoll()
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (os.dup(0) + 1, hard))
+ep.register(s.fileno(), select.EPOLLIN)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+out["failed_spawn"] = reuseport(s)
+print(json.dumps(out))
+''')
+
+
+def test_reuseport_only_while_managed(userspace: Userspace) -> None:
+    """Item 4, library side: SO_REUSEPORT is on the application's socket only while a local
+    listener of the library is in its group: cleared when the last worker's local leaves
+    (the master keeps a plain socket), never left behind by a spawn that failed (no fd
+    for the local).  A second plain server gets EADDRINUSE throughout."""
+    r = subprocess.run([sys.executable, "-c", REUSEPORT_PROBE], capture_output=True, text=True,
+                       timeout=60, env=portable_env(userspace))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"while_managed": 1, "after_worker_left": 0,
+                                    "plain_second_server": os.strerror(98), "failed_spawn": 0}
+
+
+MODULE_REUSEPORT_PROBE = textwrap.dedent("""
+    import os, select, socket
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    s = socket.socket()                     # FSOCK_IOC_SOCKET
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)                            # FSOCK_IOC_LISTEN, pinned: FSOCK_IOC_SPAWN
+    s.setblocking(False)
+    select.epoll().register(s.fileno(), select.EPOLLIN)
+    print(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+""")
+
+
+def test_module_mode_library_sets_no_reuseport(userspace: Userspace, fakemod: Path) -> None:
+    """Item 4, library side in module mode: whatever SO_REUSEPORT a socket gets is the
+    module's doing (the fake module sets none), never the library's."""
+    r = subprocess.run([sys.executable, "-c", MODULE_REUSEPORT_PROBE], capture_output=True, text=True,
+                       timeout=60, env=mode_env("module", userspace, fakemod))
+    assert r.returncode == 0 and r.stdout == "0\n", (r.stdout, r.stderr)
 
 
 # ---- musl ----------------------------------------------------------------------------
