@@ -1,0 +1,294 @@
+"""What `fsbuild rebase` does after a 3-way merge conflict.
+
+1. A word-wise merge (Debian's `wiggle`; `words` = git merge-file on word tokens is the
+   fallback when wiggle is missing) often places a hunk whose context changed by a word.
+   Its result is accepted only when conflict-free AND the rebased change removes and adds
+   exactly the lines the original patch did: only context may move, never the patch's intent.
+2. Whatever stays a conflict is explained: the failed hunk beside what upstream did to the
+   same lines (and, for a git-ref upstream, the commits that did it), and whether the
+   patch's change already looks present in the new upstream (`likely_upstream`; never a drop).
+
+All functions work on plain file contents (`Content` = (bytes, mode) or None) so that this
+module does not depend on the rebase engine."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from fsbuild.errors import WorkspaceError
+
+Content = tuple[bytes, int] | None
+Reader = Callable[[str], Content]
+Files = dict[str, Content]
+
+# a token is a word, a run of blanks, a newline or one punctuation character
+_TOKEN = re.compile(rb"\n|[ \t]+|\w+|[^\w\s]", re.A)
+_NL = b"\x00NL"      # a newline token, one per line in the token files
+_WINDOW = 40         # lines around a hunk's context where its change must be found
+
+
+# ---------------------------------------------------------------- word-wise merge
+
+def backend() -> str:
+    """The resolver in use: wiggle when installed (measured better), else `words`."""
+    return "wiggle" if shutil.which("wiggle") else "words"
+
+
+def _run_merge(cmd: list[str], texts: tuple[bytes, bytes, bytes]) -> tuple[bytes, int]:
+    with tempfile.TemporaryDirectory(prefix="fsbuild-wiggle-") as tmp:
+        files = []
+        for tag, text in zip(("ours", "base", "theirs"), texts):
+            p = Path(tmp) / tag
+            p.write_bytes(text)
+            files.append(str(p))
+        cp = subprocess.run([*cmd, *files], capture_output=True)
+    worst = 127 if cmd[0] == "git" else 1    # merge-file: rc = number of conflicts
+    if cp.returncode < 0 or cp.returncode > worst:
+        raise WorkspaceError(f"{cmd[0]} failed: {cp.stderr.decode(errors='replace').strip()}")
+    return cp.stdout, cp.returncode
+
+
+def wiggle_merge(base: bytes, ours: bytes, theirs: bytes) -> bytes | None:
+    """Word-wise merge with wiggle: the result, or None when wiggle left a conflict."""
+    out, rc = _run_merge(["wiggle", "--merge", "--quiet"], (ours, base, theirs))
+    return out if rc == 0 else None
+
+
+def _tokens(text: bytes) -> bytes:
+    toks = _TOKEN.findall(text)
+    return b"".join((_NL if t == b"\n" else t) + b"\n" for t in toks)
+
+
+def _untokens(text: bytes) -> bytes:
+    return b"".join(b"\n" if t == _NL else t for t in text.split(b"\n")[:-1])
+
+
+def words_merge(base: bytes, ours: bytes, theirs: bytes) -> bytes | None:
+    """Word-wise merge in Python terms: a 3-way merge of the files as one token per line."""
+    out, rc = _run_merge(["git", "merge-file", "-p", "--"],
+                         (_tokens(ours), _tokens(base), _tokens(theirs)))
+    if rc != 0 or _untokens(_tokens(base)) != base:   # a byte the tokens do not cover
+        return None
+    return _untokens(out)
+
+
+MERGERS: dict[str, Callable[[bytes, bytes, bytes], bytes | None]] = {
+    "wiggle": wiggle_merge, "words": words_merge}
+
+
+def changed_lines(a: bytes, b: bytes) -> tuple[list[bytes], list[bytes]]:
+    """(removed, added) lines of the line diff a -> b, in order."""
+    al, bl = a.splitlines(keepends=True), b.splitlines(keepends=True)
+    removed: list[bytes] = []
+    added: list[bytes] = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, al, bl, autojunk=False).get_opcodes():
+        if tag != "equal":
+            removed += al[i1:i2]
+            added += bl[j1:j2]
+    return removed, added
+
+
+def word_resolve(before: Files, after: Files, tree: Reader, merged: Files,
+                 conflicts: list[str], how: str | None = None) -> Files | None:
+    """The patch's changes on `tree` with each conflicting file word-merged, or None when a
+    file still conflicts or the result's -/+ lines differ from the original patch's."""
+    merge = MERGERS[how or backend()]
+    changes = dict(merged)
+    for path in conflicts:
+        base, ours, theirs = before.get(path), tree(path), after.get(path)
+        if base is None or ours is None or theirs is None:   # add/delete: nothing to wiggle
+            return None
+        out = merge(base[0], ours[0], theirs[0])
+        if out is None:
+            return None
+        changes[path] = (out, theirs[1] if theirs[1] != base[1] else ours[1])
+    for path, theirs in after.items():
+        base, ours = before.get(path), tree(path)
+        new = changes.get(path, ours)
+        if changed_lines(_b(base), _b(theirs)) != changed_lines(_b(ours), _b(new)):
+            return None
+    return {p: c for p, c in changes.items() if c != tree(p)}
+
+
+def _b(c: Content) -> bytes:
+    return c[0] if c else b""
+
+
+# ---------------------------------------------------------------- blocked_by
+
+def theirs_merge(base: Content, ours: Content, theirs: Content) -> Content:
+    """`ours` with the patch's side winning every conflict: the tree as if it had applied."""
+    if base is None or ours is None or theirs is None:
+        return theirs
+    out, _ = _run_merge(["git", "merge-file", "-p", "--theirs", "--"], (ours[0], base[0], theirs[0]))
+    return out, theirs[1]
+
+
+# ---------------------------------------------------------------- explanation
+
+def conflict_regions(base: bytes, ours: bytes, theirs: bytes) -> list[dict[str, object]]:
+    """The diff3 conflict regions: start line in ours (1-based) and the three sides."""
+    out, _ = _run_merge(["git", "merge-file", "-p", "--diff3", "-L", "upstream", "-L", "base",
+                         "-L", "patch", "--"], (ours, base, theirs))
+    regions: list[dict[str, object]] = []
+    line_no, side = 0, ""
+    cur: dict[str, list[bytes]] = {}
+    start = 0
+    for line in out.splitlines(keepends=True):
+        if line.startswith(b"<<<<<<< upstream"):
+            side, cur, start = "ours", {"ours": [], "base": [], "theirs": []}, line_no + 1
+        elif side and line.startswith(b"||||||| base"):
+            side = "base"
+        elif side and line.rstrip(b"\n") == b"=======":
+            side = "theirs"
+        elif side and line.startswith(b">>>>>>> patch"):
+            regions.append({"start": start, **{k: b"".join(v) for k, v in cur.items()}})
+            line_no += len(cur["ours"])
+            side = ""
+        elif side:
+            cur[side].append(line)
+        else:
+            line_no += 1
+    return regions
+
+
+def _udiff(a: bytes, b: bytes, label: str) -> str:
+    lines = difflib.unified_diff(a.decode(errors="replace").splitlines(keepends=True),
+                                 b.decode(errors="replace").splitlines(keepends=True),
+                                 f"base/{label}", label, n=1)
+    return "".join(x if x.endswith("\n") else x + "\n" for x in lines)
+
+
+def explain(before: Files, after: Files, tree: Reader, new_upstream: Reader,
+            log: Callable[[str, int, int], list[str]] | None = None) -> list[dict[str, object]]:
+    """For each conflicting region: the patch's hunk (base -> patch) and what upstream did to
+    the same lines (base -> upstream), plus the upstream commits when `log` can name them."""
+    out: list[dict[str, object]] = []
+    for path, theirs in after.items():
+        base, ours = before.get(path), tree(path)
+        if base is None or ours is None or theirs is None:
+            out.append({"file": path, "note": "added or deleted on one side"})
+            continue
+        for reg in conflict_regions(base[0], ours[0], theirs[0]):
+            b, o, t = reg["base"], reg["ours"], reg["theirs"]
+            assert isinstance(b, bytes) and isinstance(o, bytes) and isinstance(t, bytes)
+            start = int(reg["start"])  # type: ignore[call-overload]
+            item: dict[str, object] = {"file": path, "line": start, "hunk": _udiff(b, t, "patch"),
+                                       "upstream_change": _udiff(b, o, "upstream")}
+            if log is not None:
+                up = new_upstream(path)
+                a, z = _map_range(ours[0], up[0] if up else b"", start, start + max(o.count(b"\n"), 1) - 1)
+                item["upstream_commits"] = log(path, a, z)
+            out.append(item)
+    return out
+
+
+def _map_range(ours: bytes, up: bytes, a: int, z: int) -> tuple[int, int]:
+    """Lines a..z of `ours` (upstream + carried patches) in the pure upstream file."""
+    if ours == up:
+        return a, z
+    ol, ul = ours.splitlines(), up.splitlines()
+    pos = {}
+    for i1, j1, n in difflib.SequenceMatcher(None, ol, ul, autojunk=False).get_matching_blocks():
+        for k in range(n):
+            pos[i1 + k + 1] = j1 + k + 1
+    near = [pos[k] for k in range(a, z + 1) if k in pos]
+    if not near:
+        near = [pos[k] for k in pos if abs(k - a) < _WINDOW] or [min(a, max(len(ul), 1))]
+    return max(min(near), 1), max(near)
+
+
+def git_log_lines(repo: Path, old_ref: str, new_ref: str) -> Callable[[str, int, int], list[str]]:
+    """`log(path, a, z)`: the commits OLD..NEW of a git upstream touching lines a..z of path
+    in NEW, as "sha subject" (newest first)."""
+    def log(path: str, a: int, z: int) -> list[str]:
+        cp = subprocess.run(["git", "-C", str(repo), "log", "--format=%x00%H %s", "--no-patch",
+                             f"-L{a},{z}:{path}", f"{old_ref}..{new_ref}"], capture_output=True)
+        if cp.returncode != 0:
+            return []
+        return [c.split(b"\n", 1)[0].decode(errors="replace")
+                for c in cp.stdout.split(b"\x00")[1:]]
+    return log
+
+
+# ---------------------------------------------------------------- likely upstream
+
+def _runs(hunk: list[tuple[str, bytes]], sign: str) -> list[list[bytes]]:
+    runs: list[list[bytes]] = []
+    prev = ""
+    for s, line in hunk:
+        if s == sign:
+            if prev != sign:
+                runs.append([])
+            runs[-1].append(line)
+        prev = s
+    return runs
+
+
+def _trivial(lines: list[bytes]) -> bool:
+    return all(len(x.strip()) < 3 for x in lines)
+
+
+def _find(lines: list[bytes], block: list[bytes]) -> list[int]:
+    n = len(block)
+    return [i for i in range(len(lines) - n + 1) if lines[i:i + n] == block]
+
+
+def hunks(a: bytes, b: bytes, ctx: int = 3) -> list[list[tuple[str, bytes]]]:
+    """Unified-diff hunks a -> b as (sign, line) with sign in ' ', '-', '+'."""
+    al, bl = a.splitlines(keepends=True), b.splitlines(keepends=True)
+    sm = difflib.SequenceMatcher(None, al, bl, autojunk=False)
+    out = []
+    for group in sm.get_grouped_opcodes(ctx):
+        h: list[tuple[str, bytes]] = []
+        for tag, i1, i2, j1, j2 in group:
+            if tag == "equal":
+                h += [(" ", x) for x in al[i1:i2]]
+            else:
+                h += [("-", x) for x in al[i1:i2]] + [("+", x) for x in bl[j1:j2]]
+        out.append(h)
+    return out
+
+
+def likely_upstream(before: Files, after: Files, tree: Reader) -> bool:
+    """True when every hunk's added lines are in `tree` near the hunk's context and its
+    removed lines are gone from there: upstream took the change in another form."""
+    seen = False
+    for path, theirs in after.items():
+        base, ours = before.get(path), tree(path)
+        if theirs is None or base is None:
+            if (ours is None) != (theirs is None):
+                return False
+            continue
+        if ours is None:
+            return False
+        lines = ours[0].splitlines(keepends=True)
+        for h in hunks(base[0], theirs[0]):
+            ok, counted = _hunk_present(h, lines)
+            if not ok:
+                return False
+            seen = seen or counted
+    return seen
+
+
+def _hunk_present(h: list[tuple[str, bytes]], lines: list[bytes]) -> tuple[bool, bool]:
+    """(present, meaningful) for one hunk in the new file's lines."""
+    context = [x for s, x in h if s == " " and not _trivial([x])]
+    anchors = sorted({i for c in context for i in _find(lines, [c])})
+    added = [r for r in _runs(h, "+") if not _trivial(r)]
+    removed = [r for r in _runs(h, "-") if not _trivial(r)]
+    if not added and not removed:
+        return True, False
+    spots = anchors or ([p for r in added for p in _find(lines, r)])
+    for spot in spots:
+        lo, hi = max(spot - _WINDOW, 0), spot + _WINDOW
+        window = lines[lo:hi]
+        if all(_find(window, r) for r in added) and not any(_find(window, r) for r in removed):
+            return True, True
+    return False, True
