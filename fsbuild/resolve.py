@@ -28,8 +28,8 @@ Reader = Callable[[str], Content]
 Files = dict[str, Content]
 
 # a token is a word, a run of blanks, a newline or one punctuation character
-_TOKEN = re.compile(rb"\n|[ \t]+|\w+|[^\w\s]", re.A)
-_NL = b"\x00NL"      # a newline token, one per line in the token files
+_TOKEN = re.compile(rb"\n|[^\S\n]+|\w+|[^\w\s]", re.A)
+_NL = b"\x1bNL"      # a newline token (no NUL: merge-file would call it binary)
 _WINDOW = 40         # lines around a hunk's context where its change must be found
 
 
@@ -219,25 +219,8 @@ def git_log_lines(repo: Path, old_ref: str, new_ref: str) -> Callable[[str, int,
 
 # ---------------------------------------------------------------- likely upstream
 
-def _runs(hunk: list[tuple[str, bytes]], sign: str) -> list[list[bytes]]:
-    runs: list[list[bytes]] = []
-    prev = ""
-    for s, line in hunk:
-        if s == sign:
-            if prev != sign:
-                runs.append([])
-            runs[-1].append(line)
-        prev = s
-    return runs
-
-
 def _trivial(lines: list[bytes]) -> bool:
     return all(len(x.strip()) < 3 for x in lines)
-
-
-def _find(lines: list[bytes], block: list[bytes]) -> list[int]:
-    n = len(block)
-    return [i for i in range(len(lines) - n + 1) if lines[i:i + n] == block]
 
 
 def hunks(a: bytes, b: bytes, ctx: int = 3) -> list[list[tuple[str, bytes]]]:
@@ -278,17 +261,18 @@ def likely_upstream(before: Files, after: Files, tree: Reader) -> bool:
 
 
 def _hunk_present(h: list[tuple[str, bytes]], lines: list[bytes]) -> tuple[bool, bool]:
-    """(present, meaningful) for one hunk in the new file's lines."""
-    context = [x for s, x in h if s == " " and not _trivial([x])]
-    anchors = sorted({i for c in context for i in _find(lines, [c])})
-    added = [r for r in _runs(h, "+") if not _trivial(r)]
-    removed = [r for r in _runs(h, "-") if not _trivial(r)]
-    if not added and not removed:
+    """(present, meaningful) for one hunk in the new file's lines: near one of its context
+    lines, every added line is there and no removed line is (upstream may have put its own
+    lines in between: "in another form")."""
+    plus = {x for s, x in h if s == "+" and not _trivial([x])}
+    minus = {x for s, x in h if s == "-" and not _trivial([x])} - plus   # a moved line stays
+    if not plus and not minus:
         return True, False
-    spots = anchors or ([p for r in added for p in _find(lines, r)])
+    context = {x for s, x in h if s == " " and not _trivial([x])}
+    spots = [i for i, x in enumerate(lines) if x in context] or \
+            [i for i, x in enumerate(lines) if x in plus]
     for spot in spots:
-        lo, hi = max(spot - _WINDOW, 0), spot + _WINDOW
-        window = lines[lo:hi]
-        if all(_find(window, r) for r in added) and not any(_find(window, r) for r in removed):
+        window = set(lines[max(spot - _WINDOW, 0):spot + _WINDOW])
+        if plus <= window and not minus & window:
             return True, True
     return False, True
