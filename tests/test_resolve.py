@@ -249,3 +249,18 @@ def test_workspace_word_merge_needs_no_stop(tmp_path: Path, monkeypatch: pytest.
     assert "+kconfig line 10 ours" in (out / "rebase-report.md").read_text().split("## Review")[1]
     assert " kconfig line 9 upstream\n" in (tdir / "0001-wiggle.patch").read_text()
     assert load("t1").version == "1.0.1"
+
+
+def test_doctor_lists_wiggle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsbuild import doctor
+    (tool,) = [t for t in doctor.TOOLS if t.name == "wiggle"]
+    assert tool.package == "wiggle" and "rebase" in tool.needed_by and tool.optional
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert doctor.check_tool(tool).detail == "not found"
+    fake = tmp_path / "wiggle"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert doctor.check_tool(tool).ok
+    assert RS.backend() == "wiggle"
+    fake.unlink()
+    assert RS.backend() == "words"   # the fallback when wiggle is missing
