@@ -82,16 +82,53 @@ MERGERS: dict[str, Callable[[bytes, bytes, bytes], bytes | None]] = {
     "wiggle": wiggle_merge, "words": words_merge}
 
 
+def _git_diff(a: bytes, b: bytes, ctx: int) -> bytes:
+    """git's xdiff a -> b (difflib needs seconds on a large kernel file)."""
+    if a == b:
+        return b""
+    with tempfile.TemporaryDirectory(prefix="fsbuild-diff-") as tmp:
+        pa, pb = Path(tmp) / "a", Path(tmp) / "b"
+        pa.write_bytes(a)
+        pb.write_bytes(b)
+        cp = subprocess.run(["git", "diff", "--no-index", "--no-color", "--no-ext-diff", "--no-textconv",
+                             "-a", f"-U{ctx}", "--", str(pa), str(pb)], capture_output=True)
+    if cp.returncode not in (0, 1):
+        raise WorkspaceError(f"git diff failed: {cp.stderr.decode(errors='replace').strip()}")
+    return cp.stdout
+
+
+def diff_hunks(a: bytes, b: bytes, ctx: int = 3) -> list[list[tuple[str, bytes]]]:
+    """Unified-diff hunks a -> b as (sign, line), sign in ' ', '-', '+'."""
+    out: list[list[tuple[str, bytes]]] = []
+    for line in _git_diff(a, b, ctx).splitlines(keepends=True):
+        if line.startswith(b"@@"):
+            out.append([])
+        elif out and line[:1] in (b" ", b"-", b"+"):
+            out[-1].append((line[:1].decode(), line[1:]))
+    return out
+
+
+_HEADER = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@", re.M)
+
+
+def _line_map(a: bytes, b: bytes, k: int) -> int:
+    """Line k of a, as a line number of b (where its hunk starts when k itself changed)."""
+    shift = 0
+    for m in _HEADER.finditer(_git_diff(a, b, 0)):
+        s, n, t, mm = int(m[1]), int(m[2] or 1), int(m[3]), int(m[4] or 1)
+        a_end, b_end = (s + n - 1 if n else s), (t + mm - 1 if mm else t)
+        if n and s <= k <= a_end:
+            return max(t, 1)
+        if k <= a_end:
+            break
+        shift = b_end - a_end
+    return max(k + shift, 1)
+
+
 def changed_lines(a: bytes, b: bytes) -> tuple[list[bytes], list[bytes]]:
     """(removed, added) lines of the line diff a -> b, in order."""
-    al, bl = a.splitlines(keepends=True), b.splitlines(keepends=True)
-    removed: list[bytes] = []
-    added: list[bytes] = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, al, bl, autojunk=False).get_opcodes():
-        if tag != "equal":
-            removed += al[i1:i2]
-            added += bl[j1:j2]
-    return removed, added
+    pairs = [x for h in diff_hunks(a, b, 0) for x in h]
+    return [x for s, x in pairs if s == "-"], [x for s, x in pairs if s == "+"]
 
 
 def word_resolve(before: Files, after: Files, tree: Reader, merged: Files,
@@ -193,15 +230,9 @@ def _map_range(ours: bytes, up: bytes, a: int, z: int) -> tuple[int, int]:
     """Lines a..z of `ours` (upstream + carried patches) in the pure upstream file."""
     if ours == up:
         return a, z
-    ol, ul = ours.splitlines(), up.splitlines()
-    pos = {}
-    for i1, j1, n in difflib.SequenceMatcher(None, ol, ul, autojunk=False).get_matching_blocks():
-        for k in range(n):
-            pos[i1 + k + 1] = j1 + k + 1
-    near = [pos[k] for k in range(a, z + 1) if k in pos]
-    if not near:
-        near = [pos[k] for k in pos if abs(k - a) < _WINDOW] or [min(a, max(len(ul), 1))]
-    return max(min(near), 1), max(near)
+    n = max(up.count(b"\n"), 1)
+    lo, hi = min(_line_map(ours, up, a), n), min(_line_map(ours, up, z), n)
+    return lo, max(lo, hi)
 
 
 def git_log_lines(repo: Path, old_ref: str, new_ref: str) -> Callable[[str, int, int], list[str]]:
@@ -223,22 +254,6 @@ def _trivial(lines: list[bytes]) -> bool:
     return all(len(x.strip()) < 3 for x in lines)
 
 
-def hunks(a: bytes, b: bytes, ctx: int = 3) -> list[list[tuple[str, bytes]]]:
-    """Unified-diff hunks a -> b as (sign, line) with sign in ' ', '-', '+'."""
-    al, bl = a.splitlines(keepends=True), b.splitlines(keepends=True)
-    sm = difflib.SequenceMatcher(None, al, bl, autojunk=False)
-    out = []
-    for group in sm.get_grouped_opcodes(ctx):
-        h: list[tuple[str, bytes]] = []
-        for tag, i1, i2, j1, j2 in group:
-            if tag == "equal":
-                h += [(" ", x) for x in al[i1:i2]]
-            else:
-                h += [("-", x) for x in al[i1:i2]] + [("+", x) for x in bl[j1:j2]]
-        out.append(h)
-    return out
-
-
 def likely_upstream(before: Files, after: Files, tree: Reader) -> bool:
     """True when every hunk's added lines are in `tree` near the hunk's context and its
     removed lines are gone from there: upstream took the change in another form."""
@@ -252,7 +267,7 @@ def likely_upstream(before: Files, after: Files, tree: Reader) -> bool:
         if ours is None:
             return False
         lines = ours[0].splitlines(keepends=True)
-        for h in hunks(base[0], theirs[0]):
+        for h in diff_hunks(base[0], theirs[0]):
             ok, counted = _hunk_present(h, lines)
             if not ok:
                 return False

@@ -217,12 +217,16 @@ def test_git_ref_upstream_names_the_commits_that_touched_the_lines(tmp_path: Pat
     old = kernel_files("1.0.0")
     new = new_files(old)
     repo, shas = git_upstream(tmp_path, old, new)
-    series = series_case(tmp_path, old, PATCHES[1:2])
+    # a carried patch first moves the conflict's lines: the commits are looked up where
+    # those lines are in the upstream file, not in the patched one
+    shift = ("0000-shift.patch", "net/Kconfig", "kconfig line 2\n", "kconfig line 2\nshift\nshift\nshift\n")
+    series = series_case(tmp_path, old, [shift, PATCHES[1]])
     out, report = tmp_path / "out", tmp_path / "report.json"
     cp = fsbuild("rebase", "--series", str(series), "--from", f"{repo}@{shas['old']}",
                  "--onto", f"{repo}@{shas['Makefile']}", "--out", str(out), "--json", str(report))
     assert cp.returncode == 7, cp.stderr
-    (pat,) = json.loads(report.read_text())["patches"]
+    shifted, pat = json.loads(report.read_text())["patches"]
+    assert shifted["outcome"] == "clean" and pat["explain"][0]["line"] == 33
     commits = pat["explain"][0]["upstream_commits"]
     assert commits == [f"{shas['net/Kconfig']} change net/Kconfig"]
     assert f"- {shas['net/Kconfig']} change net/Kconfig" in report.with_suffix(".md").read_text()
