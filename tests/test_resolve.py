@@ -268,3 +268,51 @@ def test_doctor_lists_wiggle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert RS.backend() == "wiggle"
     fake.unlink()
     assert RS.backend() == "words"   # the fallback when wiggle is missing
+
+
+# ---------------------------------------------------------------- the real case (slow)
+
+RXRPC = ["rxrpc-input-Open-code-skb_unshare.patch", "rxrpc-Fix-conn-level-packet-handling-to-unshare-RESP.patch",
+         "rxrpc-Also-unshare-DATA-RESPONSE-packets-when-paged-.patch"]
+RXRPC_FILES = ["net/rxrpc/conn_event.c", "net/rxrpc/input.c"]
+
+
+def _orig_files(tarball: Path, dest: Path, files: list[str]) -> RS.Reader:
+    """Only `files` of a Debian orig tarball (its top folder stripped), extracted once."""
+    if not all((dest / f).is_file() for f in files):
+        dest.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["tar", "-xJf", str(tarball), "-C", str(dest), "--strip-components=1", "--wildcards",
+                        *(f"*/{f}" for f in files)], check=True)
+    return lambda p: ((dest / p).read_bytes(), 0o100644) if (dest / p).is_file() else None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", BACKENDS)
+def test_debian_rxrpc_patch_resolved_like_debian(how: str, tmp_path_factory: pytest.TempPathFactory,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian 6.1.170-3 -> 6.1.176: the three rxrpc patches (the only ones touching their
+    files) carried by the engine onto 6.1.176 give byte for byte the files of Debian's
+    hand-refreshed 6.1.176-1 patches; the second needs the word-wise merge."""
+    import debsrc
+    from fsbuild import rebase as R
+    from fsbuild.workspace import Entry
+    old, new = debsrc.fetch("6.1.170-3"), debsrc.fetch("6.1.176-1")
+    cache = tmp_path_factory.getbasetemp() / "rxrpc"
+    old_up = Overlay(_orig_files(old.orig_tarball, cache / "old", RXRPC_FILES))
+    new_up = _orig_files(new.orig_tarball, cache / "new", RXRPC_FILES)
+    monkeypatch.setattr(RS, "backend", lambda: how)
+    ours, debian = Overlay(new_up), Overlay(new_up)
+    outcomes = []
+    for name in RXRPC:
+        data = (old.series.parent / "bugfix" / "all" / name).read_bytes()
+        applied = apply_patch(data, name, 1, old_up, fuzz=2)
+        before = {p: old_up(p) for p in applied.changes}
+        old_up.update(applied.changes)
+        res, changes = R.carry(R.OldPatch(Entry(name, 1), data, before, dict(applied.changes)), ours, "6.1.176")
+        outcomes.append((res.outcome, res.resolved_by))
+        ours.update(changes)
+        refreshed = (new.series.parent / "bugfix" / "all" / name).read_bytes()
+        debian.update(apply_patch(refreshed, name, 1, debian).changes)
+    assert outcomes == [("clean", ""), ("merged", how), ("clean", "")]
+    for f in RXRPC_FILES:
+        assert ours(f) == debian(f), f
