@@ -9,8 +9,11 @@ seconds. For each patch, against the new upstream plus the patches already carri
   upstream  reverse-applies, or the 3-way merge changes nothing, or (for a patch that
             would conflict) it and the next few patches together change nothing (a revert
             + corrected re-apply): already in the new upstream -> dropped, reason recorded
-  merged    needed a 3-way merge (base: the file before the patch on the old upstream)
-  conflict  the 3-way merge left conflict markers
+  merged    needed a 3-way merge (base: the file before the patch on the old upstream), or,
+            when that conflicts, a word-wise merge (fsbuild.resolve, `resolved_by`) whose
+            result removes and adds exactly the original patch's lines
+  conflict  the merges left conflict markers; the report explains each (failed hunk beside
+            upstream's change there), flags `likely_upstream` and `blocked_by`
 
 Workspace mode stops at a conflict with the markers in the work tree and the state in
 .git/fsbuild/rebase.json (`--continue`, `--skip`, `--abort`); nothing under patches/ is
@@ -575,8 +578,10 @@ class Rebase:
         if stopped is not None:
             name = read_series(Path(plan.series))[stopped].name
             res = Result(**plan.results[-1])  # type: ignore[arg-type]
+            why = (f", blocked by {res.blocked_by}" if res.blocked_by else "") + \
+                (", likely already upstream (see the report)" if res.likely_upstream else "")
             raise RebaseConflictError(
-                f"patch {name} conflicts in {', '.join(res.files)} (markers in {self.ws.root}); "
+                f"patch {name} conflicts in {', '.join(res.files)}{why} (markers in {self.ws.root}); "
                 "resolve them, then `fsbuild rebase --continue` (or --skip / --abort)")
         return self._finish(plan)
 
