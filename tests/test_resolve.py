@@ -316,3 +316,45 @@ def test_debian_rxrpc_patch_resolved_like_debian(how: str, tmp_path_factory: pyt
     assert outcomes == [("clean", ""), ("merged", how), ("clean", "")]
     for f in RXRPC_FILES:
         assert ours(f) == debian(f), f
+
+
+def _ws_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """Workspace with 0002-conflict (no word merge can keep its lines) + 0003-blocked on it."""
+    old = kernel_files("1.0.0")
+    new = new_files(old)
+    series = series_case(tmp_path / "case", old, PATCHES[1:3])
+    old_tb = make_tarball(tmp_path / "linux-1.0.0.tar.gz", "linux-1.0.0", old)
+    new_tb = make_tarball(tmp_path / "linux-1.0.1.tar.gz", "linux-1.0.1", new)
+    root = tmp_path / "root"
+    tdir = make_target(root, series)
+    monkeypatch.setenv("FSBUILD_ROOT", str(root))
+    assert fsbuild("upstream", "import", str(old_tb), "-t", "t1").returncode == 0
+    cp = fsbuild("rebase", "--onto", str(new_tb), "-t", "t1")
+    assert cp.returncode == 7 and "0002-conflict.patch" in cp.stderr, cp.stderr
+    return tdir, new_tb
+
+
+def test_workspace_blocked_patch_retried_after_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tdir, _ = _ws_chain(tmp_path, monkeypatch)
+    from fsbuild.workspace import Workspace
+    kconfig = Workspace(load("t1")).root / "net" / "Kconfig"
+    text = kconfig.read_text()
+    start, end = text.index("<<<<<<< upstream"), text.index(">>>>>>> 0002-conflict.patch\n")
+    kconfig.write_text(text[:start] + "kconfig line 30 ours\n" + text[end + len(">>>>>>> 0002-conflict.patch\n"):])
+    cp = fsbuild("rebase", "--continue", "-t", "t1")
+    assert cp.returncode == 0, cp.stderr   # 0003 carried on the resolution
+    out = Path(os.environ["FSBUILD_OUT"]) / "t1"
+    pats = {p["name"]: p for p in json.loads((out / "rebase-report.json").read_text())["patches"]}
+    assert pats["0003-blocked.patch"]["outcome"] == "clean" and "blocked_by" not in pats["0003-blocked.patch"]
+
+
+def test_workspace_skip_reports_blocked_by(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _ws_chain(tmp_path, monkeypatch)
+    cp = fsbuild("rebase", "--skip", "-t", "t1")
+    assert cp.returncode == 7 and "0003-blocked.patch" in cp.stderr
+    assert "blocked by 0002-conflict.patch" in cp.stderr
+    assert fsbuild("rebase", "--skip", "-t", "t1").returncode == 0
+    out = Path(os.environ["FSBUILD_OUT"]) / "t1"
+    pats = {p["name"]: p for p in json.loads((out / "rebase-report.json").read_text())["patches"]}
+    assert pats["0003-blocked.patch"]["blocked_by"] == "0002-conflict.patch"
+    assert "Blocked by 0002-conflict.patch" in (out / "rebase-report.md").read_text()
