@@ -498,7 +498,8 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
         md = [f"# Rebase {old_up.version} -> {new_up.version}", "",
               *(f"- {r.name}: {r.outcome}" + (f" ({r.reason})" if r.reason else "") for r in results),
               *review_markdown(results, lambda name: commit_diff(ws.root, plan.new_commits[name]))]
-        atomic_write(report.with_suffix(".md"), ("\n".join(md) + "\n").encode())
+        md_path = report.with_suffix(".md") if report.suffix != ".md" else report.with_name(report.name + ".md")
+        atomic_write(md_path, ("\n".join(md) + "\n").encode())
     return results
 
 

@@ -358,3 +358,16 @@ def test_workspace_skip_reports_blocked_by(tmp_path: Path, monkeypatch: pytest.M
     pats = {p["name"]: p for p in json.loads((out / "rebase-report.json").read_text())["patches"]}
     assert pats["0003-blocked.patch"]["blocked_by"] == "0002-conflict.patch"
     assert "Blocked by 0002-conflict.patch" in (out / "rebase-report.md").read_text()
+
+
+def test_plain_mode_markdown_never_overwrites_the_json(tmp_path: Path) -> None:
+    old = kernel_files("1.0.0")
+    series = series_case(tmp_path, old, PATCHES[:1])
+    old_tb = make_tarball(tmp_path / "linux-1.0.0.tar.gz", "linux-1.0.0", old)
+    new_tb = make_tarball(tmp_path / "linux-1.0.1.tar.gz", "linux-1.0.1", new_files(old))
+    report = tmp_path / "report.md"   # an odd name for the JSON report
+    cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb),
+                 "--out", str(tmp_path / "out"), "--json", str(report))
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(report.read_text())["patches"][0]["resolved_by"] == RS.backend()
+    assert "## Review" in (tmp_path / "report.md.md").read_text()
