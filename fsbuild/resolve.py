@@ -105,6 +105,9 @@ def diff_hunks(a: bytes, b: bytes, ctx: int = 3) -> list[list[tuple[str, bytes]]
             out.append([])
         elif out and line[:1] in (b" ", b"-", b"+"):
             out[-1].append((line[:1].decode(), line[1:]))
+        elif out and out[-1] and line.startswith(b"\\"):   # "\ No newline at end of file"
+            sign, text = out[-1][-1]
+            out[-1][-1] = (sign, text.rstrip(b"\n"))
     return out
 
 

@@ -65,6 +65,19 @@ def test_word_merge_that_changes_the_patch_lines_is_refused(how: str) -> None:
     assert RS.word_resolve({"f": c(BASE)}, {"f": c(PATCHED)}, reader({"f": new}), {"f": merged}, ["f"], how) is None
 
 
+@pytest.mark.parametrize("how", BACKENDS)
+def test_word_merge_conflict_stays_conflict(how: str) -> None:
+    new = sub(BASE, b"kconfig line 30\n", b"kconfig line 30 theirs\n")   # the same word spot
+    merged, ok = merge_file(c(BASE), c(new), c(PATCHED), "p")
+    assert not ok and RS.MERGERS[how](BASE, new, PATCHED) is None
+    assert RS.word_resolve({"f": c(BASE)}, {"f": c(PATCHED)}, reader({"f": new}), {"f": merged}, ["f"], how) is None
+
+
+def test_changed_lines_sees_a_newline_at_end_of_file() -> None:
+    assert RS.changed_lines(b"a\nb", b"a\nb\n") == ([b"b"], [b"b\n"])
+    assert RS.changed_lines(b"a\nb\n", b"a\nc\n") == ([b"b\n"], [b"c\n"])
+
+
 def test_words_merge_keeps_bytes_it_does_not_tokenise() -> None:
     base = b"a\tb  c\r\nd\xff e\n" * 3
     theirs = base.replace(b"d\xff e", b"d\xff E", 1)
