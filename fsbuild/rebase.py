@@ -419,7 +419,8 @@ def review_markdown(results: list[Result], diff_of: Callable[[str], bytes | str]
     for r in conflicts:
         md += ["", f"### {r.name}", ""]
         if r.blocked_by:
-            md.append(f"Blocked by {r.blocked_by}: it applies once that patch is resolved or skipped.")
+            md.append(f"Blocked by {r.blocked_by}: it conflicts only because that patch did not "
+                      "apply; resolve that one first and this one is carried on the result.")
         if r.likely_upstream:
             md.append("**Likely upstream**: its added lines are already in the new upstream where its "
                       "hunks belong and its removed lines are gone. Check, then drop it by hand if so "
