@@ -9,8 +9,11 @@ seconds. For each patch, against the new upstream plus the patches already carri
   upstream  reverse-applies, or the 3-way merge changes nothing, or (for a patch that
             would conflict) it and the next few patches together change nothing (a revert
             + corrected re-apply): already in the new upstream -> dropped, reason recorded
-  merged    needed a 3-way merge (base: the file before the patch on the old upstream)
-  conflict  the 3-way merge left conflict markers
+  merged    needed a 3-way merge (base: the file before the patch on the old upstream), or,
+            when that conflicts, a word-wise merge (fsbuild.resolve, `resolved_by`) whose
+            result removes and adds exactly the original patch's lines
+  conflict  the merges left conflict markers; the report explains each (failed hunk beside
+            upstream's change there), flags `likely_upstream` and `blocked_by`
 
 Workspace mode stops at a conflict with the markers in the work tree and the state in
 .git/fsbuild/rebase.json (`--continue`, `--skip`, `--abort`); nothing under patches/ is
@@ -25,10 +28,12 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fsbuild import paths, progress
+from fsbuild import resolve as RS
 from fsbuild import upstream as U
 from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
                             RebaseConflictError, RunInterruptedError, WorkspaceError)
@@ -49,6 +54,10 @@ class Result:
     reason: str = ""
     files: list[str] = field(default_factory=list)   # conflicting files
     resolved: str = ""                                 # "", "manual" or "skipped"
+    resolved_by: str = ""          # merged by a word-wise resolver: its name
+    blocked_by: str = ""           # conflicts only because this earlier patch conflicted
+    likely_upstream: bool = False  # a conflict whose change already looks present upstream
+    explain: list[dict[str, object]] = field(default_factory=list)   # failed hunks vs upstream
 
     @property
     def kept(self) -> bool:
@@ -101,7 +110,14 @@ def carry(old: OldPatch, tree: Overlay, new_version: str) -> tuple[Result, dict[
         return Result(name, "offset", f"hunks moved: {where}"), applied.changes
     if old.after and _reverse_applies(old, tree):
         return Result(name, "upstream", f"reverse-applies cleanly to {new_version}: already upstream"), {}
-    return _merge3(old, tree, new_version)
+    result, changes = _merge3(old, tree, new_version)
+    if result.outcome == "conflict":
+        how = RS.backend()
+        resolved = RS.word_resolve(old.before, old.after, tree, changes, result.files, how)
+        if resolved:
+            return Result(name, "merged", f"word-wise merge ({how}) in {', '.join(result.files)}: "
+                          "only context moved", resolved_by=how), resolved
+    return result, changes
 
 
 def _reverse_applies(old: OldPatch, tree: Overlay) -> bool:
@@ -173,6 +189,7 @@ class Plan:
     refs_before: dict[str, str] = field(default_factory=dict)
     state_before: str = ""       # workspace.json before the rebase
     phase: str = "carry"         # carry | export
+    git_upstream: list[str] = field(default_factory=list)   # [repo, old ref, new ref] of a git upstream
     flushed: int = 0             # results whose commits exist (the rest is redone on resume)
 
 
@@ -215,6 +232,8 @@ def _carry_loop(repo: Path, plan: Plan, cat: GitCat, entries: list[Entry], folde
                 bar.advance(last + 1 - i)
                 i = last + 1
                 continue
+            if result.outcome == "conflict":
+                _annotate(cat, plan, entries, folder, i, old, tree, result)
             bar.advance(description=f"{result.outcome:8} {old.entry.name}")
             if result.outcome == "conflict" and stop_on_conflict:
                 _flush(repo, plan, pending)
@@ -233,6 +252,27 @@ def _carry_loop(repo: Path, plan: Plan, cat: GitCat, entries: list[Entry], folde
     plan.flushed = len(plan.results)
     plan.stopped = -1
     return None
+
+
+def _annotate(cat: GitCat, plan: Plan, entries: list[Entry], folder: Path, i: int, old: OldPatch,
+              tree: Overlay, result: Result) -> None:
+    """A conflict's blocked_by / likely_upstream / explanation (the report's part 2)."""
+    result.likely_upstream = RS.likely_upstream(old.before, old.after, tree)
+    log = RS.git_log_lines(Path(plan.git_upstream[0]), *plan.git_upstream[1:]) if plan.git_upstream else None
+    result.explain = RS.explain(old.before, old.after, tree, cat.reader(plan.new_base), log)
+    # earlier conflicts (unresolved or skipped) on the same files: does this patch carry
+    # on a tree where they had applied? Then it only waits for them.
+    cands = [k for k, r in enumerate(plan.results[:i]) if r["outcome"] == "conflict"
+             and r.get("resolved") != "manual" and set(r.get("files", [])) & set(old.after)]  # type: ignore[arg-type]
+    if not cands:
+        return
+    hypo = Overlay(tree)
+    for k in cands:
+        prev = _old_patch(cat, plan, entries, folder, k)
+        hypo.update({p: RS.theirs_merge(prev.before.get(p), hypo(p), a) for p, a in prev.after.items()})
+    if carry(old, hypo, plan.new_version)[0].outcome != "conflict":
+        result.blocked_by = entries[cands[-1]].name
+        result.reason += f"; blocked by {result.blocked_by}"
 
 
 _OLD: dict[str, OldPatch] = {}   # old commit -> its patch, filled by build_old (same process)
@@ -354,13 +394,67 @@ def range_diff(repo: Path, plan: Plan) -> str:
     return cp.stdout.decode(errors="replace")
 
 
+def patch_json(r: Result) -> dict[str, object]:
+    """One patch in a JSON report: empty fields left out, but a conflict always says
+    whether it is likely upstream."""
+    return {k: v for k, v in asdict(r).items()
+            if v or k in ("name", "outcome") or (k == "likely_upstream" and r.outcome == "conflict")}
+
+
+def review_markdown(results: list[Result], diff_of: Callable[[str], bytes | str]) -> list[str]:
+    """The markdown sections a maintainer reviews: word-wise merged hunks, explained conflicts."""
+    md: list[str] = []
+    wiggled = [r for r in results if r.resolved_by and r.outcome == "merged"]
+    if wiggled:
+        md += ["", "## Review: patches refreshed by a word-wise merge", "",
+               "Conflict-free, and each removes and adds exactly the lines of the original patch; "
+               "only the context moved. Check the placement:"]
+        for r in wiggled:
+            diff = diff_of(r.name)
+            text = diff.decode(errors="replace") if isinstance(diff, bytes) else diff
+            md += ["", f"### {r.name} (resolved by {r.resolved_by})", "", "```diff", text.rstrip(), "```"]
+    conflicts = [r for r in results if r.outcome == "conflict"]
+    if conflicts:
+        md += ["", "## Conflicts explained"]
+    for r in conflicts:
+        md += ["", f"### {r.name}", ""]
+        if r.blocked_by:
+            md.append(f"Blocked by {r.blocked_by}: it conflicts only because that patch did not "
+                      "apply; resolve that one first and this one is carried on the result.")
+        if r.likely_upstream:
+            md.append("**Likely upstream**: its added lines are already in the new upstream where its "
+                      "hunks belong and its removed lines are gone. Check, then drop it by hand if so "
+                      "(never dropped automatically).")
+        for item in r.explain:
+            md += _explain_md(item)
+    return md
+
+
+def _explain_md(item: dict[str, object]) -> list[str]:
+    where = f"{item['file']}" + (f" line {item['line']}" if "line" in item else "")
+    if "hunk" not in item:
+        return ["", f"- {where}: {item.get('note', '')}"]
+    md = ["", f"{where}: the patch's hunk", "", "```diff", str(item["hunk"]).rstrip(), "```",
+          "", "what upstream did to the same lines", "", "```diff",
+          str(item["upstream_change"]).rstrip() or "(nothing: the lines differ by earlier patches)", "```"]
+    commits = item.get("upstream_commits")
+    if isinstance(commits, list) and commits:
+        md += ["", "upstream commits touching them:", *(f"- {c}" for c in commits)]
+    return md
+
+
+def _git_range(old_src: str, new_src: str) -> list[str]:
+    """[repo, old ref, new ref] when both sides are refs of the same git repository."""
+    (k1, p1, r1), (k2, p2, r2) = U.classify(old_src), U.classify(new_src)   # resolve() checked both
+    return [str(p1), r1 or "HEAD", r2 or "HEAD"] if k1 == k2 == "git" and p1 == p2 else []
+
+
 def write_report(out: Path, plan: Plan, old_version: str, extra: dict[str, object],
-                 rdiff: str) -> tuple[Path, Path]:
+                 rdiff: str, repo: Path | None = None) -> tuple[Path, Path]:
     results = [Result(**r) for r in plan.results]  # type: ignore[arg-type]
     counts = {o: sum(1 for r in results if r.outcome == o) for o in OUTCOMES}
     data = {"from": old_version, "onto": plan.new_version, "counts": counts,
-            "patches": [{k: v for k, v in asdict(r).items() if v or k in ("name", "outcome")}
-                        for r in results], **extra}
+            "patches": [patch_json(r) for r in results], **extra}
     out.mkdir(parents=True, exist_ok=True)
     js = out / "rebase-report.json"
     atomic_write(js, (json.dumps(data, indent=1) + "\n").encode())
@@ -370,6 +464,7 @@ def write_report(out: Path, plan: Plan, old_version: str, extra: dict[str, objec
     for r in results:
         note = r.reason + (f" (resolved: {r.resolved})" if r.resolved else "")
         md.append(f"| {r.name} | {r.outcome} | {note.replace('|', '/')} |")
+    md += review_markdown(results, lambda name: commit_diff(repo, plan.new_commits[name]) if repo else "")
     md += ["", "## git range-diff (old series vs rebased series)", "", "```", rdiff.rstrip(), "```", ""]
     mdp = out / "rebase-report.md"
     atomic_write(mdp, "\n".join(md).encode())
@@ -391,16 +486,21 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
     t0 = time.monotonic()
     plan = Plan(series=str(series.resolve()), old_base=old_base, new_base=new_base,
                 new_version=new_up.version, new_digest=new_up.digest,
-                old_commits=build_old(ws.root, entries, series.parent, old_base))
+                old_commits=build_old(ws.root, entries, series.parent, old_base),
+                git_upstream=_git_range(old_src, new_src))
     run_carry(ws.root, plan, 0, stop_on_conflict=False, with_worktree=False)
     results = [Result(**r) for r in plan.results]  # type: ignore[arg-type]
     _write_series_dir(ws.root, plan, series, entries, results, out)
     elapsed = time.monotonic() - t0
     if report is not None:
         data = {"from": old_up.version, "onto": new_up.version, "seconds": round(elapsed, 2),
-                "patches": [{k: v for k, v in asdict(r).items() if v or k in ("name", "outcome")}
-                            for r in results]}
+                "patches": [patch_json(r) for r in results]}
         atomic_write(report, (json.dumps(data, indent=1) + "\n").encode())
+        md = [f"# Rebase {old_up.version} -> {new_up.version}", "",
+              *(f"- {r.name}: {r.outcome}" + (f" ({r.reason})" if r.reason else "") for r in results),
+              *review_markdown(results, lambda name: commit_diff(ws.root, plan.new_commits[name]))]
+        md_path = report.with_suffix(".md") if report.suffix != ".md" else report.with_name(report.name + ".md")
+        atomic_write(md_path, ("\n".join(md) + "\n").encode())
     return results
 
 
@@ -480,8 +580,10 @@ class Rebase:
         if stopped is not None:
             name = read_series(Path(plan.series))[stopped].name
             res = Result(**plan.results[-1])  # type: ignore[arg-type]
+            why = (f", blocked by {res.blocked_by}" if res.blocked_by else "") + \
+                (", likely already upstream (see the report)" if res.likely_upstream else "")
             raise RebaseConflictError(
-                f"patch {name} conflicts in {', '.join(res.files)} (markers in {self.ws.root}); "
+                f"patch {name} conflicts in {', '.join(res.files)}{why} (markers in {self.ws.root}); "
                 "resolve them, then `fsbuild rebase --continue` (or --skip / --abort)")
         return self._finish(plan)
 
@@ -598,7 +700,7 @@ class Rebase:
         self.ws.save_state(base=plan.new_base, version=plan.new_version, digest=plan.new_digest,
                            tag=f"upstream/{plan.new_version}")
         old_version = json.loads(plan.state_before).get("version", "?")
-        write_report(paths.out_dir(self.target.name), plan, old_version, {}, range_diff(repo, plan))
+        write_report(paths.out_dir(self.target.name), plan, old_version, {}, range_diff(repo, plan), repo)
         self._cleanup()
         return results
 
