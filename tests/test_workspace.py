@@ -4,6 +4,7 @@ description, new, import, export, status, list, check."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,139 @@ def test_reverse_series_entry_is_refused_not_applied_forward(tmp_path: Path) -> 
     (tmp_path / "series").write_text("# keep\na.patch -R\n")
     with pytest.raises(PatchFormatError, match=r"series:2: a.patch -R"):
         read_series(tmp_path / "series")
+
+
+# ---------------------------------------------------------------- killed runs (issue 12 #2)
+
+N_PATCHES = 24
+
+
+def many_patches_case(tmp: Path) -> tuple[Path, Path]:
+    """An upstream tarball and a series of N_PATCHES patches, each editing net/Makefile and
+    creating a file in a new directory (one deletes an earlier one), long enough for a
+    signal to land anywhere inside `push -a`. Returns (tarball, series)."""
+    from test_rebase import DESC, replace_line, udiff
+    files = kernel_files("1.0.0")
+    pdir = tmp / "patches"
+    pdir.mkdir(parents=True)
+    mk = files["net/Makefile"]
+    names = []
+    for k in range(1, N_PATCHES + 1):
+        name = f"{k:04d}-step.patch"
+        new_mk = replace_line(mk, f"net line {k}\n", f"net line {k} patched\n")
+        body = DESC.format(name=name) + udiff("net/Makefile", mk, new_mk)
+        body += f"--- /dev/null\n+++ b/drivers/fs{k}/new.c\n@@ -0,0 +1 @@\n+int fs{k};\n"
+        if k == 12:
+            body += "--- a/drivers/fs3/new.c\n+++ /dev/null\n@@ -1 +0,0 @@\n-int fs3;\n"
+        (pdir / name).write_text(body)
+        names.append(name)
+        mk = new_mk
+    (pdir / "series").write_text("# many steps\n" + "".join(f"{n}\n" for n in names))
+    return make_tarball(tmp / "linux-1.0.0.tar.gz", "linux-1.0.0", files), pdir / "series"
+
+
+@pytest.fixture
+def many(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Workspace, Path, list[str]]:
+    """The many-patch workspace, plus the tree id after each number of applied patches
+    (from one uninterrupted `series push -a`)."""
+    from test_rebase import make_target
+    tb, series = many_patches_case(tmp_path / "case")
+    tdir = make_target(tmp_path / "root", series)
+    monkeypatch.setenv("FSBUILD_ROOT", str(tmp_path / "root"))
+    assert fsbuild("upstream", "import", str(tb), "-t", "t1").returncode == 0
+    cp = fsbuild("series", "push", "-a", "-t", "t1")
+    assert cp.returncode == 0, cp.stderr
+    w = Workspace(load("t1"))
+    trees = [git_out(w.root, "rev-parse", f"HEAD~{N_PATCHES - k}^{{tree}}") for k in range(N_PATCHES + 1)]
+    w.pop(None)
+    return w, tdir, trees
+
+
+def _killed_push(w: Workspace, sig: int, group: bool, delay: float) -> subprocess.CompletedProcess[str]:
+    """`series push -a` in its own session, hit by `sig` `delay` seconds after its first
+    step began: the whole process group (a terminal's Ctrl-C, a session kill) or the
+    fsbuild process alone (its git child then runs on as an orphan)."""
+    import os
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "fsbuild", "series", "push", "-a", "-t", "t1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=os.environ.copy())
+    while proc.poll() is None and not w.intent_file.exists():
+        time.sleep(0.002)
+    time.sleep(delay)
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
+    out, err = proc.communicate()
+    for _ in range(1000):   # orphans of a lone kill: let them finish first
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _tree(w: Workspace) -> str:
+    return git_out(w.root, "rev-parse", "HEAD^{tree}")
+
+
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGINT"])
+def test_push_killed_at_random_points_stays_consistent(many: tuple[Workspace, Path, list[str]],
+                                                       signame: str) -> None:
+    """Issue 12 #2: after a kill anywhere in `push -a` the workspace is either whole (clean
+    tree == the tree of its applied patches) or carries an intent record: status names it,
+    refresh/push refuse, `pop` rolls the half-pushed patch back. No patch file is ever
+    rewritten. SIGINT (to the process group, like a terminal) never leaves a half step."""
+    import random
+    import signal
+    import time
+
+    from fsbuild.commands.series import _status
+    from fsbuild.errors import WorkspaceError
+    w, tdir, trees = many
+    sig = getattr(signal, signame)
+    patches = snapshot_dir(tdir)
+    t0 = time.monotonic()
+    assert fsbuild("series", "push", "-a", "-t", "t1").returncode == 0
+    span = time.monotonic() - t0
+    w.pop(None)
+    rng = random.Random(12)
+    seen = {"whole": 0, "interrupted": 0}
+    for trial in range(20):
+        cp = _killed_push(w, sig, group=trial % 2 == 0 or sig == signal.SIGINT,
+                          delay=rng.uniform(0, span * 0.8))
+        assert snapshot_dir(tdir) == patches
+        if sig == signal.SIGINT:
+            assert cp.returncode in (0, 130), cp.stderr
+            assert cp.returncode == 0 or cp.stderr.strip() == "fsbuild: interrupted", cp.stderr
+        it = w.intent()
+        if it is None:
+            seen["whole"] += 1
+            assert sig == signal.SIGKILL or cp.stdout.count("applied ") == len(w.applied())
+            assert not w.dirty(), trial
+            assert _tree(w) == trees[len(w.applied())], trial
+        else:
+            seen["interrupted"] += 1
+            assert sig == signal.SIGKILL, "SIGINT must never leave a half step"
+            note = _status(w)["interrupted"]
+            assert it.patch in note and "`fsbuild series pop`" in note   # type: ignore[operator]
+            with pytest.raises(WorkspaceError, match="interrupted"):
+                w.refresh()   # would fold the half-pushed patch into the one below
+            with pytest.raises(WorkspaceError, match="interrupted"):
+                w.push()
+            assert snapshot_dir(tdir) == patches
+            assert w.pop() == [it.patch]
+            assert w.intent() is None and not w.dirty(), trial
+            assert _tree(w) == trees[len(w.applied())], trial
+        w.pop(None, force=True) if w.applied() else None
+        assert _tree(w) == trees[0]
+    print(f"{signame}: {seen}")   # shown with -s: how the 20 kills landed
+    assert seen["whole"] + seen["interrupted"] == 20
+    # SIGKILL landed inside steps, not only between them or after the run
+    if sig == signal.SIGKILL:
+        assert seen["interrupted"] >= 3, seen
+
+
+def snapshot_dir(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
