@@ -398,17 +398,22 @@ READ_ONLY = ("list", "check", "export")
 CAUGHT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+_active: list[list[int]] = []   # the hits of the outermost deferred_signals in force
+
+
 @contextmanager
 def deferred_signals() -> Iterator[list[int]]:
     """SIGINT/SIGTERM/SIGHUP only set a flag inside the body, so one step is never cut in
-    half by a signal we can catch; the interruption is raised once the step is whole (or
-    rolled back). A git child killed by the same Ctrl-C reads as the interruption too."""
-    hits: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield hits
+    half by a signal we can catch; the interruption is raised when the outermost body ends
+    with the flag still set (a body that finished its work clears it). A git child killed
+    by the same Ctrl-C reads as the interruption too. Nested uses share the outer flag."""
+    if _active or threading.current_thread() is not threading.main_thread():
+        yield _active[0] if _active else []
         return
+    hits: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: hits.append(signum))
                 for sig in CAUGHT_SIGNALS}
+    _active.append(hits)
     try:
         yield hits
     except FsbuildError:
@@ -416,6 +421,7 @@ def deferred_signals() -> Iterator[list[int]]:
             raise KeyboardInterrupt from None
         raise
     finally:
+        _active.pop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if hits:
@@ -782,11 +788,12 @@ class Workspace:
         with deferred_signals() as hits:
             for e in todo:
                 if hits:
-                    break
+                    raise KeyboardInterrupt
                 self._push_one(e, fuzz)
                 pushed.append(e.name)
                 if done_one is not None:
                     done_one(e.name)
+            hits.clear()   # every patch asked for is whole: the run did what it was asked
         return pushed
 
     def _push_one(self, e: Entry, fuzz: int) -> None:
@@ -823,9 +830,11 @@ class Workspace:
         n = len(stack) if count is None else min(count, len(stack))
         keep = stack[-n - 1][1] if n < len(stack) else self.require()["base"]
         popped = [name for name, _ in reversed(stack[-n:])]
-        with self._step(Intent("pop", stack[-1][0], stack[-1][1], to=keep, popped=popped)):
-            git(self.root, "reset", "-q", "--hard", keep)
-            git(self.root, "clean", "-q", "-fd")
+        with deferred_signals() as hits:
+            with self._step(Intent("pop", stack[-1][0], stack[-1][1], to=keep, popped=popped)):
+                git(self.root, "reset", "-q", "--hard", keep)
+                git(self.root, "clean", "-q", "-fd")
+            hits.clear()   # the pop is whole: report it done, not interrupted
         return popped
 
     def refresh(self) -> Path:
@@ -840,13 +849,15 @@ class Workspace:
         entry = next((e for e in self.entries() if e.name == name), Entry(name))
         path = self.patch_path(entry)
         # a rerun finishes a killed refresh: the amend and the file write are idempotent
-        with self._step(Intent("refresh", name, stack[-1][1])):
-            git(self.root, "add", "-A")
-            if git(self.root, "diff-index", "--cached", "--quiet", "HEAD", check=False).returncode:
-                git(self.root, "commit", "-q", "--amend", "--no-edit", "--no-verify")
-            original = path.read_bytes() if path.is_file() else b""
-            diff = commit_diff(self.root, "HEAD", entry.strip)
-            atomic_write(path, rerender(original, diff, name) if original.strip() else diff)
+        with deferred_signals() as hits:
+            with self._step(Intent("refresh", name, stack[-1][1])):
+                git(self.root, "add", "-A")
+                if git(self.root, "diff-index", "--cached", "--quiet", "HEAD", check=False).returncode:
+                    git(self.root, "commit", "-q", "--amend", "--no-edit", "--no-verify")
+                original = path.read_bytes() if path.is_file() else b""
+                diff = commit_diff(self.root, "HEAD", entry.strip)
+                atomic_write(path, rerender(original, diff, name) if original.strip() else diff)
+            hits.clear()   # the refresh is whole
         return path
 
     def _free_slot(self, name: str, hint: str = "") -> tuple[list[Entry], Path]:

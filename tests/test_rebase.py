@@ -467,3 +467,95 @@ def test_rebase_without_workspace_imports_target_source(tmp_path: Path, monkeypa
     cp = fsbuild("rebase", "--skip", "-t", "t1")
     assert cp.returncode == 0, cp.stderr
     assert "upstream=1" in cp.stdout and 'version = "1.0.1"' in toml.read_text()
+
+
+# ---------------------------------------------------------------- killed rebases (issue 12 #3)
+
+def test_continue_after_ctrl_c_while_building_old_series(ws_case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the "build old series" phase: one clean line; --continue (a new process)
+    rebuilds the old series and carries on to the conflict instead of an IndexError."""
+    tdir, _, new_tb, expected = ws_case
+    before = snapshot(tdir)
+
+    def interrupted(*args: object, **kw: object) -> list[str]:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(R, "build_old", interrupted)
+        with pytest.raises(R.RunInterruptedError, match="--continue"):
+            R.Rebase(load("t1")).start(str(new_tb))
+    assert R.Rebase(load("t1")).in_progress() and snapshot(tdir) == before
+    cp = fsbuild("rebase", "--continue", "-t", "t1")
+    assert cp.returncode == 7, cp.stderr
+    assert cp.stderr.startswith("fsbuild: error: patch 0005-conflict.patch conflicts")
+    assert len(cp.stderr.strip().splitlines()) == 1
+    plan = R.Rebase(load("t1"))._load()
+    assert [r["name"] for r in plan.results] == list(expected)[:5]
+    assert fsbuild("rebase", "--abort", "-t", "t1").returncode == 0
+    assert snapshot(tdir) == before
+
+
+def test_abort_removes_a_dead_gits_lock_not_a_live_one(ws_case: tuple) -> None:
+    """A git killed with the rebase leaves .git/index.lock: --abort removes it when no live
+    process works on the repository, and refuses (14, naming the pid) while one does."""
+    import time
+    tdir, _, new_tb, _ = ws_case
+    ws = Workspace(load("t1"))
+    before = snapshot(tdir), git_out(ws.root, "rev-parse", "HEAD")
+    assert fsbuild("rebase", "--onto", str(new_tb), "-t", "t1").returncode == 7
+    lock = ws.root / ".git" / "index.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; f = open(sys.argv[1], 'a'); "
+                               "print(flush=True); time.sleep(120)", str(lock)], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline()   # the lock is open now
+        cp = fsbuild("rebase", "--abort", "-t", "t1")
+        assert cp.returncode == 14 and f"pid {holder.pid}" in cp.stderr, cp.stderr
+        assert lock.exists() and R.Rebase(load("t1")).in_progress()
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert lock.exists()   # its owner died without removing it, as a SIGKILLed git does
+    cp = fsbuild("rebase", "--abort", "-t", "t1")
+    assert cp.returncode == 0, cp.stderr
+    assert not lock.exists() and (snapshot(tdir), git_out(ws.root, "rev-parse", "HEAD")) == before
+    assert not ws.dirty()
+
+
+def test_rebase_killed_at_random_points_aborts_or_continues(ws_case: tuple) -> None:
+    """SIGKILL (whole process group) anywhere in `rebase --onto`: afterwards either nothing
+    started, or --continue reaches the conflict stop, and --abort always restores patches/,
+    target.toml, HEAD and the workspace state exactly."""
+    import random
+    import signal
+    import time
+    tdir, _, new_tb, expected = ws_case
+    ws = Workspace(load("t1"))
+    state = ws.meta_dir / "workspace.json"
+    before = snapshot(tdir), git_out(ws.root, "rev-parse", "HEAD"), state.read_bytes()
+    t0 = time.monotonic()
+    assert fsbuild("rebase", "--onto", str(new_tb), "-t", "t1").returncode == 7
+    span = time.monotonic() - t0
+    assert fsbuild("rebase", "--abort", "-t", "t1").returncode == 0
+    rng = random.Random(3)
+    started = 0
+    for trial in range(8):
+        proc = subprocess.Popen([sys.executable, "-m", "fsbuild", "rebase", "--onto", str(new_tb), "-t", "t1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, env=os.environ.copy())
+        time.sleep(rng.uniform(span * 0.3, span))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rb = R.Rebase(load("t1"))
+        if rb.in_progress():
+            started += 1
+            if trial % 2:
+                with pytest.raises(R.RebaseConflictError):
+                    rb.resume()
+                assert [r["name"] for r in rb._load().results] == list(expected)[:5]
+            R.Rebase(load("t1")).abort()
+        assert (snapshot(tdir), git_out(ws.root, "rev-parse", "HEAD"), state.read_bytes()) == before, trial
+        assert not ws.dirty() and not list((ws.root / ".git").glob("*.lock"))
+    print(f"rebase kills with a rebase in progress: {started}/8")
+    assert started >= 2
