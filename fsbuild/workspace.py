@@ -208,9 +208,11 @@ def fast_commits(repo: Path, specs: list[CommitSpec]) -> list[str]:
                 chunks.append(b"M %o inline " % content[1] + _fi_path(path) + b"\n" + _fi_data(content[0]))
         chunks.append(b"\n")
     chunks.append(b"done\n")
-    git(repo, "fast-import", "--quiet", "--done", "--force", f"--export-marks={marks}",
-        input=b"".join(chunks))
-    git(repo, "update-ref", "-d", "refs/fsbuild/fast-import")
+    # a Ctrl-C that kills git fast-import too surfaces as the interruption, not a git error
+    with deferred_signals():
+        git(repo, "fast-import", "--quiet", "--done", "--force", f"--export-marks={marks}",
+            input=b"".join(chunks))
+        git(repo, "update-ref", "-d", "refs/fsbuild/fast-import")
     by_mark = dict(line.split() for line in marks.read_text().splitlines())
     return [by_mark[f":{n}"] for n in range(1, len(specs) + 1)]
 
