@@ -548,8 +548,8 @@ class Workspace:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:
-            raise WorkspaceError(f"{self.intent_file} is unreadable ({exc}): "
-                                 "`fsbuild series pop --force` resets to the last whole patch") from None
+            raise WorkspaceError(f"{self.intent_file} (a killed run's record) is unreadable ({exc}): "
+                                 f"check `git -C {self.root} status`, then remove it") from None
 
     def interrupted_note(self, it: Intent) -> str:
         """What a killed run left and the command that gets back to a whole state."""
