@@ -429,3 +429,48 @@ def test_series_writer_on_debians_series(tmp_path: Path) -> None:
         if no == anchor.lineno:
             expected.append("fastsocket/0001-x.patch")
     assert series.read_text() == "\n".join(expected) + "\n"
+
+
+def _dies_at_git(gitcmd: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`fsbuild ARGS` in a process that dies on the spot (os._exit, no cleanup: what
+    SIGKILL does) when it is about to run `git GITCMD`."""
+    import os
+    import sys
+    code = ("import os, sys\nfrom fsbuild import workspace as W\nreal, die_at = W.git, sys.argv[1]\n"
+            "def git(repo, *a, **kw):\n    if a and a[0] == die_at:\n        os._exit(137)\n"
+            "    return real(repo, *a, **kw)\n"
+            "W.git = git\nfrom fsbuild.cli import main\nsys.argv = ['fsbuild', *sys.argv[2:]]\nmain()\n")
+    return subprocess.run([sys.executable, "-c", code, gitcmd, *args], capture_output=True, text=True,
+                          env=os.environ.copy())
+
+
+def test_killed_pop_is_finished_by_pop(ws: tuple[Workspace, Path, Path]) -> None:
+    w, tdir, _ = ws
+    assert fsbuild("series", "push", "3", "-t", "t1").returncode == 0
+    stack = w.applied()
+    assert _dies_at_git("clean", "series", "pop", "2", "-t", "t1").returncode == 137
+    st = fsbuild("series", "status", "-t", "t1")
+    assert st.returncode == 0 and ("a pop of 0003-merged.patch, 0002-offset.patch was interrupted"
+                                   in st.stdout) and "`fsbuild series pop` finishes it (back to 0001-clean.patch)" in st.stdout
+    for args in (("push",), ("refresh",)):
+        cp = fsbuild("series", *args, "-t", "t1")
+        assert cp.returncode == 12 and "series pop` finishes it" in cp.stderr, cp.stderr
+    cp = fsbuild("series", "pop", "-t", "t1")
+    assert cp.returncode == 0 and cp.stdout.split() == ["removed", "0003-merged.patch", "removed", "0002-offset.patch"]
+    assert w.applied() == stack[:1] and not w.dirty() and w.intent() is None
+
+
+def test_killed_refresh_is_finished_by_refresh(ws: tuple[Workspace, Path, Path]) -> None:
+    """Killed after the amend, before the patch file was written: pop (which would leave
+    the file stale and the refresh lost) refuses; a rerun of refresh writes it."""
+    w, tdir, _ = ws
+    assert fsbuild("series", "push", "-t", "t1").returncode == 0
+    mk = w.root / "net" / "Makefile"
+    mk.write_text(mk.read_text().replace("net line 12\n", "net line 12 also\n"))
+    assert _dies_at_git("diff", "series", "refresh", "-t", "t1").returncode == 137
+    assert "net line 12 also" not in (tdir / "0001-clean.patch").read_text() and not w.dirty()
+    cp = fsbuild("series", "pop", "-t", "t1")
+    assert cp.returncode == 12 and "a refresh of 0001-clean.patch was interrupted" in cp.stderr
+    assert "`fsbuild series refresh` finishes it" in fsbuild("series", "status", "-t", "t1").stdout
+    assert fsbuild("series", "refresh", "-t", "t1").returncode == 0
+    assert "+net line 12 also" in (tdir / "0001-clean.patch").read_text() and w.intent() is None
