@@ -104,6 +104,7 @@ def test_plain_mode_each_outcome(tmp_path: Path) -> None:
     cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb),
                  "--out", str(out), "--json", str(report))
     assert cp.returncode == 7, cp.stderr   # RebaseConflictError: a conflict remains
+    assert cp.stderr == "fsbuild: error: 1 patch(es) conflict: 0005-conflict.patch (written unchanged)\n"
     data = json.loads(report.read_text())
     assert {p["name"]: p["outcome"] for p in data["patches"]} == expected
     assert [p["name"] for p in data["patches"]] == list(expected)   # every patch, in order

@@ -70,7 +70,7 @@ def status_cmd(target_name: str | None, as_json: bool) -> None:
 def _status(ws: Workspace) -> dict[str, object]:
     st = ws.require()
     note = ws.rebase_note()
-    applied = _stack(ws, json.loads(ws.rebase_file.read_text()).get("new_base") if note else None)
+    applied = _stack(ws, rebase=bool(note))
     it = ws.intent()
     return {"target": ws.target.name, "upstream": st.get("version"), "tree": str(ws.root),
             "applied": len(applied), "total": len(ws.entries()),
@@ -79,15 +79,21 @@ def _status(ws: Workspace) -> dict[str, object]:
             "interrupted": ws.interrupted_note(it) if it else None}
 
 
-def _stack(ws: Workspace, rebase_base: str | None) -> list[tuple[str, str]]:
-    """The applied patches; during a rebase HEAD is on the new upstream once carrying
-    started (on the old series before), so count from whichever base HEAD descends from."""
-    if rebase_base:
+def _stack(ws: Workspace, rebase: bool) -> list[tuple[str, str]]:
+    """The applied patches. During a rebase HEAD is on the new upstream once carrying
+    started (on the old series before): count from whichever base HEAD descends from."""
+    if not rebase:
+        return ws.applied()
+    try:
+        new_base = json.loads(ws.rebase_file.read_text()).get("new_base")
+    except (OSError, ValueError, AttributeError):
+        new_base = None
+    for base in (new_base, None):
         try:
-            return ws.applied(rebase_base)
+            return ws.applied(base)
         except WorkspaceError:
-            pass
-    return ws.applied()
+            continue
+    return []
 
 
 @cmd.command("check")
