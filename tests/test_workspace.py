@@ -352,7 +352,7 @@ def test_two_push_loops_one_workspace(many: tuple[Workspace, Path, list[str]]) -
 
 def test_series_commands_while_a_rebase_is_stopped(ws: tuple[Workspace, Path, Path],
                                                    tmp_path: Path) -> None:
-    w, tdir, _ = ws
+    w, tdir, old_tb = ws
     assert fsbuild("series", "push", "-a", "-t", "t1").returncode == 0
     cp = fsbuild("rebase", "--onto", str(tmp_path / "case" / "linux-1.0.1.tar.gz"), "-t", "t1")
     assert cp.returncode == 7, cp.stderr
@@ -369,6 +369,9 @@ def test_series_commands_while_a_rebase_is_stopped(ws: tuple[Workspace, Path, Pa
         assert cp.returncode == 12, (args, cp.stderr)
         assert cp.stderr.startswith("fsbuild: error: a rebase onto 1.0.1 is stopped on a conflict")
         assert len(cp.stderr.strip().splitlines()) == 1
+    # nor may an upstream import reset the work tree under the rebase
+    cp = fsbuild("upstream", "import", str(old_tb), "-t", "t1")
+    assert cp.returncode == 12 and "rebase onto 1.0.1 is stopped" in cp.stderr
     assert snapshot_dir(tdir) == before
     assert fsbuild("rebase", "--abort", "-t", "t1").returncode == 0
     assert fsbuild("series", "list", "-t", "t1").returncode == 0
