@@ -276,8 +276,9 @@ def test_push_killed_at_random_points_stays_consistent(many: tuple[Workspace, Pa
                           delay=rng.uniform(0, span * 0.8))
         assert snapshot_dir(tdir) == patches
         if sig == signal.SIGINT:
-            assert cp.returncode in (0, 130), cp.stderr
-            assert cp.returncode == 0 or cp.stderr.strip() == "fsbuild: interrupted", cp.stderr
+            # -2: the signal came after the run was over, in interpreter exit (cli.py's)
+            assert cp.returncode in (0, 130, -2), cp.stderr
+            assert cp.returncode in (0, -2) or cp.stderr.strip() == "fsbuild: interrupted", cp.stderr
         it = w.intent()
         seen["stopped early"] += len(w.applied()) < N_PATCHES
         if it is None:
@@ -287,7 +288,13 @@ def test_push_killed_at_random_points_stays_consistent(many: tuple[Workspace, Pa
             assert _tree(w) == trees[len(w.applied())], trial
         else:
             seen["interrupted"] += 1
-            assert sig == signal.SIGKILL, "SIGINT must never leave a half step"
+            # SIGINT to fsbuild alone never leaves a half step; to the group it can kill a
+            # git in a way its rollback cannot repair: then it says so and pop repairs it
+            assert sig == signal.SIGKILL or (trial % 2 == 0 and cp.returncode == 130), \
+                (trial, cp.returncode, cp.stderr, it, list((w.root / ".git").glob("*.lock")))
+            if sig == signal.SIGINT:
+                print(f"SIGINT trial {trial} left {it}; git locks: "
+                      f"{[p.name for p in (w.root / '.git').glob('*.lock')]}")
             note = _status(w)["interrupted"]
             assert it.patch in note and "`fsbuild series pop`" in note   # type: ignore[operator]
             with pytest.raises(WorkspaceError, match="interrupted"):
