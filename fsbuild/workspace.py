@@ -588,7 +588,9 @@ class Workspace:
 
     def _undo_push(self, it: Intent) -> None:
         """Back to exactly the commit before the push: push starts on a clean tree, so the
-        commit plus the removal of the files the patch created is the whole state."""
+        commit plus the removal of the files the patch created is the whole state. A git of
+        ours killed by the same Ctrl-C may have left its lock: its owner is dead now."""
+        clear_stale_git_locks(self.root)
         git(self.root, "reset", "-q", "--hard", it.head)
         for rel in it.created:
             full = self.root / rel
