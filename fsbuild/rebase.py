@@ -39,9 +39,9 @@ from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
                             RebaseConflictError, RunInterruptedError, WorkspaceError)
 from fsbuild.target import Target
 from fsbuild.workspace import (CommitSpec, Content, Entry, GitCat, Overlay, Reader, Workspace,
-                               apply_patch, atomic_write, commit_diff, commit_message,
-                               fast_commits, git, git_out, read_series, rerender,
-                               update_series_file, write_tree_changes)
+                               apply_patch, atomic_write, clear_stale_git_locks, commit_diff,
+                               commit_message, fast_commits, git, git_out, read_series,
+                               rerender, update_series_file, write_tree_changes)
 
 OUTCOMES = ("clean", "offset", "merged", "upstream", "conflict")
 MARKER = re.compile(rb"^(<<<<<<<|>>>>>>>)( |$)", re.M)
@@ -481,7 +481,7 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
         raise MissingFileError(f"series file {series} does not exist")
     entries = read_series(series)
     old_up, new_up = U.resolve(target, old_src), U.resolve(target, new_src)
-    ws = Workspace(target, root=paths.state_dir() / "rebase-plain")
+    ws = plain_workspace(target)
     old_base, new_base = ws.import_upstream(old_up), ws.import_upstream(new_up)
     t0 = time.monotonic()
     plan = Plan(series=str(series.resolve()), old_base=old_base, new_base=new_base,
@@ -502,6 +502,11 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
         md_path = report.with_suffix(".md") if report.suffix != ".md" else report.with_name(report.name + ".md")
         atomic_write(md_path, ("\n".join(md) + "\n").encode())
     return results
+
+
+def plain_workspace(target: Target) -> Workspace:
+    """Plain mode's scratch repository (its lock is taken by `fsbuild rebase --series`)."""
+    return Workspace(target, root=paths.state_dir() / "rebase-plain")
 
 
 def _write_series_dir(repo: Path, plan: Plan, series: Path, entries: list[Entry],
@@ -542,7 +547,34 @@ class Rebase:
     def _save(self, plan: Plan) -> None:
         atomic_write(self.state_file, json.dumps(asdict(plan), indent=1).encode())
 
+    # every entry point holds the workspace lock: a second fsbuild on it exits 14
+
     def start(self, src: str) -> list[Result]:
+        with self.ws.locked():
+            return self._start(src)
+
+    def resume(self) -> list[Result]:
+        with self.ws.locked():
+            self._unlock_git()
+            return self._resume()
+
+    def skip(self) -> list[Result]:
+        with self.ws.locked():
+            self._unlock_git()
+            return self._skip()
+
+    def abort(self) -> None:
+        with self.ws.locked():
+            self._unlock_git()
+            self._abort()
+
+    def _unlock_git(self) -> None:
+        """A rebase killed inside a git command leaves git's lock files: remove them when
+        their owner is dead (the rebase's own work is recorded in rebase.json)."""
+        if self.in_progress():
+            clear_stale_git_locks(self.ws.root)
+
+    def _start(self, src: str) -> list[Result]:
         if self.in_progress():
             raise WorkspaceError("a rebase is already in progress: `fsbuild rebase --continue`, "
                                  "`--skip` or `--abort`")
@@ -551,6 +583,7 @@ class Rebase:
             # no workspace yet: the series applies to the target's own upstream
             self.ws.use_upstream(U.resolve(self.target))
         old_state = self.ws.require()
+        self.ws.guard("rebase")   # not over a push or pop a killed run left half done
         new_up = U.resolve(self.target, src)
         repo = self.ws.root
         refs = _refs(repo)
@@ -564,9 +597,21 @@ class Rebase:
                     state_before=(self.ws.meta_dir / "workspace.json").read_text())
         self._backup_files(entries)
         self._save(plan)   # from here on --abort works
-        plan.old_commits = build_old(repo, entries, self.target.series.parent, plan.old_base)
-        self._save(plan)
+        self._build_old(plan)
         return self._carry(plan, 0)
+
+    def _build_old(self, plan: Plan) -> None:
+        """The old series as commits (deterministic: a rerun after an interruption makes
+        the same ones), from the series as it was when the rebase started."""
+        manifest = json.loads((self.backup / "manifest.json").read_text())
+        entries = read_series(self.backup / manifest[str(self.target.series)])
+        try:
+            plan.old_commits = build_old(self.ws.root, entries, self.target.series.parent,
+                                         plan.old_base)
+        except KeyboardInterrupt:
+            raise RunInterruptedError("rebase interrupted; patches/ untouched: "
+                                      "`fsbuild rebase --continue` resumes, `--abort` restores") from None
+        self._save(plan)
 
     def _carry(self, plan: Plan, start: int) -> list[Result]:
         try:
@@ -587,10 +632,12 @@ class Rebase:
                 "resolve them, then `fsbuild rebase --continue` (or --skip / --abort)")
         return self._finish(plan)
 
-    def resume(self) -> list[Result]:
+    def _resume(self) -> list[Result]:
         plan = self._load()
         if plan.phase == "export":
             return self._finish(plan)
+        if not plan.old_commits:
+            self._build_old(plan)   # interrupted before the old series was built
         if plan.stopped < 0:
             return self._carry(plan, len(plan.results))
         entries = read_series(Path(plan.series))
@@ -612,7 +659,7 @@ class Rebase:
         self._save(plan)
         return self._carry(plan, len(plan.results))
 
-    def skip(self) -> list[Result]:
+    def _skip(self) -> list[Result]:
         plan = self._load()
         if plan.stopped < 0:
             raise WorkspaceError("no conflicting patch to skip")
@@ -623,7 +670,7 @@ class Rebase:
         self._save(plan)
         return self._carry(plan, len(plan.results))
 
-    def abort(self) -> None:
+    def _abort(self) -> None:
         """Restore refs, work tree, patches/ files and target.toml exactly as before."""
         plan = self._load()
         repo = self.ws.root
@@ -694,6 +741,8 @@ class Rebase:
             else:
                 path.unlink(missing_ok=True)
         if len(kept) != len(entries):
+            # from the series as it was: a rerun after Ctrl-C may find it already shortened
+            atomic_write(self.target.series, originals[str(self.target.series)])
             update_series_file(self.target.series, kept)
         set_version(self.target.dir / "target.toml", plan.new_version)
         git(repo, "checkout", "-q", "-f", "-B", "series", plan.tip or plan.new_base)

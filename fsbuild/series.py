@@ -127,21 +127,34 @@ def format_entry(e: SeriesEntry) -> str:
 
 def write_series(series: Series, path: Path | None = None) -> str:
     """Render a series: unchanged entries keep their original line (comments, blank lines
-    and spacing survive); new or edited entries are rendered canonically."""
+    and spacing survive), removed entries lose only their own line, and new entries
+    (lineno 0) go right after the entry before them in `series.entries` (before the first
+    kept entry when they lead). Existing entries keep their place in the file."""
+    kept = {e.lineno for e in series.entries if e.lineno}
+    after: dict[int, list[SeriesEntry]] = {}   # lineno of the kept entry before -> new ones
+    prev = 0
+    for e in series.entries:
+        if e.lineno:
+            prev = e.lineno
+        else:
+            after.setdefault(prev, []).append(e)
+    first = min(kept, default=0)
     by_line = {e.lineno: e for e in series.entries if e.lineno}
     out: list[str] = []
     for no, line in enumerate(series.lines, 1):
+        if no == first:
+            out.extend(format_entry(e) for e in after.pop(0, []))
         e = by_line.get(no)
         if e is None:
             if not _split_comment(line)[0].split():
                 out.append(line)  # comment or blank line
             continue  # an entry that was removed
-        if e in series.entries:
-            original = parse_series_text(e.raw, series.path).entries
-            same = original and original[0] == SeriesEntry(e.name, e.strip, e.reverse, 1,
-                                                          e.comment, e.raw)
-            out.append(e.raw if same else format_entry(e))
-    out.extend(format_entry(e) for e in series.entries if not e.lineno)
+        original = parse_series_text(e.raw, series.path).entries
+        same = original and original[0] == SeriesEntry(e.name, e.strip, e.reverse, 1,
+                                                      e.comment, e.raw)
+        out.append(e.raw if same else format_entry(e))
+        out.extend(format_entry(n) for n in after.pop(no, []))
+    out.extend(format_entry(e) for new in after.values() for e in new)
     text = "".join(f"{line}\n" for line in out)
     if path is not None:
         Path(path).write_text(text, encoding="utf-8", errors="surrogateescape")

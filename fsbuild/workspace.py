@@ -13,16 +13,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import tarfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from fsbuild import patch as P
 from fsbuild import series as S
-from fsbuild import paths, proc, progress
-from fsbuild.errors import (FsbuildError, MissingFileError, PatchApplyError, PatchFormatError,
+from fsbuild import lock, paths, proc, progress
+from fsbuild.errors import (FsbuildError, LockHeldError, MissingFileError, PatchApplyError, PatchFormatError,
                             UnsafePathError, WorkspaceError)
 from fsbuild.target import Target
 from fsbuild.upstream import Upstream, check_member
@@ -205,9 +208,11 @@ def fast_commits(repo: Path, specs: list[CommitSpec]) -> list[str]:
                 chunks.append(b"M %o inline " % content[1] + _fi_path(path) + b"\n" + _fi_data(content[0]))
         chunks.append(b"\n")
     chunks.append(b"done\n")
-    git(repo, "fast-import", "--quiet", "--done", "--force", f"--export-marks={marks}",
-        input=b"".join(chunks))
-    git(repo, "update-ref", "-d", "refs/fsbuild/fast-import")
+    # a Ctrl-C that kills git fast-import too surfaces as the interruption, not a git error
+    with deferred_signals():
+        git(repo, "fast-import", "--quiet", "--done", "--force", f"--export-marks={marks}",
+            input=b"".join(chunks))
+        git(repo, "update-ref", "-d", "refs/fsbuild/fast-import")
     by_mark = dict(line.split() for line in marks.read_text().splitlines())
     return [by_mark[f":{n}"] for n in range(1, len(specs) + 1)]
 
@@ -364,15 +369,128 @@ def read_series(series: Path) -> list[Entry]:
     return [Entry(e.name, e.strip) for e in entries]
 
 
-def series_line(e: Entry) -> str:
-    return e.name if e.strip == 1 else f"{e.name} -p{e.strip}"
-
-
 def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.fsbuild-tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+@dataclass
+class Intent:
+    """A step in flight: written before the step touches the work tree or HEAD, removed once
+    the step is whole, so a run killed in between (SIGKILL, power loss) is seen by the next
+    command instead of passing for the user's own unrefreshed changes."""
+
+    op: str                 # push | pop | refresh
+    patch: str              # push/refresh: the patch; pop: the top patch popped
+    head: str               # HEAD before the step
+    to: str = ""            # pop: the commit it resets to
+    paths: list[str] = field(default_factory=list)     # push: every file the patch writes
+    created: list[str] = field(default_factory=list)   # push: ... of them, the new ones
+    popped: list[str] = field(default_factory=list)    # pop: the patches removed
+    pid: int = 0
+
+
+# the command that resolves an interrupted step (any other mutating command refuses)
+RESOLVED_BY = {"push": "pop", "pop": "pop", "refresh": "refresh"}
+READ_ONLY = ("list", "check", "export")
+CAUGHT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+_active: list[list[int]] = []   # the hits of the outermost deferred_signals in force
+
+
+@contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """SIGINT/SIGTERM/SIGHUP only set a flag inside the body, so one step is never cut in
+    half by a signal we can catch; the interruption is raised when the outermost body ends
+    with the flag still set (a body that finished its work clears it). A git child killed
+    by the same Ctrl-C reads as the interruption too. Nested uses share the outer flag."""
+    if _active or threading.current_thread() is not threading.main_thread():
+        yield _active[0] if _active else []
+        return
+    hits: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: hits.append(signum))
+                for sig in CAUGHT_SIGNALS}
+    _active.append(hits)
+    try:
+        yield hits
+    except FsbuildError:
+        if hits:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        _active.pop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if hits:
+        raise KeyboardInterrupt
+
+
+GIT_LOCKS = ("index.lock", "HEAD.lock", "ORIG_HEAD.lock", "packed-refs.lock", "config.lock")
+
+
+def clear_stale_git_locks(repo: Path) -> list[Path]:
+    """Remove the lock files a killed git left behind (git never removes another run's
+    lock) when no live process works on the repository; LockHeldError naming the pid when
+    one does. Callers hold the workspace lock, so no fsbuild of ours is that process."""
+    gitdir = repo / ".git"
+    found = [gitdir / n for n in GIT_LOCKS if (gitdir / n).exists()]
+    if (gitdir / "refs").is_dir():
+        found += sorted((gitdir / "refs").rglob("*.lock"))
+    if not found:
+        return []
+    users = repo_users(repo)
+    if users:
+        raise LockHeldError(f"{found[0].relative_to(repo)} in {repo}: a live process (pid "
+                            f"{users[0]}) is working on the repository; wait for it to finish")
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
+def repo_users(repo: Path) -> list[int]:
+    """Live processes other than this one that have a file open under repo/.git, or are a
+    git started in (or with -C on) the repository."""
+    root = str(repo.resolve())
+    names = {root.encode(), str(repo).encode()}
+    me = os.getpid()
+    users = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and int(entry.name) != me and _uses_repo(entry.path, root, names):
+            users.append(int(entry.name))
+    return users
+
+
+def _uses_repo(proc_dir: str, root: str, names: set[bytes]) -> bool:
+    try:
+        argv = Path(proc_dir, "cmdline").read_bytes().split(b"\0")
+        if os.path.basename(argv[0]).startswith(b"git"):
+            cwd = os.readlink(f"{proc_dir}/cwd")
+            if cwd == root or cwd.startswith(root + "/") or names & set(argv):
+                return True
+        gitdir = root + "/.git"
+        for fd in os.scandir(f"{proc_dir}/fd"):
+            target = os.readlink(fd.path)
+            if target == gitdir or target.startswith(gitdir + "/"):
+                return True
+    except OSError:   # gone meanwhile, or not ours to inspect
+        return False
+    return False
+
+
+def _prune_empty_dirs(root: Path, d: Path) -> None:
+    """Remove `d` and its parents up to `root` while they are empty (a rolled-back push
+    leaves no directories it created)."""
+    while d != root and d.is_relative_to(root):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        d = d.parent
 
 
 # ---------------------------------------------------------------- the workspace
@@ -382,6 +500,126 @@ class Workspace:
         self.target = target
         self.root = root or paths.state_dir() / target.name
         self.meta_dir = self.root / ".git" / "fsbuild"
+        self.intent_file = self.meta_dir / "intent.json"
+        self.rebase_file = self.meta_dir / "rebase.json"
+        # beside the repository, not in it: the lock must exist before `git init`
+        self.lock_file = self.root.with_name(f"{self.root.name}.lock")
+
+    def locked(self) -> AbstractContextManager[None]:
+        """The workspace lock: one fsbuild command at a time on this workspace."""
+        return lock.hold(self.lock_file, f"workspace {self.target.name} ({self.root})")
+
+    # -- interrupted runs and rebases ------------------------------------------------
+
+    def guard(self, op: str) -> None:
+        """Refuse `op` while the workspace is mid-way through something else: a rebase in
+        progress, or a step of a killed run (its stale git locks are removed first). The
+        caller holds the workspace lock, so whatever is in flight belongs to a dead run."""
+        note = self.rebase_note()
+        if note:
+            raise WorkspaceError(note)
+        if op in READ_ONLY or not self.exists:
+            return
+        clear_stale_git_locks(self.root)
+        it = self.intent()
+        if it is not None and RESOLVED_BY[it.op] != op:
+            raise WorkspaceError(self.interrupted_note(it))
+
+    def rebase_note(self) -> str:
+        """One line on the rebase in progress ("" when none)."""
+        if not self.rebase_file.is_file():
+            return ""
+        try:
+            plan = json.loads(self.rebase_file.read_text())
+            onto = f" onto {plan['new_version']}"
+            stopped = plan["stopped"] >= 0 and plan["results"]
+        except (OSError, ValueError, KeyError, TypeError):
+            onto, stopped = "", False
+        if stopped:
+            last = plan["results"][-1]
+            return (f"a rebase{onto} is stopped on a conflict in {last['name']} "
+                    f"({', '.join(last.get('files') or []) or 'see the work tree'}): resolve it, "
+                    "then `fsbuild rebase --continue`, or `--skip` / `--abort`")
+        return f"a rebase{onto} was interrupted: `fsbuild rebase --continue` or `--abort`"
+
+    def intent(self) -> Intent | None:
+        try:
+            return Intent(**json.loads(self.intent_file.read_text()))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise WorkspaceError(f"{self.intent_file} (a killed run's record) is unreadable ({exc}): "
+                                 f"check `git -C {self.root} status`, then remove it") from None
+
+    def interrupted_note(self, it: Intent) -> str:
+        """What a killed run left and the command that gets back to a whole state."""
+        if it.op == "push":
+            below = self._patch_at(it.head)
+            return (f"a push of {it.patch} was interrupted (pid {it.pid}): its files may be half "
+                    f"written over {below}; `fsbuild series pop` drops them (back to {below}), "
+                    "then push again")
+        if it.op == "pop":
+            return (f"a pop of {', '.join(it.popped) or it.patch} was interrupted (pid {it.pid}): "
+                    f"`fsbuild series pop` finishes it (back to {self._patch_at(it.to)})")
+        return (f"a refresh of {it.patch} was interrupted (pid {it.pid}): "
+                "`fsbuild series refresh` finishes it")
+
+    def _patch_at(self, commit: str) -> str:
+        body = git(self.root, "log", "-1", "--format=%B", commit, check=False).stdout.decode(errors="replace")
+        names = re.findall(rf"^{TRAILER}: (.+)$", body, re.M)
+        return names[-1].strip() if names else "the upstream"
+
+    @contextmanager
+    def _step(self, it: Intent, undo: Callable[[Intent], None] | None = None) -> Iterator[None]:
+        """Run one step under its intent record, with catchable signals deferred; on any
+        failure `undo` restores the state before it (if undo fails too, the record stays
+        and the next command says what to do)."""
+        with deferred_signals():
+            it.pid = os.getpid()
+            atomic_write(self.intent_file, json.dumps(asdict(it), indent=1).encode())
+            try:
+                yield
+            except BaseException:
+                if undo is not None:
+                    undo(it)
+                    self.intent_file.unlink(missing_ok=True)
+                raise
+            self.intent_file.unlink(missing_ok=True)
+
+    def _undo_push(self, it: Intent) -> None:
+        """Back to exactly the commit before the push: push starts on a clean tree, so the
+        commit plus the removal of the files the patch created is the whole state. A git of
+        ours killed by the same Ctrl-C may have left its lock: its owner is dead now."""
+        clear_stale_git_locks(self.root)
+        git(self.root, "reset", "-q", "--hard", it.head)
+        for rel in it.created:
+            full = self.root / rel
+            if full.is_symlink() or full.is_file():
+                full.unlink()
+            _prune_empty_dirs(self.root, full.parent)
+
+    def _changed_since(self, commit: str) -> set[str]:
+        """Paths whose work-tree state differs from `commit` (tracked or untracked)."""
+        tracked = git(self.root, "diff", "--name-only", "--no-renames", "-z", commit, "--").stdout
+        others = git(self.root, "ls-files", "--others", "--exclude-standard", "-z").stdout
+        return {p.decode(errors="surrogateescape") for p in (tracked + others).split(b"\0") if p}
+
+    def _resolve(self, it: Intent, force: bool) -> list[str]:
+        """`pop` on an interrupted push (roll back) or pop (finish it)."""
+        if it.op == "push":
+            foreign = self._changed_since(it.head) - set(it.paths)
+            if foreign and not force:
+                raise WorkspaceError(
+                    f"{self.interrupted_note(it)}; but {', '.join(sorted(foreign)[:3])} changed "
+                    f"too (not part of {it.patch}): `fsbuild series pop --force` discards that")
+            self._undo_push(it)
+            popped = [it.patch]
+        else:
+            git(self.root, "reset", "-q", "--hard", it.to)
+            git(self.root, "clean", "-q", "-fd")
+            popped = it.popped or [it.patch]
+        self.intent_file.unlink(missing_ok=True)
+        return popped
 
     # -- repository and upstream ------------------------------------------------
 
@@ -511,9 +749,9 @@ class Workspace:
 
     # -- the applied stack --------------------------------------------------------
 
-    def applied(self) -> list[tuple[str, str]]:
-        """(patch name, commit) from the upstream base to HEAD, bottom first."""
-        base = self.require()["base"]
+    def applied(self, base: str | None = None) -> list[tuple[str, str]]:
+        """(patch name, commit) from the upstream base (or `base`) to HEAD, bottom first."""
+        base = base or self.require()["base"]
         out = git_out(self.root, "log", "--reverse", "--format=%H%x00%B%x01", f"{base}..HEAD")
         stack = []
         for record in filter(None, (r.strip() for r in out.split("\x01"))):
@@ -536,9 +774,12 @@ class Workspace:
         return git(self.root, "diff-index", "--quiet", "HEAD", "--", check=False).returncode != 0 or \
             bool(git_out(self.root, "ls-files", "--others", "--exclude-standard"))
 
-    def push(self, count: int | None = 1, fuzz: int = 0) -> list[str]:
-        """Apply the next `count` (None: all) patches as commits; returns their names."""
+    def push(self, count: int | None = 1, fuzz: int = 0,
+             done_one: Callable[[str], None] | None = None) -> list[str]:
+        """Apply the next `count` (None: all) patches as commits; returns their names
+        (`done_one(name)` hears of each as soon as its commit exists)."""
         self.require()
+        self.guard("push")
         if self.dirty():
             raise WorkspaceError("the work tree has changes not in any patch: "
                                  "`fsbuild series refresh` or `pop --force` first")
@@ -546,10 +787,17 @@ class Workspace:
         todo = entries[done:] if count is None else entries[done:done + count]
         if not todo:
             raise WorkspaceError("series fully applied" if entries else "the series is empty")
-        pushed = []
-        for e in todo:
-            self._push_one(e, fuzz)
-            pushed.append(e.name)
+        pushed: list[str] = []
+        # a signal stops the loop after the patch in hand (whole, or rolled back)
+        with deferred_signals() as hits:
+            for e in todo:
+                if hits:
+                    raise KeyboardInterrupt
+                self._push_one(e, fuzz)
+                pushed.append(e.name)
+                if done_one is not None:
+                    done_one(e.name)
+            hits.clear()   # every patch asked for is whole: the run did what it was asked
         return pushed
 
     def _push_one(self, e: Entry, fuzz: int) -> None:
@@ -559,20 +807,24 @@ class Workspace:
         data = path.read_bytes()
         reader = tree_reader(self.root)
         applied = apply_patch(data, e.name, e.strip, reader, fuzz=fuzz)
-        originals = {p: reader(p) for p in applied.changes}
-        try:
+        it = Intent("push", e.name, git_out(self.root, "rev-parse", "HEAD"),
+                    paths=sorted(applied.changes),
+                    created=sorted(p for p in applied.changes if reader(p) is None))
+        # all or nothing: on any failure or signal the tree and HEAD go back to it.head
+        with self._step(it, undo=self._undo_push):
             write_tree_changes(self.root, applied.changes)
             if applied.changes:  # -f: the kernel's .gitignore may match files a patch adds
                 git(self.root, "add", "-A", "-f", "--", *applied.changes)
             git(self.root, "commit", "-q", "--allow-empty", "--no-verify", "-F", "-",
                 input=commit_message(data, e.name).encode())
-        except BaseException:
-            # all or nothing: put the files back as they were
-            write_tree_changes(self.root, originals)
-            git(self.root, "reset", "-q", "--", *applied.changes, check=False)
-            raise
 
     def pop(self, count: int | None = 1, force: bool = False) -> list[str]:
+        """Unapply the top `count` patches; after a killed run, pop instead rolls back its
+        half-done push (or finishes its pop) and stops there."""
+        self.guard("pop")
+        it = self.intent()
+        if it is not None:
+            return self._resolve(it, force)
         stack = self.applied()
         if not stack:
             raise WorkspaceError("no patch applied")
@@ -581,25 +833,35 @@ class Workspace:
                                  "`fsbuild series refresh` or `pop --force`")
         n = len(stack) if count is None else min(count, len(stack))
         keep = stack[-n - 1][1] if n < len(stack) else self.require()["base"]
-        git(self.root, "reset", "-q", "--hard", keep)
-        git(self.root, "clean", "-q", "-fd")
-        return [name for name, _ in reversed(stack[-n:])]
+        popped = [name for name, _ in reversed(stack[-n:])]
+        with deferred_signals() as hits:
+            with self._step(Intent("pop", stack[-1][0], stack[-1][1], to=keep, popped=popped)):
+                git(self.root, "reset", "-q", "--hard", keep)
+                git(self.root, "clean", "-q", "-fd")
+            hits.clear()   # the pop is whole: report it done, not interrupted
+        return popped
 
     def refresh(self) -> Path:
         """Fold work-tree changes into the top patch commit and rewrite its file (same
-        description, same per-file headers; only hunks change)."""
+        description, same per-file headers; only hunks change). Refused while a killed
+        push is unresolved: its half-written files would be folded into the wrong patch."""
+        self.guard("refresh")
         stack = self.applied()
         if not stack:
             raise WorkspaceError("no patch applied: nothing to refresh")
         name = stack[-1][0]
         entry = next((e for e in self.entries() if e.name == name), Entry(name))
-        git(self.root, "add", "-A")
-        if git(self.root, "diff-index", "--cached", "--quiet", "HEAD", check=False).returncode:
-            git(self.root, "commit", "-q", "--amend", "--no-edit", "--no-verify")
         path = self.patch_path(entry)
-        original = path.read_bytes() if path.is_file() else b""
-        diff = commit_diff(self.root, "HEAD", entry.strip)
-        atomic_write(path, rerender(original, diff, name) if original.strip() else diff)
+        # a rerun finishes a killed refresh: the amend and the file write are idempotent
+        with deferred_signals() as hits:
+            with self._step(Intent("refresh", name, stack[-1][1])):
+                git(self.root, "add", "-A")
+                if git(self.root, "diff-index", "--cached", "--quiet", "HEAD", check=False).returncode:
+                    git(self.root, "commit", "-q", "--amend", "--no-edit", "--no-verify")
+                original = path.read_bytes() if path.is_file() else b""
+                diff = commit_diff(self.root, "HEAD", entry.strip)
+                atomic_write(path, rerender(original, diff, name) if original.strip() else diff)
+            hits.clear()   # the refresh is whole
         return path
 
     def _free_slot(self, name: str, hint: str = "") -> tuple[list[Entry], Path]:
@@ -616,6 +878,7 @@ class Workspace:
     def new(self, name: str, message: str = "") -> Path:
         """Create an empty patch after the top one and push it (quilt new)."""
         P.safe_relpath(name, "series new", 0)
+        self.guard("new")
         entries, path = self._free_slot(name, ": use `fsbuild series import`")
         done = len(self.applied())
         body = (message.rstrip("\n") + "\n").encode() if message else b""
@@ -633,6 +896,7 @@ class Workspace:
         P.safe_relpath(name, "series import", 0)
         data = src.read_bytes()
         P.parse_patch(data, name)  # reject malformed patches before touching anything
+        self.guard("import")
         entries, dest = self._free_slot(name)
         done = len(self.applied()) if self.exists and "base" in self.state() else len(entries)
         atomic_write(dest, data)
@@ -646,6 +910,7 @@ class Workspace:
     def export(self, out: Path) -> list[Path]:
         """Write the series file and every patch to `out`; applied patches are regenerated
         from their commits (description kept), the others copied."""
+        self.guard("export")
         stack = dict(self.applied()) if self.exists and "base" in self.state() else {}
         out.mkdir(parents=True, exist_ok=True)
         written = []
@@ -663,6 +928,7 @@ class Workspace:
 
     def check(self) -> list[tuple[str, str]]:
         """Every patch against the pristine upstream at fuzz 0: (name, problem or 'ok')."""
+        self.guard("check")
         base = self.require()["base"]
         results: list[tuple[str, str]] = []
         with GitCat(self.root) as cat:
@@ -689,28 +955,23 @@ def _offset_text(applied: Applied) -> str:
 
 
 def update_series_file(series: Path, entries: list[Entry]) -> None:
-    """Write the series keeping comment lines in place; entry lines are replaced in order."""
-    text = series.read_text() if series.is_file() else ""
-    out: list[str] = []
-    pending = list(entries)
-    for line in text.splitlines():
-        stripped = re.sub(r"(^|\s)#.*$", "", line).strip()
-        if not stripped:
-            out.append(line)
-            continue
-        if pending:
-            e = pending.pop(0)
-            old_name = stripped.split()[0]
-            # keep the line verbatim (trailing comments, spacing) when it names the same entry
-            out.append(line if old_name == e.name and Entry(old_name, _strip_of(stripped)) == e
-                       else series_line(e))
-    out += [series_line(e) for e in pending]
-    atomic_write(series, ("\n".join(out) + "\n").encode() if out else b"")
-
-
-def _strip_of(line: str) -> int:
-    m = re.search(r"-p(\d+)", line)
-    return int(m.group(1)) if m else 1
+    """Write `entries` through fsbuild.series.write_series, the one series writer: entries
+    already in the file keep their line (comments, spacing) and place, dropped ones lose
+    only their own line, new ones go after the entry before them."""
+    if series.is_file():
+        parsed = S.parse_series(series, check_files=False)
+    else:
+        parsed = S.Series(series, [])
+    pool: dict[str, list[S.SeriesEntry]] = {}
+    for se in parsed.entries:
+        pool.setdefault(se.name, []).append(se)
+    chosen: list[S.SeriesEntry] = []
+    for e in entries:
+        same_name = pool.get(e.name)
+        se = same_name.pop(0) if same_name else S.SeriesEntry(e.name, e.strip)
+        chosen.append(se if se.strip == e.strip else replace(se, strip=e.strip))
+    parsed.entries = chosen
+    atomic_write(series, S.write_series(parsed).encode("utf-8", "surrogateescape"))
 
 
 def write_tree_changes(root: Path, changes: dict[str, Content]) -> None:

@@ -10,6 +10,7 @@ from fsbuild import paths, progress
 from fsbuild import rebase as R
 from fsbuild import target as targets
 from fsbuild.errors import RebaseConflictError
+from fsbuild.workspace import clear_stale_git_locks
 
 
 @click.command("rebase")
@@ -48,13 +49,16 @@ def _plain(target: targets.Target, series: Path | None, old_src: str | None, ont
     if not (series and old_src and onto and out):
         raise click.UsageError("plain mode needs --series, --from, --onto and --out")
     progress.set_quiet(False)
-    results = R.plain(series, old_src, onto, out, target, report)
+    ws = R.plain_workspace(target)
+    with ws.locked():
+        if ws.exists:
+            clear_stale_git_locks(ws.root)
+        results = R.plain(series, old_src, onto, out, target, report)
     _summary(results)
     conflicts = [r.name for r in results if r.outcome == "conflict"]
     if conflicts:
-        click.echo(f"fsbuild: error: {len(conflicts)} patch(es) conflict: {', '.join(conflicts)} "
-                   "(written unchanged)", err=True)
-        return RebaseConflictError.exit_code
+        raise RebaseConflictError(f"{len(conflicts)} patch(es) conflict: {', '.join(conflicts)} "
+                                  "(written unchanged)")
     return 0
 
 

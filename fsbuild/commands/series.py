@@ -4,20 +4,26 @@ applied patch): list, check, push, pop, refresh, new, import, export, status."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from fsbuild import progress
 from fsbuild import target as targets
-from fsbuild.errors import PatchApplyError
+from fsbuild.errors import PatchApplyError, WorkspaceError
 from fsbuild.workspace import Workspace
 
 target_opt = click.option("--target", "-t", "target_name", help="Target (default: el6 or $FSBUILD_TARGET).")
 
 
-def _ws(target_name: str | None) -> Workspace:
-    return Workspace(targets.load(target_name))
+@contextmanager
+def _ws(target_name: str | None) -> Iterator[Workspace]:
+    """The target's workspace, locked for the command (a second command exits 14)."""
+    ws = Workspace(targets.load(target_name))
+    with ws.locked():
+        yield ws
 
 
 @click.group("series")
@@ -30,9 +36,10 @@ def cmd() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(target_name: str | None, as_json: bool) -> None:
     """Every patch of the series; `+` applied, `=` top."""
-    ws = _ws(target_name)
-    applied = [n for n, _ in ws.applied()] if ws.exists and ws.state().get("base") else []
-    rows = [(e.name, e.name in applied) for e in ws.entries()]
+    with _ws(target_name) as ws:
+        ws.guard("list")
+        applied = [n for n, _ in ws.applied()] if ws.exists and ws.state().get("base") else []
+        rows = [(e.name, e.name in applied) for e in ws.entries()]
     if as_json:
         click.echo(json.dumps([{"name": n, "applied": a} for n, a in rows], indent=2))
         return
@@ -45,30 +52,56 @@ def list_cmd(target_name: str | None, as_json: bool) -> None:
 @target_opt
 @click.option("--json", "as_json", is_flag=True)
 def status_cmd(target_name: str | None, as_json: bool) -> None:
-    """Upstream version, applied/total patches, top patch, unrefreshed changes."""
-    ws = _ws(target_name)
-    st = ws.require()
-    applied = ws.applied()
-    info = {"target": ws.target.name, "upstream": st.get("version"), "tree": str(ws.root),
-            "applied": len(applied), "total": len(ws.entries()),
-            "top": applied[-1][0] if applied else None, "dirty": ws.dirty(),
-            "rebase_in_progress": (ws.meta_dir / "rebase.json").is_file()}
+    """Upstream version, applied/total patches, top patch, unrefreshed changes; a rebase
+    in progress or a step of an interrupted run, and the command that gets back."""
+    with _ws(target_name) as ws:
+        info = _status(ws)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     click.echo(f"target {info['target']}: upstream {info['upstream']} in {info['tree']}")
     click.echo(f"applied {info['applied']}/{info['total']}, top: {info['top'] or '(none)'}"
-               + (", unrefreshed changes" if info["dirty"] else ""))
-    if info["rebase_in_progress"]:
-        click.echo("a rebase is in progress: `fsbuild rebase --continue|--skip|--abort`")
+               + (", unrefreshed changes" if info["dirty"] and not info["interrupted"] else ""))
+    for note in (info["rebase"], info["interrupted"]):
+        if note:
+            click.echo(note)
+
+
+def _status(ws: Workspace) -> dict[str, object]:
+    st = ws.require()
+    note = ws.rebase_note()
+    applied = _stack(ws, rebase=bool(note))
+    it = ws.intent()
+    return {"target": ws.target.name, "upstream": st.get("version"), "tree": str(ws.root),
+            "applied": len(applied), "total": len(ws.entries()),
+            "top": applied[-1][0] if applied else None, "dirty": ws.dirty(),
+            "rebase_in_progress": bool(note), "rebase": note or None,
+            "interrupted": ws.interrupted_note(it) if it else None}
+
+
+def _stack(ws: Workspace, rebase: bool) -> list[tuple[str, str]]:
+    """The applied patches. During a rebase HEAD is on the new upstream once carrying
+    started (on the old series before): count from whichever base HEAD descends from."""
+    if not rebase:
+        return ws.applied()
+    try:
+        new_base = json.loads(ws.rebase_file.read_text()).get("new_base")
+    except (OSError, ValueError, AttributeError):
+        new_base = None
+    for base in (new_base, None):
+        try:
+            return ws.applied(base)
+        except WorkspaceError:
+            continue
+    return []
 
 
 @cmd.command("check")
 @target_opt
 def check_cmd(target_name: str | None) -> int:
     """Verify every patch applies to the pristine upstream at fuzz 0 with no offset."""
-    ws = _ws(target_name)
-    results = ws.check()
+    with _ws(target_name) as ws:
+        results = ws.check()
     bad = [(n, r) for n, r in results if r != "ok"]
     for n, r in results:
         click.echo(f"{'ok  ' if r == 'ok' else 'FAIL'} {n}" + ("" if r == "ok" else f": {r}"))
@@ -86,10 +119,9 @@ def check_cmd(target_name: str | None) -> int:
 @click.argument("count", type=click.IntRange(1), default=1, required=False)
 def push_cmd(target_name: str | None, push_all: bool, fuzz: int, count: int) -> None:
     """Apply the next COUNT patches (one commit each)."""
-    ws = _ws(target_name)
-    with progress.bar("pushing"):
-        for name in ws.push(None if push_all else count, fuzz=fuzz):
-            click.echo(f"applied {name}")
+    with _ws(target_name) as ws, progress.bar("pushing"):
+        ws.push(None if push_all else count, fuzz=fuzz,
+                done_one=lambda name: click.echo(f"applied {name}"))
 
 
 @cmd.command("pop")
@@ -99,15 +131,17 @@ def push_cmd(target_name: str | None, push_all: bool, fuzz: int, count: int) -> 
 @click.argument("count", type=click.IntRange(1), default=1, required=False)
 def pop_cmd(target_name: str | None, pop_all: bool, force: bool, count: int) -> None:
     """Unapply the top COUNT patches (reset to the previous patch commit)."""
-    for name in _ws(target_name).pop(None if pop_all else count, force=force):
-        click.echo(f"removed {name}")
+    with _ws(target_name) as ws:
+        for name in ws.pop(None if pop_all else count, force=force):
+            click.echo(f"removed {name}")
 
 
 @cmd.command("refresh")
 @target_opt
 def refresh_cmd(target_name: str | None) -> None:
     """Regenerate the top patch file from its commit and the work tree's changes."""
-    click.echo(f"refreshed {_ws(target_name).refresh()}")
+    with _ws(target_name) as ws:
+        click.echo(f"refreshed {ws.refresh()}")
 
 
 @cmd.command("new")
@@ -116,7 +150,8 @@ def refresh_cmd(target_name: str | None) -> None:
 @click.argument("name")
 def new_cmd(target_name: str | None, message: str, name: str) -> None:
     """Start a new (empty) patch NAME after the top patch; edit files, then refresh."""
-    click.echo(f"created {_ws(target_name).new(name, message)}")
+    with _ws(target_name) as ws:
+        click.echo(f"created {ws.new(name, message)}")
 
 
 @cmd.command("import")
@@ -126,7 +161,8 @@ def new_cmd(target_name: str | None, message: str, name: str) -> None:
 @click.argument("patch", type=click.Path(path_type=Path))
 def import_cmd(target_name: str | None, as_name: str | None, strip: int, patch: Path) -> None:
     """Add PATCH to the series after the top applied patch (not applied)."""
-    click.echo(f"imported {_ws(target_name).import_patch(patch, as_name, strip)}")
+    with _ws(target_name) as ws:
+        click.echo(f"imported {ws.import_patch(patch, as_name, strip)}")
 
 
 @cmd.command("export")
@@ -134,5 +170,6 @@ def import_cmd(target_name: str | None, as_name: str | None, strip: int, patch: 
 @click.argument("out", type=click.Path(path_type=Path))
 def export_cmd(target_name: str | None, out: Path) -> None:
     """Write the series and its patches (applied ones regenerated from commits) to OUT."""
-    files = _ws(target_name).export(out)
+    with _ws(target_name) as ws:
+        files = ws.export(out)
     click.echo(f"exported {len(files)} patches to {out}")

@@ -28,7 +28,9 @@ def import_cmd(src: str | None, target_name: str | None, as_json: bool) -> None:
     target = targets.load(target_name)
     up = upstream.resolve(target, src)
     ws = Workspace(target)
-    commit = ws.use_upstream(up)
+    with ws.locked():
+        ws.guard("upstream")   # not under a rebase or a killed step: the reset would hide it
+        commit = ws.use_upstream(up)
     info = {"target": target.name, "version": up.version, "digest": up.digest,
             "tarball": str(up.tarball), "topdir": up.topdir, "commit": commit,
             "tag": ws.upstream_tag(up), "tree": str(ws.root),
