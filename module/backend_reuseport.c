@@ -151,6 +151,15 @@ static __poll_t fsock_poll(struct file *file, struct socket *sock, poll_table *w
 static int fsock_regen(struct fsock_group *g);
 
 /*
+ * Shut down one of our sockets from inside (fsock_lock held): the kernel's op, not our
+ * hook, which would take fsock_lock again.
+ */
+static void fsock_stop(struct socket *sock, int how)
+{
+	fsock_orig(sock->ops)->shutdown(sock, how);
+}
+
+/*
  * Move the connections queued on local `lsk` to the global `gsk` (whose workers accept
  * them) instead of letting the local's close reset them. Fast Open requests stay: their
  * accounting belongs to the listener that made them (tcp_close then handles them).
@@ -204,7 +213,7 @@ static void fsock_retire(struct fsock_ent *l, bool stop)
 	fsock_retiring = NULL;
 	fsock_drain(l->sk, g->global.sk);
 	if (stop)
-		kernel_sock_shutdown(l->sock, SHUT_RDWR);
+		fsock_stop(l->sock, SHUT_RDWR);
 	kfree_rcu(l, rcu);
 }
 
@@ -222,7 +231,7 @@ static void fsock_group_teardown(struct fsock_group *g)
 			continue;
 		hash_del_rcu(&l->node);
 		/* Stop it listening: nobody can accept from it once the global is gone. */
-		kernel_sock_shutdown(l->sock, SHUT_RDWR);
+		fsock_stop(l->sock, SHUT_RDWR);
 		kfree_rcu(l, rcu);
 	}
 	hash_del_rcu(&g->global.node);
@@ -271,11 +280,35 @@ static void fsock_resync(struct sock *sk)
 	mutex_unlock(&fsock_lock);
 }
 
+/*
+ * shutdown(2) or SHUTDOWN of one of our listeners (how is SHUT_*). Receive shutdown
+ * stops a listener: a local is first retired (its queue goes to the global); a global
+ * takes its locals with it. Then the group is re-steered.
+ */
 static int fsock_shutdown_op(struct socket *sock, int how)
 {
-	int err = fsock_orig(sock->ops)->shutdown(sock, how);
+	const struct proto_ops *orig = fsock_orig(sock->ops);
+	struct fsock_group *g = NULL;
+	struct fsock_ent *e;
+	int err, cpu;
 
-	fsock_resync(sock->sk);
+	mutex_lock(&fsock_lock);
+	e = how != SHUT_WR ? fsock_find(sock->sk) : NULL;
+	if (e && e->cpu >= 0)
+		fsock_retire(e, false);
+	else if (e)
+		g = e->grp;
+	err = orig->shutdown(sock, how);
+	for (cpu = 0; g && !err && cpu < nr_cpu_ids; cpu++) {
+		struct fsock_ent *l = rcu_dereference_protected(g->local[cpu],
+								lockdep_is_held(&fsock_lock));
+
+		if (l)
+			fsock_stop(l->sock, how);
+	}
+	if (g)
+		fsock_regen(g);
+	mutex_unlock(&fsock_lock);
 	return err;
 }
 
@@ -665,8 +698,8 @@ static int fsock_spawn_locked(struct socket *gsock, int cpu, struct file **out)
 	e = fsock_register(gsock);
 	if (IS_ERR(e))
 		return PTR_ERR(e);
-	if (e->cpu >= 0)
-		return -EINVAL;		/* a local socket is not a global one */
+	if (e->cpu >= 0 || gsock->sk->sk_state != TCP_LISTEN)
+		return -EINVAL;		/* a local, or a global that stopped listening */
 	g = e->grp;
 	l = rcu_dereference_protected(g->local[cpu], lockdep_is_held(&fsock_lock));
 	if (l) {
@@ -893,6 +926,8 @@ static int rp_accept(int fd, int cpu, int flags, struct sockaddr __user *uaddr,
 		if (local) {
 			fsock_stat_inc(FSOCK_STAT_LOCAL_LOOKUP);
 			err = fsock_accept_one(lsock, cpu, flags, uaddr, uaddrlen);
+			if (err == -EINVAL)
+				err = -EAGAIN;	/* no longer listening: the global then */
 			if (err >= 0)
 				fsock_stat_inc(FSOCK_STAT_LOCAL_ACCEPT);
 		} else {
@@ -1006,32 +1041,15 @@ static int rp_close(int fd)
 static int rp_shutdown(int fd, int how)
 {
 	struct socket *sock;
-	struct fsock_ent *e;
-	int err, cpu;
+	int err;
 
 	sock = sockfd_lookup(fd, &err);
 	if (!sock)
 		return err;
 	err = fsock_sec_shutdown(sock, how);
+	/* Through sock->ops: on a global, fsock_shutdown_op() shuts its locals too. */
 	if (!err)
 		err = kernel_sock_shutdown(sock, how);
-	/* A global that stops listening takes its local sockets with it. */
-	if (!err && how != SHUT_WR) {
-		mutex_lock(&fsock_lock);
-		e = fsock_find(sock->sk);
-		if (e && e->cpu < 0) {
-			for (cpu = 0; cpu < nr_cpu_ids; cpu++) {
-				struct fsock_ent *l = rcu_dereference_protected(
-					e->grp->local[cpu], lockdep_is_held(&fsock_lock));
-
-				if (l)
-					kernel_sock_shutdown(l->sock, how);
-			}
-		}
-		if (e)
-			fsock_regen(e->grp);	/* membership changed */
-		mutex_unlock(&fsock_lock);
-	}
 	sockfd_put(sock);
 	return err;
 }
