@@ -195,11 +195,11 @@ static void fsock_drain(struct sock *lsk, struct sock *gsk)
 }
 
 /*
- * Take local `l` out of its group (fsock_lock held): no more steering to it, its queue
- * goes to the global socket. The socket itself is left to its owner; `stop` also shuts
- * it down so it cannot receive again (CLOSE of the global by its last user).
+ * Take local `l` out of its group (fsock_lock held) before it stops listening: no more
+ * steering to it, its queue goes to the global socket. The caller then closes or shuts
+ * it down and regenerates the program again (the kernel compacts the group then).
  */
-static void fsock_retire(struct fsock_ent *l, bool stop)
+static void fsock_retire(struct fsock_ent *l)
 {
 	struct fsock_group *g = l->grp;
 
@@ -212,8 +212,6 @@ static void fsock_retire(struct fsock_ent *l, bool stop)
 	fsock_regen(g);		/* SYNs of its CPU now go to the global socket */
 	fsock_retiring = NULL;
 	fsock_drain(l->sk, g->global.sk);
-	if (stop)
-		fsock_stop(l->sock, SHUT_RDWR);
 	kfree_rcu(l, rcu);
 }
 
@@ -256,7 +254,7 @@ static int fsock_release(struct socket *sock)
 	} else if (e) {
 		regen = e->grp;
 		fsock_dbg(1, "local listen socket of cpu %d closed\n", e->cpu);
-		fsock_retire(e, false);
+		fsock_retire(e);
 	}
 	/* Epoll items of a global fd may sit on a local's wait queue (fsock_poll). */
 	if (!global)
@@ -288,18 +286,19 @@ static void fsock_resync(struct sock *sk)
 static int fsock_shutdown_op(struct socket *sock, int how)
 {
 	const struct proto_ops *orig = fsock_orig(sock->ops);
-	struct fsock_group *g = NULL;
+	struct fsock_group *g;
 	struct fsock_ent *e;
+	bool global;
 	int err, cpu;
 
 	mutex_lock(&fsock_lock);
 	e = how != SHUT_WR ? fsock_find(sock->sk) : NULL;
-	if (e && e->cpu >= 0)
-		fsock_retire(e, false);
-	else if (e)
-		g = e->grp;
+	g = e ? e->grp : NULL;
+	global = e && e->cpu < 0;
+	if (e && !global)
+		fsock_retire(e);
 	err = orig->shutdown(sock, how);
-	for (cpu = 0; g && !err && cpu < nr_cpu_ids; cpu++) {
+	for (cpu = 0; global && !err && cpu < nr_cpu_ids; cpu++) {
 		struct fsock_ent *l = rcu_dereference_protected(g->local[cpu],
 								lockdep_is_held(&fsock_lock));
 
