@@ -40,6 +40,10 @@
 #define fsock_kstrtol(s, v) kstrtol(s, 10, v)
 #endif
 
+#ifndef pr_warn_ratelimited	/* 2.6.32 */
+#define pr_warn_ratelimited pr_warning_ratelimited
+#endif
+
 #ifndef READ_ONCE	/* 2.6.32 */
 #define READ_ONCE(x) ACCESS_ONCE(x)
 #define WRITE_ONCE(x, v) (ACCESS_ONCE(x) = (v))
@@ -332,6 +336,23 @@ static long fsock_do_listen(void __user *uarg)
 }
 
 /*
+ * The caller's fd for a local socket file. 2.6.32 exports no fd allocator taking flags
+ * (alloc_fd is not exported); the el6 backend keeps its local sockets in the kernel and
+ * never hands out a file, so nothing is installed there.
+ */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(3, 10, 0)
+static int fsock_reserve_fd(void)
+{
+	return get_unused_fd_flags(O_CLOEXEC);
+}
+#else
+static int fsock_reserve_fd(void)
+{
+	return -EOPNOTSUPP;
+}
+#endif
+
+/*
  * Order: place and pin (nothing to undo yet), spawn, answer, install. Every failure after
  * the pin undoes it, and the local socket's fd is installed only after the answer reached
  * user space, so no error leaves an fd or a receiving local socket behind.
@@ -341,7 +362,7 @@ static long fsock_do_spawn(void __user *uarg)
 	struct fsock_spawn_args a;
 	struct fsock_place pl;
 	struct file *local = NULL;
-	int mode, err, fd;
+	int mode, err, fd = -1;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
 		return -EFAULT;
@@ -353,29 +374,27 @@ static long fsock_do_spawn(void __user *uarg)
 	err = fsock_place_cpu(&pl, a.cpu, mode);
 	if (err)
 		goto out;
-	fd = get_unused_fd_flags(O_CLOEXEC);
-	if (fd < 0) {
-		err = fd;
-		goto out;
-	}
 	err = fsock_pin(&pl);
 	if (!err)
 		err = fsock_backend.spawn(a.fd, pl.cpu, &local);
+	if (!err && local) {
+		fd = fsock_reserve_fd();
+		err = fd < 0 ? fd : 0;
+	}
 	a.cpu = pl.cpu;
-	a.local_fd = local ? fd : -1;
+	a.local_fd = fd;
 	if (!err && copy_to_user(uarg, &a, sizeof(a)))
 		err = -EFAULT;
 	if (err) {
 		if (local)
 			fput(local);	/* a fresh local socket leaves its group here */
-		put_unused_fd(fd);
+		if (fd >= 0)
+			put_unused_fd(fd);
 		fsock_unpin(&pl);
 		goto out;
 	}
 	if (local)
 		fd_install(fd, local);
-	else
-		put_unused_fd(fd);
 	fsock_dbg(1, "pid %d spawned fd %d for cpu %d: local fd %d\n",
 		  current->pid, a.fd, a.cpu, a.local_fd);
 out:
