@@ -276,3 +276,27 @@ def test_guest_regression(guest_log: str, scenario: str) -> None:
     if f"FSOCK_REGRESS PASS {scenario}\n" not in guest_log:
         fails = re.findall(rf"^FSOCK_REGRESS FAIL {scenario}: .*$", guest_log, re.M)
         pytest.fail("\n".join(fails) or guest_log[-3000:])
+
+
+def _c_functions(src: str) -> dict[str, str]:
+    """name -> body of each top-level function definition of a kernel-style C file."""
+    return {m.group(1): m.group(2) for m in
+            re.finditer(r"^(?:static )?[\w ]+?\**(\w+)\([^;{]*?\)\n\{\n(.*?)^\}\n", src, re.M | re.S)}
+
+
+@pytest.mark.parametrize(("operation", "check"), [
+    ("kernel_listen(", "fsock_sec_listen("), ("->accept(", "fsock_sec_accept("),
+    ("kernel_sock_shutdown(", "fsock_sec_shutdown("), ("kernel_bind(", "fsock_sec_bind("),
+])
+def test_reuseport_operations_pass_the_lsm_check_first(operation: str, check: str) -> None:
+    """Issue 10 item 2: the socket operations an ioctl does for the caller run the LSM
+    check the syscall would run (the guest kernel has no LSM, so this is checked here)."""
+    src = (MODULE / "backend_reuseport.c").read_text()
+    # kernel_accept() has no LSM hook and labels the new socket as the kernel's.
+    assert "kernel_accept(" not in src
+    funcs = _c_functions(src)
+    users = {name: body for name, body in funcs.items() if operation in body}
+    assert users, f"no function of backend_reuseport.c does {operation}"
+    for name, body in users.items():
+        assert check in body and body.index(check) < body.index(operation), \
+            f"{name}() does {operation} without {check} before it"
