@@ -852,7 +852,7 @@ static int fsock_put_addr(struct socket *newsock, struct sockaddr __user *uaddr,
 
 /*
  * Non-blocking accept on `sock`: a new fd, -EAGAIN, or -errno. The steps of accept4(2),
- * LSM check included (kernel_accept() has none and labels the socket as the kernel's).
+ * LSM check included (the kernel_accept helper has none and labels the socket as the kernel's).
  */
 static int fsock_accept_one(struct socket *sock, int cpu, int flags,
 			    struct sockaddr __user *uaddr, int __user *uaddrlen)
