@@ -244,7 +244,8 @@ struct fsock_place {
 static int fsock_next_cpu(const struct cpumask *allowed)
 {
 	static atomic_t next = ATOMIC_INIT(0);
-	int n = (atomic_inc_return(&next) - 1) % cpumask_weight(allowed), cpu;
+	unsigned int n = (unsigned int)atomic_inc_return(&next) % cpumask_weight(allowed);
+	int cpu;
 
 	for_each_cpu(cpu, allowed)
 		if (n-- == 0)
