@@ -27,6 +27,7 @@
 #include <dirent.h>
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -385,6 +386,7 @@ static void churn(int ncpu)
 {
 	int port, lfd = fs_listener(0, NULL, &port), i, st, c[CHURN_CONNS];
 	int ready[2];
+	char ch;
 	pid_t pid;
 
 	set_sysctl("/proc/sys/net/ipv4/tcp_migrate_req", "0");	/* no help from the kernel */
@@ -393,36 +395,35 @@ static void churn(int ncpu)
 	pid = fork();
 	if (pid == 0) {
 		int lo;
-		char ch;
 
 		if (spawn(lfd, 1, &lo) != 1)
 			fail("worker SPAWN cpu 1");
+		close(ready[0]);
 		(void)!write(ready[1], "r", 1);
-		(void)!read(ready[0], &ch, 1);	/* exits without accepting */
-		_exit(0);
+		for (;;)
+			pause();	/* killed without accepting anything */
 	}
 	close(ready[1]);
-	{
-		char ch;
-
-		if (read(ready[0], &ch, 1) != 1)
-			fail("worker did not spawn");
-	}
+	if (read(ready[0], &ch, 1) != 1)
+		fail("worker did not spawn");
 	for (i = 0; i < CHURN_CONNS; i++)
 		c[i] = connect_from(1, port);	/* queued on the worker's local */
 	kill(pid, SIGKILL);
 	if (waitpid(pid, &st, 0) != pid)
 		fail("waitpid");
 	pin_to(0);
+	for (i = 0; i < CHURN_CONNS; i++)
+		if (write(c[i], "x", 1) != 1)
+			fail("write on connection %d", i);
 	for (i = 0; i < CHURN_CONNS; i++) {
 		int a = fs_accept(lfd);
-		char ch = 'x';
 
-		if (write(c[i], &ch, 1) != 1 || read(a, &ch, 1) != 1)
+		if (read(a, &ch, 1) != 1)
 			fail("connection %d queued on the dead worker's local was reset", i);
 		close(a);
-		close(c[i]);
 	}
+	for (i = 0; i < CHURN_CONNS; i++)
+		close(c[i]);
 	close(ready[0]);
 	fs_close(lfd);
 	unpin(ncpu);
