@@ -829,7 +829,8 @@ static int rp_spawn_all(int cpu)
 	for (i = 0; i < c->n; i++)
 		fput(c->files[i]);
 	kfree(c);
-	return err ? err : done;
+	/* Locals already made are the caller's (and it stays pinned for them). */
+	return done ? done : err;
 }
 
 static int fsock_put_addr(struct socket *newsock, struct sockaddr __user *uaddr,
