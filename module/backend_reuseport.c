@@ -585,22 +585,53 @@ out:
 	return err;
 }
 
+#ifdef CONFIG_TCP_MD5SIG
+/* TCP_MD5SIG keys: without them the local would accept unsigned SYNs. Both locked. */
+static int fsock_inherit_md5(struct sock *gsk, struct sock *lsk)
+{
+	struct tcp_md5sig_info *md5;
+	struct tcp_md5sig_key *key;
+	int err = 0;
+
+	md5 = rcu_dereference_protected(tcp_sk(gsk)->md5sig_info, lockdep_sock_is_held(gsk));
+	if (!md5)
+		return 0;
+	hlist_for_each_entry_rcu(key, &md5->head, node, lockdep_sock_is_held(gsk)) {
+		err = tcp_md5_do_add(lsk, &key->addr, key->family, key->prefixlen, key->l3index,
+				     key->flags, key->key, key->keylen, GFP_KERNEL);
+		if (err)
+			break;
+	}
+	return err;
+}
+#else
+static int fsock_inherit_md5(struct sock *gsk, struct sock *lsk)
+{
+	return 0;
+}
+#endif
+
 /*
  * Options of the global that change what a listener accepts or what its connections
- * inherit (sk_clone_lock copies the listener): the local must carry them too. Both
- * sockets locked; the local is new and private, hence the nesting annotation.
+ * inherit (sk_clone_lock copies the listener): the local must carry them too, or not
+ * exist. Both sockets locked; the local is new and private, hence the nesting annotation.
+ * A socket filter cannot be copied by a module (no exported way to share it): a global
+ * with one gets no locals, rather than locals that let filtered packets through.
  */
-static void fsock_inherit(struct sock *gsk, struct socket *lsock)
+static int fsock_inherit(struct sock *gsk, struct socket *lsock)
 {
 	struct sock *lsk = lsock->sk;
 	struct inet_connection_sock *gi = inet_csk(gsk), *li = inet_csk(lsk);
 	struct tcp_sock *gt = tcp_sk(gsk), *lt = tcp_sk(lsk);
 	const unsigned int bufs = SOCK_SNDBUF_LOCK | SOCK_RCVBUF_LOCK;
 	char ca[TCP_CA_NAME_MAX];
-	int fastopen;
+	int fastopen, err;
 
 	lock_sock(gsk);
 	lock_sock_nested(lsk, SINGLE_DEPTH_NESTING);
+	err = rcu_access_pointer(gsk->sk_filter) ? -EOPNOTSUPP : 0;
+	if (!err)
+		err = fsock_inherit_md5(gsk, lsk);
 	lsk->sk_bound_dev_if = gsk->sk_bound_dev_if;
 	lsk->sk_priority = gsk->sk_priority;
 	lsk->sk_mark = gsk->sk_mark;
@@ -633,12 +664,13 @@ static void fsock_inherit(struct sock *gsk, struct socket *lsock)
 	release_sock(lsk);
 	release_sock(gsk);
 	/* Through setsockopt: these set up more than one field (TFO key, module refs). */
-	if (fastopen)
-		lsock->ops->setsockopt(lsock, SOL_TCP, TCP_FASTOPEN, KERNEL_SOCKPTR(&fastopen),
-				       sizeof(fastopen));
-	if (strcmp(ca, inet_csk(lsk)->icsk_ca_ops->name))
-		lsock->ops->setsockopt(lsock, SOL_TCP, TCP_CONGESTION, KERNEL_SOCKPTR(ca),
-				       strlen(ca));
+	if (!err && fastopen)
+		err = lsock->ops->setsockopt(lsock, SOL_TCP, TCP_FASTOPEN,
+					     KERNEL_SOCKPTR(&fastopen), sizeof(fastopen));
+	if (!err && strcmp(ca, inet_csk(lsk)->icsk_ca_ops->name))
+		err = lsock->ops->setsockopt(lsock, SOL_TCP, TCP_CONGESTION, KERNEL_SOCKPTR(ca),
+					     strlen(ca));
+	return err;
 }
 
 /*
@@ -662,10 +694,11 @@ static struct socket *fsock_new_local(struct socket *gsock, int cpu)
 	sock_set_reuseport(lsock->sk);
 	if (gsk->sk_family == AF_INET6 && gsk->sk_ipv6only)
 		ip6_sock_set_v6only(lsock->sk);
-	fsock_inherit(gsk, lsock);
+	err = fsock_inherit(gsk, lsock);
 	/* The kernel's own selection then prefers it on its CPU too (hash fallback). */
-	err = sock_setsockopt(lsock, SOL_SOCKET, SO_INCOMING_CPU,
-			      KERNEL_SOCKPTR(&cpu), sizeof(cpu));
+	if (!err)
+		err = sock_setsockopt(lsock, SOL_SOCKET, SO_INCOMING_CPU,
+				      KERNEL_SOCKPTR(&cpu), sizeof(cpu));
 	if (!err) {
 		len = kernel_getsockname(gsock, (struct sockaddr *)&addr);
 		err = len < 0 ? len : fsock_sec_bind(lsock, (struct sockaddr *)&addr, len);
