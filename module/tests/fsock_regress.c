@@ -18,6 +18,8 @@
  *   steer        plain shutdown(2) of one local: its CPU's connections reach the global
  *   inherit      accepted connections carry the global's options (priority, keepalive,
  *                buffer size, TCP_MAXSEG, TCP_DEFER_ACCEPT, SO_BINDTODEVICE)
+ *   md5filter    a global with TCP_MD5SIG keys: signed connections reach its local (when the
+ *                kernel has TCP_MD5SIG); with a socket filter: no local (EOPNOTSUPP)
  *   efault       SOCKET/SPAWN answering to read-only memory: EFAULT, no fd, no local
  *   spawnrace    SPAWN races the close of the same CPU's local (KASAN/refcount splats)
  */
@@ -29,6 +31,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +41,7 @@
 #include <netinet/tcp.h>
 #include <sys/ioctl.h>
 #include <sys/klog.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -513,6 +517,79 @@ static void inherit(int ncpu)
 	unpin(ncpu);
 }
 
+static void md5_key(int fd, int *supported)
+{
+	struct tcp_md5sig k = { .tcpm_keylen = 6 };
+	struct sockaddr_in *sa = (struct sockaddr_in *)&k.tcpm_addr;
+
+	sa->sin_family = AF_INET;
+	sa->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	memcpy(k.tcpm_key, "secret", 6);
+	*supported = !setsockopt(fd, IPPROTO_TCP, TCP_MD5SIG, &k, sizeof(k));
+	if (!*supported && errno != ENOPROTOOPT)
+		fail("TCP_MD5SIG");
+}
+
+static int g_md5;
+
+/* Classic BPF as SO_ATTACH_FILTER takes it (no kernel headers needed). */
+struct cbpf_insn {
+	uint16_t code;
+	uint8_t jt, jf;
+	uint32_t k;
+};
+
+struct cbpf_prog {
+	unsigned short len;
+	struct cbpf_insn *filter;
+};
+
+#ifndef SO_ATTACH_FILTER
+#define SO_ATTACH_FILTER 26
+#endif
+
+static void md5_setup(int fd)
+{
+	md5_key(fd, &g_md5);
+}
+
+static void md5filter(int ncpu)
+{
+	struct cbpf_insn all = { .code = 0x06, .k = 0xffff };	/* ret #0xffff: keep all */
+	struct cbpf_prog prog = { .len = 1, .filter = &all };
+	int port, lfd = fs_listener(0, md5_setup, &port), lo, c, ok;
+
+	if (g_md5) {
+		struct sockaddr_in sa = lo_addr(port);
+		struct pollfd p;
+
+		if (spawn(lfd, 1, &lo) != 1)
+			fail("SPAWN with TCP_MD5SIG keys");
+		c = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+		md5_key(c, &ok);
+		pin_to(1);
+		if (connect(c, (struct sockaddr *)&sa, sizeof(sa)) && errno != EINPROGRESS)
+			fail("connect");
+		p = (struct pollfd){ .fd = c, .events = POLLOUT };
+		if (poll(&p, 1, 3000) != 1 || getint(c, SOL_SOCKET, SO_ERROR))
+			fail("signed connection not answered: the local lacks the key");
+		close(fs_accept(lfd));
+		close(c);
+		close(lo);
+		unpin(ncpu);
+	} else {
+		printf("TCP_MD5SIG not in this kernel: key inheritance not exercised\n");
+	}
+	fs_close(lfd);
+	lfd = fs_listener(0, NULL, NULL);
+	if (setsockopt(lfd, SOL_SOCKET, SO_ATTACH_FILTER, &prog, sizeof(prog)))
+		fail("SO_ATTACH_FILTER");
+	if (spawn(lfd, 1, NULL) >= 0 || errno != EOPNOTSUPP)
+		fail("SPAWN of a global with a socket filter: a local would bypass it");
+	fs_close(lfd);
+	unpin(ncpu);
+}
+
 static void efault(int ncpu)
 {
 	int port, lfd = fs_listener(0, NULL, &port), n;
@@ -601,7 +678,7 @@ static const struct {
 	{ "pin_own", pin_own }, { "pin_narrow", pin_narrow }, { "one_cpu", one_cpu },
 	{ "addrinuse", addrinuse }, { "unpriv", unpriv }, { "param", param },
 	{ "churn", churn }, { "steer", steer }, { "inherit", inherit },
-	{ "efault", efault }, { "spawnrace", spawnrace },
+	{ "md5filter", md5filter }, { "efault", efault }, { "spawnrace", spawnrace },
 };
 
 int main(int argc, char **argv)
