@@ -369,12 +369,12 @@ out_free:
 	return err;
 }
 
-static int fsock_el6_spawn(int fd, int cpu, int *local_fd)
+static int fsock_el6_spawn(int fd, int cpu, struct file **local)
 {
 	struct socket *sock;
 	int err;
 
-	*local_fd = -1;		/* local sockets stay inside the kernel */
+	*local = NULL;		/* local sockets stay inside the kernel */
 	sock = sockfd_lookup(fd, &err);
 	if (!sock)
 		return err;

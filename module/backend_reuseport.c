@@ -10,10 +10,16 @@
  * Lifetime: global and local sockets get a module copy of their proto_ops (owner =
  * THIS_MODULE: each holds a module reference through the socket layer, so unload waits
  * for them). Its release hook removes the socket from its group; nothing else holds a
- * socket, so closing fds is all it takes to free everything.
+ * socket, so closing fds is all it takes to free everything. A local that goes away
+ * (closed, its worker exited, CLOSE of the global) first hands its queued connections to
+ * the global socket: worker churn loses none.
+ *
+ * Locals are created, bound and put to listen with the credentials of whoever opened the
+ * global socket (a root master, unprivileged workers) and inherit its options.
  *
  * Locking: fsock_lock (mutex) serialises every change of the groups and the BPF
- * regeneration; ACCEPT and poll read the groups under RCU.
+ * regeneration, and is taken before any socket lock; ACCEPT and poll read the groups
+ * under RCU.
  */
 #include <linux/module.h>
 #include <linux/version.h>
@@ -27,10 +33,13 @@
 #include <linux/slab.h>
 #include <linux/sockptr.h>
 #include <linux/wait.h>
+#include <linux/cred.h>
+#include <linux/tcp.h>
 #include <net/sock.h>
 #include <net/sock_reuseport.h>
 #include <net/inet_connection_sock.h>
 #include <net/ipv6.h>
+#include <net/tcp.h>
 
 #include "fastsocket_internal.h"
 
@@ -69,12 +78,16 @@ static struct fsock_ops fsock_ops_tab[FSOCK_NR_OPS];
 
 static DEFINE_MUTEX(fsock_lock);
 static DEFINE_HASHTABLE(fsock_hash, 8);
+static bool fsock_steer = true;		/* enable_listen_spawn != 0 (fsock_lock) */
+static struct sock *fsock_retiring;	/* local being retired: ours, not steered to */
 
+/* Caller holds rcu_read_lock() or fsock_lock. */
 static struct fsock_ent *fsock_find(const struct sock *sk)
 {
 	struct fsock_ent *e;
 
-	hash_for_each_possible_rcu(fsock_hash, e, node, (unsigned long)sk)
+	hash_for_each_possible_rcu(fsock_hash, e, node, (unsigned long)sk,
+				   lockdep_is_held(&fsock_lock))
 		if (e->sk == sk)
 			return e;
 	return NULL;
@@ -137,21 +150,86 @@ static __poll_t fsock_poll(struct file *file, struct socket *sock, poll_table *w
 
 static int fsock_regen(struct fsock_group *g);
 
-/* Called with fsock_lock held: unlink every socket of the group. */
+/*
+ * Shut down one of our sockets from inside (fsock_lock held): the kernel's op, not our
+ * hook, which would take fsock_lock again.
+ */
+static void fsock_stop(struct socket *sock, int how)
+{
+	fsock_orig(sock->ops)->shutdown(sock, how);
+}
+
+/*
+ * Move the connections queued on local `lsk` to the global `gsk` (whose workers accept
+ * them) instead of letting the local's close reset them. Fast Open requests stay: their
+ * accounting belongs to the listener that made them (tcp_close then handles them).
+ */
+static void fsock_drain(struct sock *lsk, struct sock *gsk)
+{
+	struct request_sock_queue *q = &inet_csk(lsk)->icsk_accept_queue;
+	int n = READ_ONCE(lsk->sk_ack_backlog), moved = 0;
+	struct request_sock *req;
+
+	if (lsk->sk_state != TCP_LISTEN)
+		return;
+	while (n-- > 0 && (req = reqsk_queue_remove(q, lsk))) {
+		struct sock *child = req->sk;
+		struct sock *to = tcp_rsk(req)->tfo_listener ? lsk : gsk;
+
+		local_bh_disable();
+		bh_lock_sock(child);
+		sock_hold(child);
+		/* Not listening any more: the child is reset, as the local's close would. */
+		if (inet_csk_reqsk_queue_add(to, req, child))
+			moved += to == gsk;
+		else
+			reqsk_put(req);
+		bh_unlock_sock(child);
+		local_bh_enable();
+		sock_put(child);
+	}
+	if (moved) {
+		gsk->sk_data_ready(gsk);
+		fsock_dbg(2, "%d queued connections moved to the global socket\n", moved);
+	}
+}
+
+/*
+ * Take local `l` out of its group (fsock_lock held) before it stops listening: no more
+ * steering to it, its queue goes to the global socket. The caller then closes or shuts
+ * it down and regenerates the program again (the kernel compacts the group then).
+ */
+static void fsock_retire(struct fsock_ent *l)
+{
+	struct fsock_group *g = l->grp;
+
+	if (rcu_access_pointer(g->local[l->cpu]) == l) {
+		RCU_INIT_POINTER(g->local[l->cpu], NULL);
+		g->nr_local--;
+	}
+	hash_del_rcu(&l->node);
+	fsock_retiring = l->sk;
+	fsock_regen(g);		/* SYNs of its CPU now go to the global socket */
+	fsock_retiring = NULL;
+	fsock_drain(l->sk, g->global.sk);
+	kfree_rcu(l, rcu);
+}
+
+/* Called with fsock_lock held: unlink every socket of the group (a local whose file is
+ * already going away may be in the table without being the group's local any more).
+ */
 static void fsock_group_teardown(struct fsock_group *g)
 {
-	int cpu;
+	struct fsock_ent *l;
+	struct hlist_node *tmp;
+	int bkt;
 
-	for (cpu = 0; cpu < nr_cpu_ids; cpu++) {
-		struct fsock_ent *l = rcu_dereference_protected(g->local[cpu],
-								lockdep_is_held(&fsock_lock));
-
-		if (!l)
+	hash_for_each_safe(fsock_hash, bkt, tmp, l, node) {
+		if (l->grp != g || l == &g->global)
 			continue;
-		RCU_INIT_POINTER(g->local[cpu], NULL);
 		hash_del_rcu(&l->node);
 		/* Stop it listening: nobody can accept from it once the global is gone. */
-		kernel_sock_shutdown(l->sock, SHUT_RDWR);
+		fsock_stop(l->sock, SHUT_RDWR);
 		kfree_rcu(l, rcu);
 	}
 	hash_del_rcu(&g->global.node);
@@ -163,28 +241,82 @@ static int fsock_release(struct socket *sock)
 	const struct proto_ops *orig = fsock_orig(sock->ops);
 	struct fsock_group *regen = NULL;
 	struct fsock_ent *e;
+	bool global;
 	int err;
 
 	mutex_lock(&fsock_lock);
 	e = sock->sk ? fsock_find(sock->sk) : NULL;
-	if (e && e->cpu < 0) {
+	global = e && e->cpu < 0;
+	if (global) {
 		fsock_dbg(1, "global listen socket %p closed, %d local sockets shut down\n",
 			  sock->sk, e->grp->nr_local);
 		fsock_group_teardown(e->grp);
 	} else if (e) {
 		regen = e->grp;
-		RCU_INIT_POINTER(regen->local[e->cpu], NULL);
-		regen->nr_local--;
-		hash_del_rcu(&e->node);
-		/* Epoll items of the global fd may sit on this wait queue (fsock_poll). */
-		wake_up_pollfree(&sock->wq.wait);
 		fsock_dbg(1, "local listen socket of cpu %d closed\n", e->cpu);
-		kfree_rcu(e, rcu);
+		fsock_retire(e);
 	}
+	/* Epoll items of a global fd may sit on a local's wait queue (fsock_poll). */
+	if (!global)
+		wake_up_pollfree(&sock->wq.wait);
 	err = orig->release(sock);	/* leaves the reuseport group */
 	if (regen)
-		fsock_regen(regen);
+		fsock_regen(regen);	/* the kernel compacted the group's socket array */
 	mutex_unlock(&fsock_lock);
+	return err;
+}
+
+/* After anything that may take a socket out of its reuseport group: re-steer. */
+static void fsock_resync(struct sock *sk)
+{
+	struct fsock_ent *e;
+
+	mutex_lock(&fsock_lock);
+	e = fsock_find(sk);
+	if (e)
+		fsock_regen(e->grp);
+	mutex_unlock(&fsock_lock);
+}
+
+/*
+ * shutdown(2) or SHUTDOWN of one of our listeners (how is SHUT_*). Receive shutdown
+ * stops a listener: a local is first retired (its queue goes to the global); a global
+ * takes its locals with it. Then the group is re-steered.
+ */
+static int fsock_shutdown_op(struct socket *sock, int how)
+{
+	const struct proto_ops *orig = fsock_orig(sock->ops);
+	struct fsock_group *g;
+	struct fsock_ent *e;
+	bool global;
+	int err, cpu;
+
+	mutex_lock(&fsock_lock);
+	e = how != SHUT_WR ? fsock_find(sock->sk) : NULL;
+	g = e ? e->grp : NULL;
+	global = e && e->cpu < 0;
+	if (e && !global)
+		fsock_retire(e);
+	err = orig->shutdown(sock, how);
+	for (cpu = 0; global && !err && cpu < nr_cpu_ids; cpu++) {
+		struct fsock_ent *l = rcu_dereference_protected(g->local[cpu],
+								lockdep_is_held(&fsock_lock));
+
+		if (l)
+			fsock_stop(l->sock, how);
+	}
+	if (g)
+		fsock_regen(g);
+	mutex_unlock(&fsock_lock);
+	return err;
+}
+
+/* connect(AF_UNSPEC) on a listener disconnects it, i.e. unhashes it. */
+static int fsock_connect_op(struct socket *sock, struct sockaddr *addr, int len, int flags)
+{
+	int err = fsock_orig(sock->ops)->connect(sock, addr, len, flags);
+
+	fsock_resync(sock->sk);
 	return err;
 }
 
@@ -204,6 +336,8 @@ static int fsock_take_ops(struct socket *sock)
 			o->ops.owner = THIS_MODULE;
 			o->ops.poll = fsock_poll;
 			o->ops.release = fsock_release;
+			o->ops.shutdown = fsock_shutdown_op;
+			o->ops.connect = fsock_connect_op;
 			o->orig = orig;
 		}
 		if (o->orig == orig) {
@@ -215,18 +349,6 @@ static int fsock_take_ops(struct socket *sock)
 		}
 	}
 	return -EOPNOTSUPP;
-}
-
-/* Accepted sockets go back to the kernel's ops: no module cost after accept. */
-static void fsock_drop_ops(struct socket *sock)
-{
-	const struct proto_ops *ops = sock->ops;
-
-	if (!fsock_is_ours(ops))
-		return;
-	sock->ops = fsock_orig(ops);
-	__module_get(sock->ops->owner);
-	module_put(THIS_MODULE);
 }
 
 /* ---- steering program ------------------------------------------------------------ */
@@ -252,7 +374,7 @@ static int fsock_snapshot(struct sock *gsk, struct sock **socks, int max)
 /*
  * Build and attach: ld #cpu; per spawned CPU c: jeq #c → ret #index(local c); else ret
  * #index(global) (or "hash" when the group also holds sockets that are not ours, so the
- * application's own SO_REUSEPORT sockets are not starved). Returns 1 if attached.
+ * application's own SO_REUSEPORT sockets are not starved). Returns 0 or -errno.
  */
 static int fsock_attach(struct fsock_group *g, struct sock **socks, int n, int max)
 {
@@ -271,6 +393,7 @@ static int fsock_attach(struct fsock_group *g, struct sock **socks, int n, int m
 	for (i = 0; i < min(n, max); i++) {
 		struct fsock_ent *e = fsock_find(socks[i]);
 
+		ours += socks[i] == fsock_retiring;
 		if (!e || e->grp != g)
 			continue;
 		ours++;
@@ -278,6 +401,8 @@ static int fsock_attach(struct fsock_group *g, struct sock **socks, int n, int m
 			dflt = i;
 			continue;
 		}
+		if (!fsock_steer)
+			continue;	/* listen spawn off: everything to the global */
 		cpu = e->cpu;
 		insns[len++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, cpu, 0, 1);
 		insns[len++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, i);
@@ -292,7 +417,16 @@ static int fsock_attach(struct fsock_group *g, struct sock **socks, int n, int m
 	kfree(insns);
 	if (err)
 		return err;
-	err = reuseport_attach_prog(g->global.sk, prog);
+	/* The socket lock keeps the global hashed (sk_reuseport_cb set) while attaching,
+	 * as for setsockopt(SO_ATTACH_REUSEPORT_CBPF).
+	 */
+	lock_sock(g->global.sk);
+	if (g->global.sk->sk_state == TCP_LISTEN &&
+	    rcu_access_pointer(g->global.sk->sk_reuseport_cb))
+		err = reuseport_attach_prog(g->global.sk, prog);
+	else
+		err = -ENOENT;
+	release_sock(g->global.sk);
 	if (err) {
 		bpf_prog_destroy(prog);
 		return err;
@@ -371,12 +505,12 @@ static int rp_socket(int family, int type, int protocol)
 
 	if (flags & ~(SOCK_CLOEXEC | SOCK_NONBLOCK))
 		return -EINVAL;
+	/* A plain socket: SO_REUSEPORT only comes with LISTEN, for sockets we manage, so
+	 * a second server binding the same port still gets EADDRINUSE.
+	 */
 	err = sock_create(family, type & SOCK_TYPE_MASK, protocol, &sock);
 	if (err)
 		return err;
-	/* Local sockets join the global's reuseport group: it must have SO_REUSEPORT. */
-	if (fsock_param(FSOCK_PARAM_LISTEN_SPAWN) && fsock_spawnable(sock->sk))
-		sock_set_reuseport(sock->sk);
 	return fsock_install(sock, flags);
 }
 
@@ -405,12 +539,19 @@ static struct fsock_ent *fsock_register(struct socket *sock)
 	return &g->global;
 }
 
+static void fsock_clear_reuseport(struct sock *sk)
+{
+	lock_sock(sk);
+	sk->sk_reuseport = 0;
+	release_sock(sk);
+}
+
 static int rp_listen(int fd, int backlog)
 {
 	struct socket *sock;
 	struct sock *sk;
 	int err, somaxconn;
-	bool spawn;
+	bool spawn, ours;
 
 	sock = sockfd_lookup(fd, &err);
 	if (!sock)
@@ -419,9 +560,13 @@ static int rp_listen(int fd, int backlog)
 	somaxconn = READ_ONCE(sock_net(sk)->core.sysctl_somaxconn);
 	if ((unsigned int)backlog > somaxconn)
 		backlog = somaxconn;	/* as listen(2) */
+	err = fsock_sec_listen(sock, backlog);
+	if (err)
+		goto out;
 	spawn = fsock_param(FSOCK_PARAM_LISTEN_SPAWN) && fsock_spawnable(sk);
 	/* SO_REUSEPORT before listen: the group is formed when the socket is hashed. */
-	if (spawn && !sk->sk_reuseport)
+	ours = spawn && !sk->sk_reuseport;
+	if (ours)
 		sock_set_reuseport(sk);
 	err = kernel_listen(sock, backlog);
 	if (!err && spawn) {
@@ -433,13 +578,111 @@ static int rp_listen(int fd, int backlog)
 		if (IS_ERR(e))
 			err = PTR_ERR(e);
 	}
+	if (err && ours)
+		fsock_clear_reuseport(sk);	/* not managed: no sharing of its port */
+out:
 	sockfd_put(sock);
 	return err;
 }
 
-/* A new listening sibling of the global for `cpu` (fsock_lock held). */
-static struct socket *fsock_new_local(struct sock *gsk, struct socket *gsock, int cpu)
+#ifdef CONFIG_TCP_MD5SIG
+/* TCP_MD5SIG keys: without them the local would accept unsigned SYNs. Both locked. */
+static int fsock_inherit_md5(struct sock *gsk, struct sock *lsk)
 {
+	struct tcp_md5sig_info *md5;
+	struct tcp_md5sig_key *key;
+	int err = 0;
+
+	md5 = rcu_dereference_protected(tcp_sk(gsk)->md5sig_info, lockdep_sock_is_held(gsk));
+	if (!md5)
+		return 0;
+	hlist_for_each_entry_rcu(key, &md5->head, node, lockdep_sock_is_held(gsk)) {
+		err = tcp_md5_do_add(lsk, &key->addr, key->family, key->prefixlen, key->l3index,
+				     key->flags, key->key, key->keylen, GFP_KERNEL);
+		if (err)
+			break;
+	}
+	return err;
+}
+#else
+static int fsock_inherit_md5(struct sock *gsk, struct sock *lsk)
+{
+	return 0;
+}
+#endif
+
+/*
+ * Options of the global that change what a listener accepts or what its connections
+ * inherit (sk_clone_lock copies the listener): the local must carry them too, or not
+ * exist. Both sockets locked; the local is new and private, hence the nesting annotation.
+ * A socket filter cannot be copied by a module (no exported way to share it): a global
+ * with one gets no locals, rather than locals that let filtered packets through.
+ */
+static int fsock_inherit(struct sock *gsk, struct socket *lsock)
+{
+	struct sock *lsk = lsock->sk;
+	struct inet_connection_sock *gi = inet_csk(gsk), *li = inet_csk(lsk);
+	struct tcp_sock *gt = tcp_sk(gsk), *lt = tcp_sk(lsk);
+	const unsigned int bufs = SOCK_SNDBUF_LOCK | SOCK_RCVBUF_LOCK;
+	char ca[TCP_CA_NAME_MAX];
+	int fastopen, err;
+
+	lock_sock(gsk);
+	lock_sock_nested(lsk, SINGLE_DEPTH_NESTING);
+	err = rcu_access_pointer(gsk->sk_filter) ? -EOPNOTSUPP : 0;
+	if (!err)
+		err = fsock_inherit_md5(gsk, lsk);
+	lsk->sk_bound_dev_if = gsk->sk_bound_dev_if;
+	lsk->sk_priority = gsk->sk_priority;
+	lsk->sk_mark = gsk->sk_mark;
+	lsk->sk_rcvtimeo = gsk->sk_rcvtimeo;
+	lsk->sk_sndtimeo = gsk->sk_sndtimeo;
+	lsk->sk_lingertime = gsk->sk_lingertime;
+	sock_valbool_flag(lsk, SOCK_LINGER, sock_flag(gsk, SOCK_LINGER));
+	sock_valbool_flag(lsk, SOCK_KEEPOPEN, sock_flag(gsk, SOCK_KEEPOPEN));
+	WRITE_ONCE(lsk->sk_rcvlowat, READ_ONCE(gsk->sk_rcvlowat));
+	lsk->sk_userlocks = (lsk->sk_userlocks & ~bufs) | (gsk->sk_userlocks & bufs);
+	WRITE_ONCE(lsk->sk_sndbuf, READ_ONCE(gsk->sk_sndbuf));
+	WRITE_ONCE(lsk->sk_rcvbuf, READ_ONCE(gsk->sk_rcvbuf));
+	lsk->sk_max_pacing_rate = gsk->sk_max_pacing_rate;
+	inet_sk(lsk)->tos = inet_sk(gsk)->tos;
+	inet_sk(lsk)->freebind = inet_sk(gsk)->freebind;
+	inet_sk(lsk)->transparent = inet_sk(gsk)->transparent;
+	lt->nonagle = gt->nonagle;
+	lt->keepalive_time = gt->keepalive_time;
+	lt->keepalive_intvl = gt->keepalive_intvl;
+	lt->keepalive_probes = gt->keepalive_probes;
+	lt->linger2 = gt->linger2;
+	lt->window_clamp = gt->window_clamp;
+	lt->rx_opt.user_mss = gt->rx_opt.user_mss;
+	lt->notsent_lowat = gt->notsent_lowat;
+	li->icsk_user_timeout = gi->icsk_user_timeout;
+	li->icsk_syn_retries = gi->icsk_syn_retries;
+	li->icsk_accept_queue.rskq_defer_accept = gi->icsk_accept_queue.rskq_defer_accept;
+	fastopen = gi->icsk_accept_queue.fastopenq.max_qlen;
+	strscpy(ca, gi->icsk_ca_ops->name, sizeof(ca));
+	release_sock(lsk);
+	release_sock(gsk);
+	/* Through setsockopt: these set up more than one field (TFO key, module refs). */
+	if (!err && fastopen)
+		err = lsock->ops->setsockopt(lsock, SOL_TCP, TCP_FASTOPEN,
+					     KERNEL_SOCKPTR(&fastopen), sizeof(fastopen));
+	if (!err && strcmp(ca, inet_csk(lsk)->icsk_ca_ops->name))
+		err = lsock->ops->setsockopt(lsock, SOL_TCP, TCP_CONGESTION, KERNEL_SOCKPTR(ca),
+					     strlen(ca));
+	return err;
+}
+
+/*
+ * A new listening sibling of the global for `cpu` (fsock_lock held), made with the
+ * credentials of whoever opened the global: with a root master and unprivileged
+ * workers, the local must be in the same reuseport group (same owner uid) and may bind
+ * a privileged port as the global did; LSM checks see the same subject as for the global.
+ */
+static struct socket *fsock_new_local(struct socket *gsock, int cpu)
+{
+	const struct cred *old = override_creds(gsock->file->f_cred);
+	struct sock *gsk = gsock->sk;
 	struct sockaddr_storage addr;
 	struct socket *lsock;
 	int err, len;
@@ -447,72 +690,77 @@ static struct socket *fsock_new_local(struct sock *gsk, struct socket *gsock, in
 	err = __sock_create(sock_net(gsk), gsk->sk_family, SOCK_STREAM, gsk->sk_protocol,
 			    &lsock, 0);
 	if (err)
-		return ERR_PTR(err);
+		goto out;
 	sock_set_reuseport(lsock->sk);
 	if (gsk->sk_family == AF_INET6 && gsk->sk_ipv6only)
 		ip6_sock_set_v6only(lsock->sk);
-	/* The kernel's hash fallback then prefers it on its CPU too. */
-	err = sock_setsockopt(lsock, SOL_SOCKET, SO_INCOMING_CPU,
-			      KERNEL_SOCKPTR(&cpu), sizeof(cpu));
+	err = fsock_inherit(gsk, lsock);
+	/* The kernel's own selection then prefers it on its CPU too (hash fallback). */
+	if (!err)
+		err = sock_setsockopt(lsock, SOL_SOCKET, SO_INCOMING_CPU,
+				      KERNEL_SOCKPTR(&cpu), sizeof(cpu));
 	if (!err) {
 		len = kernel_getsockname(gsock, (struct sockaddr *)&addr);
-		err = len < 0 ? len : kernel_bind(lsock, (struct sockaddr *)&addr, len);
+		err = len < 0 ? len : fsock_sec_bind(lsock, (struct sockaddr *)&addr, len);
+		if (!err)
+			err = kernel_bind(lsock, (struct sockaddr *)&addr, len);
 	}
 	if (!err)
+		err = fsock_sec_listen(lsock, READ_ONCE(gsk->sk_max_ack_backlog));
+	if (!err)
 		err = kernel_listen(lsock, READ_ONCE(gsk->sk_max_ack_backlog));
-	if (err) {
+	if (err)
 		sock_release(lsock);
-		return ERR_PTR(err);
-	}
-	return lsock;
+out:
+	revert_creds(old);
+	return err ? ERR_PTR(err) : lsock;
 }
 
-/* Spawn for `cpu` (fsock_lock held). *local_fd: new fd, or -1 with want_fd false. */
-static int fsock_spawn_locked(struct socket *gsock, int cpu, bool want_fd, int *local_fd)
+/*
+ * Spawn for `cpu` (fsock_lock held): *out gets a new reference to the local socket's
+ * file (not installed anywhere yet).
+ */
+static int fsock_spawn_locked(struct socket *gsock, int cpu, struct file **out)
 {
+	struct fsock_group *g;
 	struct fsock_ent *e, *l;
 	struct socket *lsock;
 	struct file *file;
-	int fd;
 
 	e = fsock_register(gsock);
 	if (IS_ERR(e))
 		return PTR_ERR(e);
-	if (e->cpu >= 0)
-		return -EINVAL;		/* a local socket is not a global one */
-	*local_fd = -1;
-	l = rcu_dereference_protected(e->grp->local[cpu], lockdep_is_held(&fsock_lock));
+	if (e->cpu >= 0 || gsock->sk->sk_state != TCP_LISTEN)
+		return -EINVAL;		/* a local, or a global that stopped listening */
+	g = e->grp;
+	l = rcu_dereference_protected(g->local[cpu], lockdep_is_held(&fsock_lock));
 	if (l) {
-		/* Idempotent: hand out the existing local socket. */
-		if (!want_fd)
+		/* Idempotent: the existing local socket, unless its last fd is already being
+		 * closed (f_count 0; its release waits for fsock_lock): then a fresh one.
+		 */
+		rcu_read_lock();
+		file = READ_ONCE(l->sock->file);
+		if (file && !get_file_rcu(file))
+			file = NULL;
+		rcu_read_unlock();
+		if (file) {
+			*out = file;
 			return 0;
-		fd = get_unused_fd_flags(O_CLOEXEC);
-		if (fd < 0)
-			return fd;
-		file = l->sock->file;
-		get_file(file);
-		fd_install(fd, file);
-		*local_fd = fd;
-		return 0;
+		}
+		RCU_INIT_POINTER(g->local[cpu], NULL);	/* its release retires it */
+		g->nr_local--;
 	}
 	l = kzalloc(sizeof(*l), GFP_KERNEL);
 	if (!l)
 		return -ENOMEM;
-	lsock = fsock_new_local(gsock->sk, gsock, cpu);
+	lsock = fsock_new_local(gsock, cpu);
 	if (IS_ERR(lsock)) {
 		kfree(l);
 		return PTR_ERR(lsock);
 	}
 	/* File first: its failure paths release the socket while it has the kernel's ops. */
-	fd = get_unused_fd_flags(O_CLOEXEC);
-	if (fd < 0) {
-		sock_release(lsock);
-		kfree(l);
-		return fd;
-	}
 	file = sock_alloc_file(lsock, 0, NULL);
 	if (IS_ERR(file)) {
-		put_unused_fd(fd);
 		kfree(l);
 		return PTR_ERR(file);
 	}
@@ -520,20 +768,17 @@ static int fsock_spawn_locked(struct socket *gsock, int cpu, bool want_fd, int *
 		WARN_ON_ONCE(1);
 	l->sk = lsock->sk;
 	l->sock = lsock;
-	l->grp = e->grp;
+	l->grp = g;
 	l->cpu = cpu;
 	hash_add_rcu(fsock_hash, &l->node, (unsigned long)l->sk);
-	rcu_assign_pointer(e->grp->local[cpu], l);
-	e->grp->nr_local++;
-	fsock_regen(e->grp);
-	/* The caller owns the local socket through this fd (SPAWN_ALL: only through the
-	 * fd too; the number is not reported, it is close-on-exec). */
-	fd_install(fd, file);
-	*local_fd = want_fd ? fd : -1;
+	rcu_assign_pointer(g->local[cpu], l);
+	g->nr_local++;
+	fsock_regen(g);
+	*out = file;
 	return 0;
 }
 
-static int rp_spawn(int fd, int cpu, int *local_fd)
+static int rp_spawn(int fd, int cpu, struct file **local)
 {
 	struct socket *gsock;
 	int err;
@@ -546,7 +791,7 @@ static int rp_spawn(int fd, int cpu, int *local_fd)
 		return -EOPNOTSUPP;
 	}
 	mutex_lock(&fsock_lock);
-	err = fsock_spawn_locked(gsock, cpu, true, local_fd);
+	err = fsock_spawn_locked(gsock, cpu, local);
 	mutex_unlock(&fsock_lock);
 	sockfd_put(gsock);
 	return err;
@@ -576,64 +821,98 @@ static int fsock_collect_global(const void *arg, struct file *file, unsigned int
 	return 0;
 }
 
+/* SPAWN_ALL: the new local fds are the caller's (close-on-exec, not reported). */
+static int fsock_spawn_one_fd(struct socket *gsock, int cpu)
+{
+	struct file *file;
+	int fd, err;
+
+	fd = get_unused_fd_flags(O_CLOEXEC);
+	if (fd < 0)
+		return fd;
+	err = fsock_spawn_locked(gsock, cpu, &file);
+	if (err) {
+		put_unused_fd(fd);
+		return err;
+	}
+	fd_install(fd, file);
+	return 0;
+}
+
 static int rp_spawn_all(int cpu)
 {
 	struct fsock_collect *c;
-	int i, done = 0, err = 0, local_fd;
+	int i, done = 0, err = 0;
 
 	c = kzalloc(sizeof(*c), GFP_KERNEL);
 	if (!c)
 		return -ENOMEM;
 	iterate_fd(current->files, 0, fsock_collect_global, c);
 	mutex_lock(&fsock_lock);
-	for (i = 0; i < c->n; i++) {
+	for (i = 0; i < c->n && !err; i++) {
 		struct socket *gsock = sock_from_file(c->files[i]);
 		struct fsock_ent *e = fsock_find(gsock->sk);
-		bool had = e && rcu_access_pointer(e->grp->local[cpu]);
 
-		if (!err && !had) {
-			err = fsock_spawn_locked(gsock, cpu, false, &local_fd);
-			done += !err;
-		}
+		if (e && rcu_access_pointer(e->grp->local[cpu]))
+			continue;
+		err = fsock_spawn_one_fd(gsock, cpu);
+		done += !err;
 	}
 	mutex_unlock(&fsock_lock);
 	for (i = 0; i < c->n; i++)
 		fput(c->files[i]);
 	kfree(c);
-	return err ? err : done;
+	/* Locals already made are the caller's (and it stays pinned for them). */
+	return done ? done : err;
 }
 
-/* Non-blocking accept on `sock`: a new fd, -EAGAIN, or -errno. */
+static int fsock_put_addr(struct socket *newsock, struct sockaddr __user *uaddr,
+			  int __user *uaddrlen)
+{
+	struct sockaddr_storage addr;
+	int len, ulen;
+
+	len = newsock->ops->getname(newsock, (struct sockaddr *)&addr, 2);
+	if (len < 0)
+		return len;
+	if (get_user(ulen, uaddrlen))
+		return -EFAULT;
+	if (ulen < 0)
+		return -EINVAL;
+	if (copy_to_user(uaddr, &addr, min(len, ulen)) || put_user(len, uaddrlen))
+		return -EFAULT;
+	return 0;
+}
+
+/*
+ * Non-blocking accept on `sock`: a new fd, -EAGAIN, or -errno. The steps of accept4(2),
+ * LSM check included (the kernel_accept helper has none and labels the socket as the kernel's).
+ */
 static int fsock_accept_one(struct socket *sock, int cpu, int flags,
 			    struct sockaddr __user *uaddr, int __user *uaddrlen)
 {
-	struct sockaddr_storage addr;
 	struct socket *newsock;
 	struct file *file;
-	int err, fd, len, ulen;
+	int err, fd;
 
-	err = kernel_accept(sock, &newsock, O_NONBLOCK);
-	if (err)
+	newsock = sock_alloc();
+	if (!newsock)
+		return -ENFILE;
+	newsock->type = sock->type;
+	/* Accepted sockets get the kernel's ops: no module cost after accept. */
+	newsock->ops = fsock_is_ours(sock->ops) ? fsock_orig(sock->ops) : sock->ops;
+	__module_get(newsock->ops->owner);
+	err = fsock_sec_accept(sock, newsock);
+	if (!err)
+		err = sock->ops->accept(sock, newsock, O_NONBLOCK, false);
+	if (!err && uaddr)
+		err = fsock_put_addr(newsock, uaddr, uaddrlen);
+	if (err) {
+		sock_release(newsock);
 		return err;
-	fsock_drop_ops(newsock);
+	}
 	if (READ_ONCE(newsock->sk->sk_incoming_cpu) == cpu)
 		fsock_stat_inc(FSOCK_STAT_STEERED);
-	if (uaddr) {
-		len = newsock->ops->getname(newsock, (struct sockaddr *)&addr, 2);
-		err = len < 0 ? len : 0;
-		if (!err && get_user(ulen, uaddrlen))
-			err = -EFAULT;
-		if (!err && ulen < 0)
-			err = -EINVAL;
-		if (!err && copy_to_user(uaddr, &addr, min(len, ulen)))
-			err = -EFAULT;
-		if (!err && put_user(len, uaddrlen))
-			err = -EFAULT;
-		if (err) {
-			sock_release(newsock);
-			return err;
-		}
-	}
 	fd = get_unused_fd_flags(flags & O_CLOEXEC);
 	if (fd < 0) {
 		sock_release(newsock);
@@ -671,7 +950,8 @@ static int rp_accept(int fd, int cpu, int flags, struct sockaddr __user *uaddr,
 		rcu_read_unlock();
 	}
 	/* Probe order: local then global, or the reverse on alternation; global only
-	 * when this CPU has no local socket. */
+	 * when this CPU has no local socket.
+	 */
 	err = -EAGAIN;
 	for (i = 0; i < (lsock ? 2 : 1) && err == -EAGAIN; i++) {
 		bool local = lsock && (i == 0) != global_first;
@@ -679,6 +959,8 @@ static int rp_accept(int fd, int cpu, int flags, struct sockaddr __user *uaddr,
 		if (local) {
 			fsock_stat_inc(FSOCK_STAT_LOCAL_LOOKUP);
 			err = fsock_accept_one(lsock, cpu, flags, uaddr, uaddrlen);
+			if (err == -EINVAL)
+				err = -EAGAIN;	/* no longer listening: the global then */
 			if (err >= 0)
 				fsock_stat_inc(FSOCK_STAT_LOCAL_ACCEPT);
 		} else {
@@ -729,6 +1011,31 @@ static int fsock_collect_local(const void *arg, struct file *file, unsigned int 
 }
 
 /*
+ * Close fd `fd` only if it still refers to `file`: the fd is taken out of the table and
+ * checked in one step; if another thread has meanwhile reused the number, that file is
+ * given back to the process (under a new number: the kernel does not export a way to
+ * put it back at the same one) instead of being closed.
+ */
+static void fsock_close_if(int fd, struct file *file)
+{
+	struct file *got = close_fd_get_file(fd);
+	int nfd;
+
+	if (!got || got == file) {
+		if (got)
+			filp_close(got, current->files);
+		return;
+	}
+	nfd = get_unused_fd_flags(0);
+	if (nfd >= 0)
+		fd_install(nfd, got);
+	else
+		fput(got);
+	pr_warn_ratelimited(FSOCK_NAME ": pid %d: fd %d was reused during CLOSE, now fd %d\n",
+			    current->pid, fd, nfd);
+}
+
+/*
  * CLOSE of a global listen socket also closes the caller's fds of its local sockets (the
  * ones SPAWN returned and the unreported ones of SPAWN_ALL): the process is done with
  * that listener, and a forgotten local fd would keep receiving connections.
@@ -757,14 +1064,7 @@ static int rp_close(int fd)
 		sockfd_put(sock);
 	err = close_fd(fd);
 	for (i = 0; c && i < c->n; i++) {
-		bool same;
-
-		/* Another thread may have closed and reused the number meanwhile. */
-		rcu_read_lock();
-		same = lookup_fd_rcu(c->fds[i]) == c->files[i];
-		rcu_read_unlock();
-		if (same)
-			close_fd(c->fds[i]);
+		fsock_close_if(c->fds[i], c->files[i]);
 		fput(c->files[i]);
 	}
 	kfree(c);
@@ -774,29 +1074,36 @@ static int rp_close(int fd)
 static int rp_shutdown(int fd, int how)
 {
 	struct socket *sock;
-	struct fsock_ent *e;
-	int err, cpu;
+	int err;
 
 	sock = sockfd_lookup(fd, &err);
 	if (!sock)
 		return err;
-	err = kernel_sock_shutdown(sock, how);
-	/* A global that stops listening takes its local sockets with it. */
-	if (!err && how != SHUT_WR) {
-		mutex_lock(&fsock_lock);
-		e = fsock_find(sock->sk);
-		if (e && e->cpu < 0)
-			for (cpu = 0; cpu < nr_cpu_ids; cpu++) {
-				struct fsock_ent *l = rcu_dereference_protected(
-					e->grp->local[cpu], lockdep_is_held(&fsock_lock));
-
-				if (l)
-					kernel_sock_shutdown(l->sock, how);
-			}
-		mutex_unlock(&fsock_lock);
-	}
+	err = fsock_sec_shutdown(sock, how);
+	/* Through sock->ops: on a global, fsock_shutdown_op() shuts its locals too. */
+	if (!err)
+		err = kernel_sock_shutdown(sock, how);
 	sockfd_put(sock);
 	return err;
+}
+
+/* enable_listen_spawn at run time: 0 steers every group's SYNs to the global socket
+ * (locals are still drained by ACCEPT), non-zero steers to the locals again.
+ */
+static int rp_set_param(enum fsock_param p, int val)
+{
+	struct fsock_ent *e;
+	int bkt;
+
+	if (p != FSOCK_PARAM_LISTEN_SPAWN)
+		return 0;
+	mutex_lock(&fsock_lock);
+	fsock_steer = val != 0;
+	hash_for_each(fsock_hash, bkt, e, node)
+		if (e->cpu < 0)
+			fsock_regen(e->grp);
+	mutex_unlock(&fsock_lock);
+	return 0;
 }
 
 static int rp_init(void)
@@ -807,7 +1114,8 @@ static int rp_init(void)
 static void rp_exit(void)
 {
 	/* Every registered socket held a module reference, so the table is empty here;
-	 * wait for the kfree_rcu() of the last unlinked entries. */
+	 * wait for the kfree_rcu() of the last unlinked entries.
+	 */
 	WARN_ON(!hash_empty(fsock_hash));
 	rcu_barrier();
 }
@@ -817,6 +1125,7 @@ const struct fsock_backend fsock_backend = {
 	.features	= FSOCK_FEAT_LISTEN_SPAWN | FSOCK_FEAT_REUSEPORT,
 	.init		= rp_init,
 	.exit		= rp_exit,
+	.set_param	= rp_set_param,
 	.socket		= rp_socket,
 	.listen		= rp_listen,
 	.spawn		= rp_spawn,

@@ -32,6 +32,9 @@
 
 #define FSOCK_NAME "fastsocket"
 
+struct file;
+struct socket;
+
 /* Run-time switches (module parameters), indices for set_param/get_param. */
 enum fsock_param {
 	FSOCK_PARAM_LISTEN_SPAWN = 0,	/* 0 off, 1 app pins workers, 2 module pins */
@@ -66,7 +69,8 @@ struct fsock_stats {
 DECLARE_PER_CPU(struct fsock_stats, fsock_stats);
 
 /* Count on the current CPU (any context). get_cpu() instead of this_cpu_inc() because
- * 2.6.32 has no this_cpu ops; a rare lost update against softirq is fine for statistics. */
+ * 2.6.32 has no this_cpu ops; a rare lost update against softirq is fine for statistics.
+ */
 static inline void fsock_stat_inc(enum fsock_stat s)
 {
 	int cpu = get_cpu();
@@ -83,7 +87,8 @@ static inline void fsock_stat_inc_cpu(int cpu, enum fsock_stat s)
 struct fsock_backend {
 	const char *name;
 	/* FSOCK_FEAT_* the backend can provide at all (KERNEL_HOOKS, REUSEPORT, ...). The
-	 * core reports feature bits of switchable features only while their parameter is on. */
+	 * core reports feature bits of switchable features only while their parameter is on.
+	 */
 	__u32 features;
 
 	int (*init)(void);
@@ -91,10 +96,12 @@ struct fsock_backend {
 
 	/* Drive the kernel's switch for a parameter (only called when the backend has the
 	 * feature). Called at init for every parameter and on every write to
-	 * /sys/module/fastsocket/parameters/<p>. Optional. */
+	 * /sys/module/fastsocket/parameters/<p>. Optional.
+	 */
 	int (*set_param)(enum fsock_param p, int val);
 	/* Current value of the kernel's switch, so sysfs never shows a stale copy when the
-	 * kernel switch can also be changed elsewhere (sysctl). Optional; <0: use the core's. */
+	 * kernel switch can also be changed elsewhere (sysctl). Optional; <0: use the core's.
+	 */
 	int (*get_param)(enum fsock_param p);
 
 	/* FSOCK_IOC_SOCKET: a new socket installed as an fd in the caller; returns the fd. */
@@ -102,16 +109,22 @@ struct fsock_backend {
 	/* FSOCK_IOC_LISTEN on any socket fd of the caller (not only ones from ->socket). */
 	int (*listen)(int fd, int backlog);
 	/* FSOCK_IOC_SPAWN: create (or find) the local listen socket of global listen socket
-	 * `fd` for `cpu` (resolved by the core: never -1 here; in mode 2 the core pins the caller
-	 * to `cpu` after spawn succeeded). *local_fd: fd installed in the caller, or -1 when the local socket stays
-	 * inside the kernel (el6 per-CPU tables). Only called when enable_listen_spawn != 0. */
-	int (*spawn)(int fd, int cpu, int *local_fd);
+	 * `fd` for `cpu` (resolved by the core: never -1 here; in mode 2 the core has already
+	 * pinned the caller to `cpu` and undoes that if spawn fails). *local: a new reference
+	 * to the local socket's file, NOT installed: the core installs it as the caller's fd
+	 * only once nothing can fail any more (else fput()s it); NULL when the local socket
+	 * stays inside the kernel (el6 per-CPU tables). Only called when enable_listen_spawn
+	 * != 0.
+	 */
+	int (*spawn)(int fd, int cpu, struct file **local);
 	/* FSOCK_IOC_SPAWN_ALL: after fork, spawn for the caller's CPU every global listen
-	 * socket the caller has an fd for. Returns the number spawned. Optional. */
+	 * socket the caller has an fd for. Returns the number spawned. Optional.
+	 */
 	int (*spawn_all)(int cpu);
 	/* FSOCK_IOC_ACCEPT: never blocks. Try the local socket of `cpu` (the caller's CPU),
 	 * then the global one; -EAGAIN when both are empty. Returns the new fd; fills the
-	 * peer address like accept4(2). `flags`: SOCK_NONBLOCK|SOCK_CLOEXEC for the new fd. */
+	 * peer address like accept4(2). `flags`: SOCK_NONBLOCK|SOCK_CLOEXEC for the new fd.
+	 */
 	int (*accept)(int fd, int cpu, int flags, struct sockaddr __user *addr,
 		      int __user *addrlen);
 	/* FSOCK_IOC_CLOSE / FSOCK_IOC_SHUTDOWN. */
@@ -119,7 +132,8 @@ struct fsock_backend {
 	int (*shutdown)(int fd, int how);
 
 	/* Add kernel-side counters of `cpu` (el6: the kernel counts lookups itself) to
-	 * `out`, which already holds the module's own per-CPU counts. Optional. */
+	 * `out`, which already holds the module's own per-CPU counts. Optional.
+	 */
 	void (*read_stats)(int cpu, struct fsock_stats *out);
 };
 
@@ -127,6 +141,17 @@ extern const struct fsock_backend fsock_backend;
 
 /* Core services for backends. */
 int fsock_param(enum fsock_param p);	/* current value of a parameter */
+
+/*
+ * The LSM checks the syscalls run (security_socket_listen/accept/shutdown/bind). An ioctl
+ * must pass the same checks as the syscall it stands for. When the kernel has socket LSM
+ * hooks but does not export them to modules, these return -ENOTTY: the operation is
+ * refused and the library falls back to the plain syscall, which runs the checks.
+ */
+int fsock_sec_listen(struct socket *sock, int backlog);
+int fsock_sec_accept(struct socket *sock, struct socket *newsock);
+int fsock_sec_shutdown(struct socket *sock, int how);
+int fsock_sec_bind(struct socket *sock, struct sockaddr *addr, int len);
 extern int fsock_debug_level;		/* module parameter `debug` (0..3) */
 
 #define fsock_dbg(level, fmt, ...)						\

@@ -16,6 +16,8 @@
 #include <linux/cpumask.h>
 #include <linux/net.h>
 #include <linux/mutex.h>
+#include <linux/file.h>
+#include <linux/security.h>
 #include <net/net_namespace.h>
 
 #include "fastsocket_internal.h"
@@ -38,6 +40,10 @@
 #define fsock_kstrtol(s, v) kstrtol(s, 10, v)
 #endif
 
+#ifndef pr_warn_ratelimited	/* 2.6.32 */
+#define pr_warn_ratelimited pr_warning_ratelimited
+#endif
+
 #ifndef READ_ONCE	/* 2.6.32 */
 #define READ_ONCE(x) ACCESS_ONCE(x)
 #define WRITE_ONCE(x, v) (ACCESS_ONCE(x) = (v))
@@ -46,7 +52,8 @@
 DEFINE_PER_CPU(struct fsock_stats, fsock_stats);
 
 /* Parameter storage: what the user asked for (sysfs shows the kernel's value instead when
- * the backend can read it). Writers serialise on fsock_param_lock. */
+ * the backend can read it). Writers serialise on fsock_param_lock.
+ */
 static int fsock_params[FSOCK_PARAM_NR] = { 2, 1, 0 };
 static const int fsock_param_max[FSOCK_PARAM_NR] = { 2, 1, 1 };
 static const char *const fsock_param_names[FSOCK_PARAM_NR] = {
@@ -157,37 +164,136 @@ static __u32 fsock_features(void)
 	return f;
 }
 
+/* ---- LSM checks ------------------------------------------------------------------ */
+
 /*
- * The CPU a SPAWN is for. -1: the caller's CPU, except in mode 2 where the module places
- * workers itself, round-robin over the online CPUs (workers forked together usually start
- * on the same CPU).
+ * Without CONFIG_SECURITY_NETWORK the hooks are inline no-ops; built in, the module can
+ * call them; as a module only if the kernel exports them (Kbuild finds the exports in
+ * Module.symvers or security/security.c and defines FSOCK_SOCKET_LSM_EXPORTED).
  */
-static int fsock_spawn_cpu(int cpu)
+#if !defined(CONFIG_SECURITY_NETWORK) || defined(FSOCK_SOCKET_LSM_EXPORTED) || !defined(MODULE)
+#define FSOCK_LSM_CALLABLE 1
+#else
+#define FSOCK_LSM_CALLABLE 0
+#endif
+
+#if FSOCK_LSM_CALLABLE
+int fsock_sec_listen(struct socket *sock, int backlog)
+{
+	return security_socket_listen(sock, backlog);
+}
+
+int fsock_sec_accept(struct socket *sock, struct socket *newsock)
+{
+	return security_socket_accept(sock, newsock);
+}
+
+int fsock_sec_shutdown(struct socket *sock, int how)
+{
+	return security_socket_shutdown(sock, how);
+}
+
+int fsock_sec_bind(struct socket *sock, struct sockaddr *addr, int len)
+{
+	return security_socket_bind(sock, addr, len);
+}
+#else
+/* Fail closed: the library then makes the plain syscall, which runs the LSM. */
+int fsock_sec_listen(struct socket *sock, int backlog)
+{
+	return -ENOTTY;
+}
+
+int fsock_sec_accept(struct socket *sock, struct socket *newsock)
+{
+	return -ENOTTY;
+}
+
+int fsock_sec_shutdown(struct socket *sock, int how)
+{
+	return -ENOTTY;
+}
+
+int fsock_sec_bind(struct socket *sock, struct sockaddr *addr, int len)
+{
+	return -ENOTTY;
+}
+#endif
+
+/* ---- CPU placement ------------------------------------------------------------------ */
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 3, 0)
+#define fsock_task_cpus(t) ((t)->cpus_ptr)
+#else
+#define fsock_task_cpus(t) (&(t)->cpus_allowed)
+#endif
+
+/*
+ * Where a SPAWN's worker runs, with sched_setaffinity(2) semantics: the module only ever
+ * narrows the caller's own allowed mask (which the cpuset already bounds), never widens
+ * it, and never moves a caller that already runs on one CPU (pinned by itself, by its
+ * cpuset or by an earlier SPAWN): that CPU is then the one for all its listeners.
+ */
+struct fsock_place {
+	int cpu;
+	bool pin;		/* mode 2: narrow the caller to `cpu` */
+	cpumask_var_t old;	/* the caller's mask before, to undo a pin */
+};
+
+/* Round-robin over `allowed`: workers forked together usually start on the same CPU. */
+static int fsock_next_cpu(const struct cpumask *allowed)
 {
 	static atomic_t next = ATOMIC_INIT(0);
+	unsigned int n = (unsigned int)atomic_inc_return(&next) % cpumask_weight(allowed);
+	int cpu;
 
-	if (cpu == -1 && fsock_param(FSOCK_PARAM_LISTEN_SPAWN) == 2) {
-		int n = atomic_inc_return(&next) - 1;
-
-		n %= num_online_cpus();
-		for_each_online_cpu(cpu)
-			if (n-- == 0)
-				break;
-	} else if (cpu == -1) {
-		cpu = raw_smp_processor_id();
-	}
-	if (cpu < 0 || cpu >= nr_cpu_ids || !cpu_online(cpu))
-		return -EINVAL;
+	for_each_cpu(cpu, allowed)
+		if (n-- == 0)
+			break;
 	return cpu;
 }
 
-/* Mode 2: the worker that spawned for `cpu` runs there, so it accepts where its local
- * socket receives. Done after a successful spawn: a failed one leaves the caller as is. */
-static int fsock_pin(int cpu)
+/* Fill `pl` for a SPAWN asking for `cpu` (-1: choose) in listen-spawn `mode`. */
+static int fsock_place_cpu(struct fsock_place *pl, int cpu, int mode)
 {
-	if (fsock_param(FSOCK_PARAM_LISTEN_SPAWN) != 2)
-		return 0;
-	return set_cpus_allowed_ptr(current, cpumask_of(cpu));
+	cpumask_var_t allowed;
+	int err = 0;
+
+	if (cpu != -1 && (cpu < 0 || cpu >= nr_cpu_ids || !cpu_online(cpu)))
+		return -EINVAL;
+	pl->pin = false;
+	pl->cpu = cpu == -1 ? raw_smp_processor_id() : cpu;
+	if (mode != 2)
+		return 0;	/* mode 1: the application places its workers */
+	if (!alloc_cpumask_var(&allowed, GFP_KERNEL))
+		return -ENOMEM;
+	cpumask_copy(pl->old, fsock_task_cpus(current));
+	cpumask_and(allowed, pl->old, cpu_online_mask);
+	if (cpumask_empty(allowed))
+		err = -EINVAL;
+	else if (cpumask_weight(allowed) == 1)
+		pl->cpu = cpumask_first(allowed);	/* keeps its CPU */
+	else if (cpu == -1)
+		pl->cpu = fsock_next_cpu(allowed);
+	if (!err && cpu != -1 && cpu != pl->cpu)
+		err = -EINVAL;	/* another CPU than the one it is on */
+	if (!err && !cpumask_test_cpu(pl->cpu, allowed))
+		err = -EINVAL;	/* outside its own mask (or its cpuset): never widen */
+	pl->pin = !err && cpumask_weight(allowed) > 1;
+	free_cpumask_var(allowed);
+	return err;
+}
+
+static int fsock_pin(struct fsock_place *pl)
+{
+	return pl->pin ? set_cpus_allowed_ptr(current, cpumask_of(pl->cpu)) : 0;
+}
+
+/* Undo fsock_pin() after a failure: the caller's own earlier mask. */
+static void fsock_unpin(struct fsock_place *pl)
+{
+	if (pl->pin && set_cpus_allowed_ptr(current, pl->old))
+		pr_warn_ratelimited(FSOCK_NAME ": pid %d: CPU mask not restored\n", current->pid);
 }
 
 static long fsock_do_version(void __user *uarg)
@@ -208,11 +314,16 @@ static long fsock_do_socket(void __user *uarg)
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
 		return -EFAULT;
+	/* The fd is installed by the backend: make sure the answer can be written first
+	 * (writing the same bytes back), so a bad pointer does not leak an unreported fd.
+	 */
+	if (copy_to_user(uarg, &a, sizeof(a)))
+		return -EFAULT;
 	fd = fsock_backend.socket(a.family, a.type, a.protocol);
 	if (fd < 0)
 		return fd;
 	a.fd = fd;
-	/* The fd is already installed; user space owns it even if this copy fails. */
+	/* Only a concurrent munmap() can fail this now; the fd then stays the caller's. */
 	return copy_to_user(uarg, &a, sizeof(a)) ? -EFAULT : 0;
 }
 
@@ -225,45 +336,95 @@ static long fsock_do_listen(void __user *uarg)
 	return fsock_backend.listen(a.fd, a.backlog);
 }
 
+/*
+ * The caller's fd for a local socket file. 2.6.32 exports no fd allocator taking flags
+ * (alloc_fd is not exported); the el6 backend keeps its local sockets in the kernel and
+ * never hands out a file, so nothing is installed there.
+ */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(3, 10, 0)
+static int fsock_reserve_fd(void)
+{
+	return get_unused_fd_flags(O_CLOEXEC);
+}
+#else
+static int fsock_reserve_fd(void)
+{
+	return -EOPNOTSUPP;
+}
+#endif
+
+/*
+ * Order: place and pin (nothing to undo yet), spawn, answer, install. Every failure after
+ * the pin undoes it, and the local socket's fd is installed only after the answer reached
+ * user space, so no error leaves an fd or a receiving local socket behind.
+ */
 static long fsock_do_spawn(void __user *uarg)
 {
 	struct fsock_spawn_args a;
-	int cpu, err, local_fd = -1;
+	struct fsock_place pl;
+	struct file *local = NULL;
+	int mode, err, fd = -1;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
 		return -EFAULT;
-	if (!fsock_param(FSOCK_PARAM_LISTEN_SPAWN))
+	mode = fsock_param(FSOCK_PARAM_LISTEN_SPAWN);
+	if (!mode)
 		return -EOPNOTSUPP;
-	cpu = fsock_spawn_cpu(a.cpu);
-	if (cpu < 0)
-		return cpu;
-	err = fsock_backend.spawn(a.fd, cpu, &local_fd);
-	if (err >= 0)
-		err = fsock_pin(cpu);
-	if (err < 0)
-		return err;
+	if (!alloc_cpumask_var(&pl.old, GFP_KERNEL))
+		return -ENOMEM;
+	err = fsock_place_cpu(&pl, a.cpu, mode);
+	if (err)
+		goto out;
+	err = fsock_pin(&pl);
+	if (!err)
+		err = fsock_backend.spawn(a.fd, pl.cpu, &local);
+	if (!err && local) {
+		fd = fsock_reserve_fd();
+		err = fd < 0 ? fd : 0;
+	}
+	a.cpu = pl.cpu;
+	a.local_fd = fd;
+	if (!err && copy_to_user(uarg, &a, sizeof(a)))
+		err = -EFAULT;
+	if (err) {
+		if (local)
+			fput(local);	/* a fresh local socket leaves its group here */
+		if (fd >= 0)
+			put_unused_fd(fd);
+		fsock_unpin(&pl);
+		goto out;
+	}
+	if (local)
+		fd_install(fd, local);
 	fsock_dbg(1, "pid %d spawned fd %d for cpu %d: local fd %d\n",
-		  current->pid, a.fd, cpu, local_fd);
-	a.cpu = cpu;
-	a.local_fd = local_fd;
-	return copy_to_user(uarg, &a, sizeof(a)) ? -EFAULT : 0;
+		  current->pid, a.fd, a.cpu, a.local_fd);
+out:
+	free_cpumask_var(pl.old);
+	return err;
 }
 
 static long fsock_do_spawn_all(void)
 {
-	int cpu, n, err = 0;
+	struct fsock_place pl;
+	int mode, n;
 
-	if (!fsock_param(FSOCK_PARAM_LISTEN_SPAWN))
+	mode = fsock_param(FSOCK_PARAM_LISTEN_SPAWN);
+	if (!mode)
 		return -EOPNOTSUPP;
 	if (!fsock_backend.spawn_all)
 		return 0;
-	cpu = fsock_spawn_cpu(-1);
-	if (cpu < 0)
-		return cpu;
-	n = fsock_backend.spawn_all(cpu);
-	if (n >= 0)
-		err = fsock_pin(cpu);
-	return err ? err : n;
+	if (!alloc_cpumask_var(&pl.old, GFP_KERNEL))
+		return -ENOMEM;
+	n = fsock_place_cpu(&pl, -1, mode);
+	if (!n)
+		n = fsock_pin(&pl);
+	if (!n) {
+		n = fsock_backend.spawn_all(pl.cpu);
+		if (n <= 0)
+			fsock_unpin(&pl);	/* nothing spawned: no reason to stay there */
+	}
+	free_cpumask_var(pl.old);
+	return n;
 }
 
 static long fsock_do_accept(void __user *uarg)
@@ -275,6 +436,8 @@ static long fsock_do_accept(void __user *uarg)
 		return -EFAULT;
 	if (a.flags & ~(SOCK_NONBLOCK | SOCK_CLOEXEC))
 		return -EINVAL;
+	if (copy_to_user(uarg, &a, sizeof(a)))	/* as SOCKET: no unreported fd */
+		return -EFAULT;
 	fd = fsock_backend.accept(a.fd, raw_smp_processor_id(), a.flags,
 				  (struct sockaddr __user *)(unsigned long)a.addr,
 				  (int __user *)(unsigned long)a.addrlen);
@@ -411,6 +574,8 @@ static int __init fsock_init(void)
 	err = misc_register(&fsock_misc);
 	if (err)
 		goto out_proc;
+	if (!FSOCK_LSM_CALLABLE)
+		pr_warn(FSOCK_NAME ": the kernel does not export its socket LSM hooks: ioctls that need them are refused (plain syscalls are used)\n");
 	pr_info(FSOCK_NAME ": loaded, backend %s, features %#x, listen_spawn %d\n",
 		fsock_backend.name, fsock_features(), fsock_param(FSOCK_PARAM_LISTEN_SPAWN));
 	return 0;

@@ -1,6 +1,7 @@
 """module/: fastsocket.ko builds against a kernel tree, the ioctl ABI header is identical
 for C and C++ (and 32/64-bit), the linux-6.1 wiring patch applies to Debian's tarball,
-and (given a bzImage) the module passes module/tests/fsock_test.c in a QEMU guest."""
+and (given a bzImage) the module passes module/tests/fsock_test.c and the regression
+scenarios of module/tests/fsock_regress.c in a QEMU guest."""
 
 from __future__ import annotations
 
@@ -139,11 +140,24 @@ def test_abi_header_identical_in_c_and_cxx(tmp_path: Path) -> None:
         assert c32 == c64
 
 
-def test_guest_test_program_compiles(tmp_path: Path) -> None:
+@pytest.mark.parametrize("program", ["fsock_test.c", "fsock_regress.c"])
+def test_guest_test_program_compiles(tmp_path: Path, program: str) -> None:
     require_tool("gcc")
-    res = _run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(tmp_path / "t"),
-                str(MODULE / "tests" / "fsock_test.c")])
+    res = _run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(tmp_path / "t"),
+                str(MODULE / "tests" / program)])
     assert res.returncode == 0, res.stderr
+
+
+# module/tests/fsock_regress.c scenarios (issue 10), run in the guest between the main
+# runs and the final unload; each prints FSOCK_REGRESS PASS <name>.
+REGRESSIONS = ["pin_own", "pin_narrow", "one_cpu", "addrinuse", "unpriv", "param", "churn",
+               "steer", "inherit", "md5filter", "efault", "spawnrace"]
+
+
+def test_regression_scenarios_are_the_programs() -> None:
+    src = (MODULE / "tests" / "fsock_regress.c").read_text()
+    table = src[src.index("scenarios[] = {"):]
+    assert re.findall(r'\{ "(\w+)", \w+ \}', table) == REGRESSIONS
 
 
 def _patched_paths(patch: Path) -> list[str]:
@@ -181,7 +195,7 @@ def test_linux61_series_applies_at_fuzz0(tmp_path: Path) -> None:
     assert (pristine / "net" / "Kconfig").read_text() == kconfig
 
 
-def _initramfs(tmp_path: Path, ko: Path, test_bin: Path, busybox: str) -> Path:
+def _initramfs(tmp_path: Path, ko: Path, test_bin: Path, regress_bin: Path, busybox: str) -> Path:
     root = tmp_path / "root"
     for d in ("bin", "proc", "sys", "dev", "tmp"):
         (root / d).mkdir(parents=True)
@@ -189,17 +203,22 @@ def _initramfs(tmp_path: Path, ko: Path, test_bin: Path, busybox: str) -> Path:
     for applet in ("sh", "mount", "ifconfig", "poweroff"):
         (root / "bin" / applet).symlink_to("busybox")
     shutil.copy(test_bin, root / "bin" / "fsock_test")
+    shutil.copy(regress_bin, root / "bin" / "fsock_regress")
     shutil.copy(ko, root / "fastsocket.ko")
     init = root / "init"
     init.write_text(
         "#!/bin/sh\n"
         "mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n"
         "ifconfig lo 127.0.0.1 up\n"
-        # a worker on every CPU; IPv6 with 3; workers re-spawning under load; then 2
-        # workers (the other CPUs' connections must reach the global socket) and unload
+        # a worker on every CPU; IPv6 with 3; workers re-spawning under load; the
+        # regression scenarios; then 2 workers (the other CPUs' connections must reach
+        # the global socket) and unload
+        "rc=0\n"
         "/bin/fsock_test -m /fastsocket.ko -n 64 && /bin/fsock_test -6 -w 3 -n 48 &&"
-        " /bin/fsock_test -c -n 200 && /bin/fsock_test -w 2 -n 64 -r\n"
-        'echo "GUEST_RC=$?"\n'
+        " /bin/fsock_test -c -n 200 || rc=1\n"
+        f"for s in {' '.join(REGRESSIONS)}; do /bin/fsock_regress $s || rc=1; done\n"
+        "/bin/fsock_test -w 2 -n 64 -r || rc=1\n"
+        'echo "GUEST_RC=$rc"\n'
         "poweroff -f\n"
     )
     init.chmod(0o755)
@@ -211,8 +230,9 @@ def _initramfs(tmp_path: Path, ko: Path, test_bin: Path, busybox: str) -> Path:
     return cpio
 
 
-@pytest.mark.slow
-def test_module_in_qemu_guest(built_module: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def guest_log(built_module: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Console output of one QEMU boot running the guest programs (shared by the tests)."""
     kdir, work = built_module
     bzimage = kernel_image(kdir)
     if not bzimage.is_file():
@@ -220,21 +240,63 @@ def test_module_in_qemu_guest(built_module: tuple[Path, Path], tmp_path: Path) -
     if (kdir / "include" / "net" / "fastsocket.h").is_file():
         pytest.skip("guest test tree is el6: the smoke boot covers it")
     require_tool("qemu-system-x86_64", "musl-gcc", "busybox", "cpio", "file")
-    test_bin = tmp_path / "fsock_test"
-    res = _run(["musl-gcc", "-static", "-O2", "-o", str(test_bin), str(MODULE / "tests" / "fsock_test.c")])
-    assert res.returncode == 0, res.stderr
+    tmp_path = tmp_path_factory.mktemp("guest")
+    bins = {}
+    for name in ("fsock_test", "fsock_regress"):
+        bins[name] = tmp_path / name
+        res = _run(["musl-gcc", "-static", "-O2", "-pthread", "-o", str(bins[name]),
+                    str(MODULE / "tests" / f"{name}.c")])
+        assert res.returncode == 0, res.stderr
     busybox = shutil.which("busybox") or ""
     if "statically linked" not in _run(["file", "-L", busybox]).stdout:
         pytest.skip(f"{busybox} is not static (install busybox-static)")
-    cpio = _initramfs(tmp_path, work / "fastsocket.ko", test_bin, busybox)
+    cpio = _initramfs(tmp_path, work / "fastsocket.ko", bins["fsock_test"], bins["fsock_regress"], busybox)
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-smp", "4", "-m", "512", "-kernel", str(bzimage),
            "-initrd", str(cpio), "-append", "console=ttyS0 panic=-1", "-no-reboot", "-nographic"]
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False).stdout
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False).stdout
     except subprocess.TimeoutExpired as exc:  # run() kills QEMU on timeout
         pytest.fail(f"guest timed out: {str(exc.stdout)[-3000:]}")
+
+
+@pytest.mark.slow
+def test_module_in_qemu_guest(guest_log: str) -> None:
+    out = guest_log
     assert out.count("FSOCK_TEST PASS") == 4 and "GUEST_RC=0" in out, out[-4000:]
     assert "rmmod fastsocket ok" in out
     # /proc/net/fastsocket rows: cpuN local_lookups global_lookups local_accepts ...
     rows = re.findall(r"^cpu(\d+) \d+ \d+ (\d+) \d+ \d+\s*$", out, re.M)
     assert len({cpu for cpu, local_accepts in rows if int(local_accepts) > 0}) >= 2, out[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", REGRESSIONS)
+def test_guest_regression(guest_log: str, scenario: str) -> None:
+    """Issue 10 findings, each a scenario of module/tests/fsock_regress.c (see its header)."""
+    if f"FSOCK_REGRESS PASS {scenario}\n" not in guest_log:
+        fails = re.findall(rf"^FSOCK_REGRESS FAIL {scenario}: .*$", guest_log, re.M)
+        pytest.fail("\n".join(fails) or guest_log[-3000:])
+
+
+def _c_functions(src: str) -> dict[str, str]:
+    """name -> body of each top-level function definition of a kernel-style C file."""
+    return {m.group(1): m.group(2) for m in
+            re.finditer(r"^(?:static )?[\w ]+?\**(\w+)\([^;{]*?\)\n\{\n(.*?)^\}\n", src, re.M | re.S)}
+
+
+@pytest.mark.parametrize(("operation", "check"), [
+    ("kernel_listen(", "fsock_sec_listen("), ("->accept(", "fsock_sec_accept("),
+    ("kernel_sock_shutdown(", "fsock_sec_shutdown("), ("kernel_bind(", "fsock_sec_bind("),
+])
+def test_reuseport_operations_pass_the_lsm_check_first(operation: str, check: str) -> None:
+    """Issue 10 item 2: the socket operations an ioctl does for the caller run the LSM
+    check the syscall would run (the guest kernel has no LSM, so this is checked here)."""
+    src = (MODULE / "backend_reuseport.c").read_text()
+    # kernel_accept() has no LSM hook and labels the new socket as the kernel's.
+    assert "kernel_accept(" not in src
+    funcs = _c_functions(src)
+    users = {name: body for name, body in funcs.items() if operation in body}
+    assert users, f"no function of backend_reuseport.c does {operation}"
+    for name, body in users.items():
+        assert check in body and body.index(check) < body.index(operation), \
+            f"{name}() does {operation} without {check} before it"
