@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 
 from fsbuild.errors import PatchFormatError, UnsafePathError
 
-_HUNK_RE = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@(.*?)(\r?\n)?$", re.S)
+# Line numbers are bounded (GNU's LINENUM is a long): longer digit runs are malformed.
+_HUNK_RE = re.compile(rb"^@@ -(\d{1,18})(?:,(\d{1,18}))? \+(\d{1,18})(?:,(\d{1,18}))? @@(.*?)(\r?\n)?$",
+                      re.S)
+_MODE_RE = re.compile(rb"[0-7]{1,7}")
 # A timestamp within a day of the epoch marks a nonexistent file (GNU patch's rule).
 _EPOCH_RE = re.compile(rb"19(70-01-01|69-12-31)|(Jan  1|Dec 31) [0-9:]+ 19(70|69)")
 
@@ -95,6 +98,10 @@ class Patch:
 # ---------------------------------------------------------------- parsing
 
 
+class _Malformed(Exception):
+    """Internal: a header line is malformed; parse_patch adds the patch name and line."""
+
+
 def _split_lines(data: bytes) -> list[bytes]:
     """Split after each b"\\n" only (GNU patch ignores a lone \\r)."""
     parts = data.split(b"\n")
@@ -134,7 +141,11 @@ def _c_string(at: bytes) -> tuple[str, bytes]:
         if c == 0x5C and i + 1 < len(at):
             nxt = at[i + 1]
             if 0x30 <= nxt <= 0x37:
-                out.append(int(at[i + 1:i + 4], 8))
+                digits = at[i + 1:i + 4]
+                # git writes exactly three octal digits for one byte (\000-\377)
+                if not re.fullmatch(rb"[0-3][0-7][0-7]", digits):
+                    raise _Malformed(f"bad octal escape {at[i:i + 4]!r} in quoted name")
+                out.append(int(digits, 8))
                 i += 4
                 continue
             out.append({ord("n"): 10, ord("t"): 9, ord("a"): 7, ord("b"): 8, ord("f"): 12,
@@ -196,49 +207,52 @@ def parse_patch(data: bytes, name: str = "<patch>") -> Patch:
         cur = None
 
     n = len(lines)
-    while i < n:
-        line = lines[i]
-        if line.startswith(b"diff --git "):
-            if cur is not None and cur.git:
-                finish(i)  # a hunkless git diff (mode change, pure rename) ends here
-            a, b = _git_names(line[11:])
-            begin(i, FilePatch(old_name=a, new_name=b, lineno=i + 1, git=True))
+    try:
+        while i < n:
+            line = lines[i]
+            if line.startswith(b"diff --git "):
+                if cur is not None and cur.git:
+                    finish(i)  # a hunkless git diff (mode change, pure rename) ends here
+                a, b = _git_names(line[11:])
+                begin(i, FilePatch(old_name=a, new_name=b, lineno=i + 1, git=True))
+                i += 1
+                continue
+            if cur is not None and cur.git and cur_start < i and _git_ext(cur, line, name, i):
+                i += 1
+                continue
+            if line.startswith(b"--- ") and i + 1 < n and lines[i + 1].startswith(b"+++ "):
+                old, old_absent = _fetchname(line[4:])
+                new, new_absent = _fetchname(lines[i + 1][4:])
+                if cur is None or not cur.git:
+                    # Like GNU, a ---/+++ pair without hunks (e.g. quoted in the description)
+                    # is superseded by the next one; its lines stay in the leading text.
+                    begin(_header_start(lines, consumed, i), FilePatch(None, None, lineno=i + 1))
+                assert cur is not None
+                # A git header's /dev/null keeps the name from the `diff --git` line.
+                if old is not None or not cur.git:
+                    cur.old_name = old
+                if new is not None or not cur.git:
+                    cur.new_name = new
+                cur.old_absent = max(cur.old_absent, 2 if old_absent else 0)
+                cur.new_absent = max(cur.new_absent, 2 if new_absent else 0)
+                i += 2
+                continue
+            if line.startswith(b"Binary files ") and line.rstrip().endswith(b" differ"):
+                raise PatchFormatError(f"{name}:{i + 1}: binary diff not supported")
+            if line.startswith(b"@@ -") and cur is not None and not cur.hunks:
+                cur.header = b"".join(lines[cur_start:i])
+                i = _parse_hunks(lines, i, cur, name)
+                # GNU: "@@ -0,0" says the old file does not exist (2 when /dev/null or epoch).
+                first = cur.hunks[0]
+                if first.old_start == 0 and first.old_len == 0 and not cur.old_absent:
+                    cur.old_absent = 1
+                if first.new_start == 0 and first.new_len == 0 and not cur.new_absent:
+                    cur.new_absent = 1
+                finish(i)
+                continue
             i += 1
-            continue
-        if cur is not None and cur.git and cur_start < i and _git_ext(cur, line, name, i):
-            i += 1
-            continue
-        if line.startswith(b"--- ") and i + 1 < n and lines[i + 1].startswith(b"+++ "):
-            old, old_absent = _fetchname(line[4:])
-            new, new_absent = _fetchname(lines[i + 1][4:])
-            if cur is None or not cur.git:
-                # Like GNU, a ---/+++ pair without hunks (e.g. quoted in the description)
-                # is superseded by the next one; its lines stay in the leading text.
-                begin(_header_start(lines, consumed, i), FilePatch(None, None, lineno=i + 1))
-            assert cur is not None
-            # A git header's /dev/null keeps the name from the `diff --git` line.
-            if old is not None or not cur.git:
-                cur.old_name = old
-            if new is not None or not cur.git:
-                cur.new_name = new
-            cur.old_absent = max(cur.old_absent, 2 if old_absent else 0)
-            cur.new_absent = max(cur.new_absent, 2 if new_absent else 0)
-            i += 2
-            continue
-        if line.startswith(b"Binary files ") and line.rstrip().endswith(b" differ"):
-            raise PatchFormatError(f"{name}:{i + 1}: binary diff not supported")
-        if line.startswith(b"@@ -") and cur is not None and not cur.hunks:
-            cur.header = b"".join(lines[cur_start:i])
-            i = _parse_hunks(lines, i, cur, name)
-            # GNU: "@@ -0,0" says the old file does not exist (2 when /dev/null or epoch).
-            first = cur.hunks[0]
-            if first.old_start == 0 and first.old_len == 0 and not cur.old_absent:
-                cur.old_absent = 1
-            if first.new_start == 0 and first.new_len == 0 and not cur.new_absent:
-                cur.new_absent = 1
-            finish(i)
-            continue
-        i += 1
+    except _Malformed as exc:
+        raise PatchFormatError(f"{name}:{i + 1}: {exc}") from None
     if cur is not None:
         if cur.git:
             finish(n)
@@ -262,14 +276,14 @@ def _git_ext(fp: FilePatch, line: bytes, name: str, i: int) -> bool:
     """Consume one git extended header line; False when the line is not one."""
     text = line.rstrip(b"\r\n")
     if text.startswith(b"old mode "):
-        fp.old_mode = int(text[9:], 8)
+        fp.old_mode = _mode(text[9:])
     elif text.startswith(b"new mode "):
-        fp.new_mode = int(text[9:], 8)
+        fp.new_mode = _mode(text[9:])
     elif text.startswith(b"deleted file mode "):
-        fp.old_mode = int(text[18:], 8)
+        fp.old_mode = _mode(text[18:])
         fp.new_absent = 2
     elif text.startswith(b"new file mode "):
-        fp.new_mode = int(text[14:], 8)
+        fp.new_mode = _mode(text[14:])
         fp.old_absent = 2
     elif text.startswith(b"rename from ") or text.startswith(b"rename to "):
         fp.rename = True
@@ -278,20 +292,27 @@ def _git_ext(fp: FilePatch, line: bytes, name: str, i: int) -> bool:
     elif text.startswith((b"similarity index ", b"dissimilarity index ")):
         pass
     elif text.startswith(b"index "):
-        m = re.match(rb"index ([0-9a-f]+)\.\.([0-9a-f]+)(?: ([0-7]+))?$", text)
+        m = re.match(rb"index ([0-9a-f]+)\.\.([0-9a-f]+)(?: (\S+))?$", text)
         if m:
             if set(m.group(1)) == {0x30}:
                 fp.old_absent = 2
             if set(m.group(2)) == {0x30}:
                 fp.new_absent = 2
             if m.group(3):
-                fp.old_mode = fp.new_mode = int(m.group(3), 8)
+                fp.old_mode = fp.new_mode = _mode(m.group(3))
     elif text.startswith(b"GIT binary patch") or (
             text.startswith(b"Binary files ") and text.endswith(b" differ")):
         raise PatchFormatError(f"{name}:{i + 1}: binary diff not supported")
     else:
         return False
     return True
+
+
+def _mode(text: bytes) -> int:
+    """A git file mode: plain octal digits only (int() would also take '_', '+', spaces)."""
+    if not _MODE_RE.fullmatch(text):
+        raise _Malformed(f"bad file mode {text[:20]!r} in git header")
+    return int(text, 8)
 
 
 def _parse_hunks(lines: list[bytes], i: int, fp: FilePatch, name: str) -> int:

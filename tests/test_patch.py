@@ -310,3 +310,41 @@ def test_agrees_with_gnu_patch(case: tuple[bytes, bytes, int]) -> None:
 
 def test_report_type_is_exported() -> None:
     assert PatchReport("x").files == []
+
+
+# ---------------------------------------------------------------- malformed git headers (#12.10)
+
+@pytest.mark.parametrize("header", [
+    b"old mode 10064x\nnew mode 100755\n",
+    b"old mode 100644\nnew mode 1007_55\n",
+    b"new file mode 10064x\n",
+    b"deleted file mode 9\n",
+    b"new mode \n",
+    b"index 0000000..1111111 " + b"7" * 5000 + b"\n",
+], ids=["old-mode", "underscore", "new-file-mode", "deleted-file-mode", "empty", "index-huge"])
+def test_bad_octal_in_git_header_is_a_format_error(header: bytes) -> None:
+    body = b"diff --git a/f b/f\n" + header + b"--- a/f\n+++ b/f\n@@ -1 +1 @@\n-a\n+b\n"
+    with pytest.raises(PatchFormatError, match=r"p:[23]: .*mode"):
+        parse_patch(body, "p")
+
+
+@pytest.mark.parametrize("name", [rb'"a/x\08"', rb'"a/x\777"', rb'"a/x\7"'])
+def test_bad_octal_escape_in_quoted_name_is_a_format_error(name: bytes) -> None:
+    body = b"diff --git " + name + b" " + name.replace(b"a/", b"b/") + b"\nnew file mode 100644\n"
+    with pytest.raises(PatchFormatError, match="p:1: .*escape"):
+        parse_patch(body, "p")
+    body = b"--- " + name + b"\n+++ " + name.replace(b"a/", b"b/") + b"\n@@ -1 +1 @@\n-a\n+b\n"
+    with pytest.raises(PatchFormatError, match="p:1: .*escape"):
+        parse_patch(body, "p")
+
+
+def test_huge_numbers_in_hunk_header_are_a_format_error() -> None:
+    body = b"--- a/f\n+++ b/f\n@@ -" + b"1" * 5000 + b" +1 @@\n-a\n+b\n"
+    with pytest.raises(PatchFormatError, match="p:3: malformed hunk header"):
+        parse_patch(body, "p")
+
+
+def test_quoted_octal_escape_decodes() -> None:
+    body = b'diff --git "a/\\303\\251t\\303\\251" "b/\\303\\251t\\303\\251"\nnew file mode 100644\n'
+    fp = parse_patch(body, "p").files[0]
+    assert fp.old_name == "a/\u00e9t\u00e9" and fp.new_mode == 0o100644
