@@ -184,6 +184,7 @@ def parse_patch(data: bytes, name: str = "<patch>") -> Patch:
     cur: FilePatch | None = None
     cur_start = 0  # index of cur's first header line
     consumed = 0  # lines [0, consumed) belong to earlier files / description
+    strip_cr = False
     i = 0
 
     def begin(start: int, fp: FilePatch) -> None:
@@ -235,13 +236,15 @@ def parse_patch(data: bytes, name: str = "<patch>") -> Patch:
                     cur.new_name = new
                 cur.old_absent = max(cur.old_absent, 2 if old_absent else 0)
                 cur.new_absent = max(cur.new_absent, 2 if new_absent else 0)
+                # GNU: a `+++` line ending in CRLF makes the file's hunk lines lose their CRs.
+                strip_cr = lines[i + 1].endswith(b"\r\n")
                 i += 2
                 continue
             if line.startswith(b"Binary files ") and line.rstrip().endswith(b" differ"):
                 raise PatchFormatError(f"{name}:{i + 1}: binary diff not supported")
             if line.startswith(b"@@ -") and cur is not None and not cur.hunks:
                 cur.header = b"".join(lines[cur_start:i])
-                i = _parse_hunks(lines, i, cur, name)
+                i = _parse_hunks(lines, i, cur, name, strip_cr)
                 # GNU: "@@ -0,0" says the old file does not exist (2 when /dev/null or epoch).
                 first = cur.hunks[0]
                 if first.old_start == 0 and first.old_len == 0 and not cur.old_absent:
@@ -315,9 +318,16 @@ def _mode(text: bytes) -> int:
     return int(text, 8)
 
 
-def _parse_hunks(lines: list[bytes], i: int, fp: FilePatch, name: str) -> int:
-    """Parse consecutive hunks starting at lines[i]; return the index after the last one."""
+def _parse_hunks(lines: list[bytes], i: int, fp: FilePatch, name: str,
+                 strip_cr: bool = False) -> int:
+    """Parse consecutive hunks starting at lines[i]; return the index after the last one.
+    With strip_cr, hunk lines ending in CRLF are read as ending in LF (the raw bytes stay)."""
     n = len(lines)
+    if strip_cr:
+        get = _crlf_to_lf
+    else:
+        def get(line: bytes) -> bytes:
+            return line
     while i < n and lines[i].startswith(b"@@ -"):
         start = i
         m = _HUNK_RE.match(lines[i])
@@ -338,7 +348,7 @@ def _parse_hunks(lines: list[bytes], i: int, fp: FilePatch, name: str) -> int:
                 raise PatchFormatError(
                     f"{name}:{i}: truncated hunk at end of patch "
                     f"(hunk at line {hunk.lineno} lacks {old_left} old/{new_left} new lines)")
-            line = lines[i]
+            line = get(lines[i])
             if line[:1] in (b"\t", b"\n") or line == b"\r\n":
                 tag, content = " ", line  # the leading space got eaten
             elif line[:1] in (b" ", b"-", b"+"):
@@ -364,6 +374,10 @@ def _parse_hunks(lines: list[bytes], i: int, fp: FilePatch, name: str) -> int:
         hunk._key = hunk._fingerprint()
         fp.hunks.append(hunk)
     return i
+
+
+def _crlf_to_lf(line: bytes) -> bytes:
+    return line[:-2] + b"\n" if line.endswith(b"\r\n") else line
 
 
 def _check_names(files: list[FilePatch], name: str) -> None:

@@ -348,3 +348,30 @@ def test_quoted_octal_escape_decodes() -> None:
     body = b'diff --git "a/\\303\\251t\\303\\251" "b/\\303\\251t\\303\\251"\nnew file mode 100644\n'
     fp = parse_patch(body, "p").files[0]
     assert fp.old_name == "a/\u00e9t\u00e9" and fp.new_mode == 0o100644
+
+
+# ---------------------------------------------------------------- CRLF patches (#12.13)
+
+CRLF_CASES = {
+    # GNU strips trailing CRs from a file's hunks when its `+++` header line ends in CRLF.
+    "crlf-patch-lf-file": (b"--- a/f\r\n+++ b/f\r\n@@ -1,4 +1,4 @@\r\n a\r\n-b\r\n+B\r\n c\r\n d\r\n",
+                           b"a\nb\nc\nd\n"),
+    "crlf-patch-crlf-file": (b"--- a/f\r\n+++ b/f\r\n@@ -1,4 +1,4 @@\r\n a\r\n-b\r\n+B\r\n c\r\n d\r\n",
+                             b"a\r\nb\r\nc\r\nd\r\n"),
+    "lf-header-crlf-body": (b"--- a/f\n+++ b/f\n@@ -1,4 +1,4 @@\n a\r\n-b\r\n+B\r\n c\r\n d\r\n",
+                            b"a\r\nb\r\nc\r\nd\r\n"),
+    "lf-header-crlf-body-lf-file": (b"--- a/f\n+++ b/f\n@@ -1,4 +1,4 @@\n a\r\n-b\r\n+B\r\n c\r\n d\r\n",
+                                    b"a\nb\nc\nd\n"),
+    "crlf-no-newline": (b"--- a/f\r\n+++ b/f\r\n@@ -1,2 +1,2 @@\r\n a\r\n-b\r\n\\ No newline at end of file\r\n"
+                        b"+B\r\n\\ No newline at end of file\r\n", b"a\nb"),
+    "crlf-git": (b"diff --git a/f b/f\r\nindex 1111111..2222222 100644\r\n--- a/f\r\n+++ b/f\r\n"
+                 b"@@ -1,2 +1,3 @@\r\n a\r\n+x\r\n \r\n", b"a\n\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRLF_CASES))
+def test_crlf_patch_matches_gnu_patch(case: str) -> None:
+    require_tool("patch")
+    patch, target = CRLF_CASES[case]
+    assert _ours(patch, target, 0) == _gnu(patch, target, 0)
+    assert format_patch(parse_patch(patch, "p")) == patch
