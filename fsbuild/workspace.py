@@ -264,7 +264,8 @@ class _ReaderTree(S.Tree):
     def _load(self, rel: str) -> S.FileState | None:
         if rel not in self.orig:
             content = self._read(rel)
-            self.orig[rel] = None if content is None else S.FileState(content[0], content[1] & 0o777)
+            self.orig[rel] = None if content is None else S.FileState(
+                content[0], content[1] & 0o777, link=content[1] & 0o170000 == S.LINK_TYPE)
         return self.orig[rel]
 
     def _check_dirs(self, rel: str) -> bool:
@@ -293,7 +294,8 @@ def apply_patch(data: bytes, name: str, strip: int, read: Reader, fuzz: int = 0,
     tree = _ReaderTree(read)
     report = S.apply_patch(tree, parsed, strip=strip, fuzz=fuzz, reverse=reverse)
     changes: dict[str, Content] = {
-        path: None if st is None else (st.data, 0o100755 if st.mode & 0o100 else 0o100644)
+        path: None if st is None else (st.data, S.LINK_TYPE if st.link else
+                                       0o100755 if st.mode & 0o100 else 0o100644)
         for path, st in tree.changes().items()}
     offsets = [(r.file, r.hunk, r.offset, r.fuzz) for r in report.hunks if r.offset or r.fuzz]
     return Applied(changes, offsets)
