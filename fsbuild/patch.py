@@ -10,6 +10,7 @@ the bytes it produces are the ones `quilt push` (patch -p1 -f) would write.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fsbuild.errors import PatchFormatError, UnsafePathError
@@ -442,6 +443,35 @@ def safe_relpath(name: str, patch: str, lineno: int) -> str:
     if ".." in parts or not parts:
         raise UnsafePathError(f"{patch}:{lineno}: path {name!r} escapes the tree")
     return "/".join(parts)
+
+
+def resolves_inside(start: list[str], target: str, readlink: Callable[[str], str | None],
+                    floor: int = 0, max_hops: int = 40) -> bool:
+    """Whether `target`, taken relative to the directory `start` (components), stays at or
+    below the first `floor` components when every symlink met on the way is followed;
+    readlink(path) gives a link's text or None. Absolute links and loops count as escapes."""
+    stack = list(start)
+    todo = target.split("/")[::-1]  # reversed: pop() takes the next component
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if len(stack) <= floor:
+                return False
+            stack.pop()
+            continue
+        stack.append(part)
+        dest = readlink("/".join(stack))
+        if dest is None:
+            continue
+        stack.pop()
+        hops += 1
+        if hops > max_hops or dest.startswith("/"):
+            return False
+        todo.extend(dest.split("/")[::-1])
+    return True
 
 
 # ---------------------------------------------------------------- applying

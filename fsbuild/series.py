@@ -20,7 +20,7 @@ from pathlib import Path
 from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
                             RunInterruptedError, UnsafePathError)
 from fsbuild.patch import (FilePatch, Hunk, HunkFailed, HunkResult, Patch, apply_hunks,
-                           parse_patch, safe_relpath, strip_path)
+                           parse_patch, resolves_inside, safe_relpath, strip_path)
 
 # ---------------------------------------------------------------- series file
 
@@ -372,36 +372,15 @@ def _check_link_target(tree: Tree, rel: str, target: bytes, patch: str) -> None:
     text = target.decode("utf-8", "surrogateescape")
     if not target or b"\0" in target or b"\n" in target:
         raise PatchApplyError(f"patch {patch}: {rel}: invalid symlink target {text!r}")
-    if text.startswith("/") or not _resolves_inside(tree, rel, text):
+    def readlink(path: str) -> str | None:
+        if path == rel or not tree.is_link(path):
+            return None
+        st = tree.get(path)
+        return st.data.decode("utf-8", "surrogateescape") if st else None
+
+    if text.startswith("/") or not resolves_inside(rel.split("/")[:-1], text, readlink,
+                                                   max_hops=MAX_LINK_HOPS):
         raise UnsafePathError(f"patch {patch}: symlink {rel} -> {text} leads outside the tree")
-
-
-def _resolves_inside(tree: Tree, rel: str, target: str) -> bool:
-    """Walk dirname(rel)/target component by component, substituting symlinks."""
-    stack = rel.split("/")[:-1]
-    todo = target.split("/")
-    hops = 0
-    while todo:
-        part = todo.pop(0)
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not stack:
-                return False
-            stack.pop()
-            continue
-        path = "/".join([*stack, part])
-        if path != rel and tree.is_link(path):
-            hops += 1
-            st = tree.get(path)
-            assert st is not None
-            dest = st.data.decode("utf-8", "surrogateescape")
-            if hops > MAX_LINK_HOPS or dest.startswith("/"):
-                return False
-            todo[0:0] = dest.split("/")
-            continue
-        stack.append(part)
-    return True
 
 
 def apply_patch(tree: Tree, patch: Patch, strip: int = 1, fuzz: int = 0,

@@ -10,6 +10,7 @@ from the work tree or from any git tree (GitReader), so push/check/rebase agree 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from fsbuild import patch as P
 from fsbuild import series as S
-from fsbuild import paths, proc, progress
+from fsbuild import paths, proc, progress, upstream
 from fsbuild.errors import (FsbuildError, MissingFileError, PatchApplyError, PatchFormatError,
                             UnsafePathError, WorkspaceError)
 from fsbuild.target import Target
@@ -454,17 +455,21 @@ class Workspace:
         files: dict[str, tuple[int, int]] = {}
         mark = 1
         prefix = up.topdir + "/"
-        with tarfile.open(up.tarball, "r:*") as tf, progress.bar(f"importing {up.version}") as bar:
+        with upstream.open_tar(up.tarball) as tf, progress.bar(f"importing {up.version}") as bar:
             for m in tf:
                 name = check_member(m, str(up.tarball))
                 if not name.startswith(prefix):
                     continue
                 rel = name[len(prefix):]
-                if m.isfile():
-                    fh = tf.extractfile(m)
-                    data = fh.read() if fh else b""
-                    mode = 0o100755 if m.mode & 0o100 else 0o100644
-                elif m.issym():
+                if m.isfile():  # streamed: a member is never held whole in memory
+                    mark += 1
+                    write(b"blob\nmark :%d\ndata %d\n" % (mark, m.size))
+                    upstream.stream_member(tf.extractfile(m) or io.BytesIO(), write, m.size, rel)
+                    write(b"\n")
+                    files[rel] = (0o100755 if m.mode & 0o100 else 0o100644, mark)
+                    bar.advance()
+                    continue
+                if m.issym():
                     data, mode = m.linkname.encode(), 0o120000
                 elif m.islnk():
                     target = files.get(check_member(tarfile.TarInfo(m.linkname), "")[len(prefix):])
