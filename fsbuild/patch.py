@@ -9,6 +9,7 @@ the bytes it produces are the ones `quilt push` (patch -p1 -f) would write.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ _MODE_RE = re.compile(rb"[0-7]{1,7}")
 _EPOCH_RE = re.compile(rb"19(70-01-01|69-12-31)|(Jan  1|Dec 31) [0-9:]+ 19(70|69)")
 
 
-@dataclass
+@dataclass(slots=True)  # big patches hold hundreds of thousands of hunks
 class Hunk:
     """One `@@` hunk. `lines` are (tag, content) with tag in ' -+' and content including its
     newline, unless the line was marked `\\ No newline at end of file`."""
@@ -35,8 +36,8 @@ class Hunk:
     section: bytes = b""
     lines: list[tuple[str, bytes]] = field(default_factory=list)
     lineno: int = 0
-    raw: bytes | None = None  # original bytes; None once edited (then re-rendered)
-    _key: tuple | None = field(default=None, repr=False, compare=False)
+    raw: bytes | None = None  # original bytes; re-rendered when the fields no longer match
+    cr: bool = False  # the lines were read with their CRs stripped (GNU's CRLF rule)
 
     def old_lines(self) -> list[bytes]:
         return [c for t, c in self.lines if t != "+"]
@@ -55,13 +56,23 @@ class Hunk:
         return (run if prefix == -1 else prefix), run
 
     def render(self) -> bytes:
-        if self.raw is not None and self._key == self._fingerprint():
+        if self.raw is not None and self._matches_raw():
             return self.raw
         return render_hunk(self)
 
-    def _fingerprint(self) -> tuple:
-        return (self.old_start, self.old_len, self.new_start, self.new_len, self.section,
-                tuple(self.lines))
+    def _matches_raw(self) -> bool:
+        """Whether the fields still say what `raw` says: edits are detected by reparsing at
+        render time rather than by a fingerprint copy of every line kept per hunk."""
+        fp = FilePatch(None, None, 0)
+        try:
+            _parse_hunks(_split_lines(self.raw or b""), 0, fp, "<hunk>", self.cr)
+        except PatchFormatError:
+            return False
+        if len(fp.hunks) != 1:
+            return False
+        h = fp.hunks[0]
+        return (h.old_start, h.old_len, h.new_start, h.new_len, h.section, h.lines) == \
+            (self.old_start, self.old_len, self.new_start, self.new_len, self.section, self.lines)
 
 
 @dataclass
@@ -104,13 +115,9 @@ class _Malformed(Exception):
 
 
 def _split_lines(data: bytes) -> list[bytes]:
-    """Split after each b"\\n" only (GNU patch ignores a lone \\r)."""
-    parts = data.split(b"\n")
-    last = parts.pop()
-    out = [p + b"\n" for p in parts]
-    if last:
-        out.append(last)
-    return out
+    """Split after each b"\\n" only (GNU patch ignores a lone \\r); BytesIO's C readlines
+    does exactly that, ~3x faster than split-and-append."""
+    return io.BytesIO(data).readlines()
 
 
 def _fetchname(text: bytes) -> tuple[str | None, bool]:
@@ -324,11 +331,6 @@ def _parse_hunks(lines: list[bytes], i: int, fp: FilePatch, name: str,
     """Parse consecutive hunks starting at lines[i]; return the index after the last one.
     With strip_cr, hunk lines ending in CRLF are read as ending in LF (the raw bytes stay)."""
     n = len(lines)
-    if strip_cr:
-        get = _crlf_to_lf
-    else:
-        def get(line: bytes) -> bytes:
-            return line
     while i < n and lines[i].startswith(b"@@ -"):
         start = i
         m = _HUNK_RE.match(lines[i])
@@ -337,48 +339,62 @@ def _parse_hunks(lines: list[bytes], i: int, fp: FilePatch, name: str,
         old_len = 1 if m.group(2) is None else int(m.group(2))
         new_len = 1 if m.group(4) is None else int(m.group(4))
         hunk = Hunk(int(m.group(1)), old_len, int(m.group(3)), new_len,
-                    section=m.group(5), lineno=i + 1)
-        i += 1
-        old_left, new_left = old_len, new_len
-        while old_left > 0 or new_left > 0:
-            if i >= n:
-                # GNU assumes up to two chopped blank context lines at end of file.
-                if new_left < 3 and old_left == new_left:
-                    hunk.lines.extend([(" ", b"\n")] * old_left)
-                    break
-                raise PatchFormatError(
-                    f"{name}:{i}: truncated hunk at end of patch "
-                    f"(hunk at line {hunk.lineno} lacks {old_left} old/{new_left} new lines)")
-            line = get(lines[i])
-            if line[:1] in (b"\t", b"\n") or line == b"\r\n":
-                tag, content = " ", line  # the leading space got eaten
-            elif line[:1] in (b" ", b"-", b"+"):
-                tag, content = chr(line[0]), line[1:]
-            else:
-                raise PatchFormatError(f"{name}:{i + 1}: malformed hunk line "
-                                       f"(hunk at line {hunk.lineno} is truncated or corrupt)")
-            if tag != "+":
-                if old_left == 0:
-                    raise PatchFormatError(f"{name}:{i + 1}: hunk has more old lines than its header says")
-                old_left -= 1
-            if tag != "-":
-                if new_left == 0:
-                    raise PatchFormatError(f"{name}:{i + 1}: hunk has more new lines than its header says")
-                new_left -= 1
-            i += 1
-            last = (tag != "+" and old_left == 0) or (tag != "-" and new_left == 0)
-            if last and i < n and lines[i].startswith(b"\\"):
-                content = content[:-1] if content.endswith(b"\n") else content
-                i += 1
-            hunk.lines.append((tag, content))
+                    section=m.group(5), lineno=i + 1, cr=strip_cr)
+        hunk.lines, i = _hunk_lines(lines, i + 1, old_len, new_len, strip_cr, name, hunk.lineno)
         hunk.raw = b"".join(lines[start:i])
-        hunk._key = hunk._fingerprint()
         fp.hunks.append(hunk)
     return i
 
 
-def _crlf_to_lf(line: bytes) -> bytes:
-    return line[:-2] + b"\n" if line.endswith(b"\r\n") else line
+def _hunk_lines(lines: list[bytes], i: int, old_left: int, new_left: int, strip_cr: bool,
+                name: str, lineno: int) -> tuple[list[tuple[str, bytes]], int]:
+    """The (tag, content) lines of one hunk body starting at lines[i], and the index after it.
+    The hot loop of big patches: one branch per line, no helper calls."""
+    n = len(lines)
+    out: list[tuple[str, bytes]] = []
+    append = out.append
+    while old_left > 0 or new_left > 0:
+        if i >= n:
+            # GNU assumes up to two chopped blank context lines at end of file.
+            if new_left < 3 and old_left == new_left:
+                out.extend([(" ", b"\n")] * old_left)
+                break
+            raise PatchFormatError(
+                f"{name}:{i}: truncated hunk at end of patch "
+                f"(hunk at line {lineno} lacks {old_left} old/{new_left} new lines)")
+        line = lines[i]
+        if strip_cr and line.endswith(b"\r\n"):
+            line = line[:-2] + b"\n"
+        c = line[0]
+        if c == 0x20 or c == 0x09 or c == 0x0A or line == b"\r\n":
+            if old_left == 0:
+                raise PatchFormatError(f"{name}:{i + 1}: hunk has more old lines than its header says")
+            if new_left == 0:
+                raise PatchFormatError(f"{name}:{i + 1}: hunk has more new lines than its header says")
+            old_left -= 1
+            new_left -= 1
+            tag, content = " ", (line[1:] if c == 0x20 else line)  # else: leading space eaten
+            last = old_left == 0 or new_left == 0
+        elif c == 0x2D:
+            if old_left == 0:
+                raise PatchFormatError(f"{name}:{i + 1}: hunk has more old lines than its header says")
+            old_left -= 1
+            tag, content, last = "-", line[1:], old_left == 0
+        elif c == 0x2B:
+            if new_left == 0:
+                raise PatchFormatError(f"{name}:{i + 1}: hunk has more new lines than its header says")
+            new_left -= 1
+            tag, content, last = "+", line[1:], new_left == 0
+        else:
+            raise PatchFormatError(f"{name}:{i + 1}: malformed hunk line "
+                                   f"(hunk at line {lineno} is truncated or corrupt)")
+        i += 1
+        if last and i < n and lines[i][:1] == b"\\":
+            if content.endswith(b"\n"):
+                content = content[:-1]
+            i += 1
+        append((tag, content))
+    return out, i
 
 
 def _check_names(files: list[FilePatch], name: str) -> None:
@@ -579,8 +595,17 @@ def apply_hunks(data: bytes, hunks: list[Hunk], fuzz: int = 0, path: str = "",
         results.append(HunkResult(path, idx, in_offset, used))
     out.extend(lines[frozen:])
     ragged = bool(lines) and not lines[-1].endswith(b"\n") or any(
-        not c.endswith(b"\n") for h in hunks for t, c in h.lines if t == "+")
+        _new_side_unterminated(h) for h in hunks)
     return (_join(out) if ragged else b"".join(out)), results
+
+
+def _new_side_unterminated(h: Hunk) -> bool:
+    """Whether the hunk's last new-side line is an added line without newline (only the last
+    line of a side can lack one), found from the end instead of scanning every line."""
+    for tag, content in reversed(h.lines):
+        if tag != "-":
+            return tag == "+" and not content.endswith(b"\n")
+    return False
 
 
 def _apply_one(lines: list[bytes], h: Hunk, where: int, frozen: int, out: list[bytes]) -> int:
