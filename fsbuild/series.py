@@ -372,6 +372,7 @@ def _check_link_target(tree: Tree, rel: str, target: bytes, patch: str) -> None:
     text = target.decode("utf-8", "surrogateescape")
     if not target or b"\0" in target or b"\n" in target:
         raise PatchApplyError(f"patch {patch}: {rel}: invalid symlink target {text!r}")
+
     def readlink(path: str) -> str | None:
         if path == rel or not tree.is_link(path):
             return None
