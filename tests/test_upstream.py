@@ -478,3 +478,18 @@ def test_sparse_gigabyte_member_is_streamed(tmp_path: Path) -> None:
     streamed, peak_kib = int(out[0]), int(out[1])
     assert streamed > 1 << 30
     assert peak_kib < 200 * 1024, f"peak RSS {peak_kib} KiB while streaming a 1 GiB member"
+
+
+@pytest.mark.parametrize("extra", [
+    [("q", tarfile.SYMTYPE, "."), ("p", tarfile.SYMTYPE, "q/../..")],
+    [("hl", tarfile.LNKTYPE, "elsewhere/file")],
+], ids=["symlink-chain", "hardlink-outside"])
+def test_cli_refuses_escaping_links_exit_4(tmp_path: Path, extra: list[tuple[str, bytes, str]]) -> None:
+    import sys
+    tb = make_tarball(tmp_path / "bad.tar.gz", "linux-1.0.0", kernel_files("1.0.0"),
+                      extra=[(_hostile(f"linux-1.0.0/{n}", k, d), b"") for n, k, d in extra])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "fsbuild", "upstream", "import", str(tb),
+                           "--target", "linux-6.1"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("fsbuild: error: ")
