@@ -5,7 +5,7 @@ identical, print both times and the ratio (target: fsbuild at least 5x faster).
 Extraction and tree copies are excluded; each tool runs FSBUILD_BENCH_ROUNDS (3) times on
 fresh trees, interleaved, and the best time of each is compared.
 
-Then one large patch (issue 12.14: ~51 MB, FSBUILD_BENCH_HUNKS=640000 hunks on one file) with
+Then one large patch (issue 12.14: 640k hunks, ~41 MB; FSBUILD_BENCH_HUNKS) on one file with
 `fsbuild apply` and GNU `patch -p1`: wall time and peak RSS of each, the ratios (target: within
 2x of GNU patch in both) and whether the results are identical.
 Usage: python3 ci/bench_apply.py [VERSION]"""
