@@ -4,7 +4,7 @@ CONFIG ?= mini
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps test bench demo userspace clean
+.PHONY: deps test bench fuzz demo userspace clean
 
 deps:
 	bash ci/deps.sh
@@ -14,6 +14,11 @@ test: deps
 
 bench: deps
 	$(PYTHON) ci/bench.py
+
+# The patch parser against a million mutated real diffs (make test runs 20,000 of them).
+FUZZ_COUNT ?= 1000000
+fuzz:
+	nice $(PYTHON) tests/test_fuzz.py $(FUZZ_COUNT)
 
 # End to end: RPMs for $(TARGET) with rpmbuild, verified, installed into an empty root,
 # then smoke-booted in QEMU. el6: make demo TARGET=el6 FSBUILD_EL6_SRC=/path/to/src

@@ -20,7 +20,7 @@ from pathlib import Path
 from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
                             RunInterruptedError, UnsafePathError)
 from fsbuild.patch import (FilePatch, Hunk, HunkFailed, HunkResult, Patch, apply_hunks,
-                           parse_patch, safe_relpath, strip_path)
+                           parse_patch, resolves_inside, safe_relpath, strip_path)
 
 # ---------------------------------------------------------------- series file
 
@@ -168,6 +168,12 @@ def write_series(series: Series, path: Path | None = None) -> str:
 class FileState:
     data: bytes
     mode: int  # permission bits
+    link: bool = False  # a symlink; data is its target
+
+
+LINK_TYPE = 0o120000
+_TYPE_MASK = 0o170000
+MAX_LINK_HOPS = 40  # Linux's MAXSYMLINKS
 
 
 class Tree:
@@ -189,6 +195,9 @@ class Tree:
             prefix = f"{prefix}/{part}" if prefix else part
             known = self._dirs.get(prefix)
             if known is None:
+                if (st_ := self.cur.get(prefix)) is not None and st_.link:
+                    raise UnsafePathError(f"{prefix} in {self.root} is a symlink made by the "
+                                          "series; refusing to patch through it")
                 try:
                     st = os.lstat(self.root / prefix)
                 except FileNotFoundError:
@@ -216,10 +225,9 @@ class Tree:
             except (FileNotFoundError, NotADirectoryError):
                 st = None
             if st is not None:
-                if stat.S_ISLNK(st.st_mode):
-                    raise UnsafePathError(f"{rel} in {self.root} is a symlink "
-                                          f"(to {os.readlink(full)}); refusing to patch it")
-                if stat.S_ISREG(st.st_mode):
+                if stat.S_ISLNK(st.st_mode):  # only a diff of the link itself may use it
+                    state = FileState(os.fsencode(os.readlink(full)), 0o777, link=True)
+                elif stat.S_ISREG(st.st_mode):
                     with open(full, "rb") as fh:
                         state = FileState(fh.read(), stat.S_IMODE(st.st_mode) & 0o777)
         self.orig[rel] = state
@@ -233,6 +241,10 @@ class Tree:
     def set(self, rel: str, state: FileState | None) -> None:
         self._load(rel)  # remember the original for the diff and the symlink check
         self.cur[rel] = state
+
+    def is_link(self, rel: str) -> bool:
+        st = self.get(rel) if self._check_dirs(rel) else None
+        return st is not None and st.link
 
     def new_mode(self) -> int:
         return 0o666 & ~self._umask
@@ -314,7 +326,14 @@ def apply_file(tree: Tree, fp: FilePatch, strip: int, fuzz: int, patch: str,
     if (fp.rename or fp.copy) and (old is None or new is None):
         raise PatchApplyError(f"patch {patch}: cannot rename/copy {inname} without two names")
     outname = new if (fp.rename or fp.copy) and new else inname
+    link = _is_link_diff(fp, patch, outname)
     state = tree.get(inname)
+    if state is not None and state.link != link:
+        if state.link:
+            raise UnsafePathError(f"{inname} in {tree.root} is a symlink (to "
+                                  f"{state.data.decode(errors='replace')}); refusing to patch it")
+        raise PatchApplyError(f"patch {patch}: {inname}: the diff is for a symlink, "
+                              "the file is not one")
     data = state.data if state else b""
     try:
         out, results = apply_hunks(data, fp.hunks, fuzz, outname, creating=fp.old_absent == 2)
@@ -334,6 +353,12 @@ def apply_file(tree: Tree, fp: FilePatch, strip: int, fuzz: int, patch: str,
     set_mode = bool(fp.new_mode) and fp.old_mode != fp.new_mode
     if not fp.hunks and not set_mode and not fp.rename and not fp.copy:
         return  # GNU leaves such files alone
+    if link:
+        _check_link_target(tree, outname, out, patch)
+        tree.set(outname, FileState(out, 0o777, link=True))
+        if fp.rename and inname != outname:
+            tree.set(inname, None)
+        return
     if set_mode:
         mode = fp.new_mode & 0o777  # type: ignore[operator]
     else:
@@ -341,6 +366,35 @@ def apply_file(tree: Tree, fp: FilePatch, strip: int, fuzz: int, patch: str,
     tree.set(outname, FileState(out, mode))
     if fp.rename and inname != outname:
         tree.set(inname, None)
+
+
+def _is_link_diff(fp: FilePatch, patch: str, name: str) -> bool:
+    """Whether the diff is of a symlink (git mode 120000). Like GNU patch, a diff that changes
+    a file's type (regular file <-> symlink) is refused."""
+    old_type = (fp.old_mode or 0) & _TYPE_MASK
+    new_type = (fp.new_mode or 0) & _TYPE_MASK
+    if old_type and new_type and old_type != new_type:
+        raise PatchApplyError(f"patch {patch}: {name}: cannot change the file type from "
+                              f"{old_type:o} to {new_type:o}")
+    return (old_type or new_type) == LINK_TYPE
+
+
+def _check_link_target(tree: Tree, rel: str, target: bytes, patch: str) -> None:
+    """A symlink the series creates must point inside the tree, following every link it
+    meets on the way (on disk or made earlier in the series), not just by its text."""
+    text = target.decode("utf-8", "surrogateescape")
+    if not target or b"\0" in target or b"\n" in target:
+        raise PatchApplyError(f"patch {patch}: {rel}: invalid symlink target {text!r}")
+
+    def readlink(path: str) -> str | None:
+        if path == rel or not tree.is_link(path):
+            return None
+        st = tree.get(path)
+        return st.data.decode("utf-8", "surrogateescape") if st else None
+
+    if text.startswith("/") or not resolves_inside(rel.split("/")[:-1], text, readlink,
+                                                   max_hops=MAX_LINK_HOPS):
+        raise UnsafePathError(f"patch {patch}: symlink {rel} -> {text} leads outside the tree")
 
 
 def apply_patch(tree: Tree, patch: Patch, strip: int = 1, fuzz: int = 0,
@@ -429,6 +483,9 @@ def commit(root: Path, changes: dict[str, FileState | None],
 
 def _write_temp(target: Path, st: FileState) -> Path:
     tmp = target.with_name(f".{target.name}.fsbuild-{os.getpid()}")
+    if st.link:
+        os.symlink(st.data, tmp)
+        return tmp
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(st.data)

@@ -1,6 +1,7 @@
 """Upstream sources: turn an SRPM, a tarball, a directory or a git ref into one pristine
 kernel tarball (plus the SRPM's spec and config-* files), validated against hostile
-content and cached by content digest under state_dir()/upstream/<sha256>/.
+content (escaping names and links, devices, members or totals over the size ceilings) and
+cached under state_dir()/upstream/<kind>-<sha256 of the source as given>/.
 
 The tarball is the original bytes for SRPM/tarball sources and a deterministic tarball
 (sorted entries, fixed mtime/owner, gzip mtime 0) for directories and git refs, so the
@@ -20,13 +21,14 @@ import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
 
 from fsbuild import paths, proc
-from fsbuild.errors import MissingFileError, UnsafePathError, UpstreamError
+from fsbuild.errors import ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError
+from fsbuild.patch import resolves_inside
 from fsbuild.target import Target
 
 CHUNK = 1 << 20
@@ -34,6 +36,13 @@ FIXED_MTIME = 1_000_000_000  # 2001-09-09: deterministic tarballs need *some* co
 META = "meta.json"
 _MAGIC = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
 RPM_MAGIC = b"\xed\xab\xee\xdb"
+GiB = 1 << 30
+# Ceilings well above any kernel tree (~1.5 GiB unpacked, largest file ~30 MiB); a hostile
+# archive can claim terabytes in a few hundred bytes (sparse or highly compressed members).
+DEFAULT_MAX_MEMBER = 2 * GiB
+DEFAULT_MAX_TOTAL = 16 * GiB
+MAX_META = 1 << 20  # pax / GNU long-name headers: tarfile reads them whole
+MAX_LINK = 4096     # PATH_MAX: a symlink target
 
 
 @dataclass(frozen=True)
@@ -140,13 +149,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _cached(target: str, digest: str) -> Upstream | None:
-    entry = cache_root() / digest
+def _entry_key(kind: str, digest: str) -> str:
+    """Cache entries are keyed by the source as given: an SRPM holding a tarball is not that
+    tarball (it adds configs and a spec); directories and git refs share `tree`."""
+    return f"{kind}-{digest}"
+
+
+def _cached(target: str, key: str) -> Upstream | None:
+    entry = cache_root() / key
     try:
         meta = json.loads((entry / META).read_text())
-    except (OSError, ValueError):
+        tarball = entry / meta["tarball"]
+        digest = meta["digest"]  # entries older than per-kind keys lack it: re-imported
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    tarball = entry / meta["tarball"]
     if not tarball.is_file():
         return None
     return Upstream(target=target, version=meta["version"], tarball=tarball,
@@ -161,9 +177,9 @@ def _staging() -> Path:
     return Path(tempfile.mkdtemp(prefix=".import-", dir=cache_root()))
 
 
-def _commit_entry(stage: Path, digest: str, meta: dict[str, object]) -> Path:
+def _commit_entry(stage: Path, key: str, meta: dict[str, object]) -> Path:
     (stage / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-    final = cache_root() / digest
+    final = cache_root() / key
     if final.exists():  # a concurrent/previous import of the same bytes won
         shutil.rmtree(stage, ignore_errors=True)
         if (final / META).is_file():
@@ -185,24 +201,25 @@ def sha256_file(path: Path) -> str:
 
 def _from_tarball(target: str, path: Path) -> Upstream:
     key = _fingerprint(path)
-    digest = _index_get(key)
-    if digest and (up := _cached(target, digest)):
+    entry = _index_get(key)
+    if entry and (up := _cached(target, entry)):
         return up
     digest = sha256_file(path)
-    if up := _cached(target, digest):
-        _index_put(key, digest)
+    entry = _entry_key("tarball", digest)
+    if up := _cached(target, entry):
+        _index_put(key, entry)
         return up
     topdir, version = scan_tarball(path)
     stage = _staging()
     try:
         _link_or_copy(path, stage / path.name)
-        _commit_entry(stage, digest, {"version": version, "topdir": topdir, "tarball": path.name,
-                                      "source": str(path)})
+        _commit_entry(stage, entry, {"kind": "tarball", "digest": digest, "version": version,
+                                     "topdir": topdir, "tarball": path.name, "source": str(path)})
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    _index_put(key, digest)
-    return _cached(target, digest)  # type: ignore[return-value]
+    _index_put(key, entry)
+    return _cached(target, entry)  # type: ignore[return-value]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -213,17 +230,19 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def scan_tarball(path: Path | None = None, fileobj: IO[bytes] | None = None) -> tuple[str, str]:
-    """Validate every member (no tar slip, no escaping links, no device nodes, one top
-    directory) and return (topdir, version from the top Makefile)."""
+    """Validate every member (no tar slip, no link leading out of the top directory, no
+    device nodes, one top directory, sizes under the ceilings) and return (topdir, version
+    from the top Makefile)."""
+    where = str(path or "tarball")
     try:
-        with tarfile.open(name=path, fileobj=fileobj, mode="r:*") as tf:
-            topdir, makefile = _scan_members(tf, str(path or "tarball"))
+        with open_tar(path, fileobj) as tf:
+            topdir, makefile = _scan_members(tf, where)
     except tarfile.TarError as exc:
-        raise UpstreamError(f"{path or 'tarball'}: not a readable tarball ({exc})") from exc
+        raise UpstreamError(f"{where}: not a readable tarball ({exc})") from exc
     except (EOFError, OSError, ValueError) as exc:  # truncated / corrupt compression
-        raise UpstreamError(f"{path or 'tarball'}: corrupt tarball ({exc})") from exc
+        raise UpstreamError(f"{where}: corrupt tarball ({exc})") from exc
     if makefile is None:
-        raise UpstreamError(f"{path or 'tarball'}: no {topdir}/Makefile: not a kernel tree")
+        raise UpstreamError(f"{where}: no {topdir}/Makefile: not a kernel tree")
     version = makefile_version(makefile)
     # RHEL-style tarballs name their release in the top dir: linux-2.6.32-431.17.1.el6
     if topdir.startswith(f"linux-{version}-"):
@@ -231,27 +250,160 @@ def scan_tarball(path: Path | None = None, fileobj: IO[bytes] | None = None) -> 
     return topdir, version
 
 
+class _BoundedInfo(tarfile.TarInfo):
+    """tarfile reads pax and GNU long-name headers into memory whole: refuse huge ones
+    before it does."""
+
+    def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        _meta_size(self)
+        return super()._proc_gnulong(tf)  # type: ignore[misc]
+
+    def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        _meta_size(self)
+        return super()._proc_pax(tf)  # type: ignore[misc]
+
+
+def _meta_size(info: tarfile.TarInfo) -> None:
+    if info.size > MAX_META:
+        raise ArchiveLimitError(f"tar header of {info.size} bytes for {info.name!r} is over "
+                                f"the {MAX_META}-byte ceiling")
+
+
+def open_tar(path: Path | None = None, fileobj: IO[bytes] | None = None) -> tarfile.TarFile:
+    return tarfile.open(name=path, fileobj=fileobj, mode="r:*", tarinfo=_BoundedInfo)
+
+
 def _scan_members(tf: tarfile.TarFile, where: str) -> tuple[str, bytes | None]:
-    topdir: str | None = None
+    guard = ArchiveGuard(where, single_top=True)
     makefile: bytes | None = None
     for m in tf:
-        name = check_member(m, where)
-        top = name.split("/", 1)[0]
-        if topdir is None:
-            topdir = top
-        elif top != topdir:
-            raise UpstreamError(f"{where}: more than one top-level directory ({topdir}, {top})")
-        if name == f"{topdir}/Makefile" and m.isfile():
+        name = guard.member(m)
+        if name == f"{guard.topdir}/Makefile" and m.isfile():
             fh = tf.extractfile(m)
-            makefile = fh.read() if fh else None
-    if topdir is None:
+            makefile = fh.read(MAX_LINK * 256) if fh else None
+    guard.finish()
+    if guard.topdir is None:
         raise UpstreamError(f"{where}: empty tarball")
-    return topdir, makefile
+    return guard.topdir, makefile
+
+
+def limits() -> tuple[int, int]:
+    """(member, total) ceilings in bytes: FSBUILD_MAX_MEMBER / FSBUILD_MAX_TOTAL (bytes, or
+    with a K/M/G/T suffix), 2 GiB / 16 GiB by default."""
+    return (_size_env("FSBUILD_MAX_MEMBER", DEFAULT_MAX_MEMBER),
+            _size_env("FSBUILD_MAX_TOTAL", DEFAULT_MAX_TOTAL))
+
+
+def _size_env(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    m = re.fullmatch(r"(\d+)\s*([KMGT]?)i?B?", text, re.I)
+    if not m:
+        raise ArchiveLimitError(f"{name}={text!r} is not a size (bytes, or with K/M/G/T)")
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+
+
+class ArchiveGuard:
+    """Checks an archive's members in order, the way extracting them would see them: names
+    and link targets must stay inside the tree (the top directory when single_top), resolved
+    through every earlier symlink rather than by their text; member and total sizes stay
+    under the ceilings. finish() re-checks every link against the final set of links."""
+
+    def __init__(self, where: str, single_top: bool = False) -> None:
+        self.where = where
+        self.single_top = single_top
+        self.topdir: str | None = None
+        self.links: dict[str, str] = {}
+        self.files: set[str] = set()
+        self.total = 0
+        self.max_member, self.max_total = limits()
+
+    def member(self, m: tarfile.TarInfo) -> str:
+        """The member's normalized name; raises UnsafePathError / ArchiveLimitError."""
+        name = safe_relpath(m.name, self.where)
+        if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+            raise UnsafePathError(f"{self.where}: member {m.name!r} is a device node or fifo")
+        self.parent_inside(m.name)  # as written: `q/..` is not `.` when q is a link
+        self._top(name)
+        if self.single_top and name == self.topdir and (m.issym() or m.islnk()):
+            raise UnsafePathError(f"{self.where}: the top directory {name!r} is a link")
+        if name in self.links:
+            raise UnsafePathError(f"{self.where}: member {m.name!r} replaces a symlink")
+        if m.issym():
+            self.link(name, m.linkname)
+        elif m.islnk():
+            self._hardlink(name, m.linkname)
+        elif m.isfile():
+            self.size(name, m.size)
+            self.files.add(name)
+        return name
+
+    def size(self, name: str, size: int) -> None:
+        if size > self.max_member:
+            raise ArchiveLimitError(f"{self.where}: member {name} is {size} bytes, over the "
+                                    f"{self.max_member}-byte ceiling (FSBUILD_MAX_MEMBER)")
+        self.total += size
+        if self.total > self.max_total:
+            raise ArchiveLimitError(f"{self.where}: members total over the {self.max_total}-byte "
+                                    "ceiling (FSBUILD_MAX_TOTAL)")
+
+    def link(self, name: str, dest: str) -> None:
+        if len(dest) > MAX_LINK or "\0" in dest:
+            raise UnsafePathError(f"{self.where}: symlink {name!r} has an invalid target")
+        if posixpath.isabs(dest) or not self._inside(name, dest):
+            raise UnsafePathError(f"{self.where}: symlink {name!r} -> {dest!r} leads outside the tree")
+        self.links[name] = dest
+
+    def finish(self) -> None:
+        """Links are followed after extraction: a later link may redirect an earlier one."""
+        for name, dest in self.links.items():
+            if not self._inside(name, dest):
+                raise UnsafePathError(f"{self.where}: symlink {name!r} -> {dest!r} leads "
+                                      "outside the tree (through another link)")
+
+    def _top(self, name: str) -> None:
+        if not self.single_top:
+            return
+        top = name.split("/", 1)[0]
+        if self.topdir is None:
+            self.topdir = top
+        elif top != self.topdir:
+            raise UpstreamError(f"{self.where}: more than one top-level directory "
+                                f"({self.topdir}, {top})")
+
+    def _floor(self) -> int:
+        return 1 if self.single_top else 0
+
+    def _inside(self, name: str, dest: str) -> bool:
+        return resolves_inside(name.split("/")[:-1], dest, self.links.get, self._floor())
+
+    def parent_inside(self, name: str) -> None:
+        """A member written through an earlier symlink lands where that link points."""
+        if not self.links and ".." not in name.split("/"):
+            return
+        parent = posixpath.dirname(name)
+        if parent and not resolves_inside([], parent, self.links.get, self._floor()):
+            raise UnsafePathError(f"{self.where}: member {name!r} is written through a "
+                                  "symlink leading outside the tree")
+
+    def _hardlink(self, name: str, dest: str) -> None:
+        target = safe_relpath(dest, self.where, what="hardlink target")
+        self.parent_inside(dest)
+        if self.single_top and target.split("/", 1)[0] != self.topdir:
+            raise UnsafePathError(f"{self.where}: hardlink {name!r} -> {dest!r} points outside "
+                                  f"the top directory {self.topdir}")
+        if target in self.links:  # a hard link to a symlink is that symlink at a new place
+            self.link(name, self.links[target])
+        elif target not in self.files:
+            raise UpstreamError(f"{self.where}: hardlink {name!r} -> {dest!r} names no "
+                                "earlier file of the archive")
 
 
 def check_member(m: tarfile.TarInfo, where: str) -> str:
-    """The member's normalized name, or UnsafePathError when extracting it could write
-    outside the tree or create something other than files, dirs and inner links."""
+    """The member's normalized name, or UnsafePathError when it is a device node or its name
+    leaves the tree; link texts are checked alone. Where links resolve needs the whole
+    archive: ArchiveGuard (scan_tarball) checks that."""
     name = safe_relpath(m.name, where)
     if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
         raise UnsafePathError(f"{where}: member {m.name!r} is a device node or fifo")
@@ -262,6 +414,16 @@ def check_member(m: tarfile.TarInfo, where: str) -> str:
     if m.islnk():
         safe_relpath(m.linkname, where, what="hardlink target")
     return name
+
+
+def stream_member(src: IO[bytes], write: Callable[[bytes], object], size: int, where: str) -> None:
+    """Copy exactly `size` bytes in CHUNK pieces: a member is never held whole in memory."""
+    while size > 0:
+        chunk = src.read(min(CHUNK, size))
+        if not chunk:
+            raise UpstreamError(f"{where}: truncated member data")
+        write(chunk)
+        size -= len(chunk)
 
 
 def safe_relpath(name: str, where: str, what: str = "member") -> str:
@@ -298,21 +460,22 @@ def makefile_version(makefile: bytes) -> str:
 
 def _from_srpm(target: str, path: Path) -> Upstream:
     key = _fingerprint(path)
-    digest = _index_get(key)
-    if digest and (up := _cached(target, digest)):
+    entry = _index_get(key)
+    if entry and (up := _cached(target, entry)):
+        return up
+    entry = _entry_key("srpm", sha256_file(path))
+    if up := _cached(target, entry):
+        _index_put(key, entry)
         return up
     stage = _staging()
     try:
         digest, meta = _extract_srpm(path, stage)
-        if _cached(target, digest) is None:
-            _commit_entry(stage, digest, meta)
-        else:
-            shutil.rmtree(stage, ignore_errors=True)
+        _commit_entry(stage, entry, {**meta, "kind": "srpm", "digest": digest})
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    _index_put(key, digest)
-    return _cached(target, digest)  # type: ignore[return-value]
+    _index_put(key, entry)
+    return _cached(target, entry)  # type: ignore[return-value]
 
 
 def _extract_srpm(path: Path, stage: Path) -> tuple[str, dict[str, object]]:
@@ -355,25 +518,31 @@ def _copy_srpm_members(stream: BinaryIO, stage: Path, where: str) -> list[str]:
     """One pass over the cpio payload: validate every member, copy the tarball, spec and
     config-* files (by basename, flat) into `stage`."""
     wanted: list[str] = []
+    guard = ArchiveGuard(where)
     for name, mode, size in iter_cpio(stream, where):
-        safe_relpath(name, where)
+        name = safe_relpath(name, where)
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
             raise UnsafePathError(f"{where}: member {name!r} is a device node or fifo")
+        guard.parent_inside(name)
         base = posixpath.basename(name)
         keep = kind == stat.S_IFREG and (re.match(r"linux-.*\.tar", base) or base.startswith("config-")
                                          or base.endswith(".spec"))
         if kind == stat.S_IFLNK:
-            target = stream.read(size).decode(errors="replace")
-            if posixpath.isabs(target) or _escapes(posixpath.join(posixpath.dirname(name), target)):
-                raise UnsafePathError(f"{where}: symlink {name!r} -> {target!r} leads outside")
-        elif keep:
-            with open(stage / base, "wb") as out:
-                _copy_n(stream, out, size)
-            wanted.append(base)
+            if size > MAX_LINK:
+                raise UnsafePathError(f"{where}: symlink {name!r} has a {size}-byte target")
+            guard.link(name, stream.read(size).decode(errors="replace"))
         else:
-            _copy_n(stream, None, size)
+            if kind == stat.S_IFREG:
+                guard.size(name, size)
+            if keep:
+                with open(stage / base, "wb") as out:
+                    _copy_n(stream, out, size)
+                wanted.append(base)
+            else:
+                _copy_n(stream, None, size)
         _skip_pad(stream, size)
+    guard.finish()
     return wanted
 
 
@@ -416,10 +585,27 @@ class _Entry:
     name: str            # relative to the tree root
     kind: str            # file | dir | symlink
     mode: int = 0o644
-    data: bytes | None = None   # file content (git) ...
-    path: Path | None = None    # ... or where to read it (dir)
+    data: bytes | None = None   # file content ...
+    path: Path | None = None    # ... or where to read it (dir) ...
+    member: tuple[tarfile.TarFile, tarfile.TarInfo] | None = None  # ... or a tar member (git)
     link: str = ""
     stamp: tuple[int, ...] = ()  # (size, mtime_ns, ctime_ns, inode) of a dir source's file
+
+    def size(self) -> int:
+        if self.data is not None:
+            return len(self.data)
+        if self.member is not None:
+            return self.member[1].size
+        return self.stamp[0] if self.stamp else os.stat(self.path).st_size  # type: ignore[arg-type]
+
+    def open(self) -> IO[bytes]:
+        """The content as a stream: files are copied in chunks, never read whole."""
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        if self.member is not None:
+            fh = self.member[0].extractfile(self.member[1])
+            return fh if fh is not None else io.BytesIO(b"")
+        return open(self.path, "rb")  # type: ignore[arg-type]
 
 
 # A file changed within this window of its last stat may not show in mtime/ctime yet (coarse
@@ -432,12 +618,12 @@ def _from_dir(target: str, root: Path) -> Upstream:
     size, mtime, ctime and inode as before) is found in the index by its stat signature."""
     entries = list(_walk_dir(root))
     key, settled = _dir_key(root, entries)
-    digest = _index_get(key)
-    if digest and (up := _cached(target, digest)):
+    entry = _index_get(key)
+    if entry and (up := _cached(target, entry)):
         return up
     up = _from_entries(target, entries, f"dir:{root}")
     if settled:
-        _index_put(key, up.digest)
+        _index_put(key, _entry_key("tree", up.digest))
     return up
 
 
@@ -451,6 +637,7 @@ def _dir_key(root: Path, entries: list[_Entry]) -> tuple[str, bool]:
 
 
 def _walk_dir(root: Path) -> Iterator[_Entry]:
+    guard = ArchiveGuard(str(root))
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != ".git")
         rel_dir = os.path.relpath(dirpath, root)
@@ -460,16 +647,17 @@ def _walk_dir(root: Path) -> Iterator[_Entry]:
             st = full.lstat()
             if stat.S_ISLNK(st.st_mode):
                 dest = os.readlink(full)
-                if os.path.isabs(dest) or _escapes(posixpath.join(posixpath.dirname(rel), dest)):
-                    raise UnsafePathError(f"{root}: symlink {rel} -> {dest} leads outside the tree")
+                guard.link(rel, dest)
                 yield _Entry(rel, "symlink", link=dest)
             elif stat.S_ISDIR(st.st_mode):
                 yield _Entry(rel, "dir", mode=0o755)
             elif stat.S_ISREG(st.st_mode):
+                guard.size(rel, st.st_size)
                 yield _Entry(rel, "file", mode=0o755 if st.st_mode & 0o100 else 0o644, path=full,
                              stamp=(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
             else:
                 raise UnsafePathError(f"{root}: {rel} is a device node, fifo or socket")
+    guard.finish()
 
 
 def _from_git(target: str, repo: Path, ref: str) -> Upstream:
@@ -477,28 +665,34 @@ def _from_git(target: str, repo: Path, ref: str) -> Upstream:
     tree = proc.run(["git", "-C", repo, "rev-parse", "--verify", f"{ref}^{{tree}}"],
                     error=UpstreamError).stdout.decode().strip()
     key = f"git-tree:{tree}"
-    digest = _index_get(key)
-    if digest and (up := _cached(target, digest)):
+    entry = _index_get(key)
+    if entry and (up := _cached(target, entry)):
         return up
-    archive = proc.run(["git", "-C", repo, "archive", "--format=tar", tree], error=UpstreamError)
-    entries = list(_tar_entries(archive.stdout, f"{repo}@{ref}"))
-    up = _from_entries(target, entries, f"git:{repo}@{ref}")
-    _index_put(key, up.digest)
+    stage = _staging()
+    try:  # the archive goes to a file, not into memory: a kernel tree is ~1.5 GiB
+        archive = stage / "tree.tar"
+        proc.run(["git", "-C", repo, "archive", "--format=tar", "-o", archive, tree],
+                 error=UpstreamError)
+        with open_tar(archive) as tf:
+            entries = list(_tar_entries(tf, f"{repo}@{ref}"))
+            up = _from_entries(target, entries, f"git:{repo}@{ref}")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    _index_put(key, _entry_key("tree", up.digest))
     return up
 
 
-def _tar_entries(data: bytes, where: str) -> Iterator[_Entry]:
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
-        for m in tf:
-            name = check_member(m, where)
-            if m.isdir():
-                yield _Entry(name, "dir", mode=0o755)
-            elif m.issym():
-                yield _Entry(name, "symlink", link=m.linkname)
-            elif m.isfile():
-                fh = tf.extractfile(m)
-                yield _Entry(name, "file", mode=0o755 if m.mode & 0o100 else 0o644,
-                             data=fh.read() if fh else b"")
+def _tar_entries(tf: tarfile.TarFile, where: str) -> Iterator[_Entry]:
+    guard = ArchiveGuard(where)
+    for m in tf:
+        name = guard.member(m)
+        if m.isdir():
+            yield _Entry(name, "dir", mode=0o755)
+        elif m.issym():
+            yield _Entry(name, "symlink", link=m.linkname)
+        elif m.isfile():
+            yield _Entry(name, "file", mode=0o755 if m.mode & 0o100 else 0o644, member=(tf, m))
+    guard.finish()
 
 
 def _from_entries(target: str, entries: list[_Entry], where: str) -> Upstream:
@@ -506,23 +700,24 @@ def _from_entries(target: str, entries: list[_Entry], where: str) -> Upstream:
     makefile = next((e for e in entries if e.name == "Makefile" and e.kind == "file"), None)
     if makefile is None:
         raise UpstreamError(f"{where}: no top-level Makefile: not a kernel tree")
-    mk = makefile.data if makefile.data is not None else makefile.path.read_bytes()  # type: ignore[union-attr]
-    version = makefile_version(mk)
+    with makefile.open() as fh:
+        version = makefile_version(fh.read(MAX_LINK * 256))
     topdir = f"linux-{version}"
     stage = _staging()
     try:
         tmp = stage / f"{topdir}.tar.gz"
         write_deterministic_tar(tmp, topdir, entries)
         digest = sha256_file(tmp)
-        if _cached(target, digest) is None:
-            _commit_entry(stage, digest, {"version": version, "topdir": topdir,
-                                          "tarball": tmp.name, "source": where})
+        entry = _entry_key("tree", digest)
+        if _cached(target, entry) is None:
+            _commit_entry(stage, entry, {"kind": "tree", "digest": digest, "version": version,
+                                         "topdir": topdir, "tarball": tmp.name, "source": where})
         else:
             shutil.rmtree(stage, ignore_errors=True)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return _cached(target, digest)  # type: ignore[return-value]
+    return _cached(target, entry)  # type: ignore[return-value]
 
 
 def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry]) -> None:
@@ -540,10 +735,10 @@ def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry]) -> No
                 info.linkname = e.link
                 tf.addfile(info)
             else:
-                data = e.data if e.data is not None else e.path.read_bytes()  # type: ignore[union-attr]
                 info = _info(name, tarfile.REGTYPE, e.mode)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
+                info.size = e.size()
+                with e.open() as fh:
+                    tf.addfile(info, fh)
 
 
 def _info(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:

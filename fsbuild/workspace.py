@@ -10,6 +10,7 @@ from the work tree or from any git tree (GitReader), so push/check/rebase agree 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from fsbuild import patch as P
 from fsbuild import series as S
-from fsbuild import lock, paths, proc, progress
+from fsbuild import lock, paths, proc, progress, upstream
 from fsbuild.errors import (FsbuildError, LockHeldError, MissingFileError, PatchApplyError, PatchFormatError,
                             UnsafePathError, WorkspaceError)
 from fsbuild.target import Target
@@ -269,7 +270,8 @@ class _ReaderTree(S.Tree):
     def _load(self, rel: str) -> S.FileState | None:
         if rel not in self.orig:
             content = self._read(rel)
-            self.orig[rel] = None if content is None else S.FileState(content[0], content[1] & 0o777)
+            self.orig[rel] = None if content is None else S.FileState(
+                content[0], content[1] & 0o777, link=content[1] & 0o170000 == S.LINK_TYPE)
         return self.orig[rel]
 
     def _check_dirs(self, rel: str) -> bool:
@@ -298,7 +300,8 @@ def apply_patch(data: bytes, name: str, strip: int, read: Reader, fuzz: int = 0,
     tree = _ReaderTree(read)
     report = S.apply_patch(tree, parsed, strip=strip, fuzz=fuzz, reverse=reverse)
     changes: dict[str, Content] = {
-        path: None if st is None else (st.data, 0o100755 if st.mode & 0o100 else 0o100644)
+        path: None if st is None else (st.data, S.LINK_TYPE if st.link else
+                                       0o100755 if st.mode & 0o100 else 0o100644)
         for path, st in tree.changes().items()}
     offsets = [(r.file, r.hunk, r.offset, r.fuzz) for r in report.hunks if r.offset or r.fuzz]
     return Applied(changes, offsets)
@@ -690,17 +693,21 @@ class Workspace:
         files: dict[str, tuple[int, int]] = {}
         mark = 1
         prefix = up.topdir + "/"
-        with tarfile.open(up.tarball, "r:*") as tf, progress.bar(f"importing {up.version}") as bar:
+        with upstream.open_tar(up.tarball) as tf, progress.bar(f"importing {up.version}") as bar:
             for m in tf:
                 name = check_member(m, str(up.tarball))
                 if not name.startswith(prefix):
                     continue
                 rel = name[len(prefix):]
-                if m.isfile():
-                    fh = tf.extractfile(m)
-                    data = fh.read() if fh else b""
-                    mode = 0o100755 if m.mode & 0o100 else 0o100644
-                elif m.issym():
+                if m.isfile():  # streamed: a member is never held whole in memory
+                    mark += 1
+                    write(b"blob\nmark :%d\ndata %d\n" % (mark, m.size))
+                    upstream.stream_member(tf.extractfile(m) or io.BytesIO(), write, m.size, rel)
+                    write(b"\n")
+                    files[rel] = (0o100755 if m.mode & 0o100 else 0o100644, mark)
+                    bar.advance()
+                    continue
+                if m.issym():
                     data, mode = m.linkname.encode(), 0o120000
                 elif m.islnk():
                     target = files.get(check_member(tarfile.TarInfo(m.linkname), "")[len(prefix):])

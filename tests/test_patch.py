@@ -3,6 +3,7 @@ including property tests against `diff -u` and GNU `patch` itself."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fsbuild.errors import PatchFormatError, UnsafePathError
+from fsbuild.errors import PatchApplyError, PatchFormatError, UnsafePathError
 from fsbuild.patch import HunkFailed, apply_hunks, format_patch, parse_patch, strip_path
 from fsbuild.series import PatchReport, Tree, apply_patch
 from tests.conftest import require_tool
@@ -310,3 +311,150 @@ def test_agrees_with_gnu_patch(case: tuple[bytes, bytes, int]) -> None:
 
 def test_report_type_is_exported() -> None:
     assert PatchReport("x").files == []
+
+
+# ---------------------------------------------------------------- malformed git headers (#12.10)
+
+@pytest.mark.parametrize("header", [
+    b"old mode 10064x\nnew mode 100755\n",
+    b"old mode 100644\nnew mode 1007_55\n",
+    b"new file mode 10064x\n",
+    b"deleted file mode 9\n",
+    b"new mode \n",
+    b"index 0000000..1111111 " + b"7" * 5000 + b"\n",
+], ids=["old-mode", "underscore", "new-file-mode", "deleted-file-mode", "empty", "index-huge"])
+def test_bad_octal_in_git_header_is_a_format_error(header: bytes) -> None:
+    body = b"diff --git a/f b/f\n" + header + b"--- a/f\n+++ b/f\n@@ -1 +1 @@\n-a\n+b\n"
+    with pytest.raises(PatchFormatError, match=r"p:[23]: .*mode"):
+        parse_patch(body, "p")
+
+
+@pytest.mark.parametrize("name", [rb'"a/x\08"', rb'"a/x\777"', rb'"a/x\7"'])
+def test_bad_octal_escape_in_quoted_name_is_a_format_error(name: bytes) -> None:
+    body = b"diff --git " + name + b" " + name.replace(b"a/", b"b/") + b"\nnew file mode 100644\n"
+    with pytest.raises(PatchFormatError, match="p:1: .*escape"):
+        parse_patch(body, "p")
+    body = b"--- " + name + b"\n+++ " + name.replace(b"a/", b"b/") + b"\n@@ -1 +1 @@\n-a\n+b\n"
+    with pytest.raises(PatchFormatError, match="p:1: .*escape"):
+        parse_patch(body, "p")
+
+
+def test_huge_numbers_in_hunk_header_are_a_format_error() -> None:
+    body = b"--- a/f\n+++ b/f\n@@ -" + b"1" * 5000 + b" +1 @@\n-a\n+b\n"
+    with pytest.raises(PatchFormatError, match="p:3: malformed hunk header"):
+        parse_patch(body, "p")
+
+
+def test_quoted_octal_escape_decodes() -> None:
+    body = b'diff --git "a/\\303\\251t\\303\\251" "b/\\303\\251t\\303\\251"\nnew file mode 100644\n'
+    fp = parse_patch(body, "p").files[0]
+    assert fp.old_name == "a/\u00e9t\u00e9" and fp.new_mode == 0o100644
+
+
+# ---------------------------------------------------------------- CRLF patches (#12.13)
+
+CRLF_CASES = {
+    # GNU strips trailing CRs from a file's hunks when its `+++` header line ends in CRLF.
+    "crlf-patch-lf-file": (b"--- a/f\r\n+++ b/f\r\n@@ -1,4 +1,4 @@\r\n a\r\n-b\r\n+B\r\n c\r\n d\r\n",
+                           b"a\nb\nc\nd\n"),
+    "crlf-patch-crlf-file": (b"--- a/f\r\n+++ b/f\r\n@@ -1,4 +1,4 @@\r\n a\r\n-b\r\n+B\r\n c\r\n d\r\n",
+                             b"a\r\nb\r\nc\r\nd\r\n"),
+    "lf-header-crlf-body": (b"--- a/f\n+++ b/f\n@@ -1,4 +1,4 @@\n a\r\n-b\r\n+B\r\n c\r\n d\r\n",
+                            b"a\r\nb\r\nc\r\nd\r\n"),
+    "lf-header-crlf-body-lf-file": (b"--- a/f\n+++ b/f\n@@ -1,4 +1,4 @@\n a\r\n-b\r\n+B\r\n c\r\n d\r\n",
+                                    b"a\nb\nc\nd\n"),
+    "crlf-no-newline": (b"--- a/f\r\n+++ b/f\r\n@@ -1,2 +1,2 @@\r\n a\r\n-b\r\n\\ No newline at end of file\r\n"
+                        b"+B\r\n\\ No newline at end of file\r\n", b"a\nb"),
+    "crlf-git": (b"diff --git a/f b/f\r\nindex 1111111..2222222 100644\r\n--- a/f\r\n+++ b/f\r\n"
+                 b"@@ -1,2 +1,3 @@\r\n a\r\n+x\r\n \r\n", b"a\n\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRLF_CASES))
+def test_crlf_patch_matches_gnu_patch(case: str) -> None:
+    require_tool("patch")
+    patch, target = CRLF_CASES[case]
+    assert _ours(patch, target, 0) == _gnu(patch, target, 0)
+    assert format_patch(parse_patch(patch, "p")) == patch
+
+
+# ---------------------------------------------------------------- symlinks (#12.12)
+
+def _link_diff(name: str, target: bytes, header: bytes = b"new file mode 120000\n") -> bytes:
+    return (b"diff --git a/" + name.encode() + b" b/" + name.encode() + b"\n" + header +
+            b"--- /dev/null\n+++ b/" + name.encode() + b"\n@@ -0,0 +1 @@\n+" + target +
+            b"\n\\ No newline at end of file\n")
+
+
+def _apply_both(tmp_path: Path, patch: bytes, files: dict[str, bytes],
+                links: dict[str, str] = {}) -> tuple[Path, Path]:  # noqa: B006 - read only
+    """The same patch applied by `fsbuild apply` (ours) and GNU patch (gnu) to equal trees."""
+    from fsbuild.series import apply_series, parse_series
+    trees = tmp_path / "ours", tmp_path / "gnu"
+    for t in trees:
+        for rel, data in files.items():
+            (t / rel).parent.mkdir(parents=True, exist_ok=True)
+            (t / rel).write_bytes(data)
+        for rel, dest in links.items():
+            (t / rel).parent.mkdir(parents=True, exist_ok=True)
+            (t / rel).symlink_to(dest)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "1.patch").write_bytes(patch)
+    (tmp_path / "s" / "series").write_text("1.patch\n")
+    apply_series(parse_series(tmp_path / "s" / "series"), trees[0])
+    subprocess.run(["patch", "-p1", "-s", "-f", "-i", str(tmp_path / "s" / "1.patch")], cwd=trees[1],
+                   check=True, capture_output=True)
+    return trees
+
+
+def test_new_file_mode_120000_creates_a_symlink_like_gnu(tmp_path: Path) -> None:
+    require_tool("patch")
+    ours, gnu = _apply_both(tmp_path, _link_diff("dir/l", b"../data/f"), {"data/f": b"x\n"})
+    for t in (ours, gnu):
+        assert (t / "dir" / "l").is_symlink() and (t / "dir" / "l").read_bytes() == b"x\n"
+    assert os.readlink(ours / "dir" / "l") == os.readlink(gnu / "dir" / "l") == "../data/f"
+
+
+def test_symlink_target_change_and_delete_like_gnu(tmp_path: Path) -> None:
+    require_tool("patch")
+    change = (b"diff --git a/l b/l\nindex 1111111..2222222 120000\n--- a/l\n+++ b/l\n@@ -1 +1 @@\n"
+              b"-a\n\\ No newline at end of file\n+b\n\\ No newline at end of file\n"
+              b"diff --git a/m b/m\ndeleted file mode 120000\n--- a/m\n+++ /dev/null\n@@ -1 +0,0 @@\n"
+              b"-a\n\\ No newline at end of file\n")
+    ours, gnu = _apply_both(tmp_path, change, {"a": b"1\n", "b": b"2\n"}, {"l": "a", "m": "a"})
+    for t in (ours, gnu):
+        assert os.readlink(t / "l") == "b" and not os.path.lexists(t / "m")
+
+
+def test_new_mode_120000_on_a_regular_file_is_refused_like_gnu(tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    (tree / "f").write_bytes(b"hello\n")
+    patch = b"diff --git a/f b/f\nold mode 100644\nnew mode 120000\n"
+    with pytest.raises(PatchApplyError, match="file type"):
+        apply_patch(Tree(tree), parse_patch(patch, "p"), 1, 0)
+
+
+@pytest.mark.parametrize("target, links", [
+    (b"../../etc/passwd", {}),
+    (b"/etc/passwd", {}),
+    (b"q/../..", {"q": "."}),            # resolves through an existing link
+    (b"up/x", {"up": ".."}),             # existing link leading out
+])
+def test_created_symlink_must_stay_in_the_tree(tmp_path: Path, target: bytes,
+                                               links: dict[str, str]) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    for rel, dest in links.items():
+        (tree / rel).symlink_to(dest)
+    with pytest.raises(UnsafePathError, match="outside the tree"):
+        apply_patch(Tree(tree), parse_patch(_link_diff("p", target), "p"), 1, 0)
+
+
+def test_symlink_chain_made_by_the_series_is_followed(tmp_path: Path) -> None:
+    tree = tmp_path / "t"
+    tree.mkdir()
+    t = Tree(tree)
+    apply_patch(t, parse_patch(_link_diff("q", b"."), "1"), 1, 0)
+    with pytest.raises(UnsafePathError, match="outside the tree"):
+        apply_patch(t, parse_patch(_link_diff("p", b"q/../.."), "2"), 1, 0)

@@ -105,7 +105,7 @@ def test_tarball_cached_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     copy = tmp_path / "b.tar.gz"
     copy.write_bytes(tb.read_bytes())
     assert upstream.resolve(load("linux-6.1"), str(copy)).digest == first.digest
-    assert [e for e in cache_entries() if not e.startswith((".", "index"))] == [first.digest]
+    assert [e for e in cache_entries() if not e.startswith((".", "index"))] == [f"tarball-{first.digest}"]
 
 
 def test_rhel_style_topdir_names_the_release(tmp_path: Path) -> None:
@@ -276,8 +276,22 @@ def test_srpm(tmp_path: Path) -> None:
     assert sorted(up.configs) == ["config-generic", "config-x86_64-generic"]
     assert up.configs["config-generic"].read_text() == "CONFIG_NET=y\n"
     assert up.spec is not None and "Release: 431.17.1.el6" in up.spec.read_text()
-    # the tarball alone resolves to the same cache entry
-    assert upstream.resolve(load("el6"), str(tb)).digest == up.digest
+    # the tarball alone has the same digest, but its own entry: no configs, no spec
+    alone = upstream.resolve(load("el6"), str(tb))
+    assert alone.digest == up.digest and alone.configs == {} and alone.spec is None
+    assert upstream.resolve(load("el6"), str(srpm)) == up
+
+
+def test_srpm_after_its_tarball_keeps_configs_and_spec(tmp_path: Path) -> None:
+    """#12.8: the cache was keyed by the tarball digest alone, so an SRPM imported after its
+    own tarball came back as the tarball's entry (configs [], spec null)."""
+    tb = make_tarball(tmp_path / "linux.tar.bz2", "linux-2.6.32-431.17.1.el6", kernel_files("2.6.32"), "w:bz2")
+    srpm = build_srpm(tmp_path, tb)
+    alone = upstream.resolve(load("el6"), str(tb))
+    assert alone.configs == {} and alone.spec is None
+    up = upstream.resolve(load("el6"), str(srpm))
+    assert sorted(up.configs) == ["config-generic", "config-x86_64-generic"] and up.spec is not None
+    assert up.digest == alone.digest and up.tarball != alone.tarball
 
 
 def test_srpm_with_tar_slip(tmp_path: Path) -> None:
@@ -300,3 +314,182 @@ def test_srpm_without_kernel_tarball(tmp_path: Path) -> None:
     (srpm,) = (top / "SRPMS").glob("*.src.rpm")
     with pytest.raises(UpstreamError, match="no linux-"):
         upstream.resolve(load("el6"), str(srpm))
+
+
+# ---------------------------------------------------------------- hostile archives (#12.6-9)
+
+def _chain_tarball(tmp_path: Path, links: list[tuple[str, str]], name: str = "chain.tar.gz") -> Path:
+    return make_tarball(tmp_path / name, "linux-1.0.0", kernel_files("1.0.0"),
+                        extra=[(_hostile(f"linux-1.0.0/{n}", tarfile.SYMTYPE, d), b"") for n, d in links])
+
+
+@pytest.mark.parametrize("links", [
+    [("q", "."), ("p", "q/../..")],            # the issue's chain: text stays inside, p leads out
+    [("p", "q/../.."), ("q", ".")],            # a later link redirects an earlier one
+    [("d", "net"), ("d2", "d/../../..")],
+    [("a", "b"), ("b", "a")],                  # a loop
+    [("up", "..")],                            # out of the top directory (the workspace root)
+])
+def test_symlink_chains_resolved_not_read_as_text(tmp_path: Path, links: list[tuple[str, str]]) -> None:
+    with pytest.raises(UnsafePathError, match="outside the tree"):
+        upstream.resolve(load("linux-6.1"), str(_chain_tarball(tmp_path, links)))
+    assert [e for e in cache_entries() if e != "index.json"] == []
+
+
+def test_member_written_through_a_link_leading_out(tmp_path: Path) -> None:
+    tb = make_tarball(tmp_path / "w.tar.gz", "linux-1.0.0", kernel_files("1.0.0"),
+                      extra=[(_hostile("linux-1.0.0/q", tarfile.SYMTYPE, "."), b""),
+                             (_hostile("linux-1.0.0/q/../../evil"), b"x")])
+    with pytest.raises(UnsafePathError):
+        upstream.resolve(load("linux-6.1"), str(tb))
+
+
+def test_inner_symlink_chain_allowed(tmp_path: Path) -> None:
+    tb = _chain_tarball(tmp_path, [("here", "."), ("cfg", "here/net/Kconfig"), ("n", "net"),
+                                   ("n2", "n/../kernel")])
+    assert upstream.resolve(load("linux-6.1"), str(tb)).version == "1.0.0"
+
+
+def test_symlink_chain_in_directory_and_git_sources(tmp_path: Path) -> None:
+    a = write_tree(tmp_path / "a", kernel_files("4.19.5"))
+    (a / "net" / "q").symlink_to(".")  # net/q/../.. reads as the root, resolves above it
+    (a / "net" / "p").symlink_to("q/../..")
+    with pytest.raises(UnsafePathError, match="outside the tree"):
+        upstream.resolve(load("linux-6.1"), str(a))
+    repo = git_repo(tmp_path / "repo", kernel_files("5.10.1"))
+    (repo / "net" / "q").symlink_to(".")
+    (repo / "net" / "p").symlink_to("q/../..")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "links")
+    with pytest.raises(UnsafePathError, match="outside the tree"):
+        upstream.resolve(load("linux-6.1"), f"{repo}@HEAD")
+
+
+@pytest.mark.parametrize("dest", ["outside/file", "linux-1.0.0/q/../../x"])
+def test_hardlink_outside_top_directory_refused(tmp_path: Path, dest: str) -> None:
+    """#12.9: a hardlink to a normal-looking path outside the top directory was dropped."""
+    tb = make_tarball(tmp_path / "h.tar.gz", "linux-1.0.0", kernel_files("1.0.0"),
+                      extra=[(_hostile("linux-1.0.0/q", tarfile.SYMTYPE, "."), b""),
+                             (_hostile("linux-1.0.0/hl", tarfile.LNKTYPE, dest), b"")])
+    with pytest.raises(UnsafePathError):
+        upstream.resolve(load("linux-6.1"), str(tb))
+
+
+def test_hardlink_inside_is_imported(tmp_path: Path) -> None:
+    tb = make_tarball(tmp_path / "h.tar.gz", "linux-1.0.0", kernel_files("1.0.0"),
+                      extra=[(_hostile("linux-1.0.0/hl", tarfile.LNKTYPE, "linux-1.0.0/net/Kconfig"), b"")])
+    assert upstream.resolve(load("linux-6.1"), str(tb)).version == "1.0.0"
+
+
+def _claiming(path: Path, size: int) -> Path:
+    """A few hundred bytes of gzip whose member header claims `size` bytes (data absent)."""
+    import gzip
+    info = tarfile.TarInfo("linux-1.0.0/huge")
+    info.size = size
+    mk = tarfile.TarInfo("linux-1.0.0/Makefile")
+    data = makefile("1.0.0").encode()
+    mk.size = len(data)
+    pad = b"\0" * (-len(data) % 512)
+    with gzip.open(path, "wb") as gz:
+        gz.write(mk.tobuf(format=tarfile.GNU_FORMAT) + data + pad + info.tobuf(format=tarfile.GNU_FORMAT))
+    return path
+
+
+def test_member_over_the_ceiling_refused_before_reading(tmp_path: Path) -> None:
+    from fsbuild.errors import ArchiveLimitError
+    tb = _claiming(tmp_path / "huge.tar.gz", 20 << 30)
+    assert tb.stat().st_size < 1000
+    with pytest.raises(ArchiveLimitError, match="FSBUILD_MAX_MEMBER"):
+        upstream.resolve(load("linux-6.1"), str(tb))
+    assert [e for e in cache_entries() if e != "index.json"] == []
+
+
+def test_ceilings_are_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fsbuild.errors import ArchiveLimitError
+    tb = make_tarball(tmp_path / "a.tar.gz", "linux-5.4.3", kernel_files("5.4.3"))
+    monkeypatch.setenv("FSBUILD_MAX_TOTAL", "1K")
+    with pytest.raises(ArchiveLimitError, match="FSBUILD_MAX_TOTAL"):
+        upstream.resolve(load("linux-6.1"), str(tb))
+    monkeypatch.setenv("FSBUILD_MAX_TOTAL", "16G")
+    monkeypatch.setenv("FSBUILD_MAX_MEMBER", "1000")
+    with pytest.raises(ArchiveLimitError, match="FSBUILD_MAX_MEMBER"):
+        upstream.resolve(load("linux-6.1"), str(tb))
+    monkeypatch.setenv("FSBUILD_MAX_MEMBER", "lots")
+    with pytest.raises(ArchiveLimitError, match="not a size"):
+        upstream.resolve(load("linux-6.1"), str(tb))
+    monkeypatch.delenv("FSBUILD_MAX_MEMBER")
+    assert upstream.resolve(load("linux-6.1"), str(tb)).version == "5.4.3"
+
+
+def test_huge_pax_header_refused(tmp_path: Path) -> None:
+    from fsbuild.errors import ArchiveLimitError
+    import gzip
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, 1 << 30
+    tb = tmp_path / "pax.tar.gz"
+    with gzip.open(tb, "wb") as gz:
+        gz.write(pax.tobuf(format=tarfile.USTAR_FORMAT))
+    with pytest.raises(ArchiveLimitError, match="tar header"):
+        upstream.resolve(load("linux-6.1"), str(tb))
+
+
+def _sparse_tarball(tmp_path: Path, size: str) -> Path:
+    require_tool("tar", "truncate")
+    top = write_tree(tmp_path / "src" / "linux-1.0.0", kernel_files("1.0.0"))
+    subprocess.run(["truncate", "-s", size, str(top / "big")], check=True)
+    tb = tmp_path / "sparse.tar.gz"
+    subprocess.run(["tar", "--sparse", "-czf", str(tb), "-C", str(top.parent), "linux-1.0.0"], check=True)
+    return tb
+
+
+def test_sparse_member_over_the_ceiling_one_line_exit_15(tmp_path: Path) -> None:
+    import sys
+    tb = _sparse_tarball(tmp_path, "1G")
+    assert tb.stat().st_size < 4096
+    env = {**os.environ, "FSBUILD_MAX_MEMBER": "512M", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "fsbuild", "upstream", "import", str(tb),
+                           "--target", "linux-6.1"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 15, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("fsbuild: error: ")
+
+
+def test_sparse_gigabyte_member_is_streamed(tmp_path: Path) -> None:
+    """#12.6: a ~250-byte tarball with a sparse 1 GiB member took 3.1 GB of RAM to import
+    (every member read() whole). The workspace's blob stream must stay small: measured in a
+    fresh process (its peak RSS), with git's side replaced by a byte counter."""
+    import sys
+    tb = _sparse_tarball(tmp_path, "1G")
+    code = textwrap.dedent(f"""
+        import resource
+        from fsbuild import upstream
+        from fsbuild.target import load
+        from fsbuild.workspace import Workspace
+        up = upstream.resolve(load("linux-6.1"), {str(tb)!r})
+        total = 0
+        def sink(b):
+            global total
+            total += len(b)
+        Workspace(load("linux-6.1"))._stream_blobs(up, sink)
+        print(total, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    streamed, peak_kib = int(out[0]), int(out[1])
+    assert streamed > 1 << 30
+    assert peak_kib < 200 * 1024, f"peak RSS {peak_kib} KiB while streaming a 1 GiB member"
+
+
+@pytest.mark.parametrize("extra", [
+    [("q", tarfile.SYMTYPE, "."), ("p", tarfile.SYMTYPE, "q/../..")],
+    [("hl", tarfile.LNKTYPE, "elsewhere/file")],
+], ids=["symlink-chain", "hardlink-outside"])
+def test_cli_refuses_escaping_links_exit_4(tmp_path: Path, extra: list[tuple[str, bytes, str]]) -> None:
+    import sys
+    tb = make_tarball(tmp_path / "bad.tar.gz", "linux-1.0.0", kernel_files("1.0.0"),
+                      extra=[(_hostile(f"linux-1.0.0/{n}", k, d), b"") for n, k, d in extra])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "fsbuild", "upstream", "import", str(tb),
+                           "--target", "linux-6.1"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("fsbuild: error: ")
