@@ -287,3 +287,16 @@ def test_phases_split_the_run_and_the_guest_steps(tmp_path: Path) -> None:
     clock.split_vm(w, qemu.VmResult("done", False, 0, 0.9))
     assert (clock.phases["boot_to_init"], clock.phases["checks"], clock.phases["qemu"]) == (0.25, 0.5, 0.9)
     assert 0.2 <= clock.phases["shutdown"] <= 0.5
+
+
+def test_guest_programs_are_built_once_for_every_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh FSBUILD_OUT (another target, bench's temp dir) reuses the musl build."""
+    require_tool("musl-gcc", "make")
+    monkeypatch.setenv("FSBUILD_OUT", str(tmp_path / "out1"))
+    helpers, us, fails = smoke.guest_programs(True)
+    assert not fails and us.server is not None and us.server.is_file(), us.missing
+    stamps = {p: p.stat().st_mtime_ns for p in [*helpers, us.server, us.loadgen, us.libsocket] if p}
+    monkeypatch.setenv("FSBUILD_OUT", str(tmp_path / "out2"))
+    again, us2, _ = smoke.guest_programs(True)
+    assert again == helpers and us2.server == us.server
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps   # nothing rebuilt
