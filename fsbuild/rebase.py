@@ -474,13 +474,15 @@ def write_report(out: Path, plan: Plan, old_version: str, extra: dict[str, objec
 # ---------------------------------------------------------------- plain mode (contract)
 
 def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
-          report: Path | None = None) -> list[Result]:
+          report: Path | None = None, new_version: str | None = None) -> list[Result]:
     """Rebase `series` from OLD onto NEW into `out` (series + patches); no stop on conflict:
-    a conflicting patch is written unchanged and reported, the rest carries on."""
+    a conflicting patch is written unchanged and reported, the rest carries on.
+    `new_version`: NEW's --upstream-version (required when NEW names no release)."""
     if not series.is_file():
         raise MissingFileError(f"series file {series} does not exist")
     entries = read_series(series)
-    old_up, new_up = U.resolve(target, old_src), U.resolve(target, new_src)
+    new_up = U.resolve(target, new_src, new_version)   # first: a refusal changes nothing
+    old_up = U.resolve(target, old_src, strict=False)
     ws = plain_workspace(target)
     old_base, new_base = ws.import_upstream(old_up), ws.import_upstream(new_up)
     t0 = time.monotonic()
@@ -549,9 +551,9 @@ class Rebase:
 
     # every entry point holds the workspace lock: a second fsbuild on it exits 14
 
-    def start(self, src: str) -> list[Result]:
+    def start(self, src: str, version: str | None = None) -> list[Result]:
         with self.ws.locked():
-            return self._start(src)
+            return self._start(src, version)
 
     def resume(self) -> list[Result]:
         with self.ws.locked():
@@ -574,17 +576,18 @@ class Rebase:
         if self.in_progress():
             clear_stale_git_locks(self.ws.root)
 
-    def _start(self, src: str) -> list[Result]:
+    def _start(self, src: str, version: str | None = None) -> list[Result]:
         if self.in_progress():
             raise WorkspaceError("a rebase is already in progress: `fsbuild rebase --continue`, "
                                  "`--skip` or `--abort`")
         entries = self.ws.entries()
+        # the new upstream's identity first: refusing it must leave everything as it was
+        new_up = U.resolve(self.target, src, version)
         if "base" not in self.ws.state():
             # no workspace yet: the series applies to the target's own upstream
-            self.ws.use_upstream(U.resolve(self.target))
+            self.ws.use_upstream(U.resolve(self.target, strict=False))
         old_state = self.ws.require()
         self.ws.guard("rebase")   # not over a push or pop a killed run left half done
-        new_up = U.resolve(self.target, src)
         repo = self.ws.root
         refs = _refs(repo)
         head = git_out(repo, "rev-parse", "HEAD")
@@ -760,9 +763,14 @@ def _refs(repo: Path) -> dict[str, str]:
 
 
 def set_version(toml: Path, full_version: str) -> None:
-    """Minimal textual edit of target.toml: only the version/release values change."""
+    """Minimal textual edit of target.toml: only the version/release values change. An
+    upstream naming no release (the Makefile version is its identity) keeps the package
+    release for the same version and starts a new version at release 1."""
     version, _, release = full_version.partition("-")
     text = toml.read_text()
+    if not release:
+        old = re.search(r'(?m)^version\s*=\s*"([^"]*)"', text)
+        release = "1" if old and old.group(1) != version else ""
     new = re.sub(r'(?m)^(version\s*=\s*")[^"]*(")', lambda m: m.group(1) + version + m.group(2), text, count=1)
     if release:
         new = re.sub(r'(?m)^(release\s*=\s*")[^"]*(")', lambda m: m.group(1) + release + m.group(2), new, count=1)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from fsbuild import initramfs, paths, progress, qemu
+from fsbuild import initramfs, lock, paths, progress, qemu
 from fsbuild.errors import (BuildError, FsbuildError, MissingFileError, SmokeBootError,
                             SmokeCheckError, SmokePanicError, SmokeTimeoutError, ToolMissingError,
                             UnsafePathError)
@@ -27,6 +27,8 @@ REQUESTS = 200
 DEMO_PORT = 8080
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\r\n]*")
 LINE_RE = re.compile(r"^(FSBOOT|FSCHECK|FSDONE)\b ?(.*)$")
+# The init's progress on the console: `FSSTEP t=<guest uptime> <what>` (ci/guest/init step()).
+STEP_RE = re.compile(r"FSSTEP t=([0-9.]+) (\S+)")
 # A UART may put a junk byte before the first line (seen on 2.6.32): strip non-printables.
 JUNK_RE = re.compile(r"^[^\x20-\x7e]+")
 # Checks the guest init always reports (pass, fail or skip): a run missing any of them did not
@@ -60,6 +62,9 @@ class Verdict:
     checks: list[Check]
     error: type[FsbuildError] | None = None
     message: str = ""
+    # seconds per phase (host: stage, userspace, accel, network, initramfs, boot_to_init,
+    # checks, shutdown, teardown): where the time beyond the boot goes; not in smoke.json
+    phases: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, object]:
         return {"verdict": self.verdict, "duration_s": round(self.duration_s, 2),
@@ -196,6 +201,19 @@ def build_userspace(build_dir: Path) -> tuple[initramfs.Userspace, list[Check]]:
     return us, host_checks
 
 
+def guest_programs(userspace: bool) -> tuple[list[Path], initramfs.Userspace, list[Check]]:
+    """The musl guest programs, built (incrementally) in the state dir: they do not depend on
+    the kernel, so every target and every out dir shares one build (a fresh out dir paid a
+    full musl build, ~6 s under load, before its verdict). Concurrent smokes take turns."""
+    gbuild = paths.state_dir() / "guest"
+    with lock.hold(paths.state_dir() / "guest.lock", "the guest userspace build", wait=True):
+        helpers = [guest_helper(gbuild)]
+        if not userspace:
+            return helpers, initramfs.Userspace(missing=["userspace disabled for this boot"]), []
+        us, host_checks = build_userspace(gbuild)
+    return helpers, us, host_checks
+
+
 def musl_loader() -> Path | None:
     p = Path(initramfs.MUSL_LOADER)
     return p if p.exists() else None
@@ -230,6 +248,11 @@ def parse_guest(text: str) -> GuestReport:
             else:
                 rep.checks.append(Check(name or "?", "fail", f"malformed check line: {raw.strip()}"))
     return rep
+
+
+def guest_steps(console: str) -> list[tuple[str, float]]:
+    """(step, guest uptime) of every FSSTEP line: the init's own clock, per check."""
+    return [(m.group(2), float(m.group(1))) for m in STEP_RE.finditer(console)]
 
 
 def find_panic(console: str) -> str | None:
@@ -339,13 +362,14 @@ def boot(kin: KernelInputs, out: Path, opts: BootOptions,
          status: Callable[[str], None] = lambda _m: None) -> Verdict:
     """Assemble the guest for `kin`, boot it, and return the verdict (no files, no raise)."""
     start = time.monotonic()
+    clock = _Clock()
     work = out / "smoke"
-    gbuild = out / "guest"
-    helpers = [guest_helper(gbuild)]
-    us, host_checks = (build_userspace(gbuild) if opts.userspace
-                       else (initramfs.Userspace(missing=["userspace disabled for this boot"]), []))
+    helpers, us, host_checks = guest_programs(opts.userspace)
+    clock.lap("userspace")
     accel = qemu.probe_accel(kin.vmlinuz)
+    clock.lap("accel")
     with qemu.network(f"fsbuild-smoke-{os.getpid()}") as net:
+        clock.lap("network")
         status(f"building initramfs ({accel.name}, {net.mode} networking)")
         spec = initramfs.GuestSpec(
             kver=kin.kver, modules_dir=kin.modules_dir,
@@ -353,11 +377,14 @@ def boot(kin: KernelInputs, out: Path, opts: BootOptions,
             busybox=Path(_tool("busybox")), helpers=helpers, userspace=us,
             musl_loader=musl_loader(), config=guest_config(us, net, opts.requests))
         image = initramfs.build(spec, work / "initramfs.gz")
+        clock.lap("initramfs")
         cfg = qemu.VmConfig(kernel=kin.vmlinuz, initrd=image.path, workdir=work,
                             serial_log=out / "smoke-serial.log", checks_log=out / "smoke-checks.log",
                             accel=accel, net=net, append=opts.append)
         watcher = _Watcher(cfg, status)
         vm = qemu.run(cfg, opts.timeout, watcher.poll, status)
+        clock.split_vm(watcher, vm)
+    clock.lap("teardown")
     rep = _guest_report(cfg)
     boot_detail = (f"{accel.name} ({accel.reason}); network {net.mode} ({net.reason}); "
                    f"QEMU {vm.duration_s:.1f}s, QMP status {vm.status or 'n/a'}, "
@@ -367,7 +394,32 @@ def boot(kin: KernelInputs, out: Path, opts: BootOptions,
     checks = checks[:1] + host_checks + checks[1:]
     if err is None and host_checks:
         err, message = SmokeCheckError, "guest userspace failed to build"
-    return Verdict("fail" if err else "pass", time.monotonic() - start, checks, err, message)
+    return Verdict("fail" if err else "pass", time.monotonic() - start, checks, err, message,
+                   phases=clock.phases)
+
+
+class _Clock:
+    """Host-side phase times of one boot (laps of the monotonic clock)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self.last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = round(now - self.last, 3)
+        self.last = now
+
+    def split_vm(self, watcher: _Watcher, vm: qemu.VmResult) -> None:
+        """QEMU's run: start to FSBOOT seen, to FSDONE seen, then quit and cleanup."""
+        t0 = self.last
+        init = watcher.t_init or t0
+        done = watcher.t_done or init
+        self.phases["boot_to_init"] = round(init - t0, 3)
+        self.phases["checks"] = round(done - init, 3)
+        self.last = done
+        self.lap("shutdown")
+        self.phases["qemu"] = round(vm.duration_s, 3)
 
 
 class _Watcher:
@@ -375,10 +427,15 @@ class _Watcher:
 
     def __init__(self, cfg: qemu.VmConfig, status: Callable[[str], None]) -> None:
         self.cfg, self.status, self.seen = cfg, status, 0
+        self.t_init: float | None = None    # when FSBOOT / FSDONE were first seen
+        self.t_done: float | None = None
 
     def poll(self) -> str | None:
         rep = _guest_report(self.cfg)
+        if rep.booted and self.t_init is None:
+            self.t_init = time.monotonic()
         if rep.done:
+            self.t_done = self.t_done or time.monotonic()
             return "done"
         if find_panic(_read(self.cfg.serial_log)):
             return "panic"
@@ -419,9 +476,12 @@ def run(target: str, rpm_dir: Path | None = None, opts: BootOptions | None = Non
             if not progress.enabled():  # CI logs: one line per phase instead of a live bar
                 progress.info(f"smoke {target}: {msg}")
 
+        t0 = time.monotonic()
         kin = stage_rpm(rpm, out / "smoke" / "root")
+        staged = time.monotonic() - t0
         status(f"booting {kin.kver} from {rpm.name}")
         verdict = boot(kin, out, opts, status)
+    verdict.phases = {"stage": round(staged, 3), **verdict.phases}
     verdict.duration_s = time.monotonic() - start
     write_verdict(verdict, out, f"fsbuild.smoke.{target}")
     if verdict.error is not None:

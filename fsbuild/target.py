@@ -12,6 +12,7 @@ from fsbuild import paths
 from fsbuild.errors import TargetError
 
 DEFAULT_TARGET = "el6"
+IDENTITIES = ("version", "version-release")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,11 @@ class Target:
     source_env: str | None  # environment variable naming the source, e.g. FSBUILD_EL6_SRC
     source_default: str | None
     source_hint: str        # how a user gets the source
+    # What names an upstream of this line: "version-release" when the release is the
+    # distribution's (RHEL: 2.6.32-431.17.1.el6, absent from the Makefile), so a source must
+    # state it; "version" when the Makefile version names the kernel and `release` is only
+    # the package's own iteration (mainline, Debian's linux-source).
+    identity: str = "version"
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -71,6 +77,10 @@ def _from_raw(name: str, tdir: Path, raw: dict[str, Any]) -> Target:
     try:
         src = raw.get("source", {})
         hostcc = raw.get("hostcc_series")
+        identity = str(src.get("identity", "version"))
+        if identity not in IDENTITIES:
+            raise TargetError(f"{tdir / 'target.toml'}: [source] identity = {identity!r} "
+                              f"(choose {' or '.join(IDENTITIES)})")
         return Target(
             name=name,
             description=raw.get("description", ""),
@@ -83,6 +93,7 @@ def _from_raw(name: str, tdir: Path, raw: dict[str, Any]) -> Target:
             source_env=src.get("env"),
             source_default=src.get("default"),
             source_hint=src.get("hint", ""),
+            identity=identity,
             raw=raw,
         )
     except KeyError as exc:

@@ -18,16 +18,18 @@ import posixpath
 import re
 import shutil
 import stat
+import subprocess
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, BinaryIO
 
 from fsbuild import paths, proc
-from fsbuild.errors import ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError
+from fsbuild.errors import (ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError,
+                            UpstreamIdentityError)
 from fsbuild.patch import resolves_inside
 from fsbuild.target import Target
 
@@ -58,17 +60,23 @@ class Upstream:
 
 # ---------------------------------------------------------------- public entry point
 
-def resolve(target: Target, src: str | None = None) -> Upstream:
-    """Resolve `src` (default: the target's default source) into a cached Upstream."""
+def resolve(target: Target, src: str | None = None, version: str | None = None,
+            strict: bool = True) -> Upstream:
+    """Resolve `src` (default: the target's default source) into a cached Upstream whose
+    `version` is the identity the source states (see `identify`); `version` is the user's
+    --upstream-version, required when the source states none. strict=False (the old side
+    of a rebase, only reported) settles for the Makefile version instead."""
     src = src or target.default_source()
     kind, path, ref = classify(src)
     if kind == "git":
-        return _from_git(target.name, path, ref or "HEAD")
-    if kind == "dir":
-        return _from_dir(target.name, path)
-    if kind == "srpm":
-        return _from_srpm(target.name, path)
-    return _from_tarball(target.name, path)
+        up = _from_git(target.name, path, ref or "HEAD")
+    elif kind == "dir":
+        up = _from_dir(target.name, path)
+    elif kind == "srpm":
+        up = _from_srpm(target.name, path)
+    else:
+        up = _from_tarball(target.name, path)
+    return replace(up, version=identify(target, up, kind, path, ref, version, strict))
 
 
 def classify(src: str) -> tuple[str, Path, str | None]:
@@ -109,6 +117,133 @@ def _is_plain_tar(path: Path) -> bool:
     with open(path, "rb") as fh:
         block = fh.read(512)
     return len(block) == 512 and block[257:262] == b"ustar"
+
+
+# ---------------------------------------------------------------- identity
+
+IDENTITY_FLAG = "--upstream-version"
+_KVER = r"(\d+\.\d+(?:\.\d+)?)"
+_REL = r"(\d[0-9A-Za-z._+~]*)"            # an RPM Release: no '-', starts with a digit
+_NAMED = re.compile(rf"^(?:linux|kernel)-{_KVER}-{_REL}$")    # linux-2.6.32-431.29.2.el6
+_TAGGED = re.compile(rf"^(?:v|linux-|kernel-)?{_KVER}-{_REL}$")
+_DESCRIBED = re.compile(r"^(.+)-(\d+)-g([0-9a-f]+)$")        # git describe: TAG-N-gSHA
+_GIVEN = re.compile(rf"^{_KVER}(?:-([0-9A-Za-z._+~]+))?$")
+_TAR_EXT = re.compile(r"\.(tar(\.(gz|bz2|xz|zst))?|tgz|tbz2|txz)$")
+
+
+def identify(target: Target, up: Upstream, kind: str, path: Path, ref: str | None,
+             given: str | None = None, strict: bool = True) -> str:
+    """The VERSION-RELEASE this source is, from what it states (SRPM header, tarball top
+    directory and file name, directory name, git tag / describe), checked against its
+    Makefile; `given` (--upstream-version) must agree with both. A source stating no
+    release takes an identity given earlier for the same bytes, else (for targets whose
+    release is the distribution's) UpstreamIdentityError: a new upstream never inherits
+    the target's old release."""
+    mk = _makefile_version(up.version)
+    stated = _stated(kind, path, ref, up, mk)
+    for where, ident in stated:
+        if ident.partition("-")[0] != mk:
+            raise UpstreamIdentityError(f"{path}: the {where} says {ident} but its Makefile says {mk}")
+    idents = sorted({i for _, i in stated})
+    if len(idents) > 1:
+        says = ", ".join(f"the {w} says {i}" for w, i in stated)
+        raise UpstreamIdentityError(f"{path}: {says}: rename it to match its content")
+    if given is not None:
+        return _accept_given(target, up, path, mk, idents, given)
+    if idents:
+        return idents[0]
+    if remembered := _remembered(up.digest):
+        return remembered
+    if strict and target.identity == "version-release":
+        raise UpstreamIdentityError(
+            f"{path} names no release (Makefile: {mk}; no SRPM spec, release in its name or git "
+            f"tag): pass {IDENTITY_FLAG} VERSION-RELEASE, e.g. {mk}-{target.release}")
+    return mk
+
+
+def _accept_given(target: Target, up: Upstream, path: Path, mk: str, idents: list[str],
+                  given: str) -> str:
+    m = _GIVEN.match(given)
+    if not m or (target.identity == "version-release" and not m.group(2)):
+        raise UpstreamIdentityError(f"{IDENTITY_FLAG} {given!r}: want VERSION-RELEASE, "
+                                    f"e.g. {mk}-{target.release} (release without '-')")
+    if m.group(1) != mk:
+        raise UpstreamIdentityError(f"{IDENTITY_FLAG} {given}: {path} is {mk} (its Makefile)")
+    if idents and idents[0] != given:
+        raise UpstreamIdentityError(f"{IDENTITY_FLAG} {given}: {path} says it is {idents[0]}")
+    if m.group(2):
+        _remember(up.digest, given)
+    return given
+
+
+def _makefile_version(version: str) -> str:
+    """The Makefile part of a cached version (a top dir or SRPM may have added -RELEASE)."""
+    m = re.match(rf"^{_KVER}-{_REL}$", version)
+    return m.group(1) if m else version
+
+
+def _stated(kind: str, path: Path, ref: str | None, up: Upstream, mk: str) -> list[tuple[str, str]]:
+    """(where, VERSION-RELEASE) for every place of the source that names its release."""
+    out: list[tuple[str, str]] = []
+    if kind == "srpm":
+        out += [("SRPM spec", i) for i in [_srpm_identity(path)] if i]
+    if kind in ("srpm", "tarball"):
+        out += [("top directory", i) for i in [_named(up.topdir)] if i]
+    if kind == "tarball":
+        out += [("file name", i) for i in [_named(_TAR_EXT.sub("", path.name))] if i]
+    if kind == "dir":
+        out += [("directory name", i) for i in [_named(path.name)] if i]
+    if kind == "git":
+        out += [("git ref", i) for i in [_git_identity(path, ref or "HEAD", mk)] if i]
+    return out
+
+
+def _named(name: str) -> str | None:
+    m = _NAMED.match(name)
+    return f"{m.group(1)}-{m.group(2)}" if m else None
+
+
+def _srpm_identity(path: Path) -> str | None:
+    import rpmfile  # lazy: only SRPM imports need it
+
+    try:
+        with rpmfile.open(str(path)) as rpm:
+            ver, rel = _hdr(rpm.headers.get("version")), _hdr(rpm.headers.get("release"))
+    except Exception as exc:  # rpmfile raises bare Exceptions on corrupt headers
+        raise UpstreamError(f"{path}: unreadable SRPM header ({exc})") from exc
+    return f"{ver}-{rel}" if ver and rel else None
+
+
+def _git_identity(repo: Path, ref: str, mk: str) -> str | None:
+    """The ref's own name if it is a release tag, else `git describe --tags`: TAG exactly,
+    or TAG-N-gSHA as release REL.N.gSHA (N commits on top of that release). A described tag
+    of another Makefile version is an ancestor, not this kernel: ignored."""
+    if m := _TAGGED.match(ref.removeprefix("refs/tags/")):
+        return f"{m.group(1)}-{m.group(2)}"
+    cp = subprocess.run(["git", "-C", str(repo), "describe", "--tags", "--long", f"{ref}^{{commit}}"],
+                        capture_output=True, text=True)   # exit 128: no tag at all
+    d = _DESCRIBED.match(cp.stdout.strip()) if cp.returncode == 0 else None
+    if not d or not (m := _TAGGED.match(d.group(1))) or m.group(1) != mk:
+        return None
+    suffix = "" if d.group(2) == "0" else f".{d.group(2)}.g{d.group(3)}"
+    return f"{m.group(1)}-{m.group(2)}{suffix}"
+
+
+def _identity_file(digest: str) -> Path:
+    return cache_root() / digest / "identity"
+
+
+def _remembered(digest: str) -> str | None:
+    try:
+        return _identity_file(digest).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _remember(digest: str, ident: str) -> None:
+    """The identity a user gave for these exact bytes: later runs (`fsbuild rpm`) reuse it."""
+    if _identity_file(digest).parent.is_dir():
+        _atomic_write(_identity_file(digest), ident.encode())
 
 
 # ---------------------------------------------------------------- the cache

@@ -102,7 +102,7 @@ def test_plain_mode_each_outcome(tmp_path: Path) -> None:
     old_tb, new_tb, series, expected = build_case(tmp_path)
     out, report = tmp_path / "out", tmp_path / "report.json"
     cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb),
-                 "--out", str(out), "--json", str(report))
+                 "--upstream-version", "1.0.1-1", "--out", str(out), "--json", str(report))
     assert cp.returncode == 7, cp.stderr   # RebaseConflictError: a conflict remains
     assert cp.stderr == "fsbuild: error: 1 patch(es) conflict: 0005-conflict.patch (written unchanged)\n"
     data = json.loads(report.read_text())
@@ -139,7 +139,7 @@ def test_plain_mode_no_conflict_exit_0(tmp_path: Path) -> None:
     series.write_text("\n".join(lines_) + "\n")
     out = tmp_path / "out"
     cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb),
-                 "--out", str(out), "--json", str(tmp_path / "r.json"))
+                 "--upstream-version", "1.0.1-1", "--out", str(out), "--json", str(tmp_path / "r.json"))
     assert cp.returncode == 0, cp.stdout + cp.stderr
     outcomes = [p["outcome"] for p in json.loads((tmp_path / "r.json").read_text())["patches"]]
     assert outcomes == ["clean", "offset", "merged", "upstream", "clean"]
@@ -149,11 +149,11 @@ def test_plain_mode_no_conflict_exit_0(tmp_path: Path) -> None:
 def test_plain_mode_bad_input(tmp_path: Path) -> None:
     old_tb, new_tb, series, _ = build_case(tmp_path)
     cp = fsbuild("rebase", "--series", str(tmp_path / "nope"), "--from", str(old_tb), "--onto", str(new_tb),
-                 "--out", str(tmp_path / "o"))
+                 "--upstream-version", "1.0.1-1", "--out", str(tmp_path / "o"))
     assert cp.returncode == 3 and "does not exist" in cp.stderr
     # a series that does not apply to --from: clear error, nothing written
     cp = fsbuild("rebase", "--series", str(series), "--from", str(new_tb), "--onto", str(new_tb),
-                 "--out", str(tmp_path / "o"))
+                 "--upstream-version", "1.0.1-1", "--out", str(tmp_path / "o"))
     assert cp.returncode == 6 and "does not apply to the old upstream" in cp.stderr
     assert not (tmp_path / "o").exists()
 

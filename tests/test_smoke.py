@@ -270,3 +270,33 @@ def test_console_fallback_when_the_guest_has_no_second_port(tmp_path: Path) -> N
     assert rep.booted == "2.6.32-431.17.1.el6.fastsocket" and rep.checks[0].name == "kernel_version"
     cfg.checks_log.write_text("FSBOOT 6.1\nFSDONE\n")     # the checks channel wins when it has the boot
     assert smoke._guest_report(cfg).booted == "6.1" and smoke._guest_report(cfg).done
+
+
+def test_phases_split_the_run_and_the_guest_steps(tmp_path: Path) -> None:
+    """Where the time beyond the boot goes: host laps, QEMU split at FSBOOT/FSDONE, and the
+    init's FSSTEP clock per check (ci/bench_smoke.py prints them)."""
+    console = ("[ 0.5] x\nFSSTEP t=1.25 init\nFSSTEP t=1.50 kernel_version\r\n"
+               "junk FSSTEP t=2.00 nic_module:igb\nFSSTEP t=bad x\n")
+    assert smoke.guest_steps(console) == [("init", 1.25), ("kernel_version", 1.5), ("nic_module:igb", 2.0)]
+    clock = smoke._Clock()
+    clock.last -= 1.0
+    w = smoke._Watcher(qemu.VmConfig(kernel=tmp_path, initrd=tmp_path, workdir=tmp_path, serial_log=tmp_path / "s",
+                                     checks_log=tmp_path / "c", accel=qemu.Accel("tcg", ""),
+                                     net=qemu.user_net("")), lambda _m: None)
+    w.t_init, w.t_done = clock.last + 0.25, clock.last + 0.75
+    clock.split_vm(w, qemu.VmResult("done", False, 0, 0.9))
+    assert (clock.phases["boot_to_init"], clock.phases["checks"], clock.phases["qemu"]) == (0.25, 0.5, 0.9)
+    assert 0.2 <= clock.phases["shutdown"] <= 0.5
+
+
+def test_guest_programs_are_built_once_for_every_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh FSBUILD_OUT (another target, bench's temp dir) reuses the musl build."""
+    require_tool("musl-gcc", "make")
+    monkeypatch.setenv("FSBUILD_OUT", str(tmp_path / "out1"))
+    helpers, us, fails = smoke.guest_programs(True)
+    assert not fails and us.server is not None and us.server.is_file(), us.missing
+    stamps = {p: p.stat().st_mtime_ns for p in [*helpers, us.server, us.loadgen, us.libsocket] if p}
+    monkeypatch.setenv("FSBUILD_OUT", str(tmp_path / "out2"))
+    again, us2, _ = smoke.guest_programs(True)
+    assert again == helpers and us2.server == us.server
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps   # nothing rebuilt

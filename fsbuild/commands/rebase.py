@@ -23,13 +23,18 @@ from fsbuild.workspace import clear_stale_git_locks
 @click.option("--from", "old_src", help="Plain mode: the upstream the series applies to.")
 @click.option("--out", "out", type=click.Path(path_type=Path), help="Plain mode: output folder.")
 @click.option("--json", "report", type=click.Path(path_type=Path), help="Plain mode: JSON report path.")
+@click.option("--upstream-version", "up_version", metavar="VERSION-RELEASE",
+              help="Identity of --onto when the source names none (e.g. 2.6.32-431.29.2.el6).")
 def cmd(onto: str | None, target_name: str | None, cont: bool, skip: bool, abort: bool,
-        series: Path | None, old_src: str | None, out: Path | None, report: Path | None) -> int:
+        series: Path | None, old_src: str | None, out: Path | None, report: Path | None,
+        up_version: str | None) -> int:
     """Carry the series to a new upstream, classifying each patch
     clean | offset | merged | upstream | conflict."""
     target = targets.load(target_name)
+    if up_version is not None and not onto:
+        raise click.UsageError("--upstream-version names the --onto source: give --onto too")
     if series is not None or old_src is not None or out is not None:
-        return _plain(target, series, old_src, onto, out, report)
+        return _plain(target, series, old_src, onto, out, report, up_version)
     actions = [a for a in (cont, skip, abort, bool(onto)) if a]
     if len(actions) != 1:
         raise click.UsageError("give exactly one of --onto SRC, --continue, --skip, --abort")
@@ -38,14 +43,14 @@ def cmd(onto: str | None, target_name: str | None, cont: bool, skip: bool, abort
         rb.abort()
         click.echo(f"rebase aborted: workspace, {target.series.parent} and target.toml restored")
         return 0
-    results = rb.resume() if cont else rb.skip() if skip else rb.start(onto or "")
+    results = rb.resume() if cont else rb.skip() if skip else rb.start(onto or "", up_version)
     _summary(results)
     click.echo(f"report: {paths.out_dir(target.name) / 'rebase-report.md'}")
     return 0
 
 
 def _plain(target: targets.Target, series: Path | None, old_src: str | None, onto: str | None,
-           out: Path | None, report: Path | None) -> int:
+           out: Path | None, report: Path | None, up_version: str | None) -> int:
     if not (series and old_src and onto and out):
         raise click.UsageError("plain mode needs --series, --from, --onto and --out")
     progress.set_quiet(False)
@@ -53,7 +58,7 @@ def _plain(target: targets.Target, series: Path | None, old_src: str | None, ont
     with ws.locked():
         if ws.exists:
             clear_stale_git_locks(ws.root)
-        results = R.plain(series, old_src, onto, out, target, report)
+        results = R.plain(series, old_src, onto, out, target, report, up_version)
     _summary(results)
     conflicts = [r.name for r in results if r.outcome == "conflict"]
     if conflicts:

@@ -20,13 +20,15 @@ def cmd() -> None:
 @click.argument("src", required=False)
 @click.option("--target", "-t", "target_name", help="Target (default: el6 or $FSBUILD_TARGET).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def import_cmd(src: str | None, target_name: str | None, as_json: bool) -> None:
+@click.option("--upstream-version", "up_version", metavar="VERSION-RELEASE",
+              help="Identity of SRC when it names none (e.g. 2.6.32-431.29.2.el6).")
+def import_cmd(src: str | None, target_name: str | None, as_json: bool, up_version: str | None) -> None:
     """Import SRC (default: the target's source) and make it the workspace's upstream,
     with the series unapplied. SRC: FILE.src.rpm, FILE.tar.{gz,bz2,xz}, DIR, or
     [git:]REPO@REF."""
     progress.set_quiet(as_json)
     target = targets.load(target_name)
-    up = upstream.resolve(target, src)
+    up = upstream.resolve(target, src, up_version)
     ws = Workspace(target)
     with ws.locked():
         ws.guard("upstream")   # not under a rebase or a killed step: the reset would hide it
