@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from fsbuild import initramfs, paths, progress, qemu
+from fsbuild import build, initramfs, paths, progress, qemu, stress
 from fsbuild.errors import (BuildError, FsbuildError, MissingFileError, SmokeBootError,
                             SmokeCheckError, SmokePanicError, SmokeTimeoutError, ToolMissingError,
                             UnsafePathError)
@@ -243,7 +243,8 @@ def _last_line(text: str) -> str:
 
 
 def classify(rep: GuestReport, console: str, vm: qemu.VmResult, timeout: float,
-             boot_detail: str, qemu_stderr: str = "") -> tuple[list[Check], type[FsbuildError] | None, str]:
+             boot_detail: str, qemu_stderr: str = "", required: tuple[str, ...] = REQUIRED_CHECKS,
+             ) -> tuple[list[Check], type[FsbuildError] | None, str]:
     """Host-side checks + the guest's, and the error class of the outcome (None = pass)."""
     panic = find_panic(console)
     if panic is None and any(e.startswith("GUEST_PANICKED") for e in vm.events):
@@ -269,7 +270,7 @@ def classify(rep: GuestReport, console: str, vm: qemu.VmResult, timeout: float,
     if not rep.done:
         checks.append(Check("guest_complete", "fail", f"guest stopped after check {last} "
                             f"(QEMU exit {vm.returncode}, events {vm.events or 'none'})"))
-    missing = [n for n in REQUIRED_CHECKS if n not in {c.name for c in rep.checks}]
+    missing = [n for n in required if n not in {c.name for c in rep.checks}]
     if missing:
         checks.append(Check("checks_reported", "fail", f"guest never reported: {', '.join(missing)}"))
     failed = [c.name for c in checks if c.status == "fail"]
@@ -315,6 +316,8 @@ class BootOptions:
     userspace: bool = True              # build and ship the musl programs
     requests: int = REQUESTS
     append: str = ""
+    suite: str = "smoke"                # smoke | stress (fsbuild.stress: more programs, checks)
+    config: str = "mini"                # build profile: debug reads and writes out/<target>/debug
 
 
 def guest_config(us: initramfs.Userspace, net: qemu.Net, requests: int) -> dict[str, str]:
@@ -342,6 +345,10 @@ def boot(kin: KernelInputs, out: Path, opts: BootOptions,
     work = out / "smoke"
     gbuild = out / "guest"
     helpers = [guest_helper(gbuild)]
+    required = REQUIRED_CHECKS
+    if opts.suite == "stress":
+        helpers += stress.guest_programs(gbuild)
+        required += stress.REQUIRED_CHECKS
     us, host_checks = (build_userspace(gbuild) if opts.userspace
                        else (initramfs.Userspace(missing=["userspace disabled for this boot"]), []))
     accel = qemu.probe_accel(kin.vmlinuz)
@@ -351,7 +358,8 @@ def boot(kin: KernelInputs, out: Path, opts: BootOptions,
             kver=kin.kver, modules_dir=kin.modules_dir,
             init=opts.init or paths.repo_root() / "ci" / "guest" / "init",
             busybox=Path(_tool("busybox")), helpers=helpers, userspace=us,
-            musl_loader=musl_loader(), config=guest_config(us, net, opts.requests))
+            musl_loader=musl_loader(), config=guest_config(us, net, opts.requests)
+            | (stress.guest_config() if opts.suite == "stress" else {}))
         image = initramfs.build(spec, work / "initramfs.gz")
         cfg = qemu.VmConfig(kernel=kin.vmlinuz, initrd=image.path, workdir=work,
                             serial_log=out / "smoke-serial.log", checks_log=out / "smoke-checks.log",
@@ -363,7 +371,7 @@ def boot(kin: KernelInputs, out: Path, opts: BootOptions,
                    f"QEMU {vm.duration_s:.1f}s, QMP status {vm.status or 'n/a'}, "
                    f"events {','.join(vm.events) or 'none'}")
     checks, err, message = classify(rep, _read(cfg.serial_log), vm, opts.timeout, boot_detail,
-                                    _read(work / "qemu.stderr"))
+                                    _read(work / "qemu.stderr"), required)
     checks = checks[:1] + host_checks + checks[1:]
     if err is None and host_checks:
         err, message = SmokeCheckError, "guest userspace failed to build"
@@ -410,7 +418,7 @@ def run(target: str, rpm_dir: Path | None = None, opts: BootOptions | None = Non
     """The command: RPM -> staging root -> boot -> verdict files; raise on failure."""
     opts = opts or BootOptions()
     start = time.monotonic()
-    out = paths.out_dir(target)
+    out = build.profile_out(target, opts.config)
     rpm = find_kernel_rpm(rpm_dir or out / "rpms")
     with progress.bar(f"smoke {target}: staging {rpm.name}") as bar:
 

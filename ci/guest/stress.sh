@@ -1,0 +1,239 @@
+# fsbuild stress suite (`fsbuild smoke --suite stress`): sourced by ci/guest/init after the
+# smoke checks, so check/step/oneline/load/kill_named and IGB/IRQS/NCPU are the init's.
+# Every scenario is one check `stress_<name>` with a bounded duration (timeout) and its
+# counts in the detail. Client: `fsstress load` checks every response (200, Content-Length
+# body). Servers run under LD_PRELOAD=/lib/libsocket.so with all three features on.
+# Pass: 0 failed requests, 0 resets; the final checks: dmesg clean (KASAN, lockdep, RCU,
+# list, object debug, WARN), module refcount 0, sockets back to the baseline.
+
+S_SECS=${STRESS_SECS:-8}          # load duration per scenario
+S_CONNS=${STRESS_CONNS:-8}        # client threads
+S_BOUND=$((S_SECS * 4 + 30))      # hard limit per scenario
+S_PORT=8090
+S_PRE=/lib/libsocket.so
+S_PARAMS="enable_listen_spawn=2 enable_fast_epoll=1 enable_receive_flow_deliver=1"
+
+# tcp_in_use: the TCP line of /proc/net/sockstat without TIME_WAIT (those expire on their own)
+tcp_in_use() { while read -r p _ n _ o _; do [ "$p" = TCP: ] && echo "inuse=$n orphan=$o"; done < /proc/net/sockstat; }
+# snmp NAME...: values of /proc/net/netstat TcpExt and /proc/net/snmp Tcp counters, in order
+snmp() {
+	cat /proc/net/netstat /proc/net/snmp | awk -v want="$*" '
+		$1 == "TcpExt:" || $1 == "Tcp:" { if (!($1 in hdr)) { for (i = 2; i <= NF; i++) col[$1, $i] = i; hdr[$1] = 1; next }
+			for (i = 2; i <= NF; i++) val[$1, i] = $i }
+		END { n = split(want, w, " "); for (k = 1; k <= n; k++) {
+			v = ("TcpExt:" SUBSEP w[k]) in col ? val["TcpExt:", col["TcpExt:", w[k]]] : val["Tcp:", col["Tcp:", w[k]]]
+			printf "%s%s", (k > 1 ? " " : ""), (v == "" ? 0 : v) } print "" }'
+}
+kv() { echo "$2" | tr ' ' '\n' | grep "^$1=" | head -n 1 | cut -d= -f2; }
+fs_loaded() { grep -q '^fastsocket ' /proc/modules; }
+fs_refcnt() { while read -r m _ r _; do [ "$m" = fastsocket ] && echo "$r"; done < /proc/modules; }
+wait_port() {
+	_p=$(printf '%04X' "$1"); _i=0
+	while ! grep -q ":$_p 00000000:0000 0A" /proc/net/tcp && [ $_i -lt 150 ]; do sleep 0.1; _i=$((_i + 1)); done
+	[ $_i -lt 150 ]
+}
+
+# st_serve PRELOAD ARGS...: fsstress serve in the background; SPID = master pid
+st_serve() {
+	_pre=$1; shift
+	(LD_PRELOAD=$_pre exec /bin/fsstress serve -s /tmp/serve.stats "$@") > /tmp/serve.out 2>&1 &
+	SPID=$!
+	wait_port "$S_PORT"
+}
+# st_stop: stop the master; SERVE = its counters line
+st_stop() {
+	kill -TERM "$SPID" 2>/dev/null
+	_i=0; while kill -0 "$SPID" 2>/dev/null && [ $_i -lt 100 ]; do sleep 0.1; _i=$((_i + 1)); done
+	kill -KILL "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null
+	SERVE=$(grep '^serve: accepted' /tmp/serve.stats 2>/dev/null | tail -n 1); rm -f /tmp/serve.stats
+	[ -n "$SERVE" ] || SERVE="serve: no counters ($(tail -n 2 /tmp/serve.out | oneline))"
+}
+# st_load_bg ARGS...: client in the background (LPID); st_load_wait: LOAD = its result line
+st_load_bg() { timeout "$S_BOUND" /bin/fsstress load -c "$S_CONNS" -d "$S_SECS" "$@" > /tmp/load.out 2>&1 & LPID=$!; }
+st_load_wait() {
+	wait "$LPID"; LRC=$?
+	LOAD=$(grep '^load:' /tmp/load.out | tail -n 1)
+	[ -n "$LOAD" ] || LOAD="load: no result (rc $LRC$([ $LRC = 143 ] && echo ", killed after ${S_BOUND}s"))"
+}
+# verdict NAME EXTRA_FAIL DETAIL: pass when the client saw no failure and EXTRA_FAIL is empty
+verdict() {
+	_fails=$(( $(kv errors "$LOAD" || echo 1) + $(kv resets "$LOAD" || echo 1) + $(kv timeouts "$LOAD" || echo 1) \
+		+ $(kv refused "$LOAD" || echo 1) + $(kv bad "$LOAD" || echo 1) ))
+	_d="$(echo "${LOAD#load: }" | oneline) | ${SERVE#serve: }${3:+ | $3}"
+	if [ "$LRC" = 0 ] && [ "$_fails" = 0 ] && [ -z "$2" ]; then check "stress_$1" pass "$_d"
+	else check "stress_$1" fail "${2:+$2; }$_d"; fi
+}
+# scenario NAME SERVE_ARGS -- ACTION: server, client for S_SECS, ACTION (a function) meanwhile
+scenario() {
+	_name=$1; _sargs=$2; _act=$3; _addr=${4:-127.0.0.1:$S_PORT}
+	step "stress $_name"
+	SERVE=""; LOAD=""; ACT_FAIL=""; ACT_INFO=""
+	if ! st_serve "$S_PRE" $_sargs; then st_stop; check "stress_$_name" fail "server never listened: $SERVE"; return; fi
+	st_load_bg -a "$_addr"
+	[ -n "$_act" ] && $_act
+	st_load_wait
+	st_stop
+	verdict "$_name" "$ACT_FAIL" "$ACT_INFO"
+}
+
+# ---- actions run while the client is loading
+act_kill() { _k=0; while kill -0 "$LPID" 2>/dev/null && [ $_k -lt 6 ]; do sleep 1; kill -USR2 "$SPID"; _k=$((_k + 1)); done; }
+act_reload() { _k=0; while kill -0 "$LPID" 2>/dev/null && [ $_k -lt 3 ]; do sleep 2; kill -HUP "$SPID"; _k=$((_k + 1)); done; }
+act_repin() { _k=0; while kill -0 "$LPID" 2>/dev/null && [ $_k -lt 6 ]; do sleep 1; kill -USR1 "$SPID"; _k=$((_k + 1)); done; }
+act_storm() {
+	_o=$(timeout "$S_BOUND" /bin/fsstress storm -t 16 -n 40 2>&1); _r=$?
+	ACT_INFO=$(echo "$_o" | tail -n 1 | oneline)
+	[ $_r = 0 ] || ACT_FAIL="storm rc=$_r"
+}
+act_rmmod() {
+	_ok=0; _refused=0
+	for _k in 1 2 3 4 5; do
+		sleep 1
+		if rmmod fastsocket 2>/dev/null; then _ok=$((_ok + 1)); load fastsocket $S_PARAMS; else _refused=$((_refused + 1)); fi
+	done
+	ACT_INFO="rmmod under load: refused=$_refused unloaded=$_ok"
+}
+act_params() {
+	_bad=""; _n=0
+	for pv in enable_listen_spawn=0 enable_listen_spawn=1 enable_listen_spawn=2 enable_fast_epoll=0 \
+		enable_fast_epoll=1 enable_receive_flow_deliver=0 enable_receive_flow_deliver=1; do
+		_p=${pv%=*}; _v=${pv#*=}; _f=/sys/module/fastsocket/parameters/$_p
+		sleep 0.5
+		echo "$_v" > "$_f" 2>/dev/null || _bad="$_bad $pv(write)"
+		_got=$(cat "$_f" 2>/dev/null); case $_got in Y) _got=1;; N) _got=0;; esac
+		[ "$_got" = "$_v" ] || _bad="$_bad $pv(read $_got)"
+		_n=$((_n + 1))
+	done
+	ACT_INFO="$_n parameter writes"
+	[ -z "$_bad" ] || ACT_FAIL="parameters:$_bad"
+}
+act_irq() {
+	_rps=/sys/class/net/lo/queues/rx-0/rps_cpus; _k=0; _n=0
+	while kill -0 "$LPID" 2>/dev/null && [ $_k -lt 12 ]; do
+		_m=$(printf '%x' $((1 << (_k % NCPU))))
+		for irq in $IRQS; do echo "$_m" > "/proc/irq/$irq/smp_affinity" 2>/dev/null && _n=$((_n + 1)); done
+		# loopback has no IRQ: RPS moves its receive processing, so SYN and ACK land on
+		# different CPUs as they do when irqbalance moves a NIC vector.
+		[ -w $_rps ] && echo "$_m" > $_rps
+		sleep 0.5; _k=$((_k + 1))
+	done
+	[ -w $_rps ] && echo 0 > $_rps
+	ACT_INFO="$_k moves: lo RPS mask + $_n igb IRQ affinity writes"
+}
+
+# ---- scenarios
+
+stress_demo() {
+	step "stress demo_naive"
+	(LD_PRELOAD=$S_PRE exec /bin/server -w 4 -c 0 -a 127.0.0.1:8081) > /tmp/demo.out 2>&1 &
+	_d=$!; SERVE="demo server naive"
+	if wait_port 8081; then st_load_bg -a 127.0.0.1:8081; st_load_wait
+	else LOAD="load: demo server never listened"; LRC=1; fi
+	verdict demo_naive "" ""
+	# proxy: demo (preloaded) in front of fsstress serve (preloaded)
+	step "stress demo_proxy"
+	if st_serve "$S_PRE" -p "$S_PORT" -w 2; then
+		(LD_PRELOAD=$S_PRE exec /bin/server -w 4 -c 0 -a 127.0.0.1:8082 -x 127.0.0.1:$S_PORT) > /tmp/proxy.out 2>&1 &
+		_x=$!
+		if wait_port 8082; then st_load_bg -a 127.0.0.1:8082; st_load_wait
+		else LOAD="load: demo proxy never listened"; LRC=1; fi
+		kill -TERM $_x; wait $_x
+	fi
+	st_stop
+	kill -TERM $_d; wait $_d
+	verdict demo_proxy "" "demo proxy -> fsstress serve"
+}
+
+stress_netns() {
+	step "stress netns"
+	# Same port in both namespaces at once, RFD on: each namespace's steering must be its own.
+	st_serve "$S_PRE" -p "$S_PORT" -w 2
+	st_load_bg -a "127.0.0.1:$S_PORT"
+	_o=$(timeout "$S_BOUND" /bin/fsstress netns sh -c "
+		(LD_PRELOAD=$S_PRE exec /bin/fsstress serve -p $S_PORT -w 2 -s /tmp/ns.stats) > /tmp/ns.serve 2>&1 &
+		p=\$!; sleep 2; /bin/fsstress load -a 127.0.0.1:$S_PORT -c 4 -d $S_SECS; r=\$?; kill -TERM \$p; wait \$p; exit \$r" 2>&1)
+	_r=$?
+	st_load_wait; st_stop
+	_ns=$(echo "$_o" | grep '^load:' | tail -n 1)
+	_f=""; [ $_r = 0 ] || _f="netns rc=$_r: $(echo "$_o" | tail -n 2 | oneline)"
+	_nf=$(( $(kv errors "$_ns" || echo 1) + $(kv resets "$_ns" || echo 1) + $(kv bad "$_ns" || echo 1) ))
+	[ "$_nf" = 0 ] || _f="${_f:+$_f; }netns client failures=$_nf"
+	verdict netns "$_f" "netns: ${_ns#load: }"
+}
+
+stress_hostile() {
+	step "stress hostile"
+	# A cpuset holding CPU 0 only; the tool drops to uid 65534 inside it.
+	_cs=""
+	if mkdir -p /dev/cpuset && { grep -q ' /dev/cpuset ' /proc/mounts || mount -t cpuset cpuset /dev/cpuset 2>/dev/null; } \
+		&& mkdir -p /dev/cpuset/jail && echo 0 > /dev/cpuset/jail/cpuset.cpus 2>/dev/null \
+		&& echo 0 > /dev/cpuset/jail/cpuset.mems 2>/dev/null; then _cs=/dev/cpuset/jail
+	fi
+	_o=$(sh -c "[ -n '$_cs' ] && echo \$\$ > $_cs/tasks; exec taskset -c 0 /bin/fsstress hostile -u 65534" 2>&1); _r=$?
+	_res=$(echo "$_o" | grep '^hostile:' | tail -n 1)
+	_d="${_cs:+cpuset {0}}${_cs:-no cpuset support: taskset -c 0}; $(echo "${_res:-$_o}" | oneline)"
+	if [ $_r = 0 ] && [ -n "$_res" ]; then check stress_hostile pass "$_d"; else check stress_hostile fail "rc=$_r; $_d"; fi
+}
+
+# metrics PRELOAD LABEL: the same workload with and without Fastsocket, mechanism counters
+stress_metrics() {
+	_pre=$1; _label=$2
+	step "stress metrics_$_label"
+	_b=$(snmp ListenDrops ListenOverflows OutRsts EstabResets)
+	if st_serve "$_pre" -p "$S_PORT" -w 4; then st_load_bg -a "127.0.0.1:$S_PORT"; st_load_wait
+	else LOAD="load: server never listened"; LRC=1; fi
+	st_stop
+	set -- $(snmp ListenDrops ListenOverflows OutRsts EstabResets) $_b
+	_acc=$(kv accepted "$SERVE"); _acc=${_acc:-0}; _syn=$(kv on_syn_cpu "$SERVE"); _syn=${_syn:-0}
+	_spu=$(kv spurious "$SERVE"); _seen=$(kv rfd_seen "$LOAD"); _loc=$(kv rfd_local "$LOAD")
+	_m=$(awk -v a="$_acc" -v s="$_syn" -v p="${_spu:-0}" -v n="${_seen:-0}" -v l="${_loc:-0}" 'BEGIN {
+		d = a > 0 ? a : 1; printf "spurious_per_accept=%.3f syn_cpu_share=%.3f rfd_share=%.3f cross_cpu=%d",
+		p / d, s / d, n > 0 ? l / n : 0, a - s }')
+	_m="conns_per_s=$(kv rps "$LOAD") $_m resets=$(($3 - $7)) estab_resets=$(($4 - $8))"
+	_m="$_m listen_drops=$(($1 - $5)) listen_overflows=$(($2 - $6))"
+	verdict "metrics_$_label" "" "metrics: $_m"
+}
+
+stress_final() {
+	step "stress final"
+	_f=""
+	_rc=$(fs_refcnt)
+	[ "${_rc:-0}" = 0 ] || _f="refcount $_rc with every server stopped"
+	if rmmod fastsocket 2>/tmp/rmmod.err; then :; else _f="${_f:+$_f; }rmmod: $(oneline < /tmp/rmmod.err)"; fi
+	[ -e /proc/net/fastsocket ] && _f="${_f:+$_f; }/proc/net/fastsocket left after rmmod"
+	sleep 1
+	_now=$(tcp_in_use)
+	[ "$_now" = "$S_BASE" ] || _f="${_f:+$_f; }sockstat TCP $_now, baseline $S_BASE"
+	if [ -z "$_f" ]; then check stress_leaks pass "refcount 0, rmmod clean, sockstat TCP $_now (baseline)"
+	else check stress_leaks fail "$_f"; fi
+	# Debug kernels report in their own words; any of them fails the suite.
+	_hits=$(dmesg | grep -E 'BUG:|WARNING:|KASAN|KFENCE|possible circular|possible recursive|inconsistent lock|suspicious RCU|list_add corruption|list_del corruption|ODEBUG|refcount_t:|kmemleak|sleeping function called|INFO: task|Oops|general protection|unreferenced object')
+	if [ -z "$_hits" ]; then check stress_dmesg pass "no KASAN/KFENCE/lockdep/RCU/list/ODEBUG/refcount/WARN report"
+	else check stress_dmesg fail "$(echo "$_hits" | head -n 3 | oneline)"; fi
+}
+
+run_stress() {
+	if [ ! -x /bin/fsstress ] || [ ! -f "$S_PRE" ] || [ "$FASTSOCKET_KO" != 1 ]; then
+		check stress_suite fail "cannot run: fsstress=$([ -x /bin/fsstress ] && echo y || echo n) libsocket=$([ -f $S_PRE ] && echo y || echo n) fastsocket.ko=$FASTSOCKET_KO"
+		return
+	fi
+	S_BASE=$(tcp_in_use)
+	stress_metrics "" plain
+	fs_loaded || load fastsocket $S_PARAMS || { check stress_suite fail "modprobe fastsocket: $(echo "$_out" | oneline)"; return; }
+	stress_metrics "$S_PRE" fastsocket
+	stress_demo
+	scenario churn_kill "-p $S_PORT -w 4" act_kill
+	scenario reload "-p $S_PORT -w 4" act_reload
+	scenario repin "-p $S_PORT -w 4" act_repin
+	scenario two_listeners "-p $S_PORT,$((S_PORT + 1)) -w 4" "" "127.0.0.1:$S_PORT,127.0.0.1:$((S_PORT + 1))"
+	scenario mixed_accept "-p $S_PORT -w 4 -m" ""
+	scenario exec_child "-p $S_PORT -w 4 -e" ""
+	scenario spawn_storm "-p $S_PORT -w 4" act_storm
+	scenario rmmod "-p $S_PORT -w 4" act_rmmod
+	scenario params "-p $S_PORT -w 4" act_params
+	scenario irq_move "-p $S_PORT -w 4" act_irq
+	stress_netns
+	stress_hostile
+	stress_final
+}
+run_stress

@@ -1,0 +1,201 @@
+"""fsbuild.stress and its guest programs. fsstress is built with the host gcc and run on the
+host (plain kernel, no module): the client's checks, the churn signals and the counters are
+the same code the guest runs. The guest run itself is the slow test at the end."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, require_tool
+from fsbuild import qemu, smoke, stress
+from fsbuild.errors import SmokeCheckError
+
+GUEST = ROOT / "ci" / "guest"
+
+
+@pytest.fixture(scope="module")
+def fsstress(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_tool("gcc")
+    out = tmp_path_factory.mktemp("fsstress") / "fsstress"
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-pthread", "-o", str(out), str(GUEST / "fsstress.c")],
+                   check=True, capture_output=True, timeout=120)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _counts(line: str) -> dict[str, float]:
+    return {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", line)}
+
+
+class Serve:
+    def __init__(self, exe: Path, tmp: Path, *args: str) -> None:
+        self.port = _free_port()
+        self.stats = tmp / "serve.stats"
+        self.proc = subprocess.Popen([str(exe), "serve", "-p", str(self.port), "-s", str(self.stats), *args],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().startswith("serve: ready")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> dict[str, float]:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        return _counts(self.stats.read_text())
+
+
+def _load(exe: Path, *args: str) -> tuple[int, dict[str, float]]:
+    r = subprocess.run([str(exe), "load", *args], capture_output=True, text=True, timeout=60)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("load:")][-1]
+    return r.returncode, _counts(line)
+
+
+def test_serve_answers_every_request_and_counts_them(fsstress: Path, tmp_path: Path) -> None:
+    srv = Serve(fsstress, tmp_path, "-w", "2")
+    rc, load = _load(fsstress, "-a", f"127.0.0.1:{srv.port}", "-c", "4", "-n", "300")
+    st = srv.stop()
+    assert rc == 0 and load["ok"] == 300 and load["requests"] == 300
+    assert st["accepted"] == 300 and st["errors"] == 0
+    assert 0 <= st["spurious"] <= st["wakeups"] and st["on_syn_cpu"] <= st["accepted"]
+
+
+def _bad_server(reply: bytes, linger_reset: bool = False) -> tuple[int, threading.Event]:
+    lis = socket.socket()
+    lis.bind(("127.0.0.1", 0))
+    lis.listen(64)
+    stop = threading.Event()
+
+    def run() -> None:
+        lis.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = lis.accept()
+            except OSError:
+                continue
+            c.recv(1024)
+            if linger_reset:  # RST instead of FIN
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            else:
+                c.sendall(reply)
+            c.close()
+        lis.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return int(lis.getsockname()[1]), stop
+
+
+@pytest.mark.parametrize("reply, field", [
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\nshort", "bad"),       # body cut short
+    (b"HTTP/1.0 503 Busy\r\nContent-Length: 2\r\n\r\nno", "bad"),          # not a 200
+    (b"HTTP/1.0 200 OK\r\n\r\nno length", "bad"),                          # unverifiable body
+    (b"", "resets"),                                                       # RST
+])
+def test_load_checks_every_response(fsstress: Path, reply: bytes, field: str) -> None:
+    port, stop = _bad_server(reply, linger_reset=not reply)
+    try:
+        rc, load = _load(fsstress, "-a", f"127.0.0.1:{port}", "-c", "2", "-n", "20")
+    finally:
+        stop.set()
+    assert rc == 1 and load[field] == 20 and load["ok"] == 0
+
+
+def _under_load(fsstress: Path, srv: Serve, sig: int, times: int) -> tuple[int, dict[str, float]]:
+    result: list[tuple[int, dict[str, float]]] = []
+    t = threading.Thread(target=lambda: result.append(
+        _load(fsstress, "-a", f"127.0.0.1:{srv.port}", "-c", "4", "-d", "3")))
+    t.start()
+    for _ in range(times):
+        time.sleep(0.4)
+        srv.signal(sig)
+    t.join()
+    return result[0]
+
+
+@pytest.mark.parametrize("sig, counter", [(signal.SIGUSR2, "restarts"), (signal.SIGHUP, "reloads"),
+                                          (signal.SIGUSR1, "repins")])
+def test_churn_on_a_plain_kernel_loses_nothing(fsstress: Path, tmp_path: Path, sig: int, counter: str) -> None:
+    # The baseline Fastsocket must match (issue 10 item 14): a plain server loses nothing
+    # when workers are SIGKILLed and restarted, reloaded or re-pinned under load.
+    srv = Serve(fsstress, tmp_path, "-w", "3")
+    rc, load = _under_load(fsstress, srv, sig, 4)
+    st = srv.stop()
+    assert (rc, load["resets"], load["errors"], load["bad"]) == (0, 0, 0, 0), (load, st)
+    assert load["ok"] > 0 and st[counter] >= 1
+
+
+@pytest.mark.parametrize("flag", ["-m", "-e"])
+def test_mixed_accept_and_exec_child_serve(fsstress: Path, tmp_path: Path, flag: str) -> None:
+    srv = Serve(fsstress, tmp_path, "-w", "2", flag)
+    rc, load = _load(fsstress, "-a", f"127.0.0.1:{srv.port}", "-c", "4", "-n", "200")
+    st = srv.stop()
+    assert rc == 0 and load["ok"] == 200
+    if flag == "-m":
+        assert st["plain"] > 0  # the raw accept4 worker took its share
+    else:
+        assert st["accepted"] < 200  # the exec'd child (no counters) accepted the rest
+
+
+def test_hostile_and_storm_need_the_device(fsstress: Path) -> None:
+    for cmd in ("hostile", "storm"):
+        r = subprocess.run([str(fsstress), cmd], capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "PATH": "/usr/bin:/bin"})
+        if Path("/dev/fastsocket").exists():
+            pytest.skip("this host has /dev/fastsocket: the guest test covers it")
+        assert r.returncode == 1 and "/dev/fastsocket" in r.stdout
+
+
+def test_stress_script_is_valid_sh_and_reports_every_scenario() -> None:
+    require_tool("busybox")
+    script = (GUEST / "stress.sh").read_text()
+    subprocess.run(["busybox", "sh", "-n", str(GUEST / "stress.sh")], check=True, timeout=30)
+    reported = set(re.findall(r"(?:scenario|verdict|check) (?:\"?stress_)?([a-z_]+)", script))
+    reported |= set(re.findall(r"check stress_([a-z_]+)", script))
+    reported |= {m for m in re.findall(r'verdict "metrics_\$_label"', script) and ("metrics_plain", "metrics_fastsocket")}
+    missing = [s for s in stress.SCENARIOS if s not in reported]
+    assert not missing, f"stress.sh never reports {missing}"
+    assert '[ "$SUITE" = stress ]' in (GUEST / "init").read_text()
+
+
+def test_guest_programs_build_with_musl(tmp_path: Path) -> None:
+    require_tool("musl-gcc")
+    progs = stress.guest_programs(tmp_path)
+    assert [p.name for p in progs] == ["fsstress", "stress.sh"]
+    # dynamic: LD_PRELOAD must reach `fsstress serve` in the guest
+    assert b"ld-musl" in progs[0].read_bytes()
+
+
+def test_stress_checks_are_required_by_classify() -> None:
+    guest = "FSBOOT 6.1\n" + "".join(f"FSCHECK {n} pass ok\n" for n in smoke.REQUIRED_CHECKS) + "FSDONE\n"
+    vm = qemu.VmResult(stopped_by="done", returncode=0, timed_out=False, duration_s=1.0, status="", events=[])
+    _, err, _ = smoke.classify(smoke.parse_guest(guest), "", vm, 30.0, "tcg")
+    assert err is None
+    checks, err, msg = smoke.classify(smoke.parse_guest(guest), "", vm, 30.0, "tcg",
+                                      required=smoke.REQUIRED_CHECKS + stress.REQUIRED_CHECKS)
+    assert err is SmokeCheckError and "stress_hostile" in checks[-1].detail
+
+
+def test_metrics_are_read_back_from_the_checks() -> None:
+    checks = [{"name": "stress_metrics_plain", "status": "pass",
+               "detail": "requests=10 ok=10 | serve | metrics: conns_per_s=41.5 spurious_per_accept=0.750 "
+                         "syn_cpu_share=0.25 rfd_share=0.5 cross_cpu=30 resets=0 estab_resets=0 "
+                         "listen_drops=2 listen_overflows=1"},
+              {"name": "stress_metrics_fastsocket", "status": "fail", "detail": "metrics: conns_per_s=60"}]
+    m = stress.metrics(checks)
+    assert m["plain"]["spurious_per_accept"] == 0.75 and m["plain"]["listen_drops"] == 2
+    assert m["fastsocket"] == {"conns_per_s": 60.0}
+    assert stress.metrics([]) == {}
