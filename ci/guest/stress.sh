@@ -24,7 +24,8 @@ snmp() {
 			v = ("TcpExt:" SUBSEP w[k]) in col ? val["TcpExt:", col["TcpExt:", w[k]]] : val["Tcp:", col["Tcp:", w[k]]]
 			printf "%s%s", (k > 1 ? " " : ""), (v == "" ? 0 : v) } print "" }'
 }
-kv() { echo "$2" | tr ' ' '\n' | grep "^$1=" | head -n 1 | cut -d= -f2; }
+# kv KEY LINE [DEFAULT]: the value of KEY=... in LINE (DEFAULT, else 0, when absent)
+kv() { _v=$(echo "$2" | tr ' ' '\n' | grep "^$1=" | head -n 1 | cut -d= -f2); echo "${_v:-${3:-0}}"; }
 fs_loaded() { grep -q '^fastsocket ' /proc/modules; }
 fs_refcnt() { while read -r m _ r _; do [ "$m" = fastsocket ] && echo "$r"; done < /proc/modules; }
 wait_port() {
@@ -57,8 +58,9 @@ st_load_wait() {
 }
 # verdict NAME EXTRA_FAIL DETAIL: pass when the client saw no failure and EXTRA_FAIL is empty
 verdict() {
-	_fails=$(( $(kv errors "$LOAD" || echo 1) + $(kv resets "$LOAD" || echo 1) + $(kv timeouts "$LOAD" || echo 1) \
-		+ $(kv refused "$LOAD" || echo 1) + $(kv bad "$LOAD" || echo 1) ))
+	# a missing counter counts as a failure: the client did not report
+	_fails=$(( $(kv errors "$LOAD" 1) + $(kv resets "$LOAD" 1) + $(kv timeouts "$LOAD" 1) \
+		+ $(kv refused "$LOAD" 1) + $(kv bad "$LOAD" 1) ))
 	_d="$(echo "${LOAD#load: }" | oneline) | ${SERVE#serve: }${3:+ | $3}"
 	if [ "$LRC" = 0 ] && [ "$_fails" = 0 ] && [ -z "$2" ]; then check "stress_$1" pass "$_d"
 	else check "stress_$1" fail "${2:+$2; }$_d"; fi
@@ -129,9 +131,11 @@ stress_demo() {
 	_d=$!; SERVE="demo server naive"
 	if wait_port 8081; then st_load_bg -a 127.0.0.1:8081; st_load_wait
 	else LOAD="load: demo server never listened"; LRC=1; fi
+	kill -TERM $_d; wait $_d
 	verdict demo_naive "" ""
 	# proxy: demo (preloaded) in front of fsstress serve (preloaded)
 	step "stress demo_proxy"
+	LOAD="load: backend never listened"; LRC=1
 	if st_serve "$S_PRE" -p "$S_PORT" -w 2; then
 		(LD_PRELOAD=$S_PRE exec /bin/server -w 4 -c 0 -a 127.0.0.1:8082 -x 127.0.0.1:$S_PORT) > /tmp/proxy.out 2>&1 &
 		_x=$!
@@ -140,7 +144,6 @@ stress_demo() {
 		kill -TERM $_x; wait $_x
 	fi
 	st_stop
-	kill -TERM $_d; wait $_d
 	verdict demo_proxy "" "demo proxy -> fsstress serve"
 }
 
@@ -149,14 +152,17 @@ stress_netns() {
 	# Same port in both namespaces at once, RFD on: each namespace's steering must be its own.
 	st_serve "$S_PRE" -p "$S_PORT" -w 2
 	st_load_bg -a "127.0.0.1:$S_PORT"
+	_hex=$(printf '%04X' "$S_PORT")
 	_o=$(timeout "$S_BOUND" /bin/fsstress netns sh -c "
 		(LD_PRELOAD=$S_PRE exec /bin/fsstress serve -p $S_PORT -w 2 -s /tmp/ns.stats) > /tmp/ns.serve 2>&1 &
-		p=\$!; sleep 2; /bin/fsstress load -a 127.0.0.1:$S_PORT -c 4 -d $S_SECS; r=\$?; kill -TERM \$p; wait \$p; exit \$r" 2>&1)
+		p=\$!; i=0
+		while ! grep -q ':$_hex 00000000:0000 0A' /proc/net/tcp && [ \$i -lt 150 ]; do sleep 0.1; i=\$((i + 1)); done
+		/bin/fsstress load -a 127.0.0.1:$S_PORT -c 4 -d $S_SECS; r=\$?; kill -TERM \$p; wait \$p; exit \$r" 2>&1)
 	_r=$?
 	st_load_wait; st_stop
 	_ns=$(echo "$_o" | grep '^load:' | tail -n 1)
 	_f=""; [ $_r = 0 ] || _f="netns rc=$_r: $(echo "$_o" | tail -n 2 | oneline)"
-	_nf=$(( $(kv errors "$_ns" || echo 1) + $(kv resets "$_ns" || echo 1) + $(kv bad "$_ns" || echo 1) ))
+	_nf=$(( $(kv errors "$_ns" 1) + $(kv resets "$_ns" 1) + $(kv bad "$_ns" 1) + $(kv timeouts "$_ns" 1) ))
 	[ "$_nf" = 0 ] || _f="${_f:+$_f; }netns client failures=$_nf"
 	verdict netns "$_f" "netns: ${_ns#load: }"
 }
@@ -169,9 +175,9 @@ stress_hostile() {
 		&& mkdir -p /dev/cpuset/jail && echo 0 > /dev/cpuset/jail/cpuset.cpus 2>/dev/null \
 		&& echo 0 > /dev/cpuset/jail/cpuset.mems 2>/dev/null; then _cs=/dev/cpuset/jail
 	fi
-	_o=$(sh -c "[ -n '$_cs' ] && echo \$\$ > $_cs/tasks; exec taskset -c 0 /bin/fsstress hostile -u 65534" 2>&1); _r=$?
+	_o=$(sh -c "[ -n '$_cs' ] && echo \$\$ > $_cs/tasks; exec taskset 1 /bin/fsstress hostile -u 65534" 2>&1); _r=$?
 	_res=$(echo "$_o" | grep '^hostile:' | tail -n 1)
-	_d="${_cs:+cpuset {0}}${_cs:-no cpuset support: taskset -c 0}; $(echo "${_res:-$_o}" | oneline)"
+	_d="${_cs:+cpuset {0}}${_cs:-no cpuset support: taskset to CPU 0}; $(echo "${_res:-$_o}" | oneline)"
 	if [ $_r = 0 ] && [ -n "$_res" ]; then check stress_hostile pass "$_d"; else check stress_hostile fail "rc=$_r; $_d"; fi
 }
 
@@ -197,11 +203,14 @@ stress_metrics() {
 stress_final() {
 	step "stress final"
 	_f=""
-	_rc=$(fs_refcnt)
-	[ "${_rc:-0}" = 0 ] || _f="refcount $_rc with every server stopped"
-	if rmmod fastsocket 2>/tmp/rmmod.err; then :; else _f="${_f:+$_f; }rmmod: $(oneline < /tmp/rmmod.err)"; fi
+	if fs_loaded; then
+		_rc=$(fs_refcnt)
+		[ "$_rc" = 0 ] || _f="refcount $_rc with every server stopped"
+		rmmod fastsocket 2>/tmp/rmmod.err || _f="${_f:+$_f; }rmmod: $(oneline < /tmp/rmmod.err)"
+	else _f="fastsocket was no longer loaded at the end"; fi
 	[ -e /proc/net/fastsocket ] && _f="${_f:+$_f; }/proc/net/fastsocket left after rmmod"
-	sleep 1
+	# FIN_WAIT/LAST_ACK of the last connections take a moment under TCG
+	_i=0; while [ "$(tcp_in_use)" != "$S_BASE" ] && [ $_i -lt 20 ]; do sleep 0.5; _i=$((_i + 1)); done
 	_now=$(tcp_in_use)
 	[ "$_now" = "$S_BASE" ] || _f="${_f:+$_f; }sockstat TCP $_now, baseline $S_BASE"
 	if [ -z "$_f" ]; then check stress_leaks pass "refcount 0, rmmod clean, sockstat TCP $_now (baseline)"
