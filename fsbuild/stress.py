@@ -4,9 +4,11 @@ run must report, and the mechanism metrics read back from smoke.json."""
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 from fsbuild import paths
@@ -19,7 +21,7 @@ DEFAULT_TIMEOUT_S = 1500.0
 STRESS_SECS = 8
 STRESS_CONNS = 8
 # Every scenario ci/guest/stress.sh runs: a run missing one did not test it.
-SCENARIOS = ("metrics_plain", "metrics_fastsocket", "demo_naive", "demo_proxy", "churn_kill",
+SCENARIOS = ("metrics_plain", "metrics_fastsocket", "demo_naive", "demo_proxy", "nginx", "churn_kill",
              "reload", "repin", "two_listeners", "mixed_accept", "exec_child", "spawn_storm",
              "rmmod", "params", "irq_move", "netns", "hostile", "leaks", "dmesg")
 REQUIRED_CHECKS = tuple(f"stress_{s}" for s in SCENARIOS)
@@ -29,15 +31,51 @@ METRICS = ("conns_per_s", "spurious_per_accept", "syn_cpu_share", "rfd_share", "
            "resets", "estab_resets", "listen_drops", "listen_overflows")
 
 
+NGINX = Path("/usr/sbin/nginx")
+NGINX_BUNDLE = "nginx-root.tar"
+LDD_RE = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
+
+
 def guest_programs(build_dir: Path) -> list[Path]:
-    """fsstress (dynamic musl, so LD_PRELOAD=libsocket.so applies) and stress.sh, for /bin."""
+    """fsstress (dynamic musl, so LD_PRELOAD=libsocket.so applies), stress.sh and, when the
+    host has Debian's nginx, the nginx bundle: all for /bin."""
     guest = paths.repo_root() / "ci" / "guest"
     build_dir.mkdir(parents=True, exist_ok=True)
     prog = _compile(guest / "fsstress.c", build_dir / "fsstress",
                     [paths.repo_root() / "module" / "fastsocket_abi.h"])
     script = build_dir / "stress.sh"
     shutil.copyfile(guest / "stress.sh", script)
-    return [prog, script]
+    bundle = nginx_bundle(build_dir)
+    return [prog, script] + ([bundle] if bundle else [])
+
+
+def nginx_bundle(build_dir: Path, nginx: Path = NGINX) -> Path | None:
+    """A real server for the guest: Debian's nginx with the glibc libraries ldd names, the
+    glibc loader and a glibc build of libsocket.so (/lib/glibc/libsocket.so), as a tar the
+    guest unpacks at / (a musl libsocket.so cannot be preloaded into a glibc program).
+    None when the host has no nginx: the scenario then skips and says so."""
+    if not nginx.is_file() or shutil.which("ldd") is None:
+        return None
+    libdir = build_dir / "glibc"
+    r = subprocess.run(["make", "-s", "-C", str(paths.repo_root() / "library"), f"BUILDDIR={libdir}"],
+                       capture_output=True, timeout=300)
+    if r.returncode != 0:
+        raise BuildError(f"make -C library (glibc, for nginx): {r.stderr.decode(errors='replace').strip()[-300:]}")
+    ldd = subprocess.run(["ldd", str(nginx)], capture_output=True, text=True, timeout=60, check=True)
+    files = {nginx.as_posix().lstrip("/"): nginx, "lib/glibc/libsocket.so": libdir / "libsocket.so"}
+    for m in LDD_RE.finditer(ldd.stdout):
+        files[m.group(1).lstrip("/")] = Path(m.group(1)).resolve()
+    out = build_dir / NGINX_BUNDLE
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, src in sorted(files.items()):
+            data = src.read_bytes()
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755
+            tar.addfile(info, io.BytesIO(data))
+    if not out.exists() or out.read_bytes() != buf.getvalue():
+        out.write_bytes(buf.getvalue())
+    return out
 
 
 def _compile(src: Path, out: Path, deps: list[Path]) -> Path:

@@ -174,9 +174,22 @@ def test_stress_script_is_valid_sh_and_reports_every_scenario() -> None:
 def test_guest_programs_build_with_musl(tmp_path: Path) -> None:
     require_tool("musl-gcc")
     progs = stress.guest_programs(tmp_path)
-    assert [p.name for p in progs] == ["fsstress", "stress.sh"]
+    assert [p.name for p in progs][:2] == ["fsstress", "stress.sh"]
     # dynamic: LD_PRELOAD must reach `fsstress serve` in the guest
     assert b"ld-musl" in progs[0].read_bytes()
+
+
+def test_nginx_bundle_has_the_server_its_libraries_and_a_glibc_libsocket(tmp_path: Path) -> None:
+    if not stress.NGINX.is_file():
+        pytest.skip("no /usr/sbin/nginx on this host (apt-get install nginx-light)")
+    require_tool("ldd", "gcc", "make")
+    import tarfile
+    bundle = stress.nginx_bundle(tmp_path)
+    assert bundle is not None
+    names = set(tarfile.open(bundle).getnames())
+    assert {"usr/sbin/nginx", "lib/glibc/libsocket.so", "lib64/ld-linux-x86-64.so.2"} <= names
+    assert any(n.endswith("/libc.so.6") for n in names)
+    assert stress.nginx_bundle(tmp_path, tmp_path / "no-nginx") is None
 
 
 def test_stress_checks_are_required_by_classify() -> None:

@@ -147,6 +147,42 @@ stress_demo() {
 	verdict demo_proxy "" "demo proxy -> fsstress serve"
 }
 
+# A real server: Debian's nginx (glibc, unpacked from /bin/nginx-root.tar) under the glibc
+# libsocket.so, 4 workers; a graceful reload (SIGHUP: new workers, old ones finish) under load.
+stress_nginx() {
+	step "stress nginx"
+	if [ ! -f /bin/nginx-root.tar ]; then check stress_nginx skip "no nginx on the build host (apt-get install nginx-light)"; return; fi
+	case $KVER in 2.6.*) check stress_nginx skip "Debian's glibc needs Linux >= 3.2; this guest runs $KVER"; return;; esac
+	tar -xf /bin/nginx-root.tar -C / 2>/tmp/nginx.tar.err || { check stress_nginx fail "unpack: $(oneline < /tmp/nginx.tar.err)"; return; }
+	grep -q '^nobody:' /etc/passwd 2>/dev/null || { echo "root:x:0:0::/root:/bin/sh"; echo "nobody:x:65534:65534::/:/bin/false"; } >> /etc/passwd
+	grep -q '^nogroup:' /etc/group 2>/dev/null || { echo "root:x:0:"; echo "nogroup:x:65534:"; } >> /etc/group
+	_n=/tmp/nginx; mkdir -p $_n
+	cat > $_n/nginx.conf <<-EOF
+	worker_processes 4;
+	worker_cpu_affinity 0001 0010 0100 1000;
+	daemon off;
+	pid $_n/nginx.pid;
+	error_log $_n/error.log warn;
+	events { worker_connections 512; }
+	http {
+	    access_log off;
+	    client_body_temp_path $_n/body; proxy_temp_path $_n/proxy; fastcgi_temp_path $_n/fcgi;
+	    uwsgi_temp_path $_n/uwsgi; scgi_temp_path $_n/scgi;
+	    server { listen 127.0.0.1:8083 backlog=1024; location / { return 200 "fsstress nginx\n"; } }
+	}
+	EOF
+	(LD_PRELOAD=/lib/glibc/libsocket.so exec /usr/sbin/nginx -e $_n/error.log -p $_n -c $_n/nginx.conf) > $_n/out 2>&1 &
+	_np=$!; SERVE="nginx 4 workers"; LOAD="load: nginx never listened"; LRC=1
+	if wait_port 8083; then
+		st_load_bg -a 127.0.0.1:8083
+		sleep 3; kill -HUP $_np; SERVE="$SERVE, 1 reload under load"
+		st_load_wait
+	fi
+	kill -QUIT $_np; _i=0; while kill -0 $_np 2>/dev/null && [ $_i -lt 100 ]; do sleep 0.1; _i=$((_i + 1)); done
+	kill -KILL $_np 2>/dev/null; wait $_np 2>/dev/null
+	verdict nginx "" "$(grep -E '\[(alert|emerg|crit)\]' $_n/error.log | head -n 1 | oneline)"
+}
+
 stress_netns() {
 	step "stress netns"
 	# Same port in both namespaces at once, RFD on: each namespace's steering must be its own.
@@ -231,6 +267,7 @@ run_stress() {
 	fs_loaded || load fastsocket $S_PARAMS || { check stress_suite fail "modprobe fastsocket: $(echo "$_out" | oneline)"; return; }
 	stress_metrics "$S_PRE" fastsocket
 	stress_demo
+	stress_nginx
 	scenario churn_kill "-p $S_PORT -w 4" act_kill
 	scenario reload "-p $S_PORT -w 4" act_reload
 	scenario repin "-p $S_PORT -w 4" act_repin
