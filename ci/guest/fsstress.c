@@ -701,7 +701,8 @@ static void hostile_fds(int *fds, int n)
 static int cmd_hostile(int argc, char **argv)
 {
 	cpu_set_t before;
-	int uid = 65534, o, pipefd[2], fds[10], n = 0, cpu, i;
+	int uid = 65534, o, pipefd[2], fds[10], n = 0, cpu, i, cli;
+	socklen_t alen = sizeof(struct sockaddr_in);
 	struct fsock_spawn_args sp;
 	struct fsock_accept_args ac;
 	static const int cpus[] = { -2, -1000, 1, 2, 3, 63, 64, 4096, INT_MAX, INT_MIN };
@@ -730,7 +731,6 @@ static int cmd_hostile(int argc, char **argv)
 		fds[n++] = pipefd[0];
 	fds[n++] = socket(AF_UNIX, SOCK_STREAM, 0);
 	fds[n++] = socket(AF_INET, SOCK_DGRAM, 0);
-	fds[n++] = socket(AF_INET, SOCK_STREAM, 0);	/* TCP, never listening */
 	fds[n++] = open("/proc/self/stat", O_RDONLY);
 	hostile_fds(fds, n);
 	/* wrong sizes and directions of every command number, and NULL / kernel pointers */
@@ -758,6 +758,11 @@ static int cmd_hostile(int argc, char **argv)
 			l.fd = s.fd;
 			l.backlog = 8;
 			ioctl(g_dev, FSOCK_IOC_LISTEN, &l);
+			/* a queued connection, so ACCEPT really writes through the bad pointers */
+			getsockname(s.fd, (struct sockaddr *)&sa, &alen);
+			cli = socket(AF_INET, SOCK_STREAM, 0);
+			if (connect(cli, (struct sockaddr *)&sa, sizeof(sa)) == 0)
+				usleep(100000);
 			memset(&ac, 0, sizeof(ac));
 			ac.fd = s.fd;
 			ac.addr = 0xffffffff81000000ull;
