@@ -171,6 +171,52 @@ def test_stress_script_is_valid_sh_and_reports_every_scenario() -> None:
     assert '[ "$SUITE" = stress ]' in (GUEST / "init").read_text()
 
 
+def _run_scenarios(fsstress: Path, tmp_path: Path, body: str) -> list[smoke.Check]:
+    """Source stress.sh with the init's helpers stubbed and run `body` on the host (plain
+    kernel, no preload): the verdict logic the guest runs, on real counters."""
+    require_tool("busybox", "timeout")
+    script = f"""
+check() {{ _n=$1; _s=$2; shift 2; echo "FSCHECK $_n $_s $*"; }}
+step() {{ :; }}
+oneline() {{ tr '\\n' ' ' | cut -c1-200; }}
+NCPU=$(grep -c '^processor' /proc/cpuinfo); IRQS=""
+. {GUEST / "stress.sh"}
+{body}
+"""
+    env = {**os.environ, "STRESS_SOURCE_ONLY": "1", "STRESS_BIN": str(fsstress.parent), "STRESS_PRELOAD": "",
+           "STRESS_TMP": str(tmp_path), "STRESS_SECS": "2", "STRESS_CONNS": "4", "STRESS_PORT": str(_free_port())}
+    r = subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    return smoke.parse_guest("FSBOOT host\n" + r.stdout).checks
+
+
+def test_scenarios_pass_on_a_plain_kernel_with_their_counts(fsstress: Path, tmp_path: Path) -> None:
+    checks = _run_scenarios(fsstress, tmp_path, """
+stress_metrics "" plain
+scenario churn_kill "-p $S_PORT -w 3" act_kill
+scenario reload "-p $S_PORT -w 3" act_reload
+scenario two_listeners "-p $S_PORT,$((S_PORT + 1)) -w 2" "" "127.0.0.1:$S_PORT,127.0.0.1:$((S_PORT + 1))"
+""")
+    by = {c.name: c for c in checks}
+    assert list(by) == ["stress_metrics_plain", "stress_churn_kill", "stress_reload", "stress_two_listeners"]
+    assert all(c.status == "pass" for c in checks), checks
+    plain = stress.metrics([{"name": c.name, "detail": c.detail} for c in checks])["plain"]
+    assert set(plain) == set(stress.METRICS) and plain["conns_per_s"] > 0
+    assert 0 <= plain["syn_cpu_share"] <= 1 and 0 <= plain["rfd_share"] <= 1
+    assert int(re.search(r"restarts=(\d+)", by["stress_churn_kill"].detail)[1]) >= 1
+    assert int(re.search(r"reloads=(\d+)", by["stress_reload"].detail)[1]) >= 1
+
+
+def test_a_scenario_fails_on_a_lost_request(fsstress: Path, tmp_path: Path) -> None:
+    # The client talks to a port nobody listens on: refused connections fail the scenario.
+    checks = _run_scenarios(fsstress, tmp_path, """
+st_serve "" -p $S_PORT -w 1
+st_load_bg -a 127.0.0.1:$((S_PORT + 1)); st_load_wait; st_stop
+verdict lost "" ""
+""")
+    assert [(c.name, c.status) for c in checks] == [("stress_lost", "fail")]
+    assert "refused=" in checks[0].detail
+
+
 def test_guest_programs_build_with_musl(tmp_path: Path) -> None:
     require_tool("musl-gcc")
     progs = stress.guest_programs(tmp_path)

@@ -9,8 +9,10 @@
 S_SECS=${STRESS_SECS:-8}          # load duration per scenario
 S_CONNS=${STRESS_CONNS:-8}        # client threads
 S_BOUND=$((S_SECS * 4 + 30))      # hard limit per scenario
-S_PORT=8090
-S_PRE=/lib/libsocket.so
+S_PORT=${STRESS_PORT:-8090}
+S_BIN=${STRESS_BIN:-/bin}         # tests/test_stress.py runs the scenarios on the host
+S_PRE=${STRESS_PRELOAD-/lib/libsocket.so}
+S_TMP=${STRESS_TMP:-/tmp}
 S_PARAMS="enable_listen_spawn=2 enable_fast_epoll=1 enable_receive_flow_deliver=1"
 
 # tcp_in_use: the TCP line of /proc/net/sockstat without TIME_WAIT (those expire on their own)
@@ -37,7 +39,7 @@ wait_port() {
 # st_serve PRELOAD ARGS...: fsstress serve in the background; SPID = master pid
 st_serve() {
 	_pre=$1; shift
-	(LD_PRELOAD=$_pre exec /bin/fsstress serve -s /tmp/serve.stats "$@") > /tmp/serve.out 2>&1 &
+	(LD_PRELOAD=$_pre exec $S_BIN/fsstress serve -s $S_TMP/serve.stats "$@") > $S_TMP/serve.out 2>&1 &
 	SPID=$!
 	wait_port "$S_PORT"
 }
@@ -46,14 +48,14 @@ st_stop() {
 	kill -TERM "$SPID" 2>/dev/null
 	_i=0; while kill -0 "$SPID" 2>/dev/null && [ $_i -lt 100 ]; do sleep 0.1; _i=$((_i + 1)); done
 	kill -KILL "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null
-	SERVE=$(grep '^serve: accepted' /tmp/serve.stats 2>/dev/null | tail -n 1); rm -f /tmp/serve.stats
-	[ -n "$SERVE" ] || SERVE="serve: no counters ($(tail -n 2 /tmp/serve.out | oneline))"
+	SERVE=$(grep '^serve: accepted' $S_TMP/serve.stats 2>/dev/null | tail -n 1); rm -f $S_TMP/serve.stats
+	[ -n "$SERVE" ] || SERVE="serve: no counters ($(tail -n 2 $S_TMP/serve.out | oneline))"
 }
 # st_load_bg ARGS...: client in the background (LPID); st_load_wait: LOAD = its result line
-st_load_bg() { timeout "$S_BOUND" /bin/fsstress load -c "$S_CONNS" -d "$S_SECS" "$@" > /tmp/load.out 2>&1 & LPID=$!; }
+st_load_bg() { timeout "$S_BOUND" $S_BIN/fsstress load -c "$S_CONNS" -d "$S_SECS" "$@" > $S_TMP/load.out 2>&1 & LPID=$!; }
 st_load_wait() {
 	wait "$LPID"; LRC=$?
-	LOAD=$(grep '^load:' /tmp/load.out | tail -n 1)
+	LOAD=$(grep '^load:' $S_TMP/load.out | tail -n 1)
 	[ -n "$LOAD" ] || LOAD="load: no result (rc $LRC$([ $LRC = 143 ] && echo ", killed after ${S_BOUND}s"))"
 }
 # verdict NAME EXTRA_FAIL DETAIL: pass when the client saw no failure and EXTRA_FAIL is empty
@@ -83,7 +85,7 @@ act_kill() { _k=0; while kill -0 "$LPID" 2>/dev/null && [ $_k -lt 6 ]; do sleep 
 act_reload() { _k=0; while kill -0 "$LPID" 2>/dev/null && [ $_k -lt 3 ]; do sleep 2; kill -HUP "$SPID"; _k=$((_k + 1)); done; }
 act_repin() { _k=0; while kill -0 "$LPID" 2>/dev/null && [ $_k -lt 6 ]; do sleep 1; kill -USR1 "$SPID"; _k=$((_k + 1)); done; }
 act_storm() {
-	_o=$(timeout "$S_BOUND" /bin/fsstress storm -t 16 -n 40 2>&1); _r=$?
+	_o=$(timeout "$S_BOUND" $S_BIN/fsstress storm -t 16 -n 40 2>&1); _r=$?
 	ACT_INFO=$(echo "$_o" | tail -n 1 | oneline)
 	[ $_r = 0 ] || ACT_FAIL="storm rc=$_r"
 }
@@ -127,7 +129,7 @@ act_irq() {
 
 stress_demo() {
 	step "stress demo_naive"
-	(LD_PRELOAD=$S_PRE exec /bin/server -w 4 -c 0 -a 127.0.0.1:8081) > /tmp/demo.out 2>&1 &
+	(LD_PRELOAD=$S_PRE exec $S_BIN/server -w 4 -c 0 -a 127.0.0.1:8081) > $S_TMP/demo.out 2>&1 &
 	_d=$!; SERVE="demo server naive"
 	if wait_port 8081; then st_load_bg -a 127.0.0.1:8081; st_load_wait
 	else LOAD="load: demo server never listened"; LRC=1; fi
@@ -137,7 +139,7 @@ stress_demo() {
 	step "stress demo_proxy"
 	LOAD="load: backend never listened"; LRC=1
 	if st_serve "$S_PRE" -p "$S_PORT" -w 2; then
-		(LD_PRELOAD=$S_PRE exec /bin/server -w 4 -c 0 -a 127.0.0.1:8082 -x 127.0.0.1:$S_PORT) > /tmp/proxy.out 2>&1 &
+		(LD_PRELOAD=$S_PRE exec $S_BIN/server -w 4 -c 0 -a 127.0.0.1:8082 -x 127.0.0.1:$S_PORT) > $S_TMP/proxy.out 2>&1 &
 		_x=$!
 		if wait_port 8082; then st_load_bg -a 127.0.0.1:8082; st_load_wait
 		else LOAD="load: demo proxy never listened"; LRC=1; fi
@@ -153,10 +155,10 @@ stress_nginx() {
 	step "stress nginx"
 	if [ ! -f /bin/nginx-root.tar ]; then check stress_nginx skip "no nginx on the build host (apt-get install nginx-light)"; return; fi
 	case $KVER in 2.6.*) check stress_nginx skip "Debian's glibc needs Linux >= 3.2; this guest runs $KVER"; return;; esac
-	tar -xf /bin/nginx-root.tar -C / 2>/tmp/nginx.tar.err || { check stress_nginx fail "unpack: $(oneline < /tmp/nginx.tar.err)"; return; }
+	tar -xf /bin/nginx-root.tar -C / 2>$S_TMP/nginx.tar.err || { check stress_nginx fail "unpack: $(oneline < $S_TMP/nginx.tar.err)"; return; }
 	grep -q '^nobody:' /etc/passwd 2>/dev/null || { echo "root:x:0:0::/root:/bin/sh"; echo "nobody:x:65534:65534::/:/bin/false"; } >> /etc/passwd
 	grep -q '^nogroup:' /etc/group 2>/dev/null || { echo "root:x:0:"; echo "nogroup:x:65534:"; } >> /etc/group
-	_n=/tmp/nginx; mkdir -p $_n
+	_n=$S_TMP/nginx; mkdir -p $_n
 	cat > $_n/nginx.conf <<-EOF
 	worker_processes 4;
 	worker_cpu_affinity 0001 0010 0100 1000;
@@ -189,11 +191,11 @@ stress_netns() {
 	st_serve "$S_PRE" -p "$S_PORT" -w 2
 	st_load_bg -a "127.0.0.1:$S_PORT"
 	_hex=$(printf '%04X' "$S_PORT")
-	_o=$(timeout "$S_BOUND" /bin/fsstress netns sh -c "
-		(LD_PRELOAD=$S_PRE exec /bin/fsstress serve -p $S_PORT -w 2 -s /tmp/ns.stats) > /tmp/ns.serve 2>&1 &
+	_o=$(timeout "$S_BOUND" $S_BIN/fsstress netns sh -c "
+		(LD_PRELOAD=$S_PRE exec $S_BIN/fsstress serve -p $S_PORT -w 2 -s $S_TMP/ns.stats) > $S_TMP/ns.serve 2>&1 &
 		p=\$!; i=0
 		while ! grep -q ':$_hex 00000000:0000 0A' /proc/net/tcp && [ \$i -lt 150 ]; do sleep 0.1; i=\$((i + 1)); done
-		/bin/fsstress load -a 127.0.0.1:$S_PORT -c 4 -d $S_SECS; r=\$?; kill -TERM \$p; wait \$p; exit \$r" 2>&1)
+		$S_BIN/fsstress load -a 127.0.0.1:$S_PORT -c 4 -d $S_SECS; r=\$?; kill -TERM \$p; wait \$p; exit \$r" 2>&1)
 	_r=$?
 	st_load_wait; st_stop
 	_ns=$(echo "$_o" | grep '^load:' | tail -n 1)
@@ -211,7 +213,7 @@ stress_hostile() {
 		&& mkdir -p /dev/cpuset/jail && echo 0 > /dev/cpuset/jail/cpuset.cpus 2>/dev/null \
 		&& echo 0 > /dev/cpuset/jail/cpuset.mems 2>/dev/null; then _cs=/dev/cpuset/jail
 	fi
-	_o=$(sh -c "[ -n '$_cs' ] && echo \$\$ > $_cs/tasks; exec taskset 1 /bin/fsstress hostile -u 65534" 2>&1); _r=$?
+	_o=$(sh -c "[ -n '$_cs' ] && echo \$\$ > $_cs/tasks; exec taskset 1 $S_BIN/fsstress hostile -u 65534" 2>&1); _r=$?
 	_res=$(echo "$_o" | grep '^hostile:' | tail -n 1)
 	_d="${_cs:+cpuset {0}}${_cs:-no cpuset support: taskset to CPU 0}; $(echo "${_res:-$_o}" | oneline)"
 	if [ $_r = 0 ] && [ -n "$_res" ]; then check stress_hostile pass "$_d"; else check stress_hostile fail "rc=$_r; $_d"; fi
@@ -229,8 +231,8 @@ stress_metrics() {
 	_acc=$(kv accepted "$SERVE"); _acc=${_acc:-0}; _syn=$(kv on_syn_cpu "$SERVE"); _syn=${_syn:-0}
 	_spu=$(kv spurious "$SERVE"); _seen=$(kv rfd_seen "$LOAD"); _loc=$(kv rfd_local "$LOAD")
 	_m=$(awk -v a="$_acc" -v s="$_syn" -v p="${_spu:-0}" -v n="${_seen:-0}" -v l="${_loc:-0}" 'BEGIN {
-		d = a > 0 ? a : 1; printf "spurious_per_accept=%.3f syn_cpu_share=%.3f rfd_share=%.3f cross_cpu=%d",
-		p / d, s / d, n > 0 ? l / n : 0, a - s }')
+		d = (a > 0) ? a : 1; r = (n > 0) ? l / n : 0
+		printf "spurious_per_accept=%.3f syn_cpu_share=%.3f rfd_share=%.3f cross_cpu=%d", p / d, s / d, r, a - s }')
 	_m="conns_per_s=$(kv rps "$LOAD") $_m resets=$(($3 - $7)) estab_resets=$(($4 - $8))"
 	_m="$_m listen_drops=$(($1 - $5)) listen_overflows=$(($2 - $6))"
 	verdict "metrics_$_label" "" "metrics: $_m"
@@ -242,7 +244,7 @@ stress_final() {
 	if fs_loaded; then
 		_rc=$(fs_refcnt)
 		[ "$_rc" = 0 ] || _f="refcount $_rc with every server stopped"
-		rmmod fastsocket 2>/tmp/rmmod.err || _f="${_f:+$_f; }rmmod: $(oneline < /tmp/rmmod.err)"
+		rmmod fastsocket 2>$S_TMP/rmmod.err || _f="${_f:+$_f; }rmmod: $(oneline < $S_TMP/rmmod.err)"
 	else _f="fastsocket was no longer loaded at the end"; fi
 	[ -e /proc/net/fastsocket ] && _f="${_f:+$_f; }/proc/net/fastsocket left after rmmod"
 	# FIN_WAIT/LAST_ACK of the last connections take a moment under TCG
@@ -258,8 +260,8 @@ stress_final() {
 }
 
 run_stress() {
-	if [ ! -x /bin/fsstress ] || [ ! -f "$S_PRE" ] || [ "$FASTSOCKET_KO" != 1 ]; then
-		check stress_suite fail "cannot run: fsstress=$([ -x /bin/fsstress ] && echo y || echo n) libsocket=$([ -f $S_PRE ] && echo y || echo n) fastsocket.ko=$FASTSOCKET_KO"
+	if [ ! -x $S_BIN/fsstress ] || [ ! -f "$S_PRE" ] || [ "$FASTSOCKET_KO" != 1 ]; then
+		check stress_suite fail "cannot run: fsstress=$([ -x $S_BIN/fsstress ] && echo y || echo n) libsocket=$([ -f $S_PRE ] && echo y || echo n) fastsocket.ko=$FASTSOCKET_KO"
 		return
 	fi
 	S_BASE=$(tcp_in_use)
@@ -282,4 +284,4 @@ run_stress() {
 	stress_hostile
 	stress_final
 }
-run_stress
+[ "${STRESS_SOURCE_ONLY:-0}" = 1 ] || run_stress
