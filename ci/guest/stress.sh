@@ -134,6 +134,7 @@ stress_demo() {
 	if wait_port 8081; then st_load_bg -a 127.0.0.1:8081; st_load_wait
 	else LOAD="load: demo server never listened"; LRC=1; fi
 	kill -TERM $_d; wait $_d
+	command -v kill_named >/dev/null && kill_named server   # the init's: no demo worker may linger
 	verdict demo_naive "" ""
 	# proxy: demo (preloaded) in front of fsstress serve (preloaded)
 	step "stress demo_proxy"
@@ -144,6 +145,7 @@ stress_demo() {
 		if wait_port 8082; then st_load_bg -a 127.0.0.1:8082; st_load_wait
 		else LOAD="load: demo proxy never listened"; LRC=1; fi
 		kill -TERM $_x; wait $_x
+		command -v kill_named >/dev/null && kill_named server
 	fi
 	st_stop
 	verdict demo_proxy "" "demo proxy -> fsstress serve"
