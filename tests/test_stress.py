@@ -4,11 +4,13 @@ the same code the guest runs. The guest run itself is the slow test at the end."
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -258,3 +260,18 @@ def test_metrics_are_read_back_from_the_checks() -> None:
     assert m["plain"]["spurious_per_accept"] == 0.75 and m["plain"]["listen_drops"] == 2
     assert m["fastsocket"] == {"conns_per_s": 60.0}
     assert stress.metrics([]) == {}
+
+
+def test_bench_prints_both_sides_and_the_ratio(tmp_path: Path) -> None:
+    run = tmp_path / "smoke.json"
+    run.write_text(json.dumps({"verdict": "pass", "duration_s": 1, "checks": [
+        {"name": "stress_metrics_plain", "status": "pass", "detail": "metrics: conns_per_s=40.0 spurious_per_accept=0.500"},
+        {"name": "stress_metrics_fastsocket", "status": "pass", "detail": "metrics: conns_per_s=50.0 spurious_per_accept=0.000"}]}))
+    r = subprocess.run([sys.executable, str(ROOT / "ci" / "bench_stress.py"), "--json", str(run)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"spurious wakeups per accept\s+0\.500\s+0\s*$", r.stdout, re.M)
+    assert "ratio fastsocket/plain (TCG, -smp 4): 1.25x" in r.stdout
+    run.write_text(json.dumps({"verdict": "fail", "duration_s": 1, "checks": []}))
+    assert subprocess.run([sys.executable, str(ROOT / "ci" / "bench_stress.py"), "--json", str(run)],
+                          capture_output=True, timeout=60).returncode == 1
