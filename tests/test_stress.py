@@ -276,3 +276,14 @@ def test_bench_prints_both_sides_and_the_ratio(tmp_path: Path) -> None:
     run.write_text(json.dumps({"verdict": "fail", "duration_s": 1, "checks": []}))
     assert subprocess.run([sys.executable, str(ROOT / "ci" / "bench_stress.py"), "--json", str(run)],
                           capture_output=True, timeout=60).returncode == 1
+
+
+def test_a_process_that_does_not_finish_cannot_stall_the_suite(fsstress: Path, tmp_path: Path) -> None:
+    # After an oops, a scenario's process may never exit: every wait is bounded.
+    start = time.monotonic()
+    checks = _run_scenarios(fsstress, tmp_path, """
+sleep 100 & bwait $! 1; check bwait pass "rc=$?"
+bg_run 1 $S_TMP/x.out sleep 100; check bg_run pass "rc=$BRC"
+""")
+    assert [(c.name, c.detail) for c in checks] == [("bwait", "rc=137"), ("bg_run", "rc=137")]
+    assert time.monotonic() - start < 30

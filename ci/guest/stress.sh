@@ -36,6 +36,23 @@ wait_port() {
 	[ $_i -lt 150 ]
 }
 
+# bwait PID SECS: wait at most SECS for PID, then SIGKILL it; a process stuck in the kernel
+# (D state after an oops) is left behind instead of hanging the suite: rc 125, HUNG says where.
+bwait() {
+	_w=0; HUNG=""
+	while kill -0 "$1" 2>/dev/null && [ $_w -lt $(($2 * 10)) ]; do sleep 0.1; _w=$((_w + 1)); done
+	if kill -0 "$1" 2>/dev/null; then
+		kill -KILL "$1" 2>/dev/null; sleep 1
+		if kill -0 "$1" 2>/dev/null; then
+			HUNG="pid $1 stuck in the kernel ($(cat /proc/$1/wchan 2>/dev/null), state $(cut -d' ' -f3 /proc/$1/stat 2>/dev/null))"
+			return 125
+		fi
+	fi
+	wait "$1"
+}
+# bg_run SECS OUTFILE CMD...: CMD bounded by bwait; rc in BRC, output in OUTFILE
+bg_run() { _s=$1; _f=$2; shift 2; "$@" > "$_f" 2>&1 & bwait $! "$_s"; BRC=$?; }
+
 # st_serve PRELOAD ARGS...: fsstress serve in the background; SPID = master pid
 st_serve() {
 	_pre=$1; shift
@@ -46,17 +63,16 @@ st_serve() {
 # st_stop: stop the master; SERVE = its counters line
 st_stop() {
 	kill -TERM "$SPID" 2>/dev/null
-	_i=0; while kill -0 "$SPID" 2>/dev/null && [ $_i -lt 100 ]; do sleep 0.1; _i=$((_i + 1)); done
-	kill -KILL "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null
+	bwait "$SPID" 10 || [ -z "$HUNG" ] || ACT_FAIL="${ACT_FAIL:+$ACT_FAIL; }server $HUNG"
 	SERVE=$(grep '^serve: accepted' $S_TMP/serve.stats 2>/dev/null | tail -n 1); rm -f $S_TMP/serve.stats
 	[ -n "$SERVE" ] || SERVE="serve: no counters ($(tail -n 2 $S_TMP/serve.out | oneline))"
 }
 # st_load_bg ARGS...: client in the background (LPID); st_load_wait: LOAD = its result line
-st_load_bg() { timeout "$S_BOUND" $S_BIN/fsstress load -c "$S_CONNS" -d "$S_SECS" "$@" > $S_TMP/load.out 2>&1 & LPID=$!; }
+st_load_bg() { $S_BIN/fsstress load -c "$S_CONNS" -d "$S_SECS" "$@" > $S_TMP/load.out 2>&1 & LPID=$!; }
 st_load_wait() {
-	wait "$LPID"; LRC=$?
+	bwait "$LPID" "$S_BOUND"; LRC=$?
 	LOAD=$(grep '^load:' $S_TMP/load.out | tail -n 1)
-	[ -n "$LOAD" ] || LOAD="load: no result (rc $LRC$([ $LRC = 143 ] && echo ", killed after ${S_BOUND}s"))"
+	[ -n "$LOAD" ] || LOAD="load: no result (rc $LRC${HUNG:+, client $HUNG})"
 }
 # verdict NAME EXTRA_FAIL DETAIL: pass when the client saw no failure and EXTRA_FAIL is empty
 verdict() {
@@ -85,9 +101,9 @@ act_kill() { _k=0; while kill -0 "$LPID" 2>/dev/null && [ $_k -lt 6 ]; do sleep 
 act_reload() { _k=0; while kill -0 "$LPID" 2>/dev/null && [ $_k -lt 3 ]; do sleep 2; kill -HUP "$SPID"; _k=$((_k + 1)); done; }
 act_repin() { _k=0; while kill -0 "$LPID" 2>/dev/null && [ $_k -lt 6 ]; do sleep 1; kill -USR1 "$SPID"; _k=$((_k + 1)); done; }
 act_storm() {
-	_o=$(timeout "$S_BOUND" $S_BIN/fsstress storm -t 16 -n 40 2>&1); _r=$?
-	ACT_INFO=$(echo "$_o" | tail -n 1 | oneline)
-	[ $_r = 0 ] || ACT_FAIL="storm rc=$_r"
+	bg_run "$S_BOUND" $S_TMP/storm.out $S_BIN/fsstress storm -t 16 -n 40
+	ACT_INFO=$(tail -n 1 $S_TMP/storm.out | oneline)
+	[ $BRC = 0 ] || ACT_FAIL="storm rc=$BRC${HUNG:+: $HUNG}"
 }
 act_rmmod() {
 	_ok=0; _refused=0
@@ -133,7 +149,7 @@ stress_demo() {
 	_d=$!; SERVE="demo server naive"
 	if wait_port 8081; then st_load_bg -a 127.0.0.1:8081; st_load_wait
 	else LOAD="load: demo server never listened"; LRC=1; fi
-	kill -TERM $_d; wait $_d
+	kill -TERM $_d; bwait $_d 10
 	command -v kill_named >/dev/null && kill_named server   # the init's: no demo worker may linger
 	verdict demo_naive "" ""
 	# proxy: demo (preloaded) in front of fsstress serve (preloaded)
@@ -144,7 +160,7 @@ stress_demo() {
 		_x=$!
 		if wait_port 8082; then st_load_bg -a 127.0.0.1:8082; st_load_wait
 		else LOAD="load: demo proxy never listened"; LRC=1; fi
-		kill -TERM $_x; wait $_x
+		kill -TERM $_x; bwait $_x 10
 		command -v kill_named >/dev/null && kill_named server
 	fi
 	st_stop
@@ -182,8 +198,7 @@ stress_nginx() {
 		sleep 3; kill -HUP $_np; SERVE="$SERVE, 1 reload under load"
 		st_load_wait
 	fi
-	kill -QUIT $_np; _i=0; while kill -0 $_np 2>/dev/null && [ $_i -lt 100 ]; do sleep 0.1; _i=$((_i + 1)); done
-	kill -KILL $_np 2>/dev/null; wait $_np 2>/dev/null
+	kill -QUIT $_np; bwait $_np 10
 	verdict nginx "" "$(grep -E '\[(alert|emerg|crit)\]' $_n/error.log | head -n 1 | oneline)"
 }
 
@@ -193,12 +208,12 @@ stress_netns() {
 	st_serve "$S_PRE" -p "$S_PORT" -w 2
 	st_load_bg -a "127.0.0.1:$S_PORT"
 	_hex=$(printf '%04X' "$S_PORT")
-	_o=$(timeout "$S_BOUND" $S_BIN/fsstress netns sh -c "
+	bg_run "$S_BOUND" $S_TMP/netns.out $S_BIN/fsstress netns sh -c "
 		(LD_PRELOAD=$S_PRE exec $S_BIN/fsstress serve -p $S_PORT -w 2 -s $S_TMP/ns.stats) > $S_TMP/ns.serve 2>&1 &
 		p=\$!; i=0
 		while ! grep -q ':$_hex 00000000:0000 0A' /proc/net/tcp && [ \$i -lt 150 ]; do sleep 0.1; i=\$((i + 1)); done
-		$S_BIN/fsstress load -a 127.0.0.1:$S_PORT -c 4 -d $S_SECS; r=\$?; kill -TERM \$p; wait \$p; exit \$r" 2>&1)
-	_r=$?
+		$S_BIN/fsstress load -a 127.0.0.1:$S_PORT -c 4 -d $S_SECS; r=\$?; kill -TERM \$p; wait \$p; exit \$r"
+	_r=$BRC; _o=$(cat $S_TMP/netns.out)
 	st_load_wait; st_stop
 	_ns=$(echo "$_o" | grep '^load:' | tail -n 1)
 	_f=""; [ $_r = 0 ] || _f="netns rc=$_r: $(echo "$_o" | tail -n 2 | oneline)"
@@ -215,7 +230,8 @@ stress_hostile() {
 		&& mkdir -p /dev/cpuset/jail && echo 0 > /dev/cpuset/jail/cpuset.cpus 2>/dev/null \
 		&& echo 0 > /dev/cpuset/jail/cpuset.mems 2>/dev/null; then _cs=/dev/cpuset/jail
 	fi
-	_o=$(sh -c "[ -n '$_cs' ] && echo \$\$ > $_cs/tasks; exec taskset 1 $S_BIN/fsstress hostile -u 65534" 2>&1); _r=$?
+	bg_run "$S_BOUND" $S_TMP/hostile.out sh -c "[ -n '$_cs' ] && echo \$\$ > $_cs/tasks; exec taskset 1 $S_BIN/fsstress hostile -u 65534"
+	_r=$BRC; _o="$(cat $S_TMP/hostile.out)${HUNG:+ | $HUNG}"
 	_res=$(echo "$_o" | grep '^hostile:' | tail -n 1)
 	_d="${_cs:+cpuset {0}}${_cs:-no cpuset support: taskset to CPU 0}; $(echo "${_res:-$_o}" | oneline)"
 	if [ $_r = 0 ] && [ -n "$_res" ]; then check stress_hostile pass "$_d"; else check stress_hostile fail "rc=$_r; $_d"; fi
@@ -278,12 +294,13 @@ run_stress() {
 	scenario two_listeners "-p $S_PORT,$((S_PORT + 1)) -w 4" "" "127.0.0.1:$S_PORT,127.0.0.1:$((S_PORT + 1))"
 	scenario mixed_accept "-p $S_PORT -w 4 -m" ""
 	scenario exec_child "-p $S_PORT -w 4 -e" ""
-	scenario spawn_storm "-p $S_PORT -w 4" act_storm
-	scenario rmmod "-p $S_PORT -w 4" act_rmmod
 	scenario params "-p $S_PORT -w 4" act_params
 	scenario irq_move "-p $S_PORT -w 4" act_irq
 	stress_netns
+	scenario rmmod "-p $S_PORT -w 4" act_rmmod
+	# hostile input and ioctl storms last: an oops there must not hide the other results
 	stress_hostile
+	scenario spawn_storm "-p $S_PORT -w 4" act_storm
 	stress_final
 }
 [ "${STRESS_SOURCE_ONLY:-0}" = 1 ] || run_stress
