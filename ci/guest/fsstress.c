@@ -681,8 +681,9 @@ static int mask_widened(const cpu_set_t *before)
 	return 0;
 }
 
-static void hostile_fds(int *fds, int n)
+static void hostile_fds(int *fds, const char **kinds, int n)
 {
+	char what[96];
 	static const unsigned long cmds[] = { FSOCK_IOC_LISTEN, FSOCK_IOC_SPAWN, FSOCK_IOC_ACCEPT,
 					      FSOCK_IOC_CLOSE, FSOCK_IOC_SHUTDOWN };
 	union { struct fsock_listen_args l; struct fsock_spawn_args s; struct fsock_accept_args a;
@@ -694,7 +695,8 @@ static void hostile_fds(int *fds, int n)
 			memset(&u, 0, sizeof(u));
 			u.raw[0] = (uint32_t)fds[i];	/* fd is the first field of every struct */
 			u.s.local_fd = -1;
-			must_fail("bad-fd ioctl", cmds[k], &u);
+			snprintf(what, sizeof(what), "ioctl nr %u on %s", (unsigned)(cmds[k] & 0xff), kinds[i]);
+			must_fail(what, cmds[k], &u);
 		}
 }
 
@@ -702,6 +704,7 @@ static int cmd_hostile(int argc, char **argv)
 {
 	cpu_set_t before;
 	int uid = 65534, o, pipefd[2], fds[10], n = 0, cpu, i, cli;
+	const char *kinds[10];
 	socklen_t alen = sizeof(struct sockaddr_in);
 	struct fsock_spawn_args sp;
 	struct fsock_accept_args ac;
@@ -723,16 +726,18 @@ static int cmd_hostile(int argc, char **argv)
 		return 1;
 	}
 	/* wrong fd kinds: none is a TCP listener the caller owns */
-	fds[n++] = -1;
-	fds[n++] = 1 << 30;
-	fds[n++] = g_dev;
-	fds[n++] = epoll_create1(0);
-	if (pipe(pipefd) == 0)
+	kinds[n] = "fd -1"; fds[n++] = -1;
+	kinds[n] = "fd 2^30"; fds[n++] = 1 << 30;
+	kinds[n] = "the device fd"; fds[n++] = g_dev;
+	kinds[n] = "an epoll fd"; fds[n++] = epoll_create1(0);
+	if (pipe(pipefd) == 0) {
+		kinds[n] = "a pipe";
 		fds[n++] = pipefd[0];
-	fds[n++] = socket(AF_UNIX, SOCK_STREAM, 0);
-	fds[n++] = socket(AF_INET, SOCK_DGRAM, 0);
-	fds[n++] = open("/proc/self/stat", O_RDONLY);
-	hostile_fds(fds, n);
+	}
+	kinds[n] = "a unix socket"; fds[n++] = socket(AF_UNIX, SOCK_STREAM, 0);
+	kinds[n] = "a udp socket"; fds[n++] = socket(AF_INET, SOCK_DGRAM, 0);
+	kinds[n] = "a proc file"; fds[n++] = open("/proc/self/stat", O_RDONLY);
+	hostile_fds(fds, kinds, n);
 	/* wrong sizes and directions of every command number, and NULL / kernel pointers */
 	for (i = 0; i < 8; i++) {
 		h_calls += 2;

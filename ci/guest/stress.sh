@@ -225,15 +225,19 @@ stress_netns() {
 stress_hostile() {
 	step "stress hostile"
 	# A cpuset holding CPU 0 only; the tool drops to uid 65534 inside it.
-	_cs=""
-	if mkdir -p /dev/cpuset && { grep -q ' /dev/cpuset ' /proc/mounts || mount -t cpuset cpuset /dev/cpuset 2>/dev/null; } \
+	_cs=""; _join=""
+	mkdir -p /dev/cpuset /dev/cg2
+	if { grep -q ' /dev/cpuset ' /proc/mounts || mount -t cgroup -o cpuset cgroup /dev/cpuset 2>/dev/null; } \
 		&& mkdir -p /dev/cpuset/jail && echo 0 > /dev/cpuset/jail/cpuset.cpus 2>/dev/null \
-		&& echo 0 > /dev/cpuset/jail/cpuset.mems 2>/dev/null; then _cs=/dev/cpuset/jail
+		&& echo 0 > /dev/cpuset/jail/cpuset.mems 2>/dev/null; then _cs="cgroup v1 cpuset {0}"; _join=/dev/cpuset/jail/tasks
+	elif { grep -q ' /dev/cg2 ' /proc/mounts || mount -t cgroup2 cgroup2 /dev/cg2 2>/dev/null; } \
+		&& echo +cpuset > /dev/cg2/cgroup.subtree_control 2>/dev/null && mkdir -p /dev/cg2/jail \
+		&& echo 0 > /dev/cg2/jail/cpuset.cpus 2>/dev/null; then _cs="cgroup v2 cpuset {0}"; _join=/dev/cg2/jail/cgroup.procs
 	fi
-	bg_run "$S_BOUND" $S_TMP/hostile.out sh -c "[ -n '$_cs' ] && echo \$\$ > $_cs/tasks; exec taskset 1 $S_BIN/fsstress hostile -u 65534"
+	bg_run "$S_BOUND" $S_TMP/hostile.out sh -c "[ -n '$_join' ] && echo \$\$ > $_join; exec taskset 1 $S_BIN/fsstress hostile -u 65534"
 	_r=$BRC; _o="$(cat $S_TMP/hostile.out)${HUNG:+ | $HUNG}"
 	_res=$(echo "$_o" | grep '^hostile:' | tail -n 1)
-	_d="${_cs:+cpuset {0}}${_cs:-no cpuset support: taskset to CPU 0}; $(echo "${_res:-$_o}" | oneline)"
+	_d="${_cs:-no cpuset support: taskset to CPU 0}; $(echo "${_res:-$_o}" | oneline)"
 	if [ $_r = 0 ] && [ -n "$_res" ]; then check stress_hostile pass "$_d"; else check stress_hostile fail "rc=$_r; $_d"; fi
 }
 
