@@ -4,7 +4,7 @@ CONFIG ?= mini
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps test bench fuzz demo userspace clean
+.PHONY: deps test bench fuzz demo stress static userspace clean
 
 deps:
 	bash ci/deps.sh
@@ -24,6 +24,17 @@ fuzz:
 # then smoke-booted in QEMU. el6: make demo TARGET=el6 FSBUILD_EL6_SRC=/path/to/src
 demo: deps
 	bash ci/e2e.sh $(TARGET) $(CONFIG)
+
+# Debug kernel (KASAN, lockdep, ...) for $(TARGET) + the guest stress suite; verdict and RPMs
+# in out/$(TARGET)/debug/ (never the production ones). Then the static checks.
+stress: deps
+	$(PYTHON) -m fsbuild rpm -t $(TARGET) --config debug
+	$(PYTHON) -m fsbuild smoke -t $(TARGET) --config debug --suite stress
+	$(MAKE) static
+
+# checkpatch + sparse on module/ and the patches (tests/test_static.py, ci/static-allowlist.txt)
+static:
+	$(PYTHON) -m pytest tests/test_static.py $(PYTEST_ARGS)
 
 userspace:
 	$(MAKE) -C library

@@ -35,6 +35,12 @@ FRAGMENT = "fsbuild-fragment.config"
 BASE_CONFIG = "fsbuild-base.config"
 CHECK_SCRIPT = "config-check.sh"
 MANIFEST = "build.json"
+# --config profiles by name (anything else is a FILE). debug: mini + the debug fragment;
+# its outputs live under out/<target>/debug/ and its release ends in DEBUG_RELEASE, so a
+# debug build never replaces or shadows the production RPMs.
+DEBUG = "debug"
+PROFILES = ("mini", "full", DEBUG)
+DEBUG_RELEASE = ".debug"
 # Build artefacts an in-place `make -C KDIR M=module` leaves in module/.
 _MODULE_JUNK = re.compile(r"(\.o|\.ko|\.mod|\.mod\.c|\.cmd|\.order|\.symvers|\.a|~|\.swp)$")
 # tests/ holds host-side tests of the module, not kernel sources: editing them must not
@@ -129,8 +135,11 @@ def release_suffix(target: Target, suffix: str | None) -> str:
 
 
 def choose_config(target: Target, choice: str, upstream_configs: dict[str, Path]) -> ConfigChoice:
-    """mini | full | FILE → base (make target or file) + fragment whose options are checked."""
+    """mini | debug | full | FILE → base (make target or file) + fragment whose options are
+    checked."""
     cfg = target.section("config")
+    if choice == DEBUG:
+        return _debug_config(target, cfg, upstream_configs)
     if choice == "full":
         base_make, base_file = _full_base(target, cfg, upstream_configs)
         return ConfigChoice("full", b"", base_make, base_file)
@@ -151,6 +160,30 @@ def choose_config(target: Target, choice: str, upstream_configs: dict[str, Path]
     # A user config is the base and is checked as a whole: options the new tree drops
     # (config drift) fail the build instead of vanishing silently.
     return ConfigChoice(str(path), path.read_bytes(), base_file=path.resolve())
+
+
+def _debug_config(target: Target, cfg: dict[str, object],
+                  upstream_configs: dict[str, Path]) -> ConfigChoice:
+    """mini's base, and mini's fragment with the target's debug fragment on top: the same
+    option-survival check covers both."""
+    mini = choose_config(target, "mini", upstream_configs)
+    frag = paths.repo_root() / str(cfg.get("debug_fragment", f"ci/configs/{target.name}-debug.config"))
+    if not frag.is_file():
+        raise MissingFileError(f"config fragment {frag} does not exist (--config debug)")
+    return ConfigChoice(DEBUG, overlay_fragment(mini.fragment, frag.read_bytes()),
+                        mini.base_make, mini.base_file)
+
+
+_SYM_RE = re.compile(rb"^(?:# )?(CONFIG_[A-Za-z0-9_]+)(?:=| is not set)")
+
+
+def overlay_fragment(base: bytes, top: bytes) -> bytes:
+    """base + top, minus base's lines for the symbols top sets: the config check reads a
+    symbol's first occurrence, kconfig its last, so each symbol must appear once."""
+    ours = {m.group(1) for line in top.splitlines() if (m := _SYM_RE.match(line))}
+    kept = [line for line in base.splitlines()
+            if not ((m := _SYM_RE.match(line)) and m.group(1) in ours)]
+    return b"\n".join(kept) + b"\n" + top
 
 
 def _full_base(target: Target, cfg: dict[str, object],
@@ -241,6 +274,8 @@ def make_plan(req: Request, upstream: object | None = None) -> Plan:
     up = upstream if upstream is not None else resolve_upstream(req.target, req.source)
     version, base_release = split_version(req.target, up.version)  # type: ignore[attr-defined]
     release = base_release + release_suffix(req.target, req.release_suffix)
+    if req.config == DEBUG:
+        release += DEBUG_RELEASE
     config = choose_config(req.target, req.config, dict(up.configs))  # type: ignore[attr-defined]
     epoch = source_date_epoch()
     plan = Plan(req, up, version, release, config, series_for(req.target, req.builder),
@@ -270,7 +305,7 @@ def inputs_hash(plan: Plan) -> str:
     for tmpl in spec.template_files():
         add(f"spec/{tmpl.name}", tmpl.read_bytes())
     add("module", plan.module_tar)
-    add("config", plan.config.label if plan.config.label in ("mini", "full") else "file")
+    add("config", plan.config.label if plan.config.label in PROFILES else "file")
     add("fragment", plan.config.fragment)
     add("base-make", plan.config.base_make or "")
     add("base-file", plan.config.base_file.read_bytes() if plan.config.base_file else b"")
@@ -397,7 +432,7 @@ def tree_bytes_needed(plan: Plan) -> int:
     tree; objects of the mini profile fit in 2 GiB; a full distro config with DEBUG_INFO
     (el6's) can reach ~20 GiB, so it builds in RAM only on a big host."""
     tarball = Path(plan.upstream.tarball).stat().st_size  # type: ignore[attr-defined]
-    return 12 * tarball + (2 if plan.config.label == "mini" else 20) * GIB
+    return 12 * tarball + {"mini": 2, DEBUG: 4}.get(plan.config.label, 20) * GIB
 
 
 def tmpfs_dir(need: int, dirs: tuple[Path, ...] = TMPFS_DIRS) -> Path | None:
@@ -632,15 +667,21 @@ def _failure(cmd: list[str], rc: int, log: Path) -> FsbuildError:
 
 # ------------------------------------------------------------------ orchestration
 
-def out_layout(target: str) -> dict[str, Path]:
+def profile_out(target: str, config: str = "mini") -> Path:
+    """out/<target>, or out/<target>/debug for the debug profile (RPMs and smoke verdict)."""
     out = paths.out_dir(target)
+    return out / DEBUG if config == DEBUG else out
+
+
+def out_layout(target: str, config: str = "mini") -> dict[str, Path]:
+    out = profile_out(target, config)
     return {"out": out, "rpms": out / "rpms", "srpm": out / "srpm", "log": out / "build.log",
             "manifest": out / MANIFEST, "topdir": out / "rpmbuild", "srcdir": out / "srpm-src",
             "mock": out / "mock"}
 
 
 def cached_result(plan: Plan) -> Result | None:
-    lay = out_layout(plan.req.target.name)
+    lay = out_layout(plan.req.target.name, plan.req.config)
     try:
         data = json.loads(lay["manifest"].read_text())
     except (OSError, ValueError):
@@ -663,7 +704,7 @@ def build(req: Request, upstream: object | None = None) -> Result:
         return hit
     proc.which("rpmbuild")
     phases = {"inputs": round(time.monotonic() - start, 2)}  # resolve upstream, hash inputs
-    lay = out_layout(req.target.name)
+    lay = out_layout(req.target.name, req.config)
     lay["out"].mkdir(parents=True, exist_ok=True)
     lay["manifest"].unlink(missing_ok=True)  # never a stale no-op after a failed build
     lay["log"].write_text(f"fsbuild rpm {req.target.name} inputs={plan.inputs_hash}\n")

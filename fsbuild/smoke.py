@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from fsbuild import initramfs, lock, paths, progress, qemu
+from fsbuild import build, initramfs, lock, paths, progress, qemu, stress
 from fsbuild.errors import (BuildError, FsbuildError, MissingFileError, SmokeBootError,
                             SmokeCheckError, SmokePanicError, SmokeTimeoutError, ToolMissingError,
                             UnsafePathError)
@@ -201,13 +201,16 @@ def build_userspace(build_dir: Path) -> tuple[initramfs.Userspace, list[Check]]:
     return us, host_checks
 
 
-def guest_programs(userspace: bool) -> tuple[list[Path], initramfs.Userspace, list[Check]]:
+def guest_programs(userspace: bool, suite: str | None = None
+                   ) -> tuple[list[Path], initramfs.Userspace, list[Check]]:
     """The musl guest programs, built (incrementally) in the state dir: they do not depend on
     the kernel, so every target and every out dir shares one build (a fresh out dir paid a
     full musl build, ~6 s under load, before its verdict). Concurrent smokes take turns."""
     gbuild = paths.state_dir() / "guest"
     with lock.hold(paths.state_dir() / "guest.lock", "the guest userspace build", wait=True):
         helpers = [guest_helper(gbuild)]
+        if suite == "stress":
+            helpers += stress.guest_programs(gbuild)
         if not userspace:
             return helpers, initramfs.Userspace(missing=["userspace disabled for this boot"]), []
         us, host_checks = build_userspace(gbuild)
@@ -266,7 +269,8 @@ def _last_line(text: str) -> str:
 
 
 def classify(rep: GuestReport, console: str, vm: qemu.VmResult, timeout: float,
-             boot_detail: str, qemu_stderr: str = "") -> tuple[list[Check], type[FsbuildError] | None, str]:
+             boot_detail: str, qemu_stderr: str = "", required: tuple[str, ...] = REQUIRED_CHECKS,
+             ) -> tuple[list[Check], type[FsbuildError] | None, str]:
     """Host-side checks + the guest's, and the error class of the outcome (None = pass)."""
     panic = find_panic(console)
     if panic is None and any(e.startswith("GUEST_PANICKED") for e in vm.events):
@@ -292,7 +296,7 @@ def classify(rep: GuestReport, console: str, vm: qemu.VmResult, timeout: float,
     if not rep.done:
         checks.append(Check("guest_complete", "fail", f"guest stopped after check {last} "
                             f"(QEMU exit {vm.returncode}, events {vm.events or 'none'})"))
-    missing = [n for n in REQUIRED_CHECKS if n not in {c.name for c in rep.checks}]
+    missing = [n for n in required if n not in {c.name for c in rep.checks}]
     if missing:
         checks.append(Check("checks_reported", "fail", f"guest never reported: {', '.join(missing)}"))
     failed = [c.name for c in checks if c.status == "fail"]
@@ -338,6 +342,8 @@ class BootOptions:
     userspace: bool = True              # build and ship the musl programs
     requests: int = REQUESTS
     append: str = ""
+    suite: str = "smoke"                # smoke | stress (fsbuild.stress: more programs, checks)
+    config: str = "mini"                # build profile: debug reads and writes out/<target>/debug
 
 
 def guest_config(us: initramfs.Userspace, net: qemu.Net, requests: int) -> dict[str, str]:
@@ -364,7 +370,8 @@ def boot(kin: KernelInputs, out: Path, opts: BootOptions,
     start = time.monotonic()
     clock = _Clock()
     work = out / "smoke"
-    helpers, us, host_checks = guest_programs(opts.userspace)
+    helpers, us, host_checks = guest_programs(opts.userspace, opts.suite)
+    required = REQUIRED_CHECKS + (stress.REQUIRED_CHECKS if opts.suite == "stress" else ())
     clock.lap("userspace")
     accel = qemu.probe_accel(kin.vmlinuz)
     clock.lap("accel")
@@ -375,7 +382,8 @@ def boot(kin: KernelInputs, out: Path, opts: BootOptions,
             kver=kin.kver, modules_dir=kin.modules_dir,
             init=opts.init or paths.repo_root() / "ci" / "guest" / "init",
             busybox=Path(_tool("busybox")), helpers=helpers, userspace=us,
-            musl_loader=musl_loader(), config=guest_config(us, net, opts.requests))
+            musl_loader=musl_loader(), config=guest_config(us, net, opts.requests)
+            | (stress.guest_config() if opts.suite == "stress" else {}))
         image = initramfs.build(spec, work / "initramfs.gz")
         clock.lap("initramfs")
         cfg = qemu.VmConfig(kernel=kin.vmlinuz, initrd=image.path, workdir=work,
@@ -390,7 +398,7 @@ def boot(kin: KernelInputs, out: Path, opts: BootOptions,
                    f"QEMU {vm.duration_s:.1f}s, QMP status {vm.status or 'n/a'}, "
                    f"events {','.join(vm.events) or 'none'}")
     checks, err, message = classify(rep, _read(cfg.serial_log), vm, opts.timeout, boot_detail,
-                                    _read(work / "qemu.stderr"))
+                                    _read(work / "qemu.stderr"), required)
     checks = checks[:1] + host_checks + checks[1:]
     if err is None and host_checks:
         err, message = SmokeCheckError, "guest userspace failed to build"
@@ -467,7 +475,7 @@ def run(target: str, rpm_dir: Path | None = None, opts: BootOptions | None = Non
     """The command: RPM -> staging root -> boot -> verdict files; raise on failure."""
     opts = opts or BootOptions()
     start = time.monotonic()
-    out = paths.out_dir(target)
+    out = build.profile_out(target, opts.config)
     rpm = find_kernel_rpm(rpm_dir or out / "rpms")
     with progress.bar(f"smoke {target}: staging {rpm.name}") as bar:
 

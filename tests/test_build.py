@@ -66,6 +66,53 @@ def test_config_choices_el6_prefer_srpm_config(tmp_path: Path) -> None:
     assert mini.base_make == "x86_64_defconfig" and b"CONFIG_FASTSOCKET=m" in mini.fragment
 
 
+@pytest.mark.parametrize("name", ["linux-6.1", "el6"])
+def test_debug_config_is_mini_plus_the_debug_fragment(name: str) -> None:
+    t = target.load(name)
+    mini = build.choose_config(t, "mini", {})
+    debug = build.choose_config(t, "debug", {})
+    assert debug.label == "debug" and (debug.base_make, debug.base_file) == (mini.base_make, mini.base_file)
+    assert b"CONFIG_FASTSOCKET=m" in debug.fragment and b"CONFIG_PROVE_LOCKING=y" in debug.fragment
+    assert b"CONFIG_DEBUG_LIST=y" in debug.fragment and b"CONFIG_DEBUG_OBJECTS=y" in debug.fragment
+    wanted = {"linux-6.1": [b"CONFIG_KASAN_INLINE=y", b"CONFIG_KFENCE=y", b"CONFIG_PROVE_RCU_LIST=y",
+                            b"CONFIG_DEBUG_ATOMIC_SLEEP=y", b"CONFIG_SLUB_DEBUG_ON=y"],
+              "el6": [b"CONFIG_DEBUG_SPINLOCK_SLEEP=y", b"CONFIG_DEBUG_SLAB=y", b"CONFIG_DEBUG_KMEMLEAK=y"]}[name]
+    assert all(w in debug.fragment for w in wanted)
+
+
+def test_debug_fragment_overrides_mini_once() -> None:
+    # The config check reads a symbol's first line, kconfig its last: one line per symbol.
+    merged = build.overlay_fragment(b"# c\nCONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=m\n",
+                                    b"CONFIG_B=y\n# CONFIG_C is not set\n")
+    assert merged == b"# c\nCONFIG_A=y\nCONFIG_B=y\n# CONFIG_C is not set\n"
+
+
+def test_debug_outputs_never_replace_production(tiny_upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+
+    def fake_srpm(plan: build.Plan, srcdir: Path, srpm_dir: Path, log: Path) -> Path:
+        srpm_dir.mkdir(parents=True, exist_ok=True)
+        (srpm_dir / "k.src.rpm").write_text("srpm")
+        return srpm_dir / "k.src.rpm"
+
+    def fake_builder(plan: build.Plan, srpm: Path, lay: dict[str, Path],
+                     phases: dict[str, float]) -> list[Path]:
+        built = lay["out"] / f"kernel-{plan.release}.rpm"
+        built.write_text(plan.config.label)
+        return build._collect([built], lay["rpms"])
+
+    monkeypatch.setattr(build, "make_srpm", fake_srpm)
+    monkeypatch.setattr(build, "_run_builder", fake_builder)
+    prod = build.build(_req(), tiny_upstream)
+    debug = build.build(_req(config="debug"), tiny_upstream)
+    assert debug.kver.endswith(".fastsocket.debug.x86_64") and not prod.kver.endswith(".debug.x86_64")
+    out = build.paths.out_dir("linux-6.1")
+    assert [p.parent for p in debug.rpms] == [out / "debug" / "rpms"]
+    assert [p.parent for p in prod.rpms] == [out / "rpms"] and all(p.is_file() for p in prod.rpms)
+    assert (out / "debug" / "build.json").is_file() and (out / "build.json").is_file()
+    assert build.build(_req(), tiny_upstream).cached  # the debug build left production's no-op intact
+
+
 def test_release_suffix_default_and_validation() -> None:
     t = target.load("linux-6.1")
     assert build.release_suffix(t, None) == ".fastsocket"

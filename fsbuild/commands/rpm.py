@@ -11,8 +11,9 @@ from fsbuild import target as targets
 @click.command("rpm")
 @click.option("--target", "-t", "target_name", metavar="T", help="Target (default el6 / $FSBUILD_TARGET).")
 @click.option("--source", metavar="SRC", help="Upstream SRPM, tarball, directory or PATH@REF.")
-@click.option("--config", "config", default="mini", show_default=True, metavar="mini|full|FILE",
-              help="mini: CI/smoke profile; full: the target's base config; FILE: your config.")
+@click.option("--config", "config", default="mini", show_default=True, metavar="mini|debug|full|FILE",
+              help="mini: CI/smoke profile; debug: mini + KASAN/lockdep/... (out/<target>/debug/); "
+                   "full: the target's base config; FILE: your config.")
 @click.option("--builder", type=click.Choice(["rpmbuild", "mock"]), default="rpmbuild",
               show_default=True, help="rpmbuild: host toolchain; mock: el6 chroot.")
 @click.option("--release-suffix", metavar="S", help="Appended to the upstream release "

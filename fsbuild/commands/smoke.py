@@ -16,22 +16,30 @@ if TYPE_CHECKING:
 @click.option("--target", "-t", "target_name", default=None, help="Target (default: el6 or $FSBUILD_TARGET).")
 @click.option("--rpms", "rpm_dir", type=click.Path(path_type=Path), default=None,
               help="Directory with the built kernel RPM (default: out/<target>/rpms).")
-@click.option("--timeout", type=float, default=None, help="Hard limit for the boot, seconds (default 120).")
+@click.option("--timeout", type=float, default=None,
+              help="Hard limit for the boot, seconds (default 120; 1500 with --suite stress).")
+@click.option("--config", "config", type=click.Choice(["mini", "debug"]), default="mini",
+              show_default=True, help="Which build to boot: debug reads and writes out/<target>/debug/.")
+@click.option("--suite", type=click.Choice(["smoke", "stress"]), default="smoke", show_default=True,
+              help="stress: the smoke checks, then the guest stress scenarios (stress_* checks).")
 @click.option("--json", "as_json", is_flag=True, help="Print smoke.json on stdout.")
-def cmd(target_name: str | None, rpm_dir: Path | None, timeout: float | None, as_json: bool) -> int:
+def cmd(target_name: str | None, rpm_dir: Path | None, timeout: float | None, config: str,
+        suite: str, as_json: bool) -> int:
     """Boot the built kernel RPM in QEMU (igb + multiqueue virtio-net) and check Fastsocket."""
-    from fsbuild import smoke, target
+    from fsbuild import smoke, stress, target
 
     progress.set_quiet(as_json)
     tgt = target.load(target_name)
-    opts = smoke.BootOptions()
+    opts = smoke.BootOptions(suite=suite, config=config)
     if timeout is not None:
         opts.timeout = timeout
+    elif suite == "stress":
+        opts.timeout = stress.DEFAULT_TIMEOUT_S
     try:
         verdict = smoke.run(tgt.name, rpm_dir, opts)
     except (smoke.SmokeBootError, smoke.SmokePanicError, smoke.SmokeTimeoutError,
             smoke.SmokeCheckError):
-        _echo_verdict(tgt.name, as_json)  # the checks that failed, before the one-line error
+        _echo_verdict(tgt.name, config, as_json)  # the checks that failed, before the one-line error
         raise
     if as_json:
         click.echo(json.dumps(verdict.as_json(), indent=2))
@@ -40,10 +48,10 @@ def cmd(target_name: str | None, rpm_dir: Path | None, timeout: float | None, as
     return 0
 
 
-def _echo_verdict(target_name: str, as_json: bool) -> None:
-    from fsbuild import paths
+def _echo_verdict(target_name: str, config: str, as_json: bool) -> None:
+    from fsbuild import build
 
-    path = paths.out_dir(target_name) / "smoke.json"
+    path = build.profile_out(target_name, config) / "smoke.json"
     if not path.is_file():
         return
     if as_json:

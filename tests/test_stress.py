@@ -1,0 +1,289 @@
+"""fsbuild.stress and its guest programs. fsstress is built with the host gcc and run on the
+host (plain kernel, no module): the client's checks, the churn signals and the counters are
+the same code the guest runs. The guest run itself is the slow test at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, require_tool
+from fsbuild import qemu, smoke, stress
+from fsbuild.errors import SmokeCheckError
+
+GUEST = ROOT / "ci" / "guest"
+
+
+@pytest.fixture(scope="module")
+def fsstress(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_tool("gcc")
+    out = tmp_path_factory.mktemp("fsstress") / "fsstress"
+    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-pthread", "-o", str(out), str(GUEST / "fsstress.c")],
+                   check=True, capture_output=True, timeout=120)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _counts(line: str) -> dict[str, float]:
+    return {k: float(v) for k, v in re.findall(r"(\w+)=([0-9.]+)", line)}
+
+
+class Serve:
+    def __init__(self, exe: Path, tmp: Path, *args: str) -> None:
+        self.port = _free_port()
+        self.stats = tmp / "serve.stats"
+        self.proc = subprocess.Popen([str(exe), "serve", "-p", str(self.port), "-s", str(self.stats), *args],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().startswith("serve: ready")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> dict[str, float]:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        return _counts(self.stats.read_text())
+
+
+def _load(exe: Path, *args: str) -> tuple[int, dict[str, float]]:
+    r = subprocess.run([str(exe), "load", *args], capture_output=True, text=True, timeout=60)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("load:")][-1]
+    return r.returncode, _counts(line)
+
+
+def test_serve_answers_every_request_and_counts_them(fsstress: Path, tmp_path: Path) -> None:
+    srv = Serve(fsstress, tmp_path, "-w", "2")
+    rc, load = _load(fsstress, "-a", f"127.0.0.1:{srv.port}", "-c", "4", "-n", "300")
+    st = srv.stop()
+    assert rc == 0 and load["ok"] == 300 and load["requests"] == 300
+    assert st["accepted"] == 300 and st["errors"] == 0
+    assert 0 <= st["spurious"] <= st["wakeups"] and st["on_syn_cpu"] <= st["accepted"]
+
+
+def _bad_server(reply: bytes, linger_reset: bool = False) -> tuple[int, threading.Event]:
+    lis = socket.socket()
+    lis.bind(("127.0.0.1", 0))
+    lis.listen(64)
+    stop = threading.Event()
+
+    def run() -> None:
+        lis.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c, _ = lis.accept()
+            except OSError:
+                continue
+            c.recv(1024)
+            if linger_reset:  # RST instead of FIN
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            else:
+                c.sendall(reply)
+            c.close()
+        lis.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    return int(lis.getsockname()[1]), stop
+
+
+@pytest.mark.parametrize("reply, field", [
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 10\r\n\r\nshort", "bad"),       # body cut short
+    (b"HTTP/1.0 503 Busy\r\nContent-Length: 2\r\n\r\nno", "bad"),          # not a 200
+    (b"HTTP/1.0 200 OK\r\n\r\nno length", "bad"),                          # unverifiable body
+    (b"", "resets"),                                                       # RST
+])
+def test_load_checks_every_response(fsstress: Path, reply: bytes, field: str) -> None:
+    port, stop = _bad_server(reply, linger_reset=not reply)
+    try:
+        rc, load = _load(fsstress, "-a", f"127.0.0.1:{port}", "-c", "2", "-n", "20")
+    finally:
+        stop.set()
+    assert rc == 1 and load[field] == 20 and load["ok"] == 0
+
+
+def _under_load(fsstress: Path, srv: Serve, sig: int, times: int) -> tuple[int, dict[str, float]]:
+    result: list[tuple[int, dict[str, float]]] = []
+    t = threading.Thread(target=lambda: result.append(
+        _load(fsstress, "-a", f"127.0.0.1:{srv.port}", "-c", "4", "-d", "3")))
+    t.start()
+    for _ in range(times):
+        time.sleep(0.4)
+        srv.signal(sig)
+    t.join()
+    return result[0]
+
+
+@pytest.mark.parametrize("sig, counter", [(signal.SIGUSR2, "restarts"), (signal.SIGHUP, "reloads"),
+                                          (signal.SIGUSR1, "repins")])
+def test_churn_on_a_plain_kernel_loses_nothing(fsstress: Path, tmp_path: Path, sig: int, counter: str) -> None:
+    # The baseline Fastsocket must match (issue 10 item 14): a plain server loses nothing
+    # when workers are SIGKILLed and restarted, reloaded or re-pinned under load.
+    srv = Serve(fsstress, tmp_path, "-w", "3")
+    rc, load = _under_load(fsstress, srv, sig, 4)
+    st = srv.stop()
+    assert (rc, load["resets"], load["errors"], load["bad"]) == (0, 0, 0, 0), (load, st)
+    assert load["ok"] > 0 and st[counter] >= 1
+
+
+@pytest.mark.parametrize("flag", ["-m", "-e"])
+def test_mixed_accept_and_exec_child_serve(fsstress: Path, tmp_path: Path, flag: str) -> None:
+    srv = Serve(fsstress, tmp_path, "-w", "2", flag)
+    rc, load = _load(fsstress, "-a", f"127.0.0.1:{srv.port}", "-c", "4", "-n", "200")
+    st = srv.stop()
+    assert rc == 0 and load["ok"] == 200
+    if flag == "-m":
+        assert st["plain"] > 0  # the raw accept4 worker took its share
+    else:
+        assert st["accepted"] < 200  # the exec'd child (no counters) accepted the rest
+
+
+def test_hostile_and_storm_need_the_device(fsstress: Path) -> None:
+    for cmd in ("hostile", "storm"):
+        r = subprocess.run([str(fsstress), cmd], capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "PATH": "/usr/bin:/bin"})
+        if Path("/dev/fastsocket").exists():
+            pytest.skip("this host has /dev/fastsocket: the guest test covers it")
+        assert r.returncode == 1 and "/dev/fastsocket" in r.stdout
+
+
+def test_stress_script_is_valid_sh_and_reports_every_scenario() -> None:
+    require_tool("busybox")
+    script = (GUEST / "stress.sh").read_text()
+    subprocess.run(["busybox", "sh", "-n", str(GUEST / "stress.sh")], check=True, timeout=30)
+    reported = set(re.findall(r"(?:scenario|verdict|check) (?:\"?stress_)?([a-z_]+)", script))
+    reported |= set(re.findall(r"check stress_([a-z_]+)", script))
+    if 'verdict "metrics_$_label"' in script and 'stress_metrics "$S_PRE" fastsocket' in script:
+        reported |= {"metrics_plain", "metrics_fastsocket"}
+    missing = [s for s in stress.SCENARIOS if s not in reported]
+    assert not missing, f"stress.sh never reports {missing}"
+    assert '[ "$SUITE" = stress ]' in (GUEST / "init").read_text()
+
+
+def _run_scenarios(fsstress: Path, tmp_path: Path, body: str) -> list[smoke.Check]:
+    """Source stress.sh with the init's helpers stubbed and run `body` on the host (plain
+    kernel, no preload): the verdict logic the guest runs, on real counters."""
+    require_tool("busybox", "timeout")
+    script = f"""
+check() {{ _n=$1; _s=$2; shift 2; echo "FSCHECK $_n $_s $*"; }}
+step() {{ :; }}
+oneline() {{ tr '\\n' ' ' | cut -c1-200; }}
+NCPU=$(grep -c '^processor' /proc/cpuinfo); IRQS=""
+. {GUEST / "stress.sh"}
+{body}
+"""
+    env = {**os.environ, "STRESS_SOURCE_ONLY": "1", "STRESS_BIN": str(fsstress.parent), "STRESS_PRELOAD": "",
+           "STRESS_TMP": str(tmp_path), "STRESS_SECS": "2", "STRESS_CONNS": "4", "STRESS_PORT": str(_free_port())}
+    r = subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True, timeout=180, env=env)
+    return smoke.parse_guest("FSBOOT host\n" + r.stdout).checks
+
+
+def test_scenarios_pass_on_a_plain_kernel_with_their_counts(fsstress: Path, tmp_path: Path) -> None:
+    checks = _run_scenarios(fsstress, tmp_path, """
+stress_metrics "" plain
+scenario churn_kill "-p $S_PORT -w 3" act_kill
+scenario reload "-p $S_PORT -w 3" act_reload
+scenario two_listeners "-p $S_PORT,$((S_PORT + 1)) -w 2" "" "127.0.0.1:$S_PORT,127.0.0.1:$((S_PORT + 1))"
+""")
+    by = {c.name: c for c in checks}
+    assert list(by) == ["stress_metrics_plain", "stress_churn_kill", "stress_reload", "stress_two_listeners"]
+    assert all(c.status == "pass" for c in checks), checks
+    plain = stress.metrics([{"name": c.name, "detail": c.detail} for c in checks])["plain"]
+    assert set(plain) == set(stress.METRICS) and plain["conns_per_s"] > 0
+    assert 0 <= plain["syn_cpu_share"] <= 1 and 0 <= plain["rfd_share"] <= 1
+    assert int(re.search(r"restarts=(\d+)", by["stress_churn_kill"].detail)[1]) >= 1
+    assert int(re.search(r"reloads=(\d+)", by["stress_reload"].detail)[1]) >= 1
+
+
+def test_a_scenario_fails_on_a_lost_request(fsstress: Path, tmp_path: Path) -> None:
+    # The client talks to a port nobody listens on: refused connections fail the scenario.
+    checks = _run_scenarios(fsstress, tmp_path, """
+st_serve "" -p $S_PORT -w 1
+st_load_bg -a 127.0.0.1:$((S_PORT + 1)); st_load_wait; st_stop
+verdict lost "" ""
+""")
+    assert [(c.name, c.status) for c in checks] == [("stress_lost", "fail")]
+    assert "refused=" in checks[0].detail
+
+
+def test_guest_programs_build_with_musl(tmp_path: Path) -> None:
+    require_tool("musl-gcc")
+    progs = stress.guest_programs(tmp_path)
+    assert [p.name for p in progs][:2] == ["fsstress", "stress.sh"]
+    # dynamic: LD_PRELOAD must reach `fsstress serve` in the guest
+    assert b"ld-musl" in progs[0].read_bytes()
+
+
+def test_nginx_bundle_has_the_server_its_libraries_and_a_glibc_libsocket(tmp_path: Path) -> None:
+    if not stress.NGINX.is_file():
+        pytest.skip("no /usr/sbin/nginx on this host (apt-get install nginx-light)")
+    require_tool("ldd", "gcc", "make")
+    import tarfile
+    bundle = stress.nginx_bundle(tmp_path)
+    assert bundle is not None
+    names = set(tarfile.open(bundle).getnames())
+    assert {"usr/sbin/nginx", "lib/glibc/libsocket.so", "lib64/ld-linux-x86-64.so.2"} <= names
+    assert any(n.endswith("/libc.so.6") for n in names)
+    assert stress.nginx_bundle(tmp_path, tmp_path / "no-nginx") is None
+
+
+def test_stress_checks_are_required_by_classify() -> None:
+    guest = "FSBOOT 6.1\n" + "".join(f"FSCHECK {n} pass ok\n" for n in smoke.REQUIRED_CHECKS) + "FSDONE\n"
+    vm = qemu.VmResult(stopped_by="done", returncode=0, timed_out=False, duration_s=1.0, status="", events=[])
+    _, err, _ = smoke.classify(smoke.parse_guest(guest), "", vm, 30.0, "tcg")
+    assert err is None
+    checks, err, msg = smoke.classify(smoke.parse_guest(guest), "", vm, 30.0, "tcg",
+                                      required=smoke.REQUIRED_CHECKS + stress.REQUIRED_CHECKS)
+    assert err is SmokeCheckError and "stress_hostile" in checks[-1].detail
+
+
+def test_metrics_are_read_back_from_the_checks() -> None:
+    checks = [{"name": "stress_metrics_plain", "status": "pass",
+               "detail": "requests=10 ok=10 | serve | metrics: conns_per_s=41.5 spurious_per_accept=0.750 "
+                         "syn_cpu_share=0.25 rfd_share=0.5 cross_cpu=30 resets=0 estab_resets=0 "
+                         "listen_drops=2 listen_overflows=1"},
+              {"name": "stress_metrics_fastsocket", "status": "fail", "detail": "metrics: conns_per_s=60"}]
+    m = stress.metrics(checks)
+    assert m["plain"]["spurious_per_accept"] == 0.75 and m["plain"]["listen_drops"] == 2
+    assert m["fastsocket"] == {"conns_per_s": 60.0}
+    assert stress.metrics([]) == {}
+
+
+def test_bench_prints_both_sides_and_the_ratio(tmp_path: Path) -> None:
+    run = tmp_path / "smoke.json"
+    run.write_text(json.dumps({"verdict": "pass", "duration_s": 1, "checks": [
+        {"name": "stress_metrics_plain", "status": "pass", "detail": "metrics: conns_per_s=40.0 spurious_per_accept=0.500"},
+        {"name": "stress_metrics_fastsocket", "status": "pass", "detail": "metrics: conns_per_s=50.0 spurious_per_accept=0.000"}]}))
+    r = subprocess.run([sys.executable, str(ROOT / "ci" / "bench_stress.py"), "--json", str(run)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"spurious wakeups per accept\s+0\.500\s+0\s*$", r.stdout, re.M)
+    assert "ratio fastsocket/plain (TCG, -smp 4): 1.25x" in r.stdout
+    run.write_text(json.dumps({"verdict": "fail", "duration_s": 1, "checks": []}))
+    assert subprocess.run([sys.executable, str(ROOT / "ci" / "bench_stress.py"), "--json", str(run)],
+                          capture_output=True, timeout=60).returncode == 1
+
+
+def test_a_process_that_does_not_finish_cannot_stall_the_suite(fsstress: Path, tmp_path: Path) -> None:
+    # After an oops, a scenario's process may never exit: every wait is bounded.
+    start = time.monotonic()
+    checks = _run_scenarios(fsstress, tmp_path, """
+sleep 100 & bwait $! 1; check bwait pass "rc=$?"
+bg_run 1 $S_TMP/x.out sleep 100; check bg_run pass "rc=$BRC"
+""")
+    assert [(c.name, c.detail) for c in checks] == [("bwait", "rc=137"), ("bg_run", "rc=137")]
+    assert time.monotonic() - start < 30
