@@ -152,7 +152,7 @@ def identify(target: Target, up: Upstream, kind: str, path: Path, ref: str | Non
         return _accept_given(target, up, path, mk, idents, given)
     if idents:
         return idents[0]
-    if remembered := _remembered(up.digest):
+    if remembered := _remembered(up):
         return remembered
     if strict and target.identity == "version-release":
         raise UpstreamIdentityError(
@@ -172,7 +172,7 @@ def _accept_given(target: Target, up: Upstream, path: Path, mk: str, idents: lis
     if idents and idents[0] != given:
         raise UpstreamIdentityError(f"{IDENTITY_FLAG} {given}: {path} says it is {idents[0]}")
     if m.group(2):
-        _remember(up.digest, given)
+        _remember(up, given)
     return given
 
 
@@ -229,21 +229,22 @@ def _git_identity(repo: Path, ref: str, mk: str) -> str | None:
     return f"{m.group(1)}-{m.group(2)}{suffix}"
 
 
-def _identity_file(digest: str) -> Path:
-    return cache_root() / digest / "identity"
+def _identity_file(up: Upstream) -> Path:
+    # beside the cached tarball: the entry of exactly these bytes, imported this way
+    return up.tarball.parent / "identity"
 
 
-def _remembered(digest: str) -> str | None:
+def _remembered(up: Upstream) -> str | None:
     try:
-        return _identity_file(digest).read_text().strip() or None
+        return _identity_file(up).read_text().strip() or None
     except OSError:
         return None
 
 
-def _remember(digest: str, ident: str) -> None:
+def _remember(up: Upstream, ident: str) -> None:
     """The identity a user gave for these exact bytes: later runs (`fsbuild rpm`) reuse it."""
-    if _identity_file(digest).parent.is_dir():
-        _atomic_write(_identity_file(digest), ident.encode())
+    if _identity_file(up).parent.is_dir():
+        _atomic_write(_identity_file(up), ident.encode())
 
 
 # ---------------------------------------------------------------- the cache
