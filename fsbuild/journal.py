@@ -238,8 +238,9 @@ def _undo(root: Path, jdir: Path, manifest: dict[str, object]) -> int:
                 os.unlink(target)
                 restored += 1
         elif entry["orig"] == "saved" and os.path.lexists(jdir / "orig" / str(i)):
-            os.replace(jdir / "orig" / str(i), target)
-            restored += 1
+            if not _same_inode(jdir / "orig" / str(i), target):
+                os.replace(jdir / "orig" / str(i), target)
+                restored += 1
         # else: put back by an earlier, interrupted recovery
     for d in reversed(manifest["mkdirs"]):  # type: ignore[call-overload]
         try:
@@ -250,3 +251,12 @@ def _undo(root: Path, jdir: Path, manifest: dict[str, object]) -> int:
             if exc.errno != errno.ENOTEMPTY:
                 raise
     return restored
+
+
+def _same_inode(a: Path, b: Path) -> bool:
+    """The original was never replaced (its hard link in the journal is the file)."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except FileNotFoundError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)

@@ -371,6 +371,13 @@ class Interrupts:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handler)
 
+    def settle(self) -> None:
+        """The run is complete: ignore stop signals until exit. (A Python handler would
+        not do: the interpreter restores the default action while it shuts down, and a
+        SIGTERM there would kill a run that already succeeded.)"""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handler(self, signum: int, frame: object) -> None:
         self.hit = signum
 

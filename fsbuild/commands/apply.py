@@ -67,6 +67,7 @@ def cmd(series_path: Path | None, fuzz: int, as_json: bool, dry_run: bool, recov
         with progress.bar("applying", total=len(series.entries)) as bar:
             reports = apply_series(series, tree, fuzz=fuzz, dry_run=dry_run, guard=guard,
                                    progress=lambda name: bar.advance(1, description=name))
+        guard.settle()
     if guard.hit is not None and not dry_run:
         click.echo(f"fsbuild: {signal.Signals(guard.hit).name} arrived after the tree was "
                    "fully written; the run is complete", err=True)
