@@ -8,6 +8,12 @@ journal too, so the tree never holds temp files. `recover(TREE)` puts every orig
 and is idempotent, so a SIGKILL or power loss at any moment — even during a recovery — is
 undone by running it again. The journal lives in the tree so that it is on the same
 filesystem (renames are atomic) and is found from TREE alone.
+
+Every state on disk has one meaning, whatever instant a kill lands on:
+  .fsbuild-journal.new/        being prepared; the tree is untouched      -> discard
+  .fsbuild-journal/manifest    the tree is being written                  -> roll back
+  .fsbuild-journal/complete    every file is written (the commit point)   -> keep, discard
+  .fsbuild-journal.old/        finished with (run kept or rolled back)    -> discard
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from fsbuild import paths
 from fsbuild.errors import RecoveryError, UnsafePathError
 
 JOURNAL = ".fsbuild-journal"
+PREPARING = JOURNAL + ".new"
+FINISHED = JOURNAL + ".old"
 MANIFEST = "manifest.json"
+COMPLETE = "complete"  # the manifest's name once every file is written
 VERSION = 1
 
 
@@ -43,11 +52,12 @@ def lock_file(root: Path) -> Path:
 
 
 def pending(root: Path) -> bool:
-    return os.path.lexists(journal_dir(root))
+    return any(os.path.lexists(Path(root) / name) for name in (JOURNAL, PREPARING, FINISHED))
 
 
 def in_journal(rel: str) -> bool:
-    return rel == JOURNAL or rel.startswith(JOURNAL + "/")
+    top = rel.split("/", 1)[0]
+    return top in (JOURNAL, PREPARING, FINISHED)
 
 
 # ---------------------------------------------------------------- durability
@@ -79,7 +89,7 @@ def sync_tree(root: Path) -> None:
 @dataclass
 class Journal:
     """An open journal: `staged(i)` is where entry i's new content is written before it
-    is renamed over the tree; `close()` marks the run complete and removes the journal."""
+    is renamed over the tree; `complete()` marks the run done, then `remove()` cleans up."""
 
     root: Path
     rels: list[str]
@@ -91,11 +101,15 @@ class Journal:
     def staged(self, index: int) -> Path:
         return self.dir / "new" / str(index)
 
-    def close(self) -> None:
+    def complete(self) -> None:
+        """The commit point: from here on, recovery keeps the new tree."""
         sync_tree(self.root)  # the new tree is durable before its undo log goes
-        os.unlink(self.dir / MANIFEST)  # the commit point: no manifest, nothing to undo
+        os.rename(self.dir / MANIFEST, self.dir / COMPLETE)
         _fsync_path(self.dir)
-        shutil.rmtree(self.dir)
+
+    def remove(self) -> None:
+        os.rename(self.dir, self.root / FINISHED)  # one step: never a half-deleted journal
+        shutil.rmtree(self.root / FINISHED)
 
 
 def begin(root: Path, changes: dict[str, bool]) -> Journal:
@@ -108,12 +122,11 @@ def begin(root: Path, changes: dict[str, bool]) -> Journal:
         if in_journal(rel):
             raise UnsafePathError(f"a patch writes {rel}, inside fsbuild's journal "
                                   f"{JOURNAL}/; refusing")
-    jdir = journal_dir(root)
-    try:
-        os.mkdir(jdir, 0o700)
-    except FileExistsError:
-        raise RecoveryError(f"{jdir} exists: an earlier apply was interrupted; run "
-                            f"`fsbuild apply --recover {root}`") from None
+    if pending(root):
+        raise RecoveryError(f"{root} holds the journal of an interrupted apply; run "
+                            f"`fsbuild apply --recover {root}`")
+    jdir = root / PREPARING
+    os.mkdir(jdir, 0o700)
     try:
         for sub in ("orig", "new"):
             os.mkdir(jdir / sub, 0o700)
@@ -122,15 +135,14 @@ def begin(root: Path, changes: dict[str, bool]) -> Journal:
         manifest = {"version": VERSION, "pid": os.getpid(), "files": files,
                     "mkdirs": _missing_dirs(root, [r for r in rels if changes[r]]),
                     "dirs": _parent_modes(root, [r for r in rels if not changes[r]])}
-        tmp = jdir / (MANIFEST + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with open(jdir / MANIFEST, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh)
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_path(jdir / "orig")
-        os.rename(tmp, jdir / MANIFEST)
         _fsync_path(jdir)
-        _fsync_path(root)  # the journal's own directory entry
+        os.rename(jdir, journal_dir(root))  # the journal is valid from here on
+        _fsync_path(root)
     except BaseException:
         shutil.rmtree(jdir, ignore_errors=True)  # the tree itself is still untouched
         raise
@@ -188,35 +200,49 @@ def _parent_modes(root: Path, deleted: list[str]) -> list[list[object]]:
 # ---------------------------------------------------------------- recovery
 
 
-def recover(root: Path) -> int | None:
-    """Roll back an interrupted apply; None when there is no journal, else the number of
-    paths put back. Safe to run again after being interrupted itself."""
+@dataclass
+class Recovery:
+    state: str  # "rolled back", "kept" (the run had written every file), "leftovers"
+    restored: int = 0  # paths put back
+
+
+def recover(root: Path) -> Recovery | None:
+    """Bring the tree back to a whole state after an interrupted apply: roll it back,
+    or keep it when the run had passed its commit point. None when there is nothing to
+    do. Safe to run again after being interrupted itself."""
     root = Path(root)
     jdir = journal_dir(root)
-    if not os.path.lexists(jdir):
-        return None
+    result = None
     try:
-        manifest = _read_manifest(jdir)
-        restored = _undo(root, jdir, manifest) if manifest is not None else 0
-        sync_tree(root)
-        if manifest is not None:
-            os.unlink(jdir / MANIFEST)
-        shutil.rmtree(jdir)
+        if os.path.lexists(jdir):
+            result = _recover_journal(root, jdir)
+            os.rename(jdir, root / FINISHED)
+        for name in (PREPARING, FINISHED):
+            if os.path.lexists(root / name):
+                shutil.rmtree(root / name)
+                result = result or Recovery("leftovers")
     except OSError as exc:
-        raise RecoveryError(f"cannot recover {root} from {jdir}: "
-                            f"{exc.filename or ''}: {exc.strerror}") from exc
-    return restored
+        raise RecoveryError(f"cannot recover {root}: {exc.filename or ''}: "
+                            f"{exc.strerror}") from exc
+    return result
 
 
-def _read_manifest(jdir: Path) -> dict[str, object] | None:
-    """None when the run stopped before its manifest was complete: then it had not
-    touched the tree yet and the journal is only discarded."""
+def _recover_journal(root: Path, jdir: Path) -> Recovery:
+    if os.path.lexists(jdir / COMPLETE):
+        return Recovery("kept")
+    manifest = _read_manifest(jdir)
+    restored = _undo(root, jdir, manifest)
+    sync_tree(root)  # the originals are back for good before the journal goes
+    return Recovery("rolled back", restored)
+
+
+def _read_manifest(jdir: Path) -> dict[str, object]:
     try:
         text = (jdir / MANIFEST).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    try:
         manifest = json.loads(text)
+    except FileNotFoundError:
+        raise RecoveryError(f"{jdir} has neither a manifest nor a completion mark; the "
+                            "tree cannot be rolled back automatically") from None
     except ValueError as exc:
         raise RecoveryError(f"{jdir / MANIFEST} is corrupt ({exc}); the tree cannot be "
                             "rolled back automatically") from None

@@ -422,9 +422,15 @@ def commit(root: Path, changes: dict[str, FileState | None],
             for rel, st in items:
                 if st is None:
                     _remove_empty_parents(root, (root / rel).parent)
-            jr.close()
+            jr.complete()
         except BaseException as exc:
             _rollback(root, exc, current)
+        try:
+            jr.remove()
+        except OSError as exc:
+            raise RecoveryError(f"{root} is fully patched, but its journal {jr.dir} could not "
+                                f"be removed ({exc.strerror}); `fsbuild apply --recover "
+                                f"{root}` removes it") from exc
 
 
 def _replace(root: Path, rel: str, staged: Path | None) -> None:
@@ -441,10 +447,13 @@ def _rollback(root: Path, exc: BaseException, current: str) -> None:
     """Undo through the journal and raise the error the user sees: it names the tree's
     file (not a staging path) and says "restored" only when the recovery succeeded."""
     try:
-        journal.recover(root)
+        done = journal.recover(root)
     except RecoveryError as failed:
         raise RecoveryError(f"{_describe(exc, current)}; rolling back also failed: "
                             f"{failed.message}") from exc
+    if done is not None and done.state == "kept":  # failed after the commit point
+        raise RecoveryError(f"{_describe(exc, current)} after every file was written: "
+                            "the tree is fully patched") from exc
     if isinstance(exc, KeyboardInterrupt):
         raise RunInterruptedError("interrupted while writing; the tree was restored "
                                   "to its state before the run") from None

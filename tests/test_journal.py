@@ -179,11 +179,44 @@ def test_interrupted_recovery_is_resumed(small: tuple[Path, Path, str]) -> None:
     assert tree_hash(tree) == original
 
 
-def test_journal_without_manifest_is_discarded(small: tuple[Path, Path, str]) -> None:
+@pytest.mark.parametrize("leftover", [journal.PREPARING, journal.FINISHED])
+def test_leftovers_are_discarded(small: tuple[Path, Path, str], leftover: str) -> None:
+    """Killed while the journal was prepared (tree untouched) or removed (tree whole)."""
     tree, series, original = small
-    (tree / journal.JOURNAL / "orig").mkdir(parents=True)  # killed inside journal.begin
-    assert journal.recover(tree) == 0
+    (tree / leftover / "orig").mkdir(parents=True)
+    (tree / leftover / "orig" / "0").write_bytes(b"x")
+    proc = run("apply", "--recover", tree)
+    assert proc.returncode == 0 and "removed the leftovers" in proc.stderr
     assert tree_hash(tree) == original
+
+
+def test_journal_without_manifest_is_refused(small: tuple[Path, Path, str]) -> None:
+    tree, series, original = small
+    (tree / journal.JOURNAL / "orig").mkdir(parents=True)  # no state of ours looks like this
+    with pytest.raises(RecoveryError, match="neither a manifest nor a completion mark"):
+        journal.recover(tree)
+
+
+def test_kill_past_commit_point_keeps_new_tree(small: tuple[Path, Path, str],
+                                               tmp_path: Path, monkeypatch) -> None:
+    """A complete run whose journal cannot be removed (as if killed right after the
+    commit point) is kept, and the error says so rather than "restored"."""
+    tree, series, original = small
+    clean = tmp_path / "clean"
+    shutil.copytree(tree, clean, symlinks=True)
+    assert run("apply", "--series", series, clean).returncode == 0
+
+    def fails(self: journal.Journal) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(journal.Journal, "remove", fails)
+    with pytest.raises(RecoveryError, match="is fully patched, but its journal"):
+        apply_series(parse_series(series), tree)
+    monkeypatch.undo()
+    assert (tree / journal.JOURNAL / journal.COMPLETE).is_file()
+    proc = run("apply", "--recover", tree)
+    assert proc.returncode == 0 and "had written every file; kept it" in proc.stderr
+    assert tree_hash(tree) == tree_hash(clean)
 
 
 def test_corrupt_manifest_is_one_line_error(small: tuple[Path, Path, str]) -> None:
@@ -291,11 +324,17 @@ def kill_trials(base: Path, n_patches: int, n_files: int, trials: int, seed: int
                 stats["recovery_killed"] += 1
             done = run("apply", "--recover", tree)
             assert done.returncode == 0, done.stderr
+            if "recovered" not in done.stderr:
+                # killed at or past the commit point: the tree must be whole, either way
+                if tree_hash(tree) == patched:
+                    _reset(tree, pristine)
+                    stats["finished_first"] += 1
+                    continue
         elif proc.returncode == -sig:  # before Python installed any handler
-            assert not mid and not (tree / journal.JOURNAL).exists()
+            assert not mid and not journal.pending(tree)
         else:
             assert proc.returncode == RunInterruptedError.exit_code, err
-            assert not (tree / journal.JOURNAL).exists()
+            assert not journal.pending(tree)
         assert tree_hash(tree) == original, f"trial {stats['trials']}: {sig!r}"
         stats["trials"] += 1
         stats["mid_write"] += mid

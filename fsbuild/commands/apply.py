@@ -76,14 +76,20 @@ def cmd(series_path: Path | None, fuzz: int, as_json: bool, dry_run: bool, recov
 
 
 def _recover(tree: Path, explicit: bool) -> None:
-    restored = journal.recover(tree)
+    done = journal.recover(tree)
     # stderr, even with --json: the tree changed before this run's own work.
-    if restored is None:
+    if done is None:
         if explicit:
             click.echo(f"fsbuild: nothing to recover in {tree}", err=True)
-        return
-    click.echo(f"fsbuild: recovered {tree} from an interrupted apply "
-               f"({restored} paths restored)", err=True)
+    elif done.state == "rolled back":
+        click.echo(f"fsbuild: recovered {tree} from an interrupted apply "
+                   f"({done.restored} paths restored)", err=True)
+    elif done.state == "kept":
+        click.echo(f"fsbuild: the interrupted apply in {tree} had written every file; "
+                   "kept it and removed its journal", err=True)
+    else:
+        click.echo(f"fsbuild: removed the leftovers of an interrupted apply in {tree} "
+                   "(the tree was whole)", err=True)
 
 
 def _report(reports: list[PatchReport], as_json: bool, dry_run: bool) -> None:
