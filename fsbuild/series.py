@@ -2,8 +2,9 @@
 
 `parse_series` reads a quilt `series` file (comments, blank lines, per-entry `-pN`/`-R`);
 `apply_series` applies every patch in memory over an overlay of the tree (each touched file
-is read once) and writes only when all patches applied: temp files first, then renames,
-rolled back on Ctrl-C. Semantics follow `quilt push` (GNU patch -p1 -f, fuzz as given).
+is read once) and writes only when all patches applied, through a write-ahead journal
+(fsbuild/journal.py): rolled back on SIGINT/SIGTERM/SIGHUP, or by `journal.recover` after
+SIGKILL or a power cut. Semantics follow `quilt push` (GNU patch -p1 -f, fuzz as given).
 """
 
 from __future__ import annotations
