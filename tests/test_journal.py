@@ -13,7 +13,9 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -128,8 +130,21 @@ def killed_at(tree: Path, series: Path, step: str, count: int) -> subprocess.Com
 
 
 @pytest.fixture()
-def small(tmp_path: Path) -> tuple[Path, Path, str]:
-    tree, series = generate(tmp_path, 20, 120, seed=7)
+def scratch(tmp_path: Path) -> Iterator[Path]:
+    """tmpfs when there is one: the trials test the logic, and a shared disk (discard,
+    other jobs) would make each run many times slower without testing more."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        yield tmp_path
+        return
+    base = Path(tempfile.mkdtemp(prefix="fsbuild-journal-", dir=shm))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture()
+def small(scratch: Path) -> tuple[Path, Path, str]:
+    tree, series = generate(scratch, 20, 120, seed=7)
     return tree, series, tree_hash(tree)
 
 
@@ -356,19 +371,6 @@ def _calibrate(tree: Path, series: Path) -> tuple[float, str]:
 def _reset(tree: Path, pristine: Path) -> None:
     shutil.rmtree(tree)
     shutil.copytree(pristine, tree, symlinks=True)
-
-
-@pytest.fixture()
-def scratch(tmp_path: Path) -> Path:
-    """tmpfs when there is one: the trials test the logic, and a shared disk (discard,
-    other jobs) would make each run many times slower without testing more."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or not os.access(shm, os.W_OK):
-        return tmp_path
-    base = Path(os.environ.get("FSBUILD_TRIALS_DIR", shm)) / f"fsbuild-trials-{os.getpid()}"
-    base.mkdir()
-    yield base  # type: ignore[misc]
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_random_kills_quick(scratch: Path) -> None:
