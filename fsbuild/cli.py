@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 
 import click
 
@@ -39,28 +40,55 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(f"fsbuild.commands.{module}"), attr)
 
 
+_debug = False  # --debug: let errors propagate with their traceback (for bug reports)
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fsbuild")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="On any error, show the full traceback (for bug reports).")
+def cli(debug: bool) -> None:
     """Fastsocket kernel build system: apply and rebase the patch series, build RPMs, boot them."""
+    global _debug
+    _debug = debug
+
+
+def one_line(message: str) -> str:
+    """Errors are one line: multi-line library messages (tarfile's per-method list...)
+    are folded, so scripts and logs can rely on it."""
+    out = ""
+    for part in (p.strip().removeprefix("- ") for p in message.splitlines()):
+        if part:
+            out += part if not out else (" " if out.endswith(":") else "; ") + part
+    return out
 
 
 def main() -> None:
     try:
         rv = cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("fsbuild: interrupted", err=True)
-        sys.exit(RunInterruptedError.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except FsbuildError as exc:
-        click.echo(f"fsbuild: error: {exc.message}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("fsbuild: interrupted", err=True)
-        sys.exit(RunInterruptedError.exit_code)
     except SystemExit:
         raise
+    except BaseException as exc:
+        if _debug:  # the whole traceback first; the line and exit code stay the same
+            traceback.print_exception(exc)
+        code, line = _failure(exc)
+        click.echo(line, err=True)
+        sys.exit(code)
     # Commands may return an int exit code (e.g. `series check` reporting problems).
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one line the user sees, for any exception."""
+    if isinstance(exc, (click.exceptions.Abort, KeyboardInterrupt)):
+        return RunInterruptedError.exit_code, "fsbuild: interrupted"
+    if isinstance(exc, click.UsageError):
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        return exc.exit_code, f"fsbuild: error: {one_line(exc.format_message())}{hint}"
+    if isinstance(exc, click.ClickException):
+        return exc.exit_code, f"fsbuild: error: {one_line(exc.format_message())}"
+    if isinstance(exc, FsbuildError):
+        return exc.exit_code, f"fsbuild: error: {one_line(exc.message)}"
+    # Anything else is a bug in fsbuild: still one line, and the way to the traceback.
+    what = one_line(str(exc)) or "no message"
+    return 1, (f"fsbuild: error: internal error {type(exc).__name__}: {what} "
+               "(rerun with `fsbuild --debug ...` for the traceback and report it)")

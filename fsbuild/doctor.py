@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from dataclasses import dataclass
+
+from fsbuild import proc
+from fsbuild.errors import ToolMissingError
 
 
 @dataclass(frozen=True)
@@ -67,18 +69,18 @@ def check_tool(tool: Tool) -> Finding:
 
 def qemu_has_igb(qemu: str) -> bool:
     try:
-        out = subprocess.run([qemu, "-device", "help"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
+        out = proc.run([qemu, "-device", "help"], error=ToolMissingError, timeout=20, check=False)
+    except ToolMissingError:  # cannot start, or hangs: not a usable QEMU
         return False
-    return '"igb"' in out.stdout
+    return b'"igb"' in out.stdout
 
 
 def _is_static(path: str) -> bool:
     try:
-        out = subprocess.run(["file", "-L", path], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return True  # no `file`: do not guess against it
-    return "statically linked" in out or "static-pie" in out
+        out = proc.run(["file", "-L", path], error=ToolMissingError, timeout=10, check=False)
+    except ToolMissingError:
+        return True  # no usable `file`: do not guess against it
+    return b"statically linked" in out.stdout or b"static-pie" in out.stdout
 
 
 def install_command(missing: list[Tool]) -> str:

@@ -10,13 +10,13 @@ import lzma
 import os
 import shlex
 import stat
-import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from fsbuild.errors import MissingFileError, UnsafePathError
+from fsbuild import proc
+from fsbuild.errors import MissingFileError, ToolMissingError, UnsafePathError
 
 NEWC_MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
@@ -231,7 +231,8 @@ class GuestImage:
 
 
 def busybox_applets(busybox: Path) -> list[str]:
-    out = subprocess.run([str(busybox), "--list"], capture_output=True, check=True, timeout=10)
+    out = proc.run([busybox, "--list"], error=ToolMissingError, timeout=10,
+                   timeout_message="not a usable busybox")
     # The list names `busybox` itself: a symlink over the binary would loop (ELOOP).
     return [a for a in out.stdout.decode().split() if a and "/" not in a and a != "busybox"]
 

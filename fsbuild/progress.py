@@ -42,12 +42,15 @@ def bar(description: str, total: int | None = None) -> Iterator[Bar]:
     if not enabled():
         yield Bar(None, None)
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    # Descriptions are patch names and paths: text, never rich markup (`[net]`, `[/proc]`).
+    columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn()]
     with Progress(*columns, console=_console, transient=True) as progress:
         yield Bar(progress, progress.add_task(description, total=total))
 
 
 def info(message: str) -> None:
-    """A status line on stderr (never on stdout, which --json owns)."""
+    """A status line on stderr (never on stdout, which --json owns). The message is
+    plain text: names like `0004-fix-[/proc]-entry.patch` are printed as they are."""
     if not _quiet:
-        _console.print(message, highlight=False)
+        _console.print(message, highlight=False, markup=False)

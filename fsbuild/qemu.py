@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fsbuild import proc
 from fsbuild.errors import ToolMissingError
 
 QEMU = "qemu-system-x86_64"
@@ -187,7 +188,8 @@ def _probe_kvm_boot(kernel: Path, qemu: str, timeout: float) -> Accel:
 # ---------------------------------------------------------------- network
 
 def _ip(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["ip", *args], capture_output=True, timeout=10)
+    return proc.run(["ip", *args], error=ToolMissingError, timeout=10, check=False,
+                    timeout_message="the host's `ip` hangs; FSBUILD_SMOKE_NET=user avoids it")
 
 
 def user_net(reason: str) -> Net:

@@ -2,8 +2,9 @@
 
 `parse_series` reads a quilt `series` file (comments, blank lines, per-entry `-pN`/`-R`);
 `apply_series` applies every patch in memory over an overlay of the tree (each touched file
-is read once) and writes only when all patches applied: temp files first, then renames,
-rolled back on Ctrl-C. Semantics follow `quilt push` (GNU patch -p1 -f, fuzz as given).
+is read once) and writes only when all patches applied, through a write-ahead journal
+(fsbuild/journal.py): rolled back on SIGINT/SIGTERM/SIGHUP, or by `journal.recover` after
+SIGKILL or a power cut. Semantics follow `quilt push` (GNU patch -p1 -f, fuzz as given).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fsbuild import journal
 from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
-                            RunInterruptedError, UnsafePathError)
+                            RecoveryError, RunInterruptedError, UnsafePathError)
 from fsbuild.patch import (FilePatch, Hunk, HunkFailed, HunkResult, Patch, apply_hunks,
                            parse_patch, resolves_inside, safe_relpath, strip_path)
 
@@ -407,120 +409,144 @@ def apply_patch(tree: Tree, patch: Patch, strip: int = 1, fuzz: int = 0,
 
 # ---------------------------------------------------------------- writing
 
+# Signals that end a run: each one rolls the tree back (SIGKILL cannot be caught; the
+# journal covers it).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-class _Interrupts:
-    """Turns SIGINT into a flag while the tree is being written, so a Ctrl-C can only
-    land between two whole-file operations and the rollback is never cut short."""
+
+class Interrupts:
+    """Turns SIGINT/SIGTERM/SIGHUP into a flag while the tree is being written, so a stop
+    can only land between two whole-file operations and the rollback is never cut short."""
 
     def __init__(self) -> None:
-        self.hit = False
+        self.hit: int | None = None  # the signal that arrived
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.signal(signal.SIGINT, self._handler)
+        previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def install(self) -> None:
+        """Defer for the rest of the process (the CLI: once the tree is written, a late
+        signal must not turn a finished run into a failure)."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handler)
+
+    def settle(self) -> None:
+        """The run is complete: ignore stop signals until exit. (A Python handler would
+        not do: the interpreter restores the default action while it shuts down, and a
+        SIGTERM there would kill a run that already succeeded.)"""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
     def _handler(self, signum: int, frame: object) -> None:
-        self.hit = True
+        self.hit = signum
 
     def check(self) -> None:
-        if self.hit:
+        if self.hit is not None:
             raise KeyboardInterrupt
 
 
 def commit(root: Path, changes: dict[str, FileState | None],
-           originals: dict[str, FileState | None],
-           hook: Callable[[str], None] | None = None) -> None:
-    """Write changes into root all-or-nothing: every new file is first written to a temp
-    file beside its target, then all are renamed into place. On Ctrl-C or an error the
-    files already replaced are restored from `originals` (their content before the run,
-    kept in memory), so no backup copies are needed. `hook(step)` runs between steps
-    (tests use it to simulate Ctrl-C)."""
+           hook: Callable[[str], None] | None = None,
+           guard: Interrupts | None = None) -> None:
+    """Write changes into root all or nothing. The journal (fsbuild/journal.py) first
+    records every original; new files are staged inside it, then renamed into place. On
+    a stop signal or an error the journal rolls the tree back; after SIGKILL or a power
+    cut, `journal.recover` does. Once the last rename is done the run is complete: a
+    signal arriving later no longer undoes it. `hook(step)` runs between steps (tests)."""
     root = Path(root)
-    created_dirs: list[Path] = []
-    temps: dict[str, Path] = {}
-    done: list[str] = []
-    guard = _Interrupts()
+    guard = guard or Interrupts()
+    items = sorted(changes.items())
     with guard.deferred():
+        guard.check()
         try:
-            for rel, st in sorted(changes.items()):
-                if st is None:
-                    continue
-                target = root / rel
-                _make_parents(root, target.parent, created_dirs)
-                temps[rel] = _write_temp(target, st)
-                guard.check()
-                if hook:
-                    hook("staged")
-            for rel, st in sorted(changes.items()):
-                if st is None:
-                    os.unlink(root / rel)
-                else:
-                    os.replace(temps.pop(rel), root / rel)
-                done.append(rel)
-                guard.check()
+            jr = journal.begin(root, {rel: st is not None for rel, st in items})
+        except OSError as exc:
+            raise PatchApplyError(f"cannot write the journal in {root}: {exc.filename}: "
+                                  f"{exc.strerror}; the tree is unchanged") from exc
+        current = ""
+        try:
+            for i, (rel, st) in enumerate(items):
+                if st is not None:
+                    current = rel
+                    _write_temp(jr.staged(i), st)
+                    guard.check()
+                    if hook:
+                        hook("staged")
+            for i, (rel, st) in enumerate(items):
+                guard.check()  # before, not after: the last rename completes the run
+                current = rel
+                _replace(root, rel, jr.staged(i) if st is not None else None)
                 if hook:
                     hook("replaced")
+            for rel, st in items:
+                if st is None:
+                    _remove_empty_parents(root, (root / rel).parent)
+            jr.complete()
         except BaseException as exc:
-            _rollback(root, done, originals, temps, created_dirs)
-            if isinstance(exc, KeyboardInterrupt):
-                raise RunInterruptedError("interrupted while writing; the tree was restored "
-                                          "to its state before the run") from None
-            if isinstance(exc, OSError):
-                raise PatchApplyError(f"cannot write {exc.filename}: {exc.strerror}; "
-                                      "the tree was restored") from exc
-            raise
-        for rel, st in changes.items():
-            if st is None:
-                _remove_empty_parents(root, (root / rel).parent)
+            _rollback(root, exc, current)
+        try:
+            jr.remove()
+        except OSError as exc:
+            raise RecoveryError(f"{root} is fully patched, but its journal {jr.dir} could not "
+                                f"be removed ({exc.strerror}); `fsbuild apply --recover "
+                                f"{root}` removes it") from exc
 
 
-def _write_temp(target: Path, st: FileState) -> Path:
-    tmp = target.with_name(f".{target.name}.fsbuild-{os.getpid()}")
+def _replace(root: Path, rel: str, staged: Path | None) -> None:
+    target = root / rel
+    if staged is None:
+        os.unlink(target)
+        return
+    if not target.parent.is_dir():
+        os.makedirs(target.parent)  # journal.begin recorded which ones are new
+    os.replace(staged, target)
+
+
+def _rollback(root: Path, exc: BaseException, current: str) -> None:
+    """Undo through the journal and raise the error the user sees: it names the tree's
+    file (not a staging path) and says "restored" only when the recovery succeeded."""
+    try:
+        done = journal.recover(root)
+    except RecoveryError as failed:
+        raise RecoveryError(f"{_describe(exc, current)}; rolling back also failed: "
+                            f"{failed.message}") from exc
+    if done is not None and done.state == "kept":  # failed after the commit point
+        raise RecoveryError(f"{_describe(exc, current)} after every file was written: "
+                            "the tree is fully patched") from exc
+    if isinstance(exc, KeyboardInterrupt):
+        raise RunInterruptedError("interrupted while writing; the tree was restored "
+                                  "to its state before the run") from None
+    if isinstance(exc, OSError):
+        raise PatchApplyError(f"{_describe(exc, current)}; the tree was restored") from exc
+    raise exc
+
+
+def _describe(exc: BaseException, rel: str) -> str:
+    if isinstance(exc, OSError):
+        return f"cannot write {rel}: {exc.strerror}"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted while writing"
+    return str(exc)
+
+
+def _write_temp(tmp: Path, st: FileState) -> None:
+    """Write one file's new state at tmp (inside the journal)."""
     if st.link:
         os.symlink(st.data, tmp)
-        return tmp
+        return
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(st.data)
         os.fchmod(fh.fileno(), st.mode)
-    return tmp
-
-
-def _make_parents(root: Path, d: Path, created: list[Path]) -> None:
-    missing: list[Path] = []
-    while d != root and not d.is_dir():
-        missing.append(d)
-        d = d.parent
-    for m in reversed(missing):
-        os.mkdir(m)
-        created.append(m)
-
-
-def _rollback(root: Path, done: list[str], originals: dict[str, FileState | None],
-              temps: dict[str, Path], created: list[Path]) -> None:
-    for rel in reversed(done):
-        orig = originals.get(rel)
-        target = root / rel
-        if orig is None:
-            if os.path.lexists(target):
-                os.unlink(target)
-        else:
-            os.replace(_write_temp(target, orig), target)
-    for tmp in temps.values():
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    for d in reversed(created):
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
 
 
 def _remove_empty_parents(root: Path, d: Path) -> None:
@@ -546,17 +572,21 @@ def load_patches(series: Series) -> list[tuple[SeriesEntry, Patch]]:
 
 def apply_series(series: Series, tree_dir: Path, fuzz: int = 0, dry_run: bool = False,
                  progress: Callable[[str], None] | None = None,
-                 hook: Callable[[str], None] | None = None) -> list[PatchReport]:
-    """Apply every patch of the series to tree_dir, all or nothing."""
+                 hook: Callable[[str], None] | None = None,
+                 guard: Interrupts | None = None) -> list[PatchReport]:
+    """Apply every patch of the series to tree_dir, all or nothing. The caller holds the
+    tree's lock and has recovered any earlier interrupted run (commands/apply.py)."""
     tree_dir = Path(tree_dir)
     if not tree_dir.is_dir():
         raise MissingFileError(f"tree {tree_dir} is not a directory")
     tree = Tree(tree_dir)
     reports = []
     for entry, patch in load_patches(series):
+        if guard:
+            guard.check()
         if progress:
             progress(entry.name)
         reports.append(apply_patch(tree, patch, entry.strip, fuzz, entry.reverse))
     if not dry_run:
-        commit(tree_dir, tree.changes(), tree.orig, hook)
+        commit(tree_dir, tree.changes(), hook, guard)
     return reports

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from fsbuild import build, initramfs, lock, paths, progress, qemu, stress
+from fsbuild import build, initramfs, lock, paths, proc, progress, qemu, stress
 from fsbuild.errors import (BuildError, FsbuildError, MissingFileError, SmokeBootError,
                             SmokeCheckError, SmokePanicError, SmokeTimeoutError, ToolMissingError,
                             UnsafePathError)
@@ -145,8 +145,8 @@ def _kernel_inputs(root: Path, rpm: Path | None) -> KernelInputs:
         raise MissingFileError(f"{rpm}: no /lib/modules/{kver} next to /boot/vmlinuz-{kver}")
     if not (mdir / "modules.dep").is_file():
         # el6-style specs leave modules.dep to %post depmod; compute it the same way.
-        subprocess.run([_tool("depmod"), "-b", str(root), kver], check=True, capture_output=True,
-                       timeout=120)
+        proc.run([_tool("depmod"), "-b", str(root), kver], error=BuildError, timeout=120,
+                 timeout_message=f"modules of {rpm}")
     return KernelInputs(kver, kernels[0], mdir, rpm)
 
 
@@ -166,10 +166,8 @@ def guest_helper(build_dir: Path) -> Path:
     out = build_dir / "fsguest"
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         build_dir.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([_tool("musl-gcc"), "-static", "-Os", "-s", "-o", str(out), str(src)],
-                           capture_output=True, timeout=120)
-        if r.returncode != 0:
-            raise BuildError(f"musl-gcc {src.name}: {r.stderr.decode(errors='replace').strip()[-300:]}")
+        proc.run([_tool("musl-gcc"), "-static", "-Os", "-s", "-o", str(out), str(src)],
+                 error=BuildError, timeout=120)
     return out
 
 
@@ -184,8 +182,8 @@ def build_userspace(build_dir: Path) -> tuple[initramfs.Userspace, list[Check]]:
         if not (root / sub / "Makefile").is_file():
             us.missing.append(f"no {sub}/Makefile")
             continue
-        r = subprocess.run(["make", "-s", "-C", str(root / sub), "CC=musl-gcc", f"BUILDDIR={build_dir}"],
-                           capture_output=True, timeout=300)
+        r = proc.run(["make", "-s", "-C", str(root / sub), "CC=musl-gcc", f"BUILDDIR={build_dir}"],
+                     error=BuildError, timeout=300, check=False)
         if r.returncode != 0:
             tail = " | ".join(r.stderr.decode(errors="replace").strip().splitlines()[-2:])
             us.missing.append(f"make -C {sub} failed")

@@ -626,7 +626,10 @@ def _extract_srpm(path: Path, stage: Path) -> tuple[str, dict[str, object]]:
     except (UnsafePathError, UpstreamError):
         raise
     except Exception as exc:  # rpmfile raises bare Exceptions on corrupt headers/payloads
-        raise UpstreamError(f"{path}: unreadable SRPM ({exc})") from exc
+        raw = exc.args[0] if exc.args else None  # e.g. b'8e543c': the magic it did not find
+        why = f"bad magic {raw.hex()}" if isinstance(raw, bytes) else str(exc).strip()
+        raise UpstreamError(f"{path}: not an RPM, or a corrupt one "
+                            f"({why or type(exc).__name__})") from exc
     tarballs = sorted(n for n in wanted if re.match(r"linux-.*\.tar(\.(gz|bz2|xz))?$", n))
     if not tarballs:
         raise UpstreamError(f"{path}: no linux-*.tar.* source inside the SRPM")

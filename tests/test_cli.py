@@ -1,16 +1,21 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
 from fsbuild.cli import cli
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def run_fsbuild(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fsbuild", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "fsbuild", *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_help_lists_commands() -> None:
@@ -28,14 +33,112 @@ def test_targets_json_has_both_targets_and_el6_default() -> None:
     assert "linux-6.1" in data
 
 
-def test_error_is_one_line_with_distinct_exit_code(monkeypatch) -> None:
-    monkeypatch.setenv("FSBUILD_TARGET", "no-such-target")
-    proc = subprocess.run([sys.executable, "-c",
-                           "from fsbuild.cli import main; from fsbuild import target; "
-                           "import click; target.load()"], capture_output=True, text=True)
-    assert proc.returncode == 1  # raw exception outside the CLI: not caught there
-    from fsbuild.errors import TargetError
-    assert TargetError.exit_code == 13
+# ---------------------------------------------------------------- hostile inputs
+
+
+def hostile_inputs(d: Path) -> list[tuple[str, list[str], dict[str, str], int]]:
+    """(case, argv, extra env, expected exit code): every one must fail with one line."""
+    from fsbuild import errors as E
+
+    tree = d / "tree"
+    (tree / "src").mkdir(parents=True)
+    (tree / "src/a.c").write_bytes(b"one\ntwo\n")
+    (d / "bad.tar.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"not gzip data" * 8)
+    (d / "fake.src.rpm").write_bytes(b"\xed\xab\xee\xdb\x03\x00\x00\x01" + bytes(300))
+    rpms = d / "rpms"
+    rpms.mkdir()
+    (rpms / "kernel-9.9-1.x86_64.rpm").write_bytes(b"\xed\xab\xee\xdb" + bytes(200))
+    series = {
+        "garbage": ("1.patch\n", b"--- a/src/a.c\n+++ b/src/a.c\n@@ -1,2 +1,2 @@\n-one\n"),
+        "badopt": ("1.patch -x\n", b""),
+        "escape": ("../../etc/passwd\n", b""),
+        "nofile": ("missing.patch\n", b""),
+        "fails": ("1.patch\n", b"--- a/src/a.c\n+++ b/src/a.c\n@@ -1 +1 @@\n-zzz\n+y\n"),
+        "binary": ("1.patch\n", b"diff --git a/x b/x\nGIT binary patch\nliteral 1\n"),
+    }
+    for name, (text, body) in series.items():
+        (d / name).mkdir()
+        (d / name / "series").write_text(text)
+        (d / name / "1.patch").write_bytes(body)
+    (d / "notutf8").mkdir()
+    (d / "notutf8" / "series").write_bytes(b"\xff\xfe.patch\n")
+    broken = d / "broken-tree"
+    (broken / ".fsbuild-journal").mkdir(parents=True)
+    (broken / ".fsbuild-journal" / "manifest.json").write_text("{trunc")
+    empty_path = d / "nobin"
+    empty_path.mkdir()
+    s = lambda name: ["apply", "--series", str(d / name / "series"), str(tree)]  # noqa: E731
+    return [
+        ("corrupt gzip", ["upstream", "import", str(d / "bad.tar.gz")], {}, E.UpstreamError.exit_code),
+        ("fake rpm", ["upstream", "import", str(d / "fake.src.rpm")], {}, E.UpstreamError.exit_code),
+        ("fake kernel rpm", ["smoke", "--target", "linux-6.1", "--rpms", str(rpms)], {},
+         E.MissingFileError.exit_code),
+        ("garbage patch", s("garbage"), {}, E.PatchFormatError.exit_code),
+        ("bad series option", s("badopt"), {}, E.PatchFormatError.exit_code),
+        ("series escapes", s("escape"), {}, E.UnsafePathError.exit_code),
+        ("missing patch", s("nofile"), {}, E.MissingFileError.exit_code),
+        ("undecodable patch name", s("notutf8"), {}, E.MissingFileError.exit_code),
+        ("hunk fails", s("fails"), {}, E.PatchApplyError.exit_code),
+        ("binary diff", s("binary"), {}, E.PatchFormatError.exit_code),
+        ("missing series", ["apply", "--series", str(d / "none" / "series"), str(tree)], {},
+         E.MissingFileError.exit_code),
+        ("missing tree", ["apply", "--series", str(d / "fails" / "series"), str(d / "none")], {},
+         E.MissingFileError.exit_code),
+        ("corrupt journal", ["apply", "--recover", str(broken)], {}, E.RecoveryError.exit_code),
+        ("unknown target", ["upstream", "import", str(d / "bad.tar.gz")],
+         {"FSBUILD_TARGET": "no-such-target"}, E.TargetError.exit_code),
+        ("no tools", ["doctor"], {"PATH": str(empty_path)}, E.ToolMissingError.exit_code),
+        ("bad flag", ["apply", "--bogus", str(tree)], {}, 2),
+        ("bad fuzz", ["apply", "--fuzz", "99", "--series", str(d / "fails" / "series"), str(tree)],
+         {}, 2),
+        ("no series", ["apply", str(tree)], {}, 2),
+        ("unknown command", ["frobnicate"], {}, 2),
+    ]
+
+
+def test_hostile_inputs_fail_with_one_line_and_class_code(tmp_path: Path) -> None:
+    failures = []
+    for case, argv, env, code in hostile_inputs(tmp_path):
+        proc = subprocess.run([sys.executable, "-m", "fsbuild", *argv], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+        lines = proc.stderr.splitlines()
+        ok = (proc.returncode == code and "Traceback" not in proc.stderr and len(lines) == 1
+              and lines[0].startswith("fsbuild: error: "))
+        if not ok:
+            failures.append(f"{case}: rc {proc.returncode} (want {code}): {proc.stderr!r}")
+    assert not failures, "\n".join(failures)
+
+
+def test_unexpected_exception_is_one_line_and_debug_shows_traceback(tmp_path: Path) -> None:
+    """A bug (any non-fsbuild exception) still reaches the user as one line, exit 1, and
+    --debug adds the traceback for a bug report without changing the exit code."""
+    code = ("import sys, fsbuild.commands.targets as t\n"
+            "def boom(*a, **k): raise ValueError('bad\\nvalue')\n"
+            "t.cmd.callback = boom\n"
+            "from fsbuild.cli import main\n"
+            "sys.argv = ['fsbuild', *sys.argv[1:], 'targets']\n"
+            "main()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert plain.returncode == 1
+    assert plain.stderr.splitlines() == [
+        "fsbuild: error: internal error ValueError: bad; value (rerun with `fsbuild --debug "
+        "...` for the traceback and report it)"]
+    debug = subprocess.run([sys.executable, "-c", code, "--debug"], capture_output=True,
+                           text=True, env=env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[0]
+
+
+def test_doctor_reports_then_fails_with_tool_missing(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fsbuild", "doctor", "--json"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "PATH": str(tmp_path)})
+    from fsbuild.errors import ToolMissingError
+    assert proc.returncode == ToolMissingError.exit_code
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False and report["install"].startswith("apt-get install")
+    assert proc.stderr.startswith("fsbuild: error: missing ") and proc.stderr.count("\n") == 1
 
 
 def test_distinct_exit_codes() -> None:

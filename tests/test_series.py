@@ -350,3 +350,64 @@ def test_real_sigint_during_write_restores_tree(tmp_path: Path) -> None:
         apply_series(parse_series(series), tree, hook=hook)
     assert snapshot(tree) == before
     assert not list(tree.rglob(".*.fsbuild-*"))  # no temp files left behind
+
+
+# ---------------------------------------------------------------- commit errors and late signals
+
+
+def test_failed_write_names_file_leaves_no_temp(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t")
+    (tree / "src/dir").mkdir()
+    (tree / "src/dir/keep.c").write_bytes(b"kept\n")
+    before = snapshot(tree)
+    over_dir = b"--- /dev/null\n+++ b/src/dir\n@@ -0,0 +1 @@\n+file over a directory\n"
+    series = make_series(tmp_path / "p", {"1.patch": P1, "2.patch": P2, "3.patch": over_dir})
+    with pytest.raises(PatchApplyError) as err:
+        apply_series(parse_series(series), tree)
+    assert err.value.message == "cannot write src/dir: Is a directory; the tree was restored"
+    assert snapshot(tree) == before  # no temp file, no journal, originals back
+
+
+def test_failed_rollback_is_not_called_restored(tmp_path: Path, monkeypatch) -> None:
+    from fsbuild import journal
+    from fsbuild.errors import RecoveryError
+
+    tree = make_tree(tmp_path / "t")
+    (tree / "src/dir").mkdir()
+    over_dir = b"--- /dev/null\n+++ b/src/dir\n@@ -0,0 +1 @@\n+x\n"
+    series = make_series(tmp_path / "p", {"1.patch": P1, "2.patch": over_dir})
+
+    def broken(root: Path) -> int:
+        raise RecoveryError("cannot recover: disk gone")
+
+    monkeypatch.setattr(journal, "recover", broken)
+    with pytest.raises(RecoveryError) as err:
+        apply_series(parse_series(series), tree)
+    assert "restored" not in err.value.message
+    assert err.value.message.startswith("cannot write src/dir: Is a directory; rolling back")
+
+
+def test_signal_after_tree_written_keeps_rc_0(tmp_path: Path, monkeypatch) -> None:
+    """A SIGINT once every file is written (here: while the summary prints) must not
+    turn the finished run into rc 130."""
+    from fsbuild import cli, progress
+
+    tree = make_tree(tmp_path / "t")
+    series = make_series(tmp_path / "p", {"1.patch": P1, "2.patch": P2})
+    printed: list[str] = []
+
+    def info(message: str) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        printed.append(message)
+
+    monkeypatch.setattr(progress, "info", info)
+    monkeypatch.setattr(sys, "argv", ["fsbuild", "apply", "--series", str(series), str(tree)])
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(SystemExit) as rc:
+            cli.main()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert rc.value.code == 0 and printed and printed[0].startswith("applied 2 patches")
+    assert (tree / "src/new.h").is_file() and not (tree / ".fsbuild-journal").exists()

@@ -5,11 +5,12 @@ import json
 import click
 
 from fsbuild import doctor
+from fsbuild.errors import ToolMissingError
 
 
 @click.command("doctor")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def cmd(as_json: bool) -> int:
+def cmd(as_json: bool) -> None:
     """Check the host for every tool fsbuild commands need; print the install command."""
     findings = doctor.run_checks()
     missing = [f.tool for f in findings if not f.ok and not f.tool.optional]
@@ -25,8 +26,9 @@ def cmd(as_json: bool) -> int:
         for f in findings:
             mark = "ok  " if f.ok else ("opt " if f.tool.optional else "MISS")
             click.echo(f"{mark} {f.tool.name:20} {f.detail}  (for {', '.join(f.tool.needed_by)})")
-        if missing:
-            click.echo("\ninstall: " + doctor.install_command(missing))
-        else:
+        if not missing:
             click.echo("\nall required tools present")
-    return 0 if not missing else 9
+    if missing:
+        # The report above is the detail; the failure itself is one line and its class's code.
+        raise ToolMissingError(f"missing {', '.join(t.name for t in missing)}; install: "
+                               f"{doctor.install_command(missing)}")
