@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import signal
 import sys
 import traceback
 
@@ -62,7 +63,21 @@ def one_line(message: str) -> str:
     return out
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_signals_interrupt() -> None:
+    """SIGTERM and SIGHUP stop a run the way Ctrl-C does: builds kill their process group
+    and remove their tmpfs, applies roll back. (By default they killed Python outright,
+    leaving rpmbuild running orphaned.) A signal the caller set to ignore stays ignored."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, _stop)
+
+
 def main() -> None:
+    _stop_signals_interrupt()
     try:
         rv = cli.main(standalone_mode=False)
     except SystemExit:

@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from fsbuild.cli import cli
@@ -148,3 +150,63 @@ def test_distinct_exit_codes() -> None:
     codes = [c.exit_code for c in classes]
     assert len(codes) == len(set(codes)), "two failure classes share an exit code"
     assert 1 not in codes and 2 not in codes  # 1: bugs, 2: click usage errors
+
+
+NAPPER = """
+import sys, click
+from fsbuild import cli, proc
+@click.command()
+def nap() -> None:
+    print("napping", flush=True)
+    proc.run(["sleep", "60"])
+cli.LazyGroup.get_command = lambda self, ctx, name: nap if name == "nap" else None
+sys.argv = ["fsbuild", "nap"]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_stop_signal_ends_the_run_and_its_children(sig: signal.Signals) -> None:
+    """SIGTERM/SIGHUP act as Ctrl-C: one line, exit 130, and the command's child is gone
+    (before, Python died at once and left e.g. rpmbuild running orphaned)."""
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", NAPPER], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.stdout is not None and p.stdout.readline().strip() == "napping"
+    deadline = time.monotonic() + 10
+    # signal once the child runs `sleep` (exec'd: proc.run is waiting on it)
+    while not _sleeping_child(p.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    kids = _children(p.pid)
+    assert kids, "the command's child never started"
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 130, err
+    assert err.strip() == "fsbuild: interrupted"
+    alive = [k for k in kids if Path(f"/proc/{k}").exists() and _state(k) != "Z"]
+    assert not alive, f"the child outlived fsbuild: {[(k, _state(k)) for k in alive]}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def _sleeping_child(pid: int) -> bool:
+    for k in _children(pid):
+        try:
+            if Path(f"/proc/{k}/comm").read_text().strip() == "sleep":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
