@@ -176,14 +176,20 @@ int main(int argc, char **argv) {
 """
 
 
+def compile_c(factory: pytest.TempPathFactory, name: str, source: str, *flags: str) -> Path:
+    """A host C test program (or, with -shared, a preload) built from `source`."""
+    require_tool("cc")
+    d = factory.mktemp(name)
+    (d / f"{name}.c").write_text(source)
+    out = d / name
+    subprocess.run(["cc", "-O2", "-pthread", *flags, "-o", str(out), str(d / f"{name}.c")],
+                   check=True, capture_output=True, timeout=120)
+    return out
+
+
 @pytest.fixture(scope="module")
 def tsrv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require_tool("cc")
-    d = tmp_path_factory.mktemp("tsrv")
-    (d / "tsrv.c").write_text(TSRV)
-    subprocess.run(["cc", "-O2", "-pthread", "-o", str(d / "tsrv"), str(d / "tsrv.c")],
-                   check=True, capture_output=True, timeout=120)
-    return d / "tsrv"
+    return compile_c(tmp_path_factory, "tsrv", TSRV)
 
 
 @pytest.mark.parametrize("mode", ["threads", "fork"])
@@ -635,12 +641,7 @@ int main(int argc, char **argv)
 
 @pytest.fixture(scope="module")
 def sigprobe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require_tool("cc")
-    d = tmp_path_factory.mktemp("sigprobe")
-    (d / "sigprobe.c").write_text(SIGPROBE)
-    subprocess.run(["cc", "-O2", "-pthread", "-o", str(d / "sigprobe"), str(d / "sigprobe.c")],
-                   check=True, capture_output=True, timeout=120)
-    return d / "sigprobe"
+    return compile_c(tmp_path_factory, "sigprobe", SIGPROBE)
 
 
 FAKE_MODULE = r"""
@@ -733,12 +734,8 @@ int ioctl(int fd, unsigned long req, ...)
 @pytest.fixture(scope="module")
 def fakemod(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The module's ioctls answered in user space, so module mode runs on the host."""
-    require_tool("cc")
-    d = tmp_path_factory.mktemp("fakemod")
-    (d / "fakemod.c").write_text(FAKE_MODULE)
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", f"-I{ROOT / 'module'}", "-o", str(d / "fakemod.so"),
-                    str(d / "fakemod.c")], check=True, capture_output=True, timeout=120)
-    return d / "fakemod.so"
+    return compile_c(tmp_path_factory, "fakemod.so", FAKE_MODULE, "-shared", "-fPIC",
+                     f"-I{ROOT / 'module'}")
 
 
 def mode_env(mode: str, userspace: Userspace, fakemod: Path) -> dict[str, str]:
