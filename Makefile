@@ -4,13 +4,17 @@ CONFIG ?= mini
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps test bench fuzz demo stress static userspace clean
+.PHONY: deps test soak bench fuzz demo stress static userspace clean
 
 deps:
 	bash ci/deps.sh
 
 test: deps
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m "not soak" $(PYTEST_ARGS)
+
+# Many-trial proofs (e.g. 50 random SIGKILL/SIGTERM trials of apply + recovery).
+soak: deps
+	$(PYTHON) -m pytest -m soak $(PYTEST_ARGS)
 
 bench: deps
 	$(PYTHON) ci/bench.py

@@ -379,7 +379,7 @@ def test_random_kills_quick(scratch: Path) -> None:
     assert stats["mid_write"] >= 3, stats  # most signals must land while writing
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_random_kills_2000_patches_10000_files(scratch: Path) -> None:
     stats = kill_trials(scratch, n_patches=2000, n_files=10000, trials=50, seed=2026)
     print(stats)
