@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsbuild import paths, progress, proc, spec
+from fsbuild import lock, paths, progress, proc, spec
 from fsbuild.errors import (BuildError, FsbuildError, MissingFileError, PatchApplyError,
                             RunInterruptedError, TargetError)
 from fsbuild.target import Target
@@ -695,6 +695,14 @@ def cached_result(plan: Plan) -> Result | None:
 
 
 def build(req: Request, upstream: object | None = None) -> Result:
+    """Build under the out dir's lock: a second `fsbuild rpm` of the same target and
+    profile waits, then finds the first one's result (no two rpmbuilds writing one out dir)."""
+    lay = out_layout(req.target.name, req.config)
+    with lock.hold(lay["out"] / ".lock", f"{lay['out']}", wait=True):
+        return _build(req, upstream)
+
+
+def _build(req: Request, upstream: object | None = None) -> Result:
     start = time.monotonic()
     if req.builder == "mock":
         proc.which("mock")  # fail fast (exit 9) before resolving sources

@@ -500,3 +500,28 @@ def test_failure_messages_name_the_cause(tmp_path: Path) -> None:
     err = build._failure(["rpmbuild", "--rebuild"], 1, log)
     assert isinstance(err, BuildError)
     assert "CONFIG_FASTSOCKET=m" in err.message and "dropped" in err.message
+
+
+def test_build_holds_the_out_dir_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `fsbuild rpm` of one target and profile never run rpmbuild into the same out dir
+    at once (seen: a test fixture and a second run both building linux-6.1): the build
+    runs under the out dir's flock, so a second one waits for it."""
+    import fcntl
+
+    seen: list[bool] = []
+
+    def probe(req: build.Request, upstream: object | None = None) -> build.Result:
+        lockfile = build.out_layout(req.target.name, req.config)["out"] / ".lock"
+        fd = os.open(lockfile, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append(False)
+        except BlockingIOError:
+            seen.append(True)
+        finally:
+            os.close(fd)
+        return None  # type: ignore[return-value]
+
+    monkeypatch.setattr(build, "_build", probe)
+    build.build(_req())
+    assert seen == [True]
