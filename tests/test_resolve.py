@@ -149,7 +149,7 @@ def test_plain_mode_word_merge_blocked_by_likely_upstream(tmp_path: Path) -> Non
     old_tb = make_tarball(tmp_path / "linux-1.0.0.tar.gz", "linux-1.0.0", old)
     new_tb = make_tarball(tmp_path / "linux-1.0.1.tar.gz", "linux-1.0.1", new)
     out, report = tmp_path / "out", tmp_path / "report.json"
-    cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb),
+    cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb), "--upstream-version", "1.0.1-1",
                  "--out", str(out), "--json", str(report))
     assert cp.returncode == 7, cp.stderr
     pats = {p["name"]: p for p in json.loads(report.read_text())["patches"]}
@@ -189,7 +189,7 @@ def test_plain_mode_blocked_patch_carries_once_blocker_resolves(tmp_path: Path) 
     old_tb = make_tarball(tmp_path / "linux-1.0.0.tar.gz", "linux-1.0.0", old)
     new_tb = make_tarball(tmp_path / "linux-1.0.1.tar.gz", "linux-1.0.1", new)
     out, report = tmp_path / "out", tmp_path / "report.json"
-    cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb),
+    cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb), "--upstream-version", "1.0.1-1",
                  "--out", str(out), "--json", str(report))
     assert cp.returncode == 0, cp.stderr
     pats = [(p["name"], p["outcome"], p.get("resolved_by", "")) for p in json.loads(report.read_text())["patches"]]
@@ -236,7 +236,7 @@ def test_git_ref_upstream_names_the_commits_that_touched_the_lines(tmp_path: Pat
     series = series_case(tmp_path, old, [shift, PATCHES[1]])
     out, report = tmp_path / "out", tmp_path / "report.json"
     cp = fsbuild("rebase", "--series", str(series), "--from", f"{repo}@{shas['old']}",
-                 "--onto", f"{repo}@{shas['Makefile']}", "--out", str(out), "--json", str(report))
+                 "--onto", f"{repo}@{shas['Makefile']}", "--upstream-version", "1.0.1-1", "--out", str(out), "--json", str(report))
     assert cp.returncode == 7, cp.stderr
     shifted, pat = json.loads(report.read_text())["patches"]
     assert shifted["outcome"] == "clean" and pat["explain"][0]["line"] == 33
@@ -379,7 +379,7 @@ def test_plain_mode_markdown_never_overwrites_the_json(tmp_path: Path) -> None:
     old_tb = make_tarball(tmp_path / "linux-1.0.0.tar.gz", "linux-1.0.0", old)
     new_tb = make_tarball(tmp_path / "linux-1.0.1.tar.gz", "linux-1.0.1", new_files(old))
     report = tmp_path / "report.md"   # an odd name for the JSON report
-    cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb),
+    cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb), "--upstream-version", "1.0.1-1",
                  "--out", str(tmp_path / "out"), "--json", str(report))
     assert cp.returncode == 0, cp.stderr
     assert json.loads(report.read_text())["patches"][0]["resolved_by"] == RS.backend()
