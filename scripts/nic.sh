@@ -187,10 +187,11 @@ IRQS=$(list_irqs)
 NIRQ=$(printf '%s\n' "$IRQS" | grep -c .)
 echo "nic.sh: $IFACE: driver $DRIVER, $NRX rx / $NTX tx queues, $NCPU online CPUs ($CPUS), $NIRQ queue IRQs"
 
-# irqbalance would rewrite the affinity we set.
+# irqbalance would rewrite the affinity we set.  `read`, not `$(cat)`: one fork per
+# process costs seconds on a busy host (and under emulation).
 IRQBAL=
 for d in "$PROC"/[0-9]*; do
-	[ -r "$d/comm" ] && [ "$(cat "$d/comm" 2>/dev/null)" = irqbalance ] && IRQBAL="$IRQBAL ${d##*/}"
+	[ -r "$d/comm" ] && read -r comm 2>/dev/null <"$d/comm" && [ "$comm" = irqbalance ] && IRQBAL="$IRQBAL ${d##*/}"
 done
 if [ -n "$IRQBAL" ]; then
 	echo "irqbalance: running (pid$IRQBAL), stopping it"

@@ -248,3 +248,23 @@ def test_kernel_without_xps_is_not_a_failure(tmp_path: Path, shell: list[str]) -
     assert "xps: skipped (this kernel has no xps_cpus)" in res.stdout
     masks = {read(tmp_path, f"proc/irq/{irqs[f'eth0-TxRx-{q}']}/smp_affinity") for q in range(4)}
     assert masks == {"1", "2", "4", "8"}
+
+
+def test_irqbalance_scan_forks_no_process_per_pid(tmp_path: Path) -> None:
+    """The /proc scan for irqbalance reads each comm with a builtin: one `cat` per process
+    cost ~6 s of the smoke verdict under TCG (~70 pids), and scales with a busy host."""
+    build_tree(tmp_path / "t", Nic(queues=4, cpus=2, irqbalance_pid=4242))
+    for pid in range(100, 140):
+        (tmp_path / f"t/proc/{pid}").mkdir()
+        (tmp_path / f"t/proc/{pid}/comm").write_text(f"worker{pid}\n")
+    bindir, log = tmp_path / "bin", tmp_path / "cat.log"
+    bindir.mkdir()
+    real_cat = shutil.which("cat")
+    (bindir / "cat").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexec {real_cat} "$@"\n')
+    (bindir / "cat").chmod(0o755)
+    # dash only: busybox ash may run its own cat applet without a PATH lookup.
+    r = run_nic(tmp_path / "t", "-i", "eth0", env={"PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert r.returncode == 0, r.stderr
+    assert "irqbalance: running (pid 4242)" in r.stdout
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert not [c for c in calls if c.endswith("/comm")], calls
