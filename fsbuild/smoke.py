@@ -53,6 +53,7 @@ class KernelInputs:
     vmlinuz: Path
     modules_dir: Path
     rpm: Path | None
+    config: Path | None = None      # /boot/config-<kver>: HZ for the preset lpj=
 
 
 @dataclass
@@ -86,7 +87,7 @@ def find_kernel_rpm(rpm_dir: Path) -> Path:
 
 
 def _wanted(name: str) -> bool:
-    return name.startswith("boot/vmlinuz-") or name.startswith("lib/modules/")
+    return name.startswith(("boot/vmlinuz-", "boot/config-", "lib/modules/"))
 
 
 def stage_rpm(rpm: Path, root: Path) -> KernelInputs:
@@ -147,7 +148,25 @@ def _kernel_inputs(root: Path, rpm: Path | None) -> KernelInputs:
         # el6-style specs leave modules.dep to %post depmod; compute it the same way.
         proc.run([_tool("depmod"), "-b", str(root), kver], error=BuildError, timeout=120,
                  timeout_message=f"modules of {rpm}")
-    return KernelInputs(kver, kernels[0], mdir, rpm)
+    config = root / "boot" / f"config-{kver}"
+    return KernelInputs(kver, kernels[0], mdir, rpm, config if config.is_file() else None)
+
+
+def preset_lpj(kernel_config: Path | None, cpuinfo: Path = Path("/proc/cpuinfo")) -> int | None:
+    """loops_per_jiffy for the guest's `lpj=`: what its boot CPU derives from the TSC anyway
+    (TCG reads the host's TSC, KVM passes it through), i.e. host MHz * 1e6 / the kernel's HZ.
+    Preset, no vCPU runs the delay-loop calibration: under TCG every secondary CPU of a
+    qemu64 model (no constant_tsc) fails the quick one and spends ~0.2 s in the slow one.
+    None (calibrate as before) when the config has no CONFIG_HZ or the host shows no MHz."""
+    try:
+        hz_m = re.search(r"^CONFIG_HZ=(\d+)$", kernel_config.read_text(), re.M) if kernel_config else None
+        mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([0-9.]+)$", cpuinfo.read_text(), re.M)]
+    except (OSError, ValueError):
+        return None
+    if not hz_m or not mhz or int(hz_m.group(1)) <= 0:
+        return None
+    # The highest core clock: TSCs tick at the nominal rate while idle cores may be clocked down.
+    return round(max(mhz) * 1e6 / int(hz_m.group(1)))
 
 
 def _tool(name: str) -> str:
@@ -382,11 +401,15 @@ def boot(kin: KernelInputs, out: Path, opts: BootOptions,
             busybox=Path(_tool("busybox")), helpers=helpers, userspace=us,
             musl_loader=musl_loader(), config=guest_config(us, net, opts.requests)
             | (stress.guest_config() if opts.suite == "stress" else {}))
-        image = initramfs.build(spec, work / "initramfs.gz")
+        # Uncompressed: the kernel copies it instead of inflating it (~1 s under TCG).
+        image = initramfs.build(spec, work / "initramfs.cpio")
         clock.lap("initramfs")
+        lpj = preset_lpj(kin.config)
+        # The caller's own lpj= (if any) comes later on the command line and wins.
+        append = " ".join(a for a in (f"lpj={lpj}" if lpj else "", opts.append) if a)
         cfg = qemu.VmConfig(kernel=kin.vmlinuz, initrd=image.path, workdir=work,
                             serial_log=out / "smoke-serial.log", checks_log=out / "smoke-checks.log",
-                            accel=accel, net=net, append=opts.append)
+                            accel=accel, net=net, append=append)
         watcher = _Watcher(cfg, status)
         vm = qemu.run(cfg, opts.timeout, watcher.poll, status)
         clock.split_vm(watcher, vm)
