@@ -192,3 +192,35 @@ def test_build_without_fastsocket_or_modules_dep(tmp_path: Path) -> None:
     (mdir / "modules.dep").unlink()
     with pytest.raises(MissingFileError, match="modules.dep"):
         initramfs.build(spec, tmp_path / "j.gz")
+
+
+def test_plain_cpio_image_is_reused_until_an_input_changes(tmp_path: Path) -> None:
+    """A .cpio image is an uncompressed newc (no inflate at boot), and a second build from
+    the same inputs reuses it: only a content change (init, module, config) rebuilds."""
+    require_tool("busybox")
+    mdir = _modules_tree(tmp_path / "root")
+    init = tmp_path / "init"
+    init.write_text("#!/bin/sh\necho one\n")
+    spec = initramfs.GuestSpec(kver="6.1.0-test", modules_dir=mdir, init=init,
+                               busybox=Path(shutil.which("busybox") or ""), config={"A": "1"})
+    out = tmp_path / "out" / "initramfs.cpio"
+    first = initramfs.build(spec, out)
+    entries = {n: d for n, _m, d in initramfs.read_newc(out.read_bytes())}   # not gzip'd
+    assert entries["init"] == b"#!/bin/sh\necho one\n" and first.entries == len(entries)
+    stamp = out.stat().st_mtime_ns
+    again = initramfs.build(spec, out)
+    assert out.stat().st_mtime_ns == stamp                                  # reused as is
+    assert (again.modules, again.fastsocket, again.entries) == (first.modules, first.fastsocket, first.entries)
+    changes = [lambda: init.write_text("#!/bin/sh\necho two\n"),
+               lambda: (mdir / "kernel/net/fastsocket/fastsocket.ko.xz").write_bytes(lzma.compress(b"v2")),
+               lambda: spec.config.update(A="2")]
+    for change in changes:
+        change()
+        initramfs.build(spec, out)
+        assert out.stat().st_mtime_ns != stamp
+        stamp = out.stat().st_mtime_ns
+    assert b"echo two" in out.read_bytes() and b"A=2" in out.read_bytes()
+    out.write_bytes(b"damaged")                       # the key alone never vouches for other bytes
+    (out.with_name(out.name + ".key")).write_text("{}")
+    initramfs.build(spec, out)
+    assert initramfs.read_newc(out.read_bytes())

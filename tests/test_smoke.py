@@ -173,6 +173,7 @@ def test_stage_rpm_takes_only_kernel_and_modules(tmp_path: Path) -> None:
     assert (kin.modules_dir / "modules.dep").is_file()          # computed with depmod -b
     assert not (tmp_path / "root" / "etc").exists()
     assert not (kin.modules_dir / "build").exists()              # absolute symlink never followed
+    assert kin.config is not None and kin.config.read_text() == "CONFIG_X=y"   # HZ for lpj=
 
 
 def test_stage_rpm_without_kernel_image(tmp_path: Path) -> None:
@@ -300,3 +301,46 @@ def test_guest_programs_are_built_once_for_every_out_dir(tmp_path: Path, monkeyp
     again, us2, _ = smoke.guest_programs(True)
     assert again == helpers and us2.server == us.server
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps   # nothing rebuilt
+
+
+def test_preset_lpj_from_the_kernel_hz_and_the_host_clock(tmp_path: Path) -> None:
+    """lpj= skips the delay-loop calibration of every vCPU (~0.2 s per secondary CPU under
+    TCG): the value the kernel derives from the TSC, host MHz * 1e6 / CONFIG_HZ."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu MHz\t\t: 1200.000\nprocessor\t: 1\ncpu MHz\t\t: 2445.406\n")
+    config = tmp_path / "config"
+    config.write_text("CONFIG_HZ_250=y\nCONFIG_HZ=250\n")
+    assert smoke.preset_lpj(config, cpuinfo) == 9781624          # what 6.1 printed: lpj=9780912 at 2445.228
+    config.write_text("CONFIG_HZ=1000\n")
+    assert smoke.preset_lpj(config, cpuinfo) == 2445406          # el6
+    assert smoke.preset_lpj(None, cpuinfo) is None
+    config.write_text("# CONFIG_HZ is not set\n")
+    assert smoke.preset_lpj(config, cpuinfo) is None
+    cpuinfo.write_text("processor\t: 0\n")                       # no clock shown: calibrate as before
+    assert smoke.preset_lpj(config, cpuinfo) is None
+
+
+def test_fsguest_reap_terms_then_kills_what_ignores_it(tmp_path: Path) -> None:
+    """kill_named in the guest init: one process polls /proc every 5 ms (the shell version
+    ran a /proc scan and a `sleep` per poll: ~2 s of the verdict); SIGKILL after 0.5 s."""
+    require_tool("musl-gcc")
+    helper = smoke.guest_helper(tmp_path / "build")
+    name = f"fsreap{os.getpid() % 100000}"          # a name no other process on the host has
+    prog = tmp_path / name
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", prog)
+    polite = subprocess.Popen([str(prog), "30"])
+    # SIG_IGN survives exec: this one ignores SIGTERM and needs the SIGKILL.
+    stubborn = subprocess.Popen(["sh", "-c", f"trap '' TERM; exec {prog} 30"])
+    time.sleep(0.2)
+    try:
+        start = time.monotonic()
+        r = subprocess.run([str(helper), "reap", name], capture_output=True, timeout=10)
+        took = time.monotonic() - start
+        assert r.returncode == 1 and r.stdout == b"", r
+        assert polite.wait(timeout=5) == -15 and stubborn.wait(timeout=5) == -9
+        assert 0.4 <= took < 5, took                  # waited for the TERM, then killed
+        assert subprocess.run([str(helper), "reap", name], timeout=10).returncode == 0   # none left
+    finally:
+        for p in (polite, stubborn):
+            p.kill()
+            p.wait()
