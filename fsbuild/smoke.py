@@ -5,6 +5,7 @@ verdict: out/<target>/smoke.json + smoke-junit.xml, and a distinct error per fai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -90,9 +91,18 @@ def _wanted(name: str) -> bool:
     return name.startswith(("boot/vmlinuz-", "boot/config-", "lib/modules/"))
 
 
+# In a staging root: the sha256 of the RPM it was extracted from, written last.
+STAGE_STAMP = ".fsbuild-staged-from"
+
+
 def stage_rpm(rpm: Path, root: Path) -> KernelInputs:
-    """Extract /boot/vmlinuz-* and /lib/modules/** of the kernel RPM into `root` (fresh).
-    Paths are checked (no `..`, no absolute symlink escapes); nothing else is written."""
+    """Extract /boot/vmlinuz-*, /boot/config-* and /lib/modules/** of the kernel RPM into
+    `root` (fresh). Paths are checked (no `..`, no absolute symlink escapes); nothing else is
+    written. A root already staged from the same RPM bytes is reused (el6 also runs depmod)."""
+    digest = _sha256(rpm)
+    stamp = root / STAGE_STAMP
+    if stamp.is_file() and stamp.read_text().strip() == digest:
+        return _kernel_inputs(root, rpm)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     proc = subprocess.Popen([_tool("rpm2cpio"), str(rpm)], stdout=subprocess.PIPE,
@@ -111,7 +121,20 @@ def stage_rpm(rpm: Path, root: Path) -> KernelInputs:
         rc = proc.wait()
     if rc != 0:
         raise MissingFileError(f"rpm2cpio {rpm} failed (exit {rc}): {err}")
-    return _kernel_inputs(root, rpm)
+    kin = _kernel_inputs(root, rpm)
+    stamp.write_text(digest + "\n")
+    return kin
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise MissingFileError(f"cannot read {path}: {exc.strerror}") from exc
+    return h.hexdigest()
 
 
 def _extract_one(root: Path, rel: str, mode: int, data: bytes) -> None:

@@ -344,3 +344,20 @@ def test_fsguest_reap_terms_then_kills_what_ignores_it(tmp_path: Path) -> None:
         for p in (polite, stubborn):
             p.kill()
             p.wait()
+
+
+def test_stage_rpm_reuses_a_root_staged_from_the_same_rpm(tmp_path: Path) -> None:
+    """Every verdict staged the RPM afresh (rpm2cpio, and depmod for el6): same bytes, same
+    root; other bytes under the same name are staged again."""
+    require_tool("rpm2cpio", "depmod")
+    files = {"boot/vmlinuz-9.9.9-test": "KERNEL", "lib/modules/9.9.9-test/kernel/x.ko": "x"}
+    rpm = _build_rpm(tmp_path / "a", "kernel", files)
+    root = tmp_path / "root"
+    first = smoke.stage_rpm(rpm, root)
+    marker = root / "lib/modules/9.9.9-test/kept"
+    marker.write_text("a file a fresh extraction would remove")
+    again = smoke.stage_rpm(rpm, root)
+    assert again == first and marker.is_file()
+    other = _build_rpm(tmp_path / "b", "kernel", {**files, "boot/vmlinuz-9.9.9-test": "KERNEL v2"})
+    shutil.copy(other, rpm)
+    assert smoke.stage_rpm(rpm, root).vmlinuz.read_text() == "KERNEL v2" and not marker.exists()
