@@ -182,8 +182,8 @@ def preset_lpj(kernel_config: Path | None, cpuinfo: Path = Path("/proc/cpuinfo")
     qemu64 model (no constant_tsc) fails the quick one and spends ~0.2 s in the slow one.
     None (calibrate as before) when the config has no CONFIG_HZ or the host shows no MHz."""
     try:
-        hz_m = re.search(r"^CONFIG_HZ=(\d+)$", kernel_config.read_text(), re.M) if kernel_config else None
-        mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([0-9.]+)$", cpuinfo.read_text(), re.M)]
+        hz_m = re.search(r"^CONFIG_HZ=(\d+)$", kernel_config.read_text(), re.MULTILINE) if kernel_config else None
+        mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([0-9.]+)$", cpuinfo.read_text(), re.MULTILINE)]
     except (OSError, ValueError):
         return None
     if not hz_m or not mhz or int(hz_m.group(1)) <= 0:
