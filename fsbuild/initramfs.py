@@ -28,6 +28,9 @@ NIC_MODULES = ("igb", "e1000e", "virtio_pci", "virtio_net")
 MUSL_LOADER = "/lib/ld-musl-x86_64.so.1"
 # Bump when the archive layout changes: a cached image built by older code is not reused.
 LAYOUT_VERSION = "1"
+# The image's first entry: the hash of its inputs. Inside the archive, so the key and the
+# bytes it vouches for are replaced together (two smokes in one out dir cannot mix them).
+KEY_ENTRY = "fsbuild-image.key"
 
 
 def _pad4(n: int) -> bytes:
@@ -248,7 +251,7 @@ def _fastsocket_module(deps: Mapping[str, list[str]]) -> str | None:
 def build(spec: GuestSpec, out: Path) -> GuestImage:
     """Write the newc initramfs for `spec` to `out`: gzip'd when `out` ends in .gz, else a
     plain cpio (the kernel unpacks it without inflating: ~1 s less per boot under TCG).
-    An image whose inputs (content hash in `out`.key) did not change is reused as is."""
+    An image whose inputs (content hash, its first entry) did not change is reused as is."""
     for need in (spec.init, spec.busybox, spec.modules_dir / "modules.dep"):
         if not need.exists():
             raise MissingFileError(f"guest input missing: {need}")
@@ -256,13 +259,11 @@ def build(spec: GuestSpec, out: Path) -> GuestImage:
     fs_mod = _fastsocket_module(deps)
     wanted = [m for m in spec.nic_modules if m.replace("-", "_") in {module_name(p) for p in deps}]
     mods = closure(deps, wanted + (["fastsocket"] if fs_mod else []))
-    key_file = out.with_name(out.name + ".key")
     key = _input_key(spec, mods, out.name)
-    cached = _cached(out, key_file, key)
+    cached = _cached(out, key)
     if cached is not None:
         return GuestImage(out, mods, fs_mod is not None, cached)
-    entries = _write(spec, out, deps, fs_mod, wanted, mods)
-    key_file.write_text(json.dumps({"key": key, "entries": entries}) + "\n")
+    entries = _write(spec, out, key, deps, fs_mod, wanted, mods)
     return GuestImage(out, mods, fs_mod is not None, entries)
 
 
@@ -289,23 +290,26 @@ def _input_key(spec: GuestSpec, mods: list[str], out_name: str) -> str:
     return h.hexdigest()
 
 
-def _cached(out: Path, key_file: Path, key: str) -> int | None:
+def _cached(out: Path, key: str) -> int | None:
     """Entry count of the image at `out` when it was built from `key`, else None."""
+    opener = gzip.open if out.name.endswith(".gz") else open
     try:
-        meta = json.loads(key_file.read_text())
-    except (OSError, ValueError):
+        with opener(out, "rb") as fh:
+            entries = iter_newc(fh)  # type: ignore[arg-type]
+            name, _mode, data = next(entries)
+            if name != KEY_ENTRY or data != key.encode():
+                return None
+            return 1 + sum(1 for _ in entries)
+    except (OSError, EOFError, ValueError, StopIteration, gzip.BadGzipFile):
         return None
-    if not out.is_file() or not isinstance(meta, dict) or meta.get("key") != key:
-        return None
-    entries = meta.get("entries")
-    return entries if isinstance(entries, int) else None
 
 
-def _write(spec: GuestSpec, out: Path, deps: Mapping[str, list[str]], fs_mod: str | None,
+def _write(spec: GuestSpec, out: Path, key: str, deps: Mapping[str, list[str]], fs_mod: str | None,
            wanted: list[str], mods: list[str]) -> int:
     """Assemble and write the archive; the number of entries."""
     buf = io.BytesIO()
     w = CpioWriter(buf)
+    w.add_file(KEY_ENTRY, key.encode())
     for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "lib", "run", "root"):
         w.add_dir(d)
     w.add_node("dev/console", "c", 5, 1)
@@ -333,7 +337,6 @@ def _write(spec: GuestSpec, out: Path, deps: Mapping[str, list[str]], fs_mod: st
                .encode())
     w.close()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_name(out.name + ".key").unlink(missing_ok=True)  # never a key beside other bytes
     tmp = out.with_name(out.name + ".tmp")
     if out.name.endswith(".gz"):
         # mtime=0 keeps the gzip stream deterministic; level 1 because TCG boot time, not size, matters.
