@@ -785,6 +785,25 @@ class HunkLog(Sequence[HunkResult]):
     def append(self, result: HunkResult) -> None:
         self._parts.append([result])
 
+    def counts(self) -> tuple[int, int, int]:
+        """(hunks, hunks with an offset and no fuzz, hunks with fuzz)."""
+        total = moved = fuzzed = 0
+        for part in self._parts:
+            if isinstance(part, HunkResults):
+                n, m, f = part.counts()
+            else:
+                n = len(part)
+                m = sum(1 for h in part if h.offset and not h.fuzz)
+                f = sum(1 for h in part if h.fuzz)
+            total, moved, fuzzed = total + n, moved + m, fuzzed + f
+        return total, moved, fuzzed
+
+    def fuzzed(self) -> Iterator[HunkResult]:
+        """Only the hunks applied with fuzz."""
+        for part in self._parts:
+            yield from (part.fuzzed() if isinstance(part, HunkResults)
+                        else (h for h in part if h.fuzz))
+
     def __len__(self) -> int:
         return sum(len(p) for p in self._parts)
 
