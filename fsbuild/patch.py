@@ -28,7 +28,10 @@ _HUNK_RE = re.compile(rb"^@@ -(\d{1,18})(?:,(\d{1,18}))? \+(\d{1,18})(?:,(\d{1,1
 # the run's counts are exactly the header's, the run is the body (the fast, common case).
 _PLAIN_RE = re.compile(rb"@@ -(\d{1,18})(?:,(\d{1,18}))? \+(\d{1,18})(?:,(\d{1,18}))? @@[^\n]*\n"
                        rb"((?:[ +\-][^\n]*\n)*)")
-_OLD_START_RE = re.compile(rb"@@ -(\d+)(?:,(\d+))? ")
+_OLD_START_RE = re.compile(rb"@@ -(\d+)(?:,(\d+))? [^\n]*\n")
+# The usual plain hunk: context, removed lines, added lines, context (a linear match).
+_SIMPLE_RE = re.compile(rb"@@ -(\d+)(?:,(\d+))? [^\n]*\n((?: [^\n]*\n)*)((?:-[^\n]*\n)*)"
+                        rb"((?:\+[^\n]*\n)*)((?: [^\n]*\n)*)")
 _MODE_RE = re.compile(rb"[0-7]{1,7}")
 # A timestamp within a day of the epoch marks a nonexistent file (GNU patch's rule).
 _EPOCH_RE = re.compile(rb"19(70-01-01|69-12-31)|(Jan  1|Dec 31) [0-9:]+ 19(70|69)")
@@ -945,7 +948,7 @@ def _apply_plain(data: bytes, hunks: Hunks, fuzz: int, path: str,
     nlines = data.count(b"\n")
     out = io.BytesIO()
     write, view = out.write, memoryview(data)
-    header, find, dfind, startswith = _OLD_START_RE.match, buf.find, data.find, data.startswith
+    simple, dfind, startswith = _SIMPLE_RE.fullmatch, data.find, data.startswith
     results = HunkResults(path)
     run = (0, 0)
     off: array[int] | None = None
@@ -955,21 +958,22 @@ def _apply_plain(data: bytes, hunks: Hunks, fuzz: int, path: str,
     ends = starts[1:]
     ends.append(hunks._end)
     for k, (start, end) in enumerate(zip(starts, ends)):
-        first, old_len = header(buf, start).group(1, 2)  # type: ignore[union-attr]
-        first = int(first) + (old_len is not None and int(old_len) == 0)
-        lines = buf[find(b"\n", start) + 1:end].split(b"\n")
-        lines.pop()  # each line: tag, content without its newline (plain: none lacks one)
-        tags = bytes([line[0] for line in lines])
-        prefix = len(tags) - len(tags.lstrip(b" "))
-        suffix = len(tags) - len(tags.rstrip(b" ")) if prefix < len(tags) else prefix
-        olds = [line[1:] for line in lines if line[0] != 0x2B]
-        pattern = b"\n".join(olds) + b"\n" if olds else b""
-        # A plain line's tag plus content is as long as the content plus its newline.
-        lead = sum(map(len, lines[:prefix]))
+        m = simple(buf, start, end)
+        if m:  # context, removed, added, context: each part loses its tags at once
+            first, old_len, lead, dels, adds, trail = m.groups()
+            first = int(first) + (old_len is not None and int(old_len) == 0)
+            lead, trail = lead[1:].replace(b"\n ", b"\n"), trail[1:].replace(b"\n ", b"\n")
+            dels, adds = dels[1:].replace(b"\n-", b"\n"), adds[1:].replace(b"\n+", b"\n")
+        else:
+            first, lead, dels, adds, trail = _plain_parts(buf, start, end)
+        pattern = lead + dels + trail
+        prefix = lead.count(b"\n")
+        suffix = trail.count(b"\n") if dels or adds else prefix
+        pat_lines = prefix + dels.count(b"\n") + (suffix if dels or adds else 0)
         first_guess = first + in_offset
         where = used = 0
         gap = first_guess - 1 - frozen
-        if prefix == suffix and olds and gap >= 0 and first_guess - 1 + len(olds) <= nlines:
+        if prefix == suffix and pattern and gap >= 0 and first_guess - 1 + pat_lines <= nlines:
             at = frozen_at
             while gap > 64:
                 at = _skip_re(64).match(data, at).end()  # type: ignore[union-attr]
@@ -979,13 +983,13 @@ def _apply_plain(data: bytes, hunks: Hunks, fuzz: int, path: str,
                 gap -= 1
             if startswith(pattern, at):
                 where = first_guess
-                target_at = at + lead
+                target_at = at + len(lead)
         if not where:
             if off is None:
                 off = _line_starts(data)
             same = _offsets_matcher(data, off, pattern)
             for used in range(min(fuzz, max(prefix, suffix)) + 1):
-                where, in_offset = _locate(nlines, same, len(olds), first, in_offset, frozen,
+                where, in_offset = _locate(nlines, same, pat_lines, first, in_offset, frozen,
                                            prefix, suffix, used)
                 if where:
                     break
@@ -995,19 +999,13 @@ def _apply_plain(data: bytes, hunks: Hunks, fuzz: int, path: str,
             target_at = off[min(where - 1 + prefix, nlines)]
         if where == 1 and creating and data:
             raise HunkFailed(k + 1, 1, "creates a file that already exists")
-        if prefix < len(tags):  # the hunk changes something
+        if dels or adds:
             target = where - 1 + prefix
             if frozen > target:
                 raise HunkFailed(k + 1, where, "misordered hunks")
             write(view[frozen_at:target_at])
-            news = [line[1:] for line in lines[prefix:len(lines) - suffix] if line[0] != 0x2D]
-            if news:
-                write(b"\n".join(news) + b"\n")
-            # The changed span's old lines: the pattern without its context lines.
-            mid = len(olds) - prefix - suffix
-            frozen = target + mid
-            frozen_at = target_at + len(pattern) - lead - \
-                (sum(map(len, lines[len(lines) - suffix:])) if suffix else 0)
+            write(adds)
+            frozen, frozen_at = target + dels.count(b"\n"), target_at + len(dels)
         if (in_offset, used) != run:
             run = (in_offset, used)
             results.mark(k, in_offset, used)
@@ -1015,6 +1013,28 @@ def _apply_plain(data: bytes, hunks: Hunks, fuzz: int, path: str,
     write(view[frozen_at:])
     view.release()
     return out.getvalue(), results
+
+
+def _plain_parts(buf: bytes, start: int, end: int) -> tuple[int, bytes, bytes, bytes, bytes]:
+    """A plain hunk of any shape as (first old line, leading context, the changed span's old
+    lines, its new lines, trailing context), contents without tags: what _SIMPLE_RE gives
+    for the usual shape. Context lines inside the changed span belong to both sides."""
+    m = _OLD_START_RE.match(buf, start)
+    assert m is not None
+    first = int(m.group(1)) + (m.group(2) is not None and int(m.group(2)) == 0)
+    lines = buf[m.end():end].split(b"\n")
+    lines.pop()  # each line: tag, content without its newline (plain: none lacks one)
+    tags = bytes([line[0] for line in lines])
+    prefix = len(tags) - len(tags.lstrip(b" "))
+    if prefix == len(tags):
+        return first, b"".join(line[1:] + b"\n" for line in lines), b"", b"", b""
+    suffix = len(tags) - len(tags.rstrip(b" "))
+    mid = lines[prefix:len(lines) - suffix]
+
+    def side(part: list[bytes], drop: int) -> bytes:
+        return b"".join(line[1:] + b"\n" for line in part if line[0] != drop)
+    return (first, side(lines[:prefix], 0), side(mid, 0x2B), side(mid, 0x2D),
+            side(lines[len(lines) - suffix:], 0))
 
 
 @lru_cache(maxsize=None)
@@ -1032,6 +1052,7 @@ def _apply_lines(data: bytes, hunks: Iterable[Hunk], fuzz: int, path: str,
     in_offset = 0
     frozen = 0  # input lines already copied or deleted (GNU last_frozen_line)
     ragged = bool(lines) and not lines[-1].endswith(b"\n")
+    added: set[int] = set()  # indexes in out of '+' lines
     for idx, h in enumerate(hunks, 1):
         old = h.old_lines()
         prefix, suffix = h.context()
@@ -1050,13 +1071,13 @@ def _apply_lines(data: bytes, hunks: Iterable[Hunk], fuzz: int, path: str,
         if where == 1 and creating and data:
             raise HunkFailed(idx, 1, "creates a file that already exists")
         try:
-            frozen = _apply_one(lines, h, where, frozen, out)
+            frozen = _apply_one(lines, h, where, frozen, out, added)
         except HunkFailed as exc:
             raise HunkFailed(idx, exc.line, exc.why) from None
         results.add(in_offset, used)
         ragged = ragged or _new_side_unterminated(h)
     out.extend(lines[frozen:])
-    return (_join(out) if ragged else b"".join(out)), results
+    return (_join(out, added) if ragged else b"".join(out)), results
 
 
 def _new_side_unterminated(h: Hunk) -> bool:
@@ -1068,7 +1089,8 @@ def _new_side_unterminated(h: Hunk) -> bool:
     return False
 
 
-def _apply_one(lines: list[bytes], h: Hunk, where: int, frozen: int, out: list[bytes]) -> int:
+def _apply_one(lines: list[bytes], h: Hunk, where: int, frozen: int, out: list[bytes],
+               added: set[int]) -> int:
     """GNU apply_hunk: copy input up to the hunk, drop '-' lines, insert '+' lines; context
     lines come from the input (they may differ under fuzz)."""
     base = where - 1
@@ -1083,6 +1105,7 @@ def _apply_one(lines: list[bytes], h: Hunk, where: int, frozen: int, out: list[b
         out.extend(lines[frozen:target])
         frozen = target
         if tag == "+":
+            added.add(len(out))
             out.append(content)
         else:
             frozen += 1
@@ -1090,12 +1113,13 @@ def _apply_one(lines: list[bytes], h: Hunk, where: int, frozen: int, out: list[b
     return frozen
 
 
-def _join(chunks: list[bytes]) -> bytes:
-    """Concatenate lines; a line without newline that is followed by more text gets one,
-    as GNU patch's copy_till/apply_hunk do."""
+def _join(chunks: list[bytes], added: set[int]) -> bytes:
+    """Concatenate lines; a line without newline gets one when a line copied from the input
+    follows (GNU's copy_till). An added line follows it directly: GNU's apply_hunk writes
+    '+' lines as they are."""
     for k in range(len(chunks) - 1):
         c = chunks[k]
-        if c and not c.endswith(b"\n") and chunks[k + 1]:
+        if c and not c.endswith(b"\n") and chunks[k + 1] and k + 1 not in added:
             chunks[k] = c + b"\n"
     return b"".join(chunks)
 
