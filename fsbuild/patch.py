@@ -16,7 +16,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from itertools import accumulate
+from itertools import accumulate, chain, islice
 from typing import overload
 
 from fsbuild.errors import PatchFormatError, UnsafePathError
@@ -94,7 +94,9 @@ class Hunks(MutableSequence[Hunk]):
     def __init__(self, buf: bytes, cr: bool, lineno: int) -> None:
         self._buf = buf
         self._cr = cr  # the lines lose their CRs (GNU's CRLF rule)
-        self._starts = array("q")  # where each hunk's header begins; hunk k ends at k+1's start
+        # Where each hunk's header begins (hunk k ends where k+1 begins); 4 bytes each when
+        # the patch is under 4 GiB.
+        self._starts = array("I" if len(buf) < 1 << 32 else "q")
         self._end = 0  # where the last hunk ends
         # Hunks with more than ' '/'-'/'+' lines (markers, CRLF rule): not applied from bytes.
         self._slow: set[int] = set()
@@ -955,8 +957,7 @@ def _apply_plain(data: bytes, hunks: Hunks, fuzz: int, path: str,
     in_offset = 0
     frozen = frozen_at = 0  # input lines already copied or deleted, and their byte length
     starts = hunks._starts
-    ends = starts[1:]
-    ends.append(hunks._end)
+    ends = chain(islice(starts, 1, None), (hunks._end,))  # no copy of the offsets
     for k, (start, end) in enumerate(zip(starts, ends)):
         m = simple(buf, start, end)
         if m:  # context, removed, added, context: each part loses its tags at once
