@@ -548,12 +548,3 @@ def test_hunk_results_runs_and_counts() -> None:
     assert len(log) == 7 and log[6].file == "g" and log.counts() == (7, 2, 2)
     assert [(h.file, h.hunk) for h in log.fuzzed()] == [("f", 5), ("g", 1)]
 
-
-def test_added_line_after_unterminated_last_line_like_gnu() -> None:
-    """Found by test_agrees_with_gnu_patch: with fuzz, '+new' lands after the file's last
-    line "b" (no newline); GNU writes added lines as they are (only lines copied from the
-    file get the missing newline first), giving "bnew"."""
-    patch = (b"--- a/f\n+++ b/f\n@@ -1,2 +1,3 @@\n+new\n a\n a\n"
-             b"@@ -10,3 +11,4 @@\n a\n a\n+new\n b\n")
-    target = b"a\n" * 10 + b"b"
-    assert _ours(patch, target, 2) == b"new\n" + b"a\n" * 10 + b"bnew\n"
