@@ -15,7 +15,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from itertools import accumulate, chain, islice
 from typing import overload
 
@@ -1042,7 +1042,7 @@ def _plain_parts(buf: bytes, start: int, end: int) -> tuple[int, bytes, bytes, b
             side(lines[len(lines) - suffix:], 0))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _skip_re(count: int) -> re.Pattern[bytes]:
     """Matches `count` whole lines (count <= 64: a few compiled patterns in all)."""
     return re.compile(rb"(?:[^\n]*\n){%d}" % count)
