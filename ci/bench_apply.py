@@ -6,8 +6,8 @@ Extraction and tree copies are excluded; each tool runs FSBUILD_BENCH_ROUNDS (3)
 fresh trees, interleaved, and the best time of each is compared.
 
 Then one large patch (issue 12.14: 640k hunks, ~41 MB; FSBUILD_BENCH_HUNKS) on one file with
-`fsbuild apply` and GNU `patch -p1`: wall time and peak RSS of each, the ratios (target: within
-2x of GNU patch in both) and whether the results are identical.
+`fsbuild apply` and GNU `patch -p1`: wall time, CPU time and peak RSS of each, the ratios
+(target: within 2x of GNU patch) and whether the results are identical.
 Usage: python3 ci/bench_apply.py [VERSION]"""
 
 from __future__ import annotations
@@ -35,20 +35,23 @@ def timed(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = 
     return elapsed
 
 
-def measured(cmd: list[str], cwd: Path, stdin: Path | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RSS in KiB) of one command. GNU time reports the RSS of its own
-    small child: a child forked from this Python would start with our RSS as its peak."""
+def measured(cmd: list[str], cwd: Path, stdin: Path | None = None) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds (user + system), peak RSS in KiB) of one command. GNU time
+    reports the RSS of its own small child: a child forked from this Python would start
+    with our RSS as its peak. CPU time is the steadier figure on a shared machine."""
     gnu_time = shutil.which("time") or "/usr/bin/time"
     if not Path(gnu_time).exists():
         sys.exit("bench_apply: GNU time missing (apt-get install time; make deps)")
     start = time.perf_counter()
     with open(stdin or os.devnull, "rb") as fin:
-        proc = subprocess.run([gnu_time, "-f", "maxrss=%M", *cmd], cwd=cwd, stdin=fin,
-                              capture_output=True, text=True)
+        proc = subprocess.run([gnu_time, "-f", "maxrss=%M cpu=%U+%S", *cmd], cwd=cwd,
+                              stdin=fin, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"{cmd[0]} failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}")
-    return elapsed, int(proc.stderr.rsplit("maxrss=", 1)[1].split()[0])
+    rss, cpu = proc.stderr.rsplit("maxrss=", 1)[1].split()[:2]
+    user, system = cpu.removeprefix("cpu=").split("+")
+    return elapsed, float(user) + float(system), int(rss)
 
 
 def write_large_case(root: Path, hunks: int) -> tuple[Path, Path]:
@@ -78,15 +81,17 @@ def large_patch() -> bool:
         gnu_tree = Path(tmp, "gnu")
         subprocess.run(["cp", "-a", str(tree), str(gnu_tree)], check=True)
         env_py = [sys.executable, "-m", "fsbuild", "apply", "--series", str(series), str(tree)]
-        t_ours, m_ours = measured(env_py, cwd=ROOT)
-        t_gnu, m_gnu = measured(["patch", "-p1", "-s", "-f", "--no-backup-if-mismatch"], cwd=gnu_tree,
-                                stdin=series.parent / "big.patch")
+        t_ours, c_ours, m_ours = measured(env_py, cwd=ROOT)
+        t_gnu, c_gnu, m_gnu = measured(["patch", "-p1", "-s", "-f", "--no-backup-if-mismatch"],
+                                       cwd=gnu_tree, stdin=series.parent / "big.patch")
         same = (tree / "big.txt").read_bytes() == (gnu_tree / "big.txt").read_bytes()
     print(f"large patch   : {size / 1e6:.0f} MB, {hunks} hunks on one file")
-    print(f"fsbuild apply : {t_ours:7.2f} s, peak RSS {m_ours / 1024:7.0f} MiB")
-    print(f"GNU patch     : {t_gnu:7.2f} s, peak RSS {m_gnu / 1024:7.0f} MiB")
-    print(f"ratio         : time {t_ours / t_gnu:5.1f}x, memory {m_ours / max(m_gnu, 1):5.1f}x "
-          "of GNU patch (target <= 2x)")
+    print(f"fsbuild apply : {t_ours:7.2f} s wall, {c_ours:6.2f} s CPU, peak RSS "
+          f"{m_ours / 1024:5.0f} MiB")
+    print(f"GNU patch     : {t_gnu:7.2f} s wall, {c_gnu:6.2f} s CPU, peak RSS "
+          f"{m_gnu / 1024:5.0f} MiB")
+    print(f"ratio         : time {t_ours / t_gnu:5.1f}x wall, {c_ours / max(c_gnu, 0.01):5.1f}x CPU, "
+          f"memory {m_ours / max(m_gnu, 1):5.1f}x of GNU patch (target <= 2x)")
     print(f"identical     : {'yes' if same else 'NO'}")
     return same
 

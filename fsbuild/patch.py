@@ -11,14 +11,27 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field
+from functools import cache
+from itertools import accumulate, chain, islice
+from typing import overload
 
 from fsbuild.errors import PatchFormatError, UnsafePathError
 
 # Line numbers are bounded (GNU's LINENUM is a long): longer digit runs are malformed.
 _HUNK_RE = re.compile(rb"^@@ -(\d{1,18})(?:,(\d{1,18}))? \+(\d{1,18})(?:,(\d{1,18}))? @@(.*?)(\r?\n)?$",
                       re.S)
+# A hunk header plus the run of ' '/'-'/'+' lines after it, matched in the whole patch: when
+# the run's counts are exactly the header's, the run is the body (the fast, common case).
+_PLAIN_RE = re.compile(rb"@@ -(\d{1,18})(?:,(\d{1,18}))? \+(\d{1,18})(?:,(\d{1,18}))? @@[^\n]*\n"
+                       rb"((?:[ +\-][^\n]*\n)*)")
+_OLD_START_RE = re.compile(rb"@@ -(\d+)(?:,(\d+))? [^\n]*\n")
+# The usual plain hunk: context, removed lines, added lines, context (a linear match).
+_SIMPLE_RE = re.compile(rb"@@ -(\d+)(?:,(\d+))? [^\n]*\n((?: [^\n]*\n)*)((?:-[^\n]*\n)*)"
+                        rb"((?:\+[^\n]*\n)*)((?: [^\n]*\n)*)")
 _MODE_RE = re.compile(rb"[0-7]{1,7}")
 # A timestamp within a day of the epoch marks a nonexistent file (GNU patch's rule).
 _EPOCH_RE = re.compile(rb"19(70-01-01|69-12-31)|(Jan  1|Dec 31) [0-9:]+ 19(70|69)")
@@ -63,16 +76,141 @@ class Hunk:
     def _matches_raw(self) -> bool:
         """Whether the fields still say what `raw` says: edits are detected by reparsing at
         render time rather than by a fingerprint copy of every line kept per hunk."""
-        fp = FilePatch(None, None, 0)
+        raw = self.raw or b""
         try:
-            _parse_hunks(_split_lines(self.raw or b""), 0, fp, "<hunk>", self.cr)
+            h, end, _ = _hunk_at(raw, 0, 1, "<hunk>", self.cr)
         except PatchFormatError:
             return False
-        if len(fp.hunks) != 1:
-            return False
-        h = fp.hunks[0]
-        return (h.old_start, h.old_len, h.new_start, h.new_len, h.section, h.lines) == \
+        return end == len(raw) and \
+            (h.old_start, h.old_len, h.new_start, h.new_len, h.section, h.lines) == \
             (self.old_start, self.old_len, self.new_start, self.new_len, self.section, self.lines)
+
+
+class Hunks(MutableSequence[Hunk]):
+    """A parsed file's hunks, kept as offsets into the patch bytes: a big patch costs a few
+    bytes per hunk instead of hundreds of small objects. A Hunk is made on first access and
+    kept (so edits to it stick); any insert/delete/assignment turns this into a plain list."""
+
+    def __init__(self, buf: bytes, cr: bool, lineno: int) -> None:
+        self._buf = buf
+        self._cr = cr  # the lines lose their CRs (GNU's CRLF rule)
+        # Where each hunk's header begins (hunk k ends where k+1 begins); 4 bytes each when
+        # the patch is under 4 GiB.
+        self._starts = array("I" if len(buf) < 1 << 32 else "q")
+        self._end = 0  # where the last hunk ends
+        # Hunks with more than ' '/'-'/'+' lines (markers, CRLF rule): not applied from bytes.
+        self._slow: set[int] = set()
+        self._cursor = (0, lineno)  # (hunk, its line number): sequential access stays O(n)
+        self._made: dict[int, Hunk] = {}
+        self._list: list[Hunk] | None = None
+
+    def _span(self, k: int) -> tuple[int, int]:
+        end = self._starts[k + 1] if k + 1 < len(self._starts) else self._end
+        return self._starts[k], end
+
+    def _lineno(self, k: int) -> int:
+        at, lineno = self._cursor
+        if k < at:
+            at, lineno = 0, self._cursor[1] - self._buf.count(b"\n", self._starts[0],
+                                                                self._starts[at])
+        lineno += self._buf.count(b"\n", self._starts[at], self._starts[k])
+        self._cursor = (k, lineno)
+        return lineno
+
+    def _peek(self, k: int) -> Hunk:
+        """Hunk k without keeping it (apply reads every hunk once; keeping all would cost
+        what this class saves)."""
+        if self._list is not None:
+            return self._list[k]
+        made = self._made.get(k)
+        if made is None:
+            made = _hunk_at(self._buf, self._starts[k], self._lineno(k), "<hunk>", self._cr)[0]
+        return made
+
+    def plain_body(self, k: int) -> tuple[int, int] | None:
+        """(start, end) of hunk k in `buf` when it may be applied straight from the bytes."""
+        if self._list is not None or k in self._slow or k in self._made:
+            return None
+        return self._span(k)
+
+    def all_plain(self) -> bool:
+        """Whether every hunk may be applied straight from the patch bytes."""
+        return self._list is None and not self._made and not self._slow
+
+    @property
+    def buf(self) -> bytes:
+        return self._buf
+
+    def render(self) -> bytes:
+        """The hunks' bytes: the original slice when no hunk was handed out."""
+        if self._list is not None:
+            return b"".join(h.render() for h in self._list)
+        if not self._made:
+            return self._buf[self._starts[0]:self._end] if self._starts else b""
+        out = []
+        for k in range(len(self._starts)):
+            made = self._made.get(k)
+            if made is not None:
+                out.append(made.render())
+            else:
+                start, end = self._span(k)
+                out.append(self._buf[start:end])
+        return b"".join(out)
+
+    def __len__(self) -> int:
+        return len(self._list) if self._list is not None else len(self._starts)
+
+    @overload
+    def __getitem__(self, k: int) -> Hunk: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[Hunk]: ...
+
+    def __getitem__(self, k: int | slice) -> Hunk | list[Hunk]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if self._list is not None:
+            return self._list[k]
+        if k < 0:
+            k += len(self._starts)
+        if not 0 <= k < len(self._starts):
+            raise IndexError("hunk index out of range")
+        if k not in self._made:
+            self._made[k] = self._peek(k)
+        return self._made[k]
+
+    def _thaw(self) -> list[Hunk]:
+        if self._list is None:
+            self._list = [self[k] for k in range(len(self._starts))]
+            self._made.clear()
+        return self._list
+
+    @overload
+    def __setitem__(self, k: int, v: Hunk) -> None: ...
+
+    @overload
+    def __setitem__(self, k: slice, v: Iterable[Hunk]) -> None: ...
+
+    def __setitem__(self, k: int | slice, v: Hunk | Iterable[Hunk]) -> None:
+        self._thaw()[k] = v  # type: ignore[index,assignment]
+
+    def __delitem__(self, k: int | slice) -> None:
+        del self._thaw()[k]
+
+    def insert(self, k: int, v: Hunk) -> None:
+        self._thaw().insert(k, v)
+
+    def __iter__(self) -> Iterator[Hunk]:
+        for k in range(len(self)):
+            yield self[k]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 
 @dataclass
@@ -83,7 +221,7 @@ class FilePatch:
     new_name: str | None
     lineno: int
     header: bytes = b""  # raw bytes from the file's first header line up to its first hunk
-    hunks: list[Hunk] = field(default_factory=list)
+    hunks: MutableSequence[Hunk] = field(default_factory=list)  # Hunks when parsed
     git: bool = False
     old_mode: int | None = None
     new_mode: int | None = None
@@ -182,61 +320,68 @@ def _git_names(rest: bytes) -> tuple[str | None, str | None]:
     return a.decode("utf-8", "surrogateescape"), b.decode("utf-8", "surrogateescape")
 
 
+def _next_line(data: bytes, pos: int) -> int:
+    """Where the line starting at pos ends (after its b"\\n", or the end of data)."""
+    end = data.find(b"\n", pos)
+    return len(data) if end < 0 else end + 1
+
+
 def parse_patch(data: bytes, name: str = "<patch>") -> Patch:
     """Parse a patch file. Raises PatchFormatError (naming patch and line) on truncated or
-    malformed hunks and on binary diffs."""
-    lines = _split_lines(data)
+    malformed hunks and on binary diffs. Walks byte offsets, never a list of every line:
+    hunks stay offsets into `data` (see Hunks)."""
+    data = bytes(data)
     files: list[FilePatch] = []
     leading: list[bytes] = []
     description: bytes | None = None
     cur: FilePatch | None = None
-    cur_start = 0  # index of cur's first header line
-    consumed = 0  # lines [0, consumed) belong to earlier files / description
+    cur_start = 0  # offset of cur's first header line
+    consumed = 0  # bytes [0, consumed) belong to earlier files / description
+    recent: list[int] = []  # starts of the lines since `consumed` (for _header_start)
     strip_cr = False
-    i = 0
-
-    def begin(start: int, fp: FilePatch) -> None:
-        nonlocal cur, cur_start
-        cur, cur_start = fp, start
+    pos = 0
+    lineno = 1  # line number of the line at pos
 
     def finish(end: int) -> None:
-        """Close cur: lines [consumed, cur_start) are leading text, [cur_start, end) header."""
+        """Close cur: bytes [consumed, cur_start) are leading text, [cur_start, end) header."""
         nonlocal cur, consumed, description
         assert cur is not None
-        pre = b"".join(lines[consumed:cur_start])
+        pre = data[consumed:cur_start]
         if description is None:
             description = pre
             leading.append(b"")
         else:
             leading.append(pre)
         if not cur.hunks:
-            cur.header = b"".join(lines[cur_start:end])
+            cur.header = data[cur_start:end]
         files.append(cur)
         consumed = end
+        recent.clear()
         cur = None
 
-    n = len(lines)
+    n = len(data)
     try:
-        while i < n:
-            line = lines[i]
+        while pos < n:
+            nxt = _next_line(data, pos)
+            line = data[pos:nxt]
             if line.startswith(b"diff --git "):
                 if cur is not None and cur.git:
-                    finish(i)  # a hunkless git diff (mode change, pure rename) ends here
+                    finish(pos)  # a hunkless git diff (mode change, pure rename) ends here
                 a, b = _git_names(line[11:])
-                begin(i, FilePatch(old_name=a, new_name=b, lineno=i + 1, git=True))
-                i += 1
-                continue
-            if cur is not None and cur.git and cur_start < i and _git_ext(cur, line, name, i):
-                i += 1
-                continue
-            if line.startswith(b"--- ") and i + 1 < n and lines[i + 1].startswith(b"+++ "):
+                cur, cur_start = FilePatch(old_name=a, new_name=b, lineno=lineno, git=True), pos
+            elif cur is not None and cur.git and cur_start < pos and \
+                    _git_ext(cur, line, name, lineno):
+                pass
+            elif line.startswith(b"--- ") and data.startswith(b"+++ ", nxt):
+                nxt2 = _next_line(data, nxt)
+                plus = data[nxt:nxt2]
                 old, old_absent = _fetchname(line[4:])
-                new, new_absent = _fetchname(lines[i + 1][4:])
+                new, new_absent = _fetchname(plus[4:])
                 if cur is None or not cur.git:
                     # Like GNU, a ---/+++ pair without hunks (e.g. quoted in the description)
                     # is superseded by the next one; its lines stay in the leading text.
-                    begin(_header_start(lines, consumed, i), FilePatch(None, None, lineno=i + 1))
-                assert cur is not None
+                    cur, cur_start = FilePatch(None, None, lineno=lineno), \
+                        _header_start(data, recent, pos)
                 # A git header's /dev/null keeps the name from the `diff --git` line.
                 if old is not None or not cur.git:
                     cur.old_name = old
@@ -245,45 +390,46 @@ def parse_patch(data: bytes, name: str = "<patch>") -> Patch:
                 cur.old_absent = max(cur.old_absent, 2 if old_absent else 0)
                 cur.new_absent = max(cur.new_absent, 2 if new_absent else 0)
                 # GNU: a `+++` line ending in CRLF makes the file's hunk lines lose their CRs.
-                strip_cr = lines[i + 1].endswith(b"\r\n")
-                i += 2
+                strip_cr = plus.endswith(b"\r\n")
+                recent.append(pos)
+                recent.append(nxt)
+                pos, lineno = nxt2, lineno + 2
                 continue
-            if line.startswith(b"Binary files ") and line.rstrip().endswith(b" differ"):
-                raise PatchFormatError(f"{name}:{i + 1}: binary diff not supported")
-            if line.startswith(b"@@ -") and cur is not None and not cur.hunks:
-                cur.header = b"".join(lines[cur_start:i])
-                i = _parse_hunks(lines, i, cur, name, strip_cr)
+            elif line.startswith(b"Binary files ") and line.rstrip().endswith(b" differ"):
+                raise PatchFormatError(f"{name}:{lineno}: binary diff not supported")
+            elif line.startswith(b"@@ -") and cur is not None and not cur.hunks:
+                cur.header = data[cur_start:pos]
+                pos, lineno, first = _parse_hunks(data, pos, lineno, cur, name, strip_cr)
                 # GNU: "@@ -0,0" says the old file does not exist (2 when /dev/null or epoch).
-                first = cur.hunks[0]
-                if first.old_start == 0 and first.old_len == 0 and not cur.old_absent:
+                if first[0] == 0 and first[1] == 0 and not cur.old_absent:
                     cur.old_absent = 1
-                if first.new_start == 0 and first.new_len == 0 and not cur.new_absent:
+                if first[2] == 0 and first[3] == 0 and not cur.new_absent:
                     cur.new_absent = 1
-                finish(i)
+                finish(pos)
                 continue
-            i += 1
+            recent.append(pos)
+            pos, lineno = nxt, lineno + 1
     except _Malformed as exc:
-        raise PatchFormatError(f"{name}:{i + 1}: {exc}") from None
-    if cur is not None:
-        if cur.git:
-            finish(n)
-        else:
-            cur = None
-    trailer = b"".join(lines[consumed:])
+        raise PatchFormatError(f"{name}:{lineno}: {exc}") from None
+    if cur is not None and cur.git:
+        finish(n)
+    trailer = data[consumed:]
     if description is None:
         description, trailer = trailer, b""
     _check_names(files, name)
     return Patch(name=name, description=description, files=files, leading=leading, trailer=trailer)
 
 
-def _header_start(lines: list[bytes], lo: int, i: int) -> int:
-    """Walk back over `Index:`/`===`/`diff ` lines directly above a `---` line."""
-    while i > lo and lines[i - 1].startswith((b"Index: ", b"====", b"diff ")):
-        i -= 1
-    return i
+def _header_start(data: bytes, recent: list[int], pos: int) -> int:
+    """Walk back over `Index:`/`===`/`diff ` lines directly above the `---` line at pos."""
+    k = len(recent)
+    while k and data.startswith((b"Index: ", b"====", b"diff "), recent[k - 1]):
+        k -= 1
+        pos = recent[k]
+    return pos
 
 
-def _git_ext(fp: FilePatch, line: bytes, name: str, i: int) -> bool:
+def _git_ext(fp: FilePatch, line: bytes, name: str, lineno: int) -> bool:
     """Consume one git extended header line; False when the line is not one."""
     text = line.rstrip(b"\r\n")
     if text.startswith(b"old mode "):
@@ -313,7 +459,7 @@ def _git_ext(fp: FilePatch, line: bytes, name: str, i: int) -> bool:
                 fp.old_mode = fp.new_mode = _mode(m.group(3))
     elif text.startswith(b"GIT binary patch") or (
             text.startswith(b"Binary files ") and text.endswith(b" differ")):
-        raise PatchFormatError(f"{name}:{i + 1}: binary diff not supported")
+        raise PatchFormatError(f"{name}:{lineno}: binary diff not supported")
     else:
         return False
     return True
@@ -326,75 +472,122 @@ def _mode(text: bytes) -> int:
     return int(text, 8)
 
 
-def _parse_hunks(lines: list[bytes], i: int, fp: FilePatch, name: str,
-                 strip_cr: bool = False) -> int:
-    """Parse consecutive hunks starting at lines[i]; return the index after the last one.
-    With strip_cr, hunk lines ending in CRLF are read as ending in LF (the raw bytes stay)."""
-    n = len(lines)
-    while i < n and lines[i].startswith(b"@@ -"):
-        start = i
-        m = _HUNK_RE.match(lines[i])
-        if not m:
-            raise PatchFormatError(f"{name}:{i + 1}: malformed hunk header")
-        old_len = 1 if m.group(2) is None else int(m.group(2))
-        new_len = 1 if m.group(4) is None else int(m.group(4))
-        hunk = Hunk(int(m.group(1)), old_len, int(m.group(3)), new_len,
-                    section=m.group(5), lineno=i + 1, cr=strip_cr)
-        hunk.lines, i = _hunk_lines(lines, i + 1, old_len, new_len, strip_cr, name, hunk.lineno)
-        hunk.raw = b"".join(lines[start:i])
-        fp.hunks.append(hunk)
-    return i
+def _parse_hunks(data: bytes, pos: int, lineno: int, fp: FilePatch, name: str,
+                 strip_cr: bool) -> tuple[int, int, tuple[int, int, int, int]]:
+    """Parse the consecutive hunks at data[pos:] into fp.hunks (a Hunks); return the offset
+    and line number after the last one and the first hunk's header numbers. With strip_cr,
+    hunk lines ending in CRLF are read as ending in LF (the raw bytes stay)."""
+    hunks = Hunks(data, strip_cr, lineno)
+    first: tuple[int, int, int, int] | None = None
+    # The hot loop of big patches: locals for every method, no helper calls; finditer
+    # walks consecutive plain hunks (one at pos) with less overhead than match() per hunk.
+    count, startswith = data.count, data.startswith
+    add_start = hunks._starts.append
+    while startswith(b"@@ -", pos):
+        for m in () if strip_cr else _PLAIN_RE.finditer(data, pos):
+            if m.start() != pos:
+                break
+            old_len, new_len = m.group(2, 4)
+            old_len = 1 if old_len is None else int(old_len)
+            new_len = 1 if new_len is None else int(new_len)
+            body, end = m.span(5)
+            total = count(b"\n", body, end)
+            # Lines starting with '-' / '+': each follows a b"\n" (the header's ends it).
+            if total - count(b"\n+", body - 1, end - 1) != old_len or \
+                    total - count(b"\n-", body - 1, end - 1) != new_len or \
+                    startswith(b"\\", end):
+                break
+            if first is None:
+                first = (int(m.group(1)), old_len, int(m.group(3)), new_len)
+            add_start(pos)
+            pos, lineno = end, lineno + 1 + total
+        if not startswith(b"@@ -", pos):
+            break
+        add_start(pos)
+        hunks._slow.add(len(hunks._starts) - 1)
+        h, pos, lineno = _hunk_at(data, pos, lineno, name, strip_cr)
+        if first is None:
+            first = (h.old_start, h.old_len, h.new_start, h.new_len)
+    hunks._end = pos
+    fp.hunks = hunks
+    assert first is not None  # the caller saw "@@ -"
+    return pos, lineno, first
 
 
-def _hunk_lines(lines: list[bytes], i: int, old_left: int, new_left: int, strip_cr: bool,
-                name: str, lineno: int) -> tuple[list[tuple[str, bytes]], int]:
-    """The (tag, content) lines of one hunk body starting at lines[i], and the index after it.
-    The hot loop of big patches: one branch per line, no helper calls."""
-    n = len(lines)
+def _hunk_at(data: bytes, pos: int, lineno: int, name: str,
+             strip_cr: bool) -> tuple[Hunk, int, int]:
+    """The hunk whose header is the line at data[pos:] (line number lineno), the offset and
+    line number after it."""
+    start = pos
+    pos = _next_line(data, pos)
+    m = _HUNK_RE.match(data[start:pos])
+    if not m:
+        raise PatchFormatError(f"{name}:{lineno}: malformed hunk header")
+    old_len = 1 if m.group(2) is None else int(m.group(2))
+    new_len = 1 if m.group(4) is None else int(m.group(4))
+    hunk = Hunk(int(m.group(1)), old_len, int(m.group(3)), new_len,
+                section=m.group(5), lineno=lineno, cr=strip_cr)
+    hunk.lines, pos, lineno = _hunk_lines(data, pos, lineno + 1, old_len, new_len, strip_cr,
+                                          name, hunk.lineno)
+    hunk.raw = data[start:pos]
+    return hunk, pos, lineno
+
+
+def _hunk_lines(data: bytes, pos: int, lineno: int, old_left: int, new_left: int,
+                strip_cr: bool, name: str,
+                hunk_lineno: int) -> tuple[list[tuple[str, bytes]], int, int]:
+    """The (tag, content) lines of one hunk body starting at data[pos:] (line number lineno),
+    and the offset and line number after it."""
+    n = len(data)
     out: list[tuple[str, bytes]] = []
     append = out.append
     while old_left > 0 or new_left > 0:
-        if i >= n:
+        if pos >= n:
             # GNU assumes up to two chopped blank context lines at end of file.
             if new_left < 3 and old_left == new_left:
                 out.extend([(" ", b"\n")] * old_left)
                 break
             raise PatchFormatError(
-                f"{name}:{i}: truncated hunk at end of patch "
-                f"(hunk at line {lineno} lacks {old_left} old/{new_left} new lines)")
-        line = lines[i]
+                f"{name}:{lineno - 1}: truncated hunk at end of patch "
+                f"(hunk at line {hunk_lineno} lacks {old_left} old/{new_left} new lines)")
+        nxt = _next_line(data, pos)
+        line = data[pos:nxt]
         if strip_cr and line.endswith(b"\r\n"):
             line = line[:-2] + b"\n"
         c = line[0]
         if c == 0x20 or c == 0x09 or c == 0x0A or line == b"\r\n":
             if old_left == 0:
-                raise PatchFormatError(f"{name}:{i + 1}: hunk has more old lines than its header says")
+                raise PatchFormatError(f"{name}:{lineno}: hunk has more old lines than its "
+                                       "header says")
             if new_left == 0:
-                raise PatchFormatError(f"{name}:{i + 1}: hunk has more new lines than its header says")
+                raise PatchFormatError(f"{name}:{lineno}: hunk has more new lines than its "
+                                       "header says")
             old_left -= 1
             new_left -= 1
             tag, content = " ", (line[1:] if c == 0x20 else line)  # else: leading space eaten
             last = old_left == 0 or new_left == 0
         elif c == 0x2D:
             if old_left == 0:
-                raise PatchFormatError(f"{name}:{i + 1}: hunk has more old lines than its header says")
+                raise PatchFormatError(f"{name}:{lineno}: hunk has more old lines than its "
+                                       "header says")
             old_left -= 1
             tag, content, last = "-", line[1:], old_left == 0
         elif c == 0x2B:
             if new_left == 0:
-                raise PatchFormatError(f"{name}:{i + 1}: hunk has more new lines than its header says")
+                raise PatchFormatError(f"{name}:{lineno}: hunk has more new lines than its "
+                                       "header says")
             new_left -= 1
             tag, content, last = "+", line[1:], new_left == 0
         else:
-            raise PatchFormatError(f"{name}:{i + 1}: malformed hunk line "
-                                   f"(hunk at line {lineno} is truncated or corrupt)")
-        i += 1
-        if last and i < n and lines[i][:1] == b"\\":
+            raise PatchFormatError(f"{name}:{lineno}: malformed hunk line "
+                                   f"(hunk at line {hunk_lineno} is truncated or corrupt)")
+        pos, lineno = nxt, lineno + 1
+        if last and pos < n and data[pos] == 0x5C:
             if content.endswith(b"\n"):
                 content = content[:-1]
-            i += 1
+            pos, lineno = _next_line(data, pos), lineno + 1
         append((tag, content))
-    return out, i
+    return out, pos, lineno
 
 
 def _check_names(files: list[FilePatch], name: str) -> None:
@@ -428,7 +621,10 @@ def format_patch(p: Patch) -> bytes:
         if k:
             out.append(p.leading[k] if k < len(p.leading) else b"")
         out.append(fp.header)
-        out.extend(h.render() for h in fp.hunks)
+        if isinstance(fp.hunks, Hunks):
+            out.append(fp.hunks.render())  # one slice of the input when untouched
+        else:
+            out.extend(h.render() for h in fp.hunks)
     out.append(p.trailer)
     return b"".join(out)
 
@@ -509,12 +705,156 @@ class HunkFailed(Exception):
         self.index, self.line, self.why = index, line, why
 
 
-def _locate(lines: list[bytes], pattern: list[bytes], first: int, in_offset: int,
+class HunkResults(Sequence[HunkResult]):
+    """One file's hunk results, stored as runs of equal (offset, fuzz): a big patch has
+    hundreds of thousands of hunks; a HunkResult is made on access."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self._n = 0
+        self._run_at = array("q")  # first hunk index of each run
+        self._runs: list[tuple[int, int]] = []
+
+    def add(self, offset: int, fuzz: int) -> None:
+        if not self._runs or self._runs[-1] != (offset, fuzz):
+            self.mark(self._n, offset, fuzz)
+        self._n += 1
+
+    def mark(self, k: int, offset: int, fuzz: int) -> None:
+        """Hunks from index k on have this offset and fuzz (until the next mark); hunks
+        before the first mark have none."""
+        if not self._runs and k:
+            self._run_at.append(0)
+            self._runs.append((0, 0))
+        self._run_at.append(k)
+        self._runs.append((offset, fuzz))
+
+    def close(self, n: int) -> None:
+        """There are n hunks in all (after marks)."""
+        if not self._runs and n:
+            self.mark(0, 0, 0)
+        self._n = n
+
+    def counts(self) -> tuple[int, int, int]:
+        """(hunks, hunks with an offset and no fuzz, hunks with fuzz), without a HunkResult
+        per hunk."""
+        moved = fuzzed = 0
+        for r, (offset, fuzz) in enumerate(self._runs):
+            end = self._run_at[r + 1] if r + 1 < len(self._runs) else self._n
+            size = end - self._run_at[r]
+            fuzzed += size if fuzz else 0
+            moved += size if offset and not fuzz else 0
+        return self._n, moved, fuzzed
+
+    def fuzzed(self) -> Iterator[HunkResult]:
+        """Only the hunks applied with fuzz."""
+        for r, (offset, fuzz) in enumerate(self._runs):
+            if fuzz:
+                end = self._run_at[r + 1] if r + 1 < len(self._runs) else self._n
+                for k in range(self._run_at[r], end):
+                    yield HunkResult(self.file, k + 1, offset, fuzz)
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, k: int) -> HunkResult: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[HunkResult]: ...
+
+    def __getitem__(self, k: int | slice) -> HunkResult | list[HunkResult]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self._n))]
+        if k < 0:
+            k += self._n
+        if not 0 <= k < self._n:
+            raise IndexError("hunk result index out of range")
+        offset, fuzz = self._runs[bisect_right(self._run_at, k) - 1]
+        return HunkResult(self.file, k + 1, offset, fuzz)
+
+    def __iter__(self) -> Iterator[HunkResult]:
+        runs = self._runs
+        for r, (offset, fuzz) in enumerate(runs):
+            end = self._run_at[r + 1] if r + 1 < len(runs) else self._n
+            for k in range(self._run_at[r], end):
+                yield HunkResult(self.file, k + 1, offset, fuzz)
+
+
+class HunkLog(Sequence[HunkResult]):
+    """A patch's hunk results: the files' HunkResults kept as they are (not one object per
+    hunk), read as one sequence."""
+
+    def __init__(self) -> None:
+        self._parts: list[Sequence[HunkResult]] = []
+
+    def extend(self, results: Iterable[HunkResult]) -> None:
+        self._parts.append(results if isinstance(results, HunkResults) else list(results))
+
+    def append(self, result: HunkResult) -> None:
+        self._parts.append([result])
+
+    def counts(self) -> tuple[int, int, int]:
+        """(hunks, hunks with an offset and no fuzz, hunks with fuzz)."""
+        total = moved = fuzzed = 0
+        for part in self._parts:
+            if isinstance(part, HunkResults):
+                n, m, f = part.counts()
+            else:
+                n = len(part)
+                m = sum(1 for h in part if h.offset and not h.fuzz)
+                f = sum(1 for h in part if h.fuzz)
+            total, moved, fuzzed = total + n, moved + m, fuzzed + f
+        return total, moved, fuzzed
+
+    def fuzzed(self) -> Iterator[HunkResult]:
+        """Only the hunks applied with fuzz."""
+        for part in self._parts:
+            yield from (part.fuzzed() if isinstance(part, HunkResults)
+                        else (h for h in part if h.fuzz))
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self._parts)
+
+    @overload
+    def __getitem__(self, k: int) -> HunkResult: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[HunkResult]: ...
+
+    def __getitem__(self, k: int | slice) -> HunkResult | list[HunkResult]:
+        if isinstance(k, slice):
+            return list(self)[k]
+        if k < 0:
+            k += len(self)
+        for part in self._parts:
+            if 0 <= k < len(part):
+                return part[k]
+            k -= len(part)
+        raise IndexError("hunk result index out of range")
+
+    def __iter__(self) -> Iterator[HunkResult]:
+        for part in self._parts:
+            yield from part
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+# same(start, pf, sf): whether the input lines from 0-based `start` equal the pattern
+# without its first pf and last sf lines (the caller checked the bounds).
+Matcher = Callable[[int, int, int], bool]
+
+
+def _locate(input_lines: int, same: Matcher, pat_lines: int, first: int, in_offset: int,
             last_frozen: int, prefix: int, suffix: int, fuzz: int) -> tuple[int, int]:
     """GNU 2.7.6 locate_hunk: return (where (1-based, 0 = not found), new in_offset)."""
-    input_lines = len(lines)
     first_guess = first + in_offset
-    pat_lines = len(pattern)
     context = max(prefix, suffix)
     prefix_fuzz = fuzz + prefix - context
     suffix_fuzz = fuzz + suffix - context
@@ -530,10 +870,9 @@ def _locate(lines: list[bytes], pattern: list[bytes], first: int, in_offset: int
 
     def match(offset: int, pf: int, sf: int) -> bool:
         start = first_guess + offset + pf - 1  # 0-based index of the first compared line
-        end = start + (pat_lines - sf - pf)
-        if start < 0 or end > input_lines:
+        if start < 0 or start + (pat_lines - sf - pf) > input_lines:
             return False
-        return lines[start:end] == pattern[pf:pat_lines - sf]
+        return same(start, pf, sf)
 
     if prefix_fuzz < 0 and first <= 1:
         # Fewer leading than trailing context lines: can only match the start of the file.
@@ -565,23 +904,170 @@ def _locate(lines: list[bytes], pattern: list[bytes], first: int, in_offset: int
     return 0, in_offset
 
 
-def apply_hunks(data: bytes, hunks: list[Hunk], fuzz: int = 0, path: str = "",
-                creating: bool = False) -> tuple[bytes, list[HunkResult]]:
+def _list_matcher(lines: list[bytes], pattern: list[bytes]) -> Matcher:
+    pat = len(pattern)
+
+    def same(start: int, pf: int, sf: int) -> bool:
+        return lines[start:start + pat - sf - pf] == pattern[pf:pat - sf]
+    return same
+
+
+def _offsets_matcher(data: bytes, off: array[int], pattern: bytes) -> Matcher:
+    """Compare byte ranges instead of line lists: both sides are whole lines split after
+    each b"\\n", so equal bytes mean equal lines."""
+    lines = _split_lines(pattern)
+    pat = len(lines)
+    joined: dict[tuple[int, int], bytes] = {(0, 0): pattern}
+
+    def same(start: int, pf: int, sf: int) -> bool:
+        want = joined.get((pf, sf))
+        if want is None:
+            want = joined[pf, sf] = b"".join(lines[pf:pat - sf])
+        at = off[start]
+        return off[start + pat - pf - sf] - at == len(want) and data.startswith(want, at)
+    return same
+
+
+def _line_starts(data: bytes) -> array[int]:
+    """Offsets of every line start, then len(data); one small line object at a time."""
+    return array("q", accumulate(map(len, io.BytesIO(data)), initial=0))
+
+
+def apply_hunks(data: bytes, hunks: Sequence[Hunk], fuzz: int = 0, path: str = "",
+                creating: bool = False) -> tuple[bytes, HunkResults]:
     """Apply hunks to one file's bytes the way GNU patch does. Raises HunkFailed."""
+    if isinstance(hunks, Hunks) and hunks.all_plain() and (not data or data.endswith(b"\n")):
+        return _apply_plain(data, hunks, fuzz, path, creating)
+    if isinstance(hunks, Hunks):
+        return _apply_lines(data, (hunks._peek(k) for k in range(len(hunks))), fuzz, path,
+                            creating)
+    return _apply_lines(data, hunks, fuzz, path, creating)
+
+
+def _apply_plain(data: bytes, hunks: Hunks, fuzz: int, path: str,
+                 creating: bool) -> tuple[bytes, HunkResults]:
+    """apply_hunks for plain hunks on a file ending in a newline, in one forward pass over
+    byte offsets: each hunk is checked at its expected place with one comparison; only a
+    hunk that moved or needs fuzz indexes the file's lines (once) for GNU's search.
+    The hot loop of big patches: locals for every method, no helper calls."""
+    buf = hunks.buf
+    nlines = data.count(b"\n")
+    out = io.BytesIO()
+    write, view = out.write, memoryview(data)
+    simple, dfind, startswith = _SIMPLE_RE.fullmatch, data.find, data.startswith
+    results = HunkResults(path)
+    run = (0, 0)
+    off: array[int] | None = None
+    in_offset = 0
+    frozen = frozen_at = 0  # input lines already copied or deleted, and their byte length
+    starts = hunks._starts
+    ends = chain(islice(starts, 1, None), (hunks._end,))  # no copy of the offsets
+    for k, (start, end) in enumerate(zip(starts, ends)):
+        m = simple(buf, start, end)
+        if m:  # context, removed, added, context: each part loses its tags at once
+            first, old_len, lead, dels, adds, trail = m.groups()
+            first = int(first) + (old_len is not None and int(old_len) == 0)
+            lead, trail = lead[1:].replace(b"\n ", b"\n"), trail[1:].replace(b"\n ", b"\n")
+            dels, adds = dels[1:].replace(b"\n-", b"\n"), adds[1:].replace(b"\n+", b"\n")
+        else:
+            first, lead, dels, adds, trail = _plain_parts(buf, start, end)
+        pattern = lead + dels + trail
+        prefix = lead.count(b"\n")
+        suffix = trail.count(b"\n") if dels or adds else prefix
+        pat_lines = prefix + dels.count(b"\n") + (suffix if dels or adds else 0)
+        first_guess = first + in_offset
+        where = used = 0
+        gap = first_guess - 1 - frozen
+        if prefix == suffix and pattern and gap >= 0 and first_guess - 1 + pat_lines <= nlines:
+            at = frozen_at
+            while gap > 64:
+                at = _skip_re(64).match(data, at).end()  # type: ignore[union-attr]
+                gap -= 64
+            while gap:
+                at = dfind(b"\n", at) + 1
+                gap -= 1
+            if startswith(pattern, at):
+                where = first_guess
+                target_at = at + len(lead)
+        if not where:
+            if off is None:
+                off = _line_starts(data)
+            same = _offsets_matcher(data, off, pattern)
+            for used in range(min(fuzz, max(prefix, suffix)) + 1):
+                where, in_offset = _locate(nlines, same, pat_lines, first, in_offset, frozen,
+                                           prefix, suffix, used)
+                if where:
+                    break
+            if not where:
+                raise HunkFailed(k + 1, first + in_offset)
+            # Under fuzz the leading context comes from the file, whatever its length.
+            target_at = off[min(where - 1 + prefix, nlines)]
+        if where == 1 and creating and data:
+            raise HunkFailed(k + 1, 1, "creates a file that already exists")
+        if dels or adds:
+            target = where - 1 + prefix
+            if frozen > target:
+                raise HunkFailed(k + 1, where, "misordered hunks")
+            write(view[frozen_at:target_at])
+            write(adds)
+            frozen, frozen_at = target + dels.count(b"\n"), target_at + len(dels)
+        if (in_offset, used) != run:
+            run = (in_offset, used)
+            results.mark(k, in_offset, used)
+    results.close(len(starts))
+    write(view[frozen_at:])
+    view.release()
+    return out.getvalue(), results
+
+
+def _plain_parts(buf: bytes, start: int, end: int) -> tuple[int, bytes, bytes, bytes, bytes]:
+    """A plain hunk of any shape as (first old line, leading context, the changed span's old
+    lines, its new lines, trailing context), contents without tags: what _SIMPLE_RE gives
+    for the usual shape. Context lines inside the changed span belong to both sides."""
+    m = _OLD_START_RE.match(buf, start)
+    assert m is not None
+    first = int(m.group(1)) + (m.group(2) is not None and int(m.group(2)) == 0)
+    lines = buf[m.end():end].split(b"\n")
+    lines.pop()  # each line: tag, content without its newline (plain: none lacks one)
+    tags = bytes([line[0] for line in lines])
+    prefix = len(tags) - len(tags.lstrip(b" "))
+    if prefix == len(tags):
+        return first, b"".join(line[1:] + b"\n" for line in lines), b"", b"", b""
+    suffix = len(tags) - len(tags.rstrip(b" "))
+    mid = lines[prefix:len(lines) - suffix]
+
+    def side(part: list[bytes], drop: int) -> bytes:
+        return b"".join(line[1:] + b"\n" for line in part if line[0] != drop)
+    return (first, side(lines[:prefix], 0), side(mid, 0x2B), side(mid, 0x2D),
+            side(lines[len(lines) - suffix:], 0))
+
+
+@cache
+def _skip_re(count: int) -> re.Pattern[bytes]:
+    """Matches `count` whole lines (count <= 64: a few compiled patterns in all)."""
+    return re.compile(rb"(?:[^\n]*\n){%d}" % count)
+
+
+def _apply_lines(data: bytes, hunks: Iterable[Hunk], fuzz: int, path: str,
+                 creating: bool) -> tuple[bytes, HunkResults]:
+    """apply_hunks on a list of the file's lines: any hunk (markers, CRLF rule, edits)."""
     lines = _split_lines(data)
     out: list[bytes] = []
-    results: list[HunkResult] = []
+    results = HunkResults(path)
     in_offset = 0
     frozen = 0  # input lines already copied or deleted (GNU last_frozen_line)
+    ragged = bool(lines) and not lines[-1].endswith(b"\n")
     for idx, h in enumerate(hunks, 1):
         old = h.old_lines()
         prefix, suffix = h.context()
         first = h.old_start if h.old_len else h.old_start + 1
         maxf = min(fuzz, max(prefix, suffix))
+        same = _list_matcher(lines, old)
         where = 0
         used = 0
         for used in range(maxf + 1):
-            where, in_offset = _locate(lines, old, first, in_offset, frozen, prefix, suffix, used)
+            where, in_offset = _locate(len(lines), same, len(old), first, in_offset, frozen,
+                                       prefix, suffix, used)
             if where:
                 break
         if not where:
@@ -592,10 +1078,9 @@ def apply_hunks(data: bytes, hunks: list[Hunk], fuzz: int = 0, path: str = "",
             frozen = _apply_one(lines, h, where, frozen, out)
         except HunkFailed as exc:
             raise HunkFailed(idx, exc.line, exc.why) from None
-        results.append(HunkResult(path, idx, in_offset, used))
+        results.add(in_offset, used)
+        ragged = ragged or _new_side_unterminated(h)
     out.extend(lines[frozen:])
-    ragged = bool(lines) and not lines[-1].endswith(b"\n") or any(
-        _new_side_unterminated(h) for h in hunks)
     return (_join(out) if ragged else b"".join(out)), results
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from fsbuild import journal
 from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
                             RecoveryError, RunInterruptedError, UnsafePathError)
-from fsbuild.patch import (FilePatch, Hunk, HunkFailed, HunkResult, Patch, apply_hunks,
+from fsbuild.patch import (FilePatch, Hunk, HunkFailed, HunkLog, Patch, apply_hunks,
                            parse_patch, resolves_inside, safe_relpath, strip_path)
 
 # ---------------------------------------------------------------- series file
@@ -277,7 +277,7 @@ def _umask() -> int:
 class PatchReport:
     name: str
     files: list[str] = field(default_factory=list)
-    hunks: list[HunkResult] = field(default_factory=list)
+    hunks: HunkLog = field(default_factory=HunkLog)
 
 
 def _reverse(fp: FilePatch) -> FilePatch:

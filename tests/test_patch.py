@@ -458,3 +458,93 @@ def test_symlink_chain_made_by_the_series_is_followed(tmp_path: Path) -> None:
     apply_patch(t, parse_patch(_link_diff("q", b"."), "1"), 1, 0)
     with pytest.raises(UnsafePathError, match="outside the tree"):
         apply_patch(t, parse_patch(_link_diff("p", b"q/../.."), "2"), 1, 0)
+
+
+# ---------------------------------------------------------------- big patches (#12.14)
+
+def _big_case(hunks: int) -> tuple[bytes, bytes]:
+    """The benchmark's shape (ci/bench_apply.py): one line changed in every 5."""
+    data = b"".join(b"%07x\n" % k for k in range(hunks * 5 + 5))
+    patch = b"--- a/big.txt\n+++ b/big.txt\n" + b"".join(
+        b"@@ -%d,3 +%d,3 @@\n %07x\n-%07x\n+%07X\n %07x\n" % (f, f, f - 1, f, f, f + 1)
+        for f in range(2, hunks * 5 + 2, 5))
+    return data, patch
+
+
+def _traced_peak(fn):  # type: ignore[no-untyped-def]
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_big_patch_costs_bytes_not_objects_per_hunk() -> None:
+    """Parsing keeps offsets (not hundreds of bytes of objects per hunk) and applying builds
+    one output buffer (not a list of every line): allocation bounds, not timings."""
+    n = 20000
+    data, patch = _big_case(n)
+    parsed, parse_peak = _traced_peak(lambda: parse_patch(patch, "big.patch"))
+    assert parse_peak < 64 * n, f"parse allocated {parse_peak / n:.0f} bytes per hunk"
+    hunks = parsed.files[0].hunks
+    (out, results), apply_peak = _traced_peak(lambda: apply_hunks(data, hunks, 0, "big.txt"))
+    assert apply_peak < 2 * len(data) + 64 * 1024, \
+        f"apply allocated {apply_peak / len(data):.1f}x the file"
+    expected = data
+    for f in range(2, n * 5 + 2, 5):
+        expected = expected.replace(b"%07x\n" % f, b"%07X\n" % f, 1)
+    assert out == expected
+    assert len(results) == n and results[-1].hunk == n and results.counts() == (n, 0, 0)
+    assert format_patch(parsed) == patch
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(drifted())
+def test_byte_offset_apply_agrees_with_line_apply(case: tuple[bytes, bytes, int]) -> None:
+    """The forward pass over bytes (parsed plain hunks) and the line-list applier (any Hunk
+    objects) give the same bytes, offsets, fuzz and failures."""
+    patch, target, fuzz = case
+    if not patch:
+        return
+
+    def run(hunks):  # type: ignore[no-untyped-def]
+        try:
+            out, res = apply_hunks(target, hunks, fuzz, "f")
+        except HunkFailed as exc:
+            return ("failed", exc.index, exc.line, exc.why)
+        return out, [(r.hunk, r.offset, r.fuzz) for r in res]
+
+    fast = run(parse_patch(patch, "p").files[0].hunks)
+    slow = run(list(parse_patch(patch, "p").files[0].hunks))
+    assert fast == slow
+
+
+def test_parsed_hunks_behave_as_a_list() -> None:
+    diff = b"--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\n-b\n+c\n@@ -5,2 +5,2 @@\n e\n-f\n+g\n"
+    p = parse_patch(diff, "p")
+    hunks = p.files[0].hunks
+    assert len(hunks) == 2 and hunks[1].lineno == 7 and hunks[-1].old_start == 5
+    assert hunks[0] is hunks[0]  # handed-out hunks are kept: edits to them stick
+    hunks[0].lines[2] = ("+", b"C\n")
+    assert b"+C\n" in format_patch(p) and b"+g\n" in format_patch(p)
+    del hunks[1]
+    assert format_patch(p) == b"--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\n-b\n+C\n"
+    assert apply_hunks(b"a\nb\n", hunks)[0] == b"a\nC\n"
+
+
+def test_hunk_results_runs_and_counts() -> None:
+    from fsbuild.patch import HunkLog, HunkResult, HunkResults
+    res = HunkResults("f")
+    for offset, fuzz in [(0, 0), (0, 0), (2, 0), (2, 0), (2, 1), (0, 0)]:
+        res.add(offset, fuzz)
+    assert [(r.hunk, r.offset, r.fuzz) for r in res] == \
+        [(1, 0, 0), (2, 0, 0), (3, 2, 0), (4, 2, 0), (5, 2, 1), (6, 0, 0)]
+    assert res[4] == HunkResult("f", 5, 2, 1) and res.counts() == (6, 2, 1)
+    log = HunkLog()
+    log.extend(res)
+    log.extend([HunkResult("g", 1, 0, 2)])
+    assert len(log) == 7 and log[6].file == "g" and log.counts() == (7, 2, 2)
+    assert [(h.file, h.hunk) for h in log.fuzzed()] == [("f", 5), ("g", 1)]
+

@@ -18,10 +18,10 @@ from fsbuild.series import Interrupts, PatchReport, apply_series, parse_series
 
 def summary(reports: list[PatchReport]) -> dict[str, int]:
     files = {f for r in reports for f in r.files}
-    hunks = [h for r in reports for h in r.hunks]
-    return {"patches": len(reports), "files": len(files), "hunks": len(hunks),
-            "offset": sum(1 for h in hunks if h.offset and not h.fuzz),
-            "fuzz": sum(1 for h in hunks if h.fuzz)}
+    # Counted per run of equal results: a big patch has a HunkResult per hunk only on demand.
+    counts = [r.hunks.counts() for r in reports]
+    return {"patches": len(reports), "files": len(files), "hunks": sum(c[0] for c in counts),
+            "offset": sum(c[1] for c in counts), "fuzz": sum(c[2] for c in counts)}
 
 
 def to_json(reports: list[PatchReport]) -> dict[str, object]:
@@ -102,7 +102,6 @@ def _report(reports: list[PatchReport], as_json: bool, dry_run: bool) -> None:
                   f"({s['hunks']} hunks; {s['offset']} with offset, {s['fuzz']} with fuzz)")
     # Offsets are routine; fuzz means context was ignored and deserves a look.
     for r in reports:
-        for h in r.hunks:
-            if h.fuzz:
-                progress.info(f"  {r.name}: {h.file} hunk #{h.hunk} applied with fuzz {h.fuzz}"
-                              + (f" (offset {h.offset:+d})" if h.offset else ""))
+        for h in r.hunks.fuzzed():
+            progress.info(f"  {r.name}: {h.file} hunk #{h.hunk} applied with fuzz {h.fuzz}"
+                          + (f" (offset {h.offset:+d})" if h.offset else ""))
