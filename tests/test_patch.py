@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fsbuild.errors import PatchApplyError, PatchFormatError, UnsafePathError
@@ -301,12 +301,22 @@ def drifted(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(drifted())
+@example((b"--- a/f\n+++ b/f\n@@ -1,2 +1,4 @@\n+new\n+new\n a\n a\n@@ -14,3 +16,4 @@\n a\n a\n+new\n b\n",
+          b"a\n" * 14 + b"b", 2))   # the unterminated-last-line divergence, always checked
 def test_agrees_with_gnu_patch(case: tuple[bytes, bytes, int]) -> None:
     require_tool("patch", "diff")
     patch, target, fuzz = case
     if not patch:
         return
-    assert _ours(patch, target, fuzz) == _gnu(patch, target, fuzz)
+    ours, gnu = _ours(patch, target, fuzz), _gnu(patch, target, fuzz)
+    if ours != gnu and fuzz and not target.endswith(b"\n"):
+        # One known divergence: GNU patch, placing a fuzzed hunk's added lines after an
+        # unterminated last line, glues them onto it ("b" + "new\n" -> "bnew\n"). We keep
+        # the lines apart: equal to GNU's output but for that one newline.
+        at = next(i for i, (x, y) in enumerate(zip(ours, gnu)) if x != y)
+        assert ours[at:at + 1] == b"\n" and ours[:at] + ours[at + 1:] == gnu
+        return
+    assert ours == gnu
 
 
 def test_report_type_is_exported() -> None:
