@@ -76,8 +76,16 @@ def git_repo(root: Path, files: dict[str, str]) -> Path:
 
 
 def cache_entries() -> list[str]:
+    """The cache's entries (the shared object store is not one: see store_trees)."""
     root = upstream.cache_root()
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+    return sorted(p.name for p in root.iterdir() if p.name != upstream.STORE) if root.exists() else []
+
+
+def store_trees() -> list[str]:
+    """Trees the object store names: a refused import leaves only unreachable objects."""
+    if not upstream.store_root().exists():
+        return []
+    return git(upstream.store_root(), "for-each-ref", "--format=%(refname)").split()
 
 
 # ---------------------------------------------------------------- tarballs
@@ -99,6 +107,7 @@ def test_tarball_cached_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # unchanged file: neither hashed nor scanned again
     with monkeypatch.context() as m:
         m.setattr(upstream, "scan_tarball", lambda *a, **k: pytest.fail("rescanned"))
+        m.setattr(upstream, "scan_import", lambda *a, **k: pytest.fail("rescanned"))
         m.setattr(upstream, "sha256_file", lambda *a: pytest.fail("rehashed"))
         assert upstream.resolve(load("linux-6.1"), str(tb)) == first
     # same bytes under another name: hashed, but the entry is shared
@@ -141,6 +150,7 @@ def test_hostile_tarball_rejected_nothing_written(tmp_path: Path, member: tarfil
     with pytest.raises(UnsafePathError):
         upstream.resolve(load("linux-6.1"), str(tb))
     assert [e for e in cache_entries() if e != "index.json"] == []
+    assert store_trees() == [] and not (upstream.store_root() / upstream.BLOB_INDEX).exists()
     assert not (tmp_path.parent / "evil").exists()
 
 
