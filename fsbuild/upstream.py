@@ -1085,8 +1085,10 @@ def _scan_import(path: Path, known: dict[bytes, str]) -> tuple[str, str, str]:
     marks = root / f"fsbuild-marks.{os.getpid()}"
     ref = f"refs/fsbuild/importing-{os.getpid()}"
     used_index = bool(known)
+    # always a pack (workspaces link packs; small imports would go loose), zlib level 1:
+    # level 6 costs ~3x the CPU for a store that is a cache
     fi = subprocess.Popen(["git", "-C", str(root), "-c", "pack.compression=1", "-c", "core.compression=1",
-                           "fast-import", "--quiet", "--done", "--depth=0", "--force",
+                           "-c", "fastimport.unpackLimit=0", "fast-import", "--quiet", "--done", "--depth=0", "--force",
                            f"--export-marks={marks}"],
                           stdin=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=CHUNK,
                           env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"})
