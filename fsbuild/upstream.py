@@ -1062,61 +1062,83 @@ class _Blobs:
         return f":{mark}"
 
 
+Feed = Callable[["_Blobs"], dict[str, tuple[int, str]]]   # sends blobs, returns path -> (mode, ref)
+
+
 def scan_import(path: Path) -> tuple[str, str, str]:
-    """scan_tarball and the import into the store in one pass: (topdir, version, tree).
-    Nothing names the tree before every member passed the checks; a failed or killed run
-    leaves only unreferenced objects. A stale blob index (fast-import finds a blob it names
-    missing) is dropped and the import run once more without it."""
+    """scan_tarball and the import into the store in one pass: (topdir, version, tree)."""
+    where = str(path)
+    found: dict[str, str] = {}
+
+    def feed(blobs: _Blobs) -> dict[str, tuple[int, str]]:
+        try:
+            with _tar_stream(path) as tf:
+                topdir, makefile, files = _feed(tf, where, blobs)
+        except BrokenPipeError:
+            raise    # fast-import died: _store_import reports git's error
+        except tarfile.TarError as exc:
+            raise UpstreamError(f"{where}: not a readable tarball ({exc})") from exc
+        except (EOFError, OSError, ValueError) as exc:   # truncated / corrupt compression
+            raise UpstreamError(f"{where}: corrupt tarball ({exc})") from exc
+        if makefile is None:
+            raise UpstreamError(f"{where}: no {topdir}/Makefile: not a kernel tree")
+        found.update(topdir=topdir, version=makefile_version(makefile))
+        return files
+
+    tree = store_import(path.name, feed)
+    topdir, version = found["topdir"], found["version"]
+    if topdir.startswith(f"linux-{version}-"):   # RHEL style: linux-2.6.32-431.17.1.el6
+        version = topdir[len("linux-"):]
+    return topdir, version, tree
+
+
+def store_import(what: str, feed: Feed) -> str:
+    """Run `feed` into one fast-import of the store; returns the tree it made. Nothing names
+    the tree before `feed` returned (every member checked); a failed or killed run leaves
+    only unreferenced objects. A stale blob index (fast-import misses a blob it names) is
+    dropped and `feed` run once more without it."""
     _ensure_store()
     try:
-        return _scan_import(path, _load_blob_index())
+        return _store_import(what, feed, _load_blob_index())
     except _StaleIndex:
         (store_root() / BLOB_INDEX).unlink(missing_ok=True)
-        return _scan_import(path, {})
+        return _store_import(what, feed, {})
 
 
 class _StaleIndex(Exception):
     """Internal: fast-import refused a blob id taken from the blob index."""
 
 
-def _scan_import(path: Path, known: dict[bytes, str]) -> tuple[str, str, str]:
-    where = str(path)
+def _store_import(what: str, feed: Feed, known: dict[bytes, str]) -> str:
     root = store_root()
     marks = root / f"fsbuild-marks.{os.getpid()}"
     ref = f"refs/fsbuild/importing-{os.getpid()}"
     used_index = bool(known)
-    # always a pack (workspaces link packs; small imports would go loose), zlib level 1:
-    # level 6 costs ~3x the CPU for a store that is a cache
+    # always a pack (workspaces link packs; small imports would go loose); zlib level 1:
+    # the store is a cache, level 6 costs several times the CPU
     fi = subprocess.Popen(["git", "-C", str(root), "-c", "pack.compression=1", "-c", "core.compression=1",
-                           "-c", "fastimport.unpackLimit=0", "fast-import", "--quiet", "--done", "--depth=0", "--force",
-                           f"--export-marks={marks}"],
+                           "-c", "fastimport.unpackLimit=0", "fast-import", "--quiet", "--done", "--depth=0",
+                           "--force", f"--export-marks={marks}"],
                           stdin=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=CHUNK,
                           env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"})
     assert fi.stdin is not None and fi.stderr is not None
     try:
+        blobs = _Blobs(fi.stdin.write, known)
         try:
-            blobs = _Blobs(fi.stdin.write, known)
-            with _tar_stream(path) as tf:
-                topdir, makefile, files = _feed(tf, where, blobs)
-            if makefile is None:
-                raise UpstreamError(f"{where}: no {topdir}/Makefile: not a kernel tree")
-            version = makefile_version(makefile)
+            files = feed(blobs)
             fi.stdin.write(f"commit {ref}\nauthor {STORE_IDENT}\ncommitter {STORE_IDENT}\n"
                            "data 0\n".encode())
             fi.stdin.write(b"".join(b"M %o %s %s\n" % (mode, r.encode(), _fi_path(p))
                                     for p, (mode, r) in sorted(files.items())))
             fi.stdin.write(b"\ndone\n")
             fi.stdin.close()
-        except tarfile.TarError as exc:
-            raise UpstreamError(f"{where}: not a readable tarball ({exc})") from exc
-        except (EOFError, OSError, ValueError) as exc:
-            if fi.poll() is None:   # else a broken pipe to a dead fast-import: git's failure
-                raise UpstreamError(f"{where}: corrupt tarball ({exc})") from exc
+        except BrokenPipeError:   # fast-import died: its stderr says why
+            pass
         err = fi.stderr.read().decode(errors="replace")
         if fi.wait() != 0 or not fi.stdin.closed:
             if used_index and "not found" in err:
                 raise _StaleIndex()
-            raise UpstreamError(f"git fast-import of {path.name} into {root} failed: {err.strip()[-300:]}")
+            raise UpstreamError(f"git fast-import of {what} into {root} failed: {err.strip()[-300:]}")
     except BaseException:
         fi.kill()
         fi.wait()
@@ -1132,9 +1154,7 @@ def _scan_import(path: Path, known: dict[bytes, str]) -> tuple[str, str, str]:
     for mark, key in blobs.fresh.items():
         known[key] = by_mark[f":{mark}"]
     _save_blob_index(known)
-    if topdir.startswith(f"linux-{version}-"):   # RHEL style: linux-2.6.32-431.17.1.el6
-        version = topdir[len("linux-"):]
-    return topdir, version, tree
+    return tree
 
 
 def _feed(tf: tarfile.TarFile, where: str, blobs: _Blobs) -> tuple[str, bytes | None, dict[str, tuple[int, str]]]:
