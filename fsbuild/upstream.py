@@ -849,12 +849,14 @@ def _from_entries(target: str, entries: list[_Entry], where: str) -> Upstream:
     stage = _staging()
     try:
         tmp = stage / f"{topdir}.tar.gz"
-        write_deterministic_tar(tmp, topdir, entries)
+        # each file is read once, for the tarball and the store alike
+        tree = store_import(where, lambda blobs: write_deterministic_tar(tmp, topdir, entries, blobs))
         digest = sha256_file(tmp)
         entry = _entry_key("tree", digest)
         if _cached(target, entry) is None:
             _commit_entry(stage, entry, {"kind": "tree", "digest": digest, "version": version,
-                                         "topdir": topdir, "tarball": tmp.name, "source": where})
+                                         "topdir": topdir, "tarball": tmp.name, "source": where,
+                                         "store_tree": tree})
         else:
             shutil.rmtree(stage, ignore_errors=True)
     except BaseException:
@@ -863,8 +865,11 @@ def _from_entries(target: str, entries: list[_Entry], where: str) -> Upstream:
     return _cached(target, entry)  # type: ignore[return-value]
 
 
-def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry]) -> None:
-    """Same entries -> same bytes: sorted names, fixed mtime/owner, gzip header mtime 0."""
+def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry],
+                            blobs: _Blobs | None = None) -> dict[str, tuple[int, str]]:
+    """Same entries -> same bytes: sorted names, fixed mtime/owner, gzip header mtime 0.
+    With `blobs`, every file and link also goes to the store: path -> (mode, blob ref)."""
+    files: dict[str, tuple[int, str]] = {}
     with open(out, "wb") as raw, \
             gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tf:
@@ -877,11 +882,48 @@ def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry]) -> No
                 info = _info(name, tarfile.SYMTYPE, 0o777)
                 info.linkname = e.link
                 tf.addfile(info)
+                if blobs is not None:
+                    files[e.name] = (0o120000, blobs.small(e.link.encode()))
             else:
                 info = _info(name, tarfile.REGTYPE, e.mode)
                 info.size = e.size()
                 with e.open() as fh:
-                    tf.addfile(info, fh)
+                    if blobs is None:
+                        tf.addfile(info, fh)
+                    elif info.size <= SMALL:
+                        data = fh.read(info.size)
+                        if len(data) != info.size:
+                            raise UpstreamError(f"{e.name}: changed while it was read")
+                        tf.addfile(info, io.BytesIO(data))
+                        files[e.name] = (0o100000 | e.mode, blobs.small(data))
+                    else:
+                        tee = _Tee(fh, blobs, info.size)
+                        tf.addfile(info, tee)   # type: ignore[arg-type]
+                        files[e.name] = (0o100000 | e.mode, tee.done())
+    return files
+
+
+class _Tee:
+    """A large file read by tarfile.addfile whose bytes also stream to fast-import as one
+    blob (never held whole)."""
+
+    def __init__(self, fh: IO[bytes], blobs: _Blobs, size: int) -> None:
+        self.fh, self.blobs, self.h, self.left = fh, blobs, hashlib.sha256(), size
+        self.mark = len(blobs.fresh) + 1
+        blobs.write(b"blob\nmark :%d\ndata %d\n" % (self.mark, size))
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.fh.read(min(n, self.left) if n >= 0 else self.left)
+        self.h.update(chunk)
+        self.blobs.write(chunk)
+        self.left -= len(chunk)
+        return chunk
+
+    def done(self) -> str:
+        if self.left:
+            raise UpstreamError("a file shrank while it was read")
+        self.blobs.write(b"\n")
+        return self.blobs._added(self.mark, self.h.digest())
 
 
 def _info(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:

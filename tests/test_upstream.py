@@ -587,3 +587,22 @@ def test_corrupt_xz_is_one_upstream_error(tmp_path: Path) -> None:
     with pytest.raises(UpstreamError):
         upstream.resolve(load("linux-6.1"), str(bad))
     assert store_trees() == []
+
+
+@pytest.mark.parametrize("small", [upstream.SMALL, 64], ids=["read-whole", "streamed"])
+def test_directory_read_once_for_tarball_and_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   small: int) -> None:
+    """A directory upstream goes to the store while its deterministic tarball is written
+    (it was re-read from the .tar.gz by the workspace); files over SMALL are streamed."""
+    monkeypatch.setattr(upstream, "SMALL", small)
+    files = {**kernel_files("1.0.0"), **{f"drivers/d{i}.c": lines(f"d{i}", 30) for i in range(20)}}
+    first = upstream.resolve(load("linux-6.1"), str(write_tree(tmp_path / "a" / "linux", files)))
+    newer = {**files, "Makefile": makefile("1.0.1"), "drivers/d3.c": lines("d3 fixed", 30)}
+    before = set(upstream.store_root().glob("objects/pack/pack-*.idx"))
+    up = upstream.resolve(load("linux-6.1"), str(write_tree(tmp_path / "b" / "linux", newer)))
+    (idx,) = set(upstream.store_root().glob("objects/pack/pack-*.idx")) - before
+    assert _pack_blobs(idx) == 2 and first.store_tree and up.store_tree != first.store_tree
+    with tarfile.open(up.tarball) as tf:
+        for rel, text in newer.items():
+            assert tf.extractfile(f"linux-1.0.1/{rel}").read().decode() == text  # type: ignore[union-attr]
+            assert git(upstream.store_root(), "show", f"{up.store_tree}:{rel}") == text
