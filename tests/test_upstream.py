@@ -3,6 +3,7 @@ The helpers at the top build tiny real kernel-like trees; test_workspace/test_re
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -541,6 +542,9 @@ def test_workspace_links_the_store_packs_and_commits_the_same_tree(tmp_path: Pat
     assert f"Fsbuild-Upstream-Digest: {up.digest}" in git(ws.root, "log", "-1", "--format=%B", commit)
     packs = list((ws.root / ".git" / "objects" / "pack").glob("pack-*.pack"))
     assert packs and all(p.stat().st_nlink == 2 for p in packs)   # linked, not copied
+    # the very commit the tarball's own fast-import (no store: older cache entries) makes
+    other = Workspace(load("linux-6.1"), root=tmp_path / "ws2")
+    assert other.import_upstream(dataclasses.replace(up, store_tree="")) == commit
     # the workspace outlives the store
     import shutil
     shutil.rmtree(upstream.store_root())
