@@ -154,13 +154,13 @@ def bench_cold_warm(old, new, runs: int) -> None:  # type: ignore[no-untyped-def
             quilt_wall.append(w)
             applied = sum(1 for line in cp.stdout.decode(errors="replace").splitlines()
                           if line.startswith("Applying patch"))
-            shutil.rmtree(trees)
+            subprocess.run(["rm", "-rf", str(trees)], check=True)   # 160k files: rm beats rmtree
         colds, warms = [], []
         for k in range(runs):
             state = scratch / f"state{k}"
             colds.append(_rebase_cli(state, old, new, scratch / f"cold{k}"))
             warms.append(_rebase_cli(state, old, new, scratch / f"warm{k}"))
-            shutil.rmtree(state)
+            subprocess.run(["rm", "-rf", str(state)], check=True)
         n = len(colds[0][2]["patches"])
         b_wall, b_cpu = min(base)
         cold, warm = min(colds, key=lambda r: r[0]), min(warms, key=lambda r: r[0])
