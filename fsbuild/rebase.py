@@ -28,7 +28,8 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -481,22 +482,29 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
     if not series.is_file():
         raise MissingFileError(f"series file {series} does not exist")
     entries = read_series(series)
-    new_up = U.resolve(target, new_src, new_version)   # first: a refusal changes nothing
-    old_up = U.resolve(target, old_src, strict=False)
-    ws = plain_workspace(target)
-    old_base, new_base = ws.import_upstream(old_up), ws.import_upstream(new_up)
+    clock = PhaseClock()
+    with clock("import_new"):
+        new_up = U.resolve(target, new_src, new_version)   # first: a refusal changes nothing
+    with clock("import_old"):
+        old_up = U.resolve(target, old_src, strict=False)
+        ws = plain_workspace(target)
+        old_base = ws.import_upstream(old_up)
+    with clock("import_new"):
+        new_base = ws.import_upstream(new_up)
     t0 = time.monotonic()
-    plan = Plan(series=str(series.resolve()), old_base=old_base, new_base=new_base,
-                new_version=new_up.version, new_digest=new_up.digest,
-                old_commits=build_old(ws.root, entries, series.parent, old_base),
-                git_upstream=_git_range(old_src, new_src))
-    run_carry(ws.root, plan, 0, stop_on_conflict=False, with_worktree=False)
+    with clock("carry"):
+        plan = Plan(series=str(series.resolve()), old_base=old_base, new_base=new_base,
+                    new_version=new_up.version, new_digest=new_up.digest,
+                    old_commits=build_old(ws.root, entries, series.parent, old_base),
+                    git_upstream=_git_range(old_src, new_src))
+        run_carry(ws.root, plan, 0, stop_on_conflict=False, with_worktree=False)
     results = [Result(**r) for r in plan.results]  # type: ignore[arg-type]
-    _write_series_dir(ws.root, plan, series, entries, results, out)
+    with clock("export"):
+        _write_series_dir(ws.root, plan, series, entries, results, out)
     elapsed = time.monotonic() - t0
     if report is not None:
         data = {"from": old_up.version, "onto": new_up.version, "seconds": round(elapsed, 2),
-                "patches": [patch_json(r) for r in results]}
+                "phase_seconds": clock.rounded(PLAIN_PHASES), "patches": [patch_json(r) for r in results]}
         atomic_write(report, (json.dumps(data, indent=1) + "\n").encode())
         md = [f"# Rebase {old_up.version} -> {new_up.version}", "",
               *(f"- {r.name}: {r.outcome}" + (f" ({r.reason})" if r.reason else "") for r in results),
@@ -504,6 +512,27 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
         md_path = report.with_suffix(".md") if report.suffix != ".md" else report.with_name(report.name + ".md")
         atomic_write(md_path, ("\n".join(md) + "\n").encode())
     return results
+
+
+PLAIN_PHASES = ("import_old", "import_new", "carry", "export")
+
+
+class PhaseClock:
+    """Wall seconds per phase (a phase may be entered more than once: the times add up)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.monotonic() - t
+
+    def rounded(self, order: tuple[str, ...]) -> dict[str, float]:
+        return {k: round(self.seconds.get(k, 0.0), 2) for k in order}
 
 
 def plain_workspace(target: Target) -> Workspace:

@@ -23,11 +23,12 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, BinaryIO
 
-from fsbuild import paths, proc
+from fsbuild import paths, proc, progress
 from fsbuild.errors import (ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError,
                             UpstreamIdentityError)
 from fsbuild.patch import resolves_inside
@@ -56,6 +57,7 @@ class Upstream:
     digest: str           # sha256 of the tarball
     configs: dict[str, Path] = field(default_factory=dict)
     spec: Path | None = None
+    store_tree: str = ""  # its git tree in the shared object store ("" when not imported there)
 
 
 # ---------------------------------------------------------------- public entry point
@@ -304,7 +306,8 @@ def _cached(target: str, key: str) -> Upstream | None:
     return Upstream(target=target, version=meta["version"], tarball=tarball,
                     topdir=meta["topdir"], digest=digest,
                     configs={n: entry / "configs" / n for n in meta.get("configs", [])},
-                    spec=entry / meta["spec"] if meta.get("spec") else None)
+                    spec=entry / meta["spec"] if meta.get("spec") else None,
+                    store_tree=_stored_tree(meta.get("store_tree")))
 
 
 def _staging() -> Path:
@@ -345,12 +348,13 @@ def _from_tarball(target: str, path: Path) -> Upstream:
     if up := _cached(target, entry):
         _index_put(key, entry)
         return up
-    topdir, version = scan_tarball(path)
+    topdir, version, tree = scan_import(path)
     stage = _staging()
     try:
         _link_or_copy(path, stage / path.name)
         _commit_entry(stage, entry, {"kind": "tarball", "digest": digest, "version": version,
-                                     "topdir": topdir, "tarball": path.name, "source": str(path)})
+                                     "topdir": topdir, "tarball": path.name, "source": str(path),
+                                     "store_tree": tree})
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -634,7 +638,7 @@ def _extract_srpm(path: Path, stage: Path) -> tuple[str, dict[str, object]]:
     if not tarballs:
         raise UpstreamError(f"{path}: no linux-*.tar.* source inside the SRPM")
     tarball = stage / tarballs[0]
-    topdir, mk_version = scan_tarball(tarball)
+    topdir, mk_version, tree = scan_import(tarball)
     version = f"{ver}-{rel}" if ver and rel else mk_version
     digest = sha256_file(tarball)
     (stage / "configs").mkdir(exist_ok=True)
@@ -644,7 +648,7 @@ def _extract_srpm(path: Path, stage: Path) -> tuple[str, dict[str, object]]:
     specs = sorted(n for n in wanted if n.endswith(".spec"))
     return digest, {"version": version, "topdir": topdir, "tarball": tarballs[0],
                     "configs": configs, "spec": specs[0] if specs else None,
-                    "source": str(path)}
+                    "source": str(path), "store_tree": tree}
 
 
 def _hdr(value: object) -> str:
@@ -845,12 +849,14 @@ def _from_entries(target: str, entries: list[_Entry], where: str) -> Upstream:
     stage = _staging()
     try:
         tmp = stage / f"{topdir}.tar.gz"
-        write_deterministic_tar(tmp, topdir, entries)
+        # each file is read once, for the tarball and the store alike
+        tree = store_import(where, lambda blobs: write_deterministic_tar(tmp, topdir, entries, blobs))
         digest = sha256_file(tmp)
         entry = _entry_key("tree", digest)
         if _cached(target, entry) is None:
             _commit_entry(stage, entry, {"kind": "tree", "digest": digest, "version": version,
-                                         "topdir": topdir, "tarball": tmp.name, "source": where})
+                                         "topdir": topdir, "tarball": tmp.name, "source": where,
+                                         "store_tree": tree})
         else:
             shutil.rmtree(stage, ignore_errors=True)
     except BaseException:
@@ -859,8 +865,11 @@ def _from_entries(target: str, entries: list[_Entry], where: str) -> Upstream:
     return _cached(target, entry)  # type: ignore[return-value]
 
 
-def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry]) -> None:
-    """Same entries -> same bytes: sorted names, fixed mtime/owner, gzip header mtime 0."""
+def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry],
+                            blobs: _Blobs | None = None) -> dict[str, tuple[int, str]]:
+    """Same entries -> same bytes: sorted names, fixed mtime/owner, gzip header mtime 0.
+    With `blobs`, every file and link also goes to the store: path -> (mode, blob ref)."""
+    files: dict[str, tuple[int, str]] = {}
     with open(out, "wb") as raw, \
             gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tf:
@@ -873,11 +882,48 @@ def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry]) -> No
                 info = _info(name, tarfile.SYMTYPE, 0o777)
                 info.linkname = e.link
                 tf.addfile(info)
+                if blobs is not None:
+                    files[e.name] = (0o120000, blobs.small(e.link.encode()))
             else:
                 info = _info(name, tarfile.REGTYPE, e.mode)
                 info.size = e.size()
                 with e.open() as fh:
-                    tf.addfile(info, fh)
+                    if blobs is None:
+                        tf.addfile(info, fh)
+                    elif info.size <= SMALL:
+                        data = fh.read(info.size)
+                        if len(data) != info.size:
+                            raise UpstreamError(f"{e.name}: changed while it was read")
+                        tf.addfile(info, io.BytesIO(data))
+                        files[e.name] = (0o100000 | e.mode, blobs.small(data))
+                    else:
+                        tee = _Tee(fh, blobs, info.size)
+                        tf.addfile(info, tee)   # type: ignore[arg-type]
+                        files[e.name] = (0o100000 | e.mode, tee.done())
+    return files
+
+
+class _Tee:
+    """A large file read by tarfile.addfile whose bytes also stream to fast-import as one
+    blob (never held whole)."""
+
+    def __init__(self, fh: IO[bytes], blobs: _Blobs, size: int) -> None:
+        self.fh, self.blobs, self.h, self.left = fh, blobs, hashlib.sha256(), size
+        self.mark = len(blobs.fresh) + 1
+        blobs.write(b"blob\nmark :%d\ndata %d\n" % (self.mark, size))
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.fh.read(min(n, self.left) if n >= 0 else self.left)
+        self.h.update(chunk)
+        self.blobs.write(chunk)
+        self.left -= len(chunk)
+        return chunk
+
+    def done(self) -> str:
+        if self.left:
+            raise UpstreamError("a file shrank while it was read")
+        self.blobs.write(b"\n")
+        return self.blobs._added(self.mark, self.h.digest())
 
 
 def _info(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
@@ -886,3 +932,313 @@ def _info(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = "root"
     return info
+
+
+# ---------------------------------------------------------------- the shared object store
+#
+# A cold import used to decompress each tarball twice in Python (scan, then the workspace's
+# fast-import) and hash every blob with git's collision-detecting SHA-1 (~250 MB/s). Now one
+# pass validates and imports into one object store shared by every upstream of this cache
+# (decompressed by xz -T0 / pigz on other cores); a blob whose SHA-256 is already in the
+# store is named by its blob id instead of sent, so the second kernel of a rebase costs git
+# only its changed files. Workspaces hard-link the store's packs (immutable) and make their
+# commit from the tree: no object is copied.
+
+STORE = "objects.git"
+BLOB_INDEX = "fsbuild-blobs"   # in the store: sha256 (32 bytes) + blob id (20 bytes) per blob
+SMALL = 8 << 20                # members up to this are read whole (dedup); larger ones stream
+STORE_IDENT = "fsbuild <fsbuild@localhost> 1000000000 +0000"
+# external decompressors, preferred first: multi-threaded where the format allows it
+_TOOLS = {"xz": [["xz", "-T0", "-dc"]], "gz": [["pigz", "-dc"], ["gzip", "-dc"]],
+          "bz2": [["lbzip2", "-dc"], ["pbzip2", "-dc"], ["bzip2", "-dc"]]}
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+
+
+def store_root() -> Path:
+    return cache_root() / STORE
+
+
+def _stored_tree(value: object) -> str:
+    return value if isinstance(value, str) and _HEX40.match(value) else ""
+
+
+def _store_git(*args: str, input: bytes | None = None,
+               check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    cp = subprocess.run(["git", "-C", str(store_root()), *args], input=input, capture_output=True,
+                        env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"})
+    if check and cp.returncode != 0:
+        raise UpstreamError(f"git {args[0]} in {store_root()} failed: "
+                            f"{cp.stderr.decode(errors='replace').strip()[-300:]}")
+    return cp
+
+
+def _ensure_store() -> Path:
+    """The bare store repository, created whole (in a temp dir, then one rename)."""
+    root = store_root()
+    if (root / "HEAD").is_file():
+        return root
+    cache_root().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".store-", dir=cache_root()))
+    try:
+        proc.run(["git", "init", "-q", "--bare", tmp], error=UpstreamError)
+        proc.run(["git", "-C", tmp, "config", "gc.auto", "0"], error=UpstreamError)
+        os.rename(tmp, root)
+    except OSError:   # another run created it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def store_has_tree(tree: str) -> bool:
+    return bool(tree) and (store_root() / "HEAD").is_file() and \
+        _store_git("cat-file", "-e", f"{tree}^{{tree}}", check=False).returncode == 0
+
+
+def link_packs(gitdir: Path) -> None:
+    """Hard-link (copy across filesystems) every pack of the store into the repository at
+    `gitdir`: packs are immutable and named by their checksum, and a link outlives the store."""
+    src, dst = store_root() / "objects" / "pack", gitdir / "objects" / "pack"
+    dst.mkdir(parents=True, exist_ok=True)
+    for idx in sorted(src.glob("pack-*.idx")):
+        pack = idx.with_suffix(".pack")
+        if not pack.is_file() or (dst / idx.name).exists():
+            continue
+        for f in (pack, idx):   # the index last: git uses a pack once its index exists
+            _place(f, dst / f.name)
+
+
+def _place(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        pass
+    except OSError:
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
+def _load_blob_index() -> dict[bytes, str]:
+    try:
+        data = (store_root() / BLOB_INDEX).read_bytes()
+    except OSError:
+        return {}
+    return {data[i:i + 32]: data[i + 32:i + 52].hex() for i in range(0, len(data) - 51, 52)}
+
+
+def _save_blob_index(known: dict[bytes, str]) -> None:
+    out = b"".join(k + bytes.fromhex(v) for k, v in known.items() if _HEX40.match(v))
+    _atomic_write(store_root() / BLOB_INDEX, out)
+
+
+@contextmanager
+def _tar_stream(path: Path) -> Iterator[tarfile.TarFile]:
+    """The archive's members in order, decompressed by an external tool in its own process
+    (xz -T0 decodes the blocks of a multi-block .xz on every core); Python's decompressors,
+    which would share our core, only when no tool is installed. A tool's failure (corrupt
+    data, bad checksum) is UpstreamError, after the members were read."""
+    kind = next((k for magic, k in _MAGIC.items() if _head(path).startswith(magic)), None)
+    argv = next((a for a in _TOOLS.get(kind or "", []) if shutil.which(a[0])), None)
+    if argv is None:
+        with open_tar(path) as tf:
+            yield tf
+        return
+    dec = subprocess.Popen([*argv, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert dec.stdout is not None and dec.stderr is not None
+    try:
+        with tarfile.open(fileobj=dec.stdout, mode="r|", tarinfo=_BoundedInfo) as tf:
+            yield tf
+        while dec.stdout.read(CHUNK):   # the tail after the end-of-archive blocks: the tool
+            pass                        # checks the whole stream's integrity
+    except BaseException:
+        dec.kill()
+        dec.wait()
+        raise
+    finally:
+        dec.stdout.close()
+    err = dec.stderr.read().decode(errors="replace").strip()
+    dec.stderr.close()
+    if dec.wait() != 0:
+        raise UpstreamError(f"{path}: corrupt tarball ({argv[0]}: {err[-200:] or 'failed'})")
+
+
+@dataclass
+class _Blobs:
+    """Blobs sent to fast-import in one run: content already in the store is named by its
+    blob id (its SHA-256 matched), new content gets a mark."""
+
+    write: Callable[[bytes], object]
+    known: dict[bytes, str]                                  # sha256 -> blob id or ":mark"
+    fresh: dict[int, bytes] = field(default_factory=dict)    # mark -> sha256
+
+    def small(self, data: bytes) -> str:
+        key = hashlib.sha256(data).digest()
+        if (ref := self.known.get(key)) is not None:
+            return ref
+        mark = len(self.fresh) + 1
+        self.write(b"blob\nmark :%d\ndata %d\n" % (mark, len(data)))
+        self.write(data)
+        self.write(b"\n")
+        return self._added(mark, key)
+
+    def stream(self, src: IO[bytes], size: int, where: str) -> tuple[str, bytes]:
+        """A large member, streamed (never held whole); returns (ref, its first bytes)."""
+        h, head = hashlib.sha256(), bytearray()
+        mark = len(self.fresh) + 1
+        self.write(b"blob\nmark :%d\ndata %d\n" % (mark, size))
+
+        def both(chunk: bytes) -> None:
+            h.update(chunk)
+            if len(head) < MAX_LINK * 256:
+                head.extend(chunk[:MAX_LINK * 256])
+            self.write(chunk)
+        stream_member(src, both, size, where)
+        self.write(b"\n")
+        return self._added(mark, h.digest()), bytes(head)
+
+    def _added(self, mark: int, key: bytes) -> str:
+        self.fresh[mark] = key
+        self.known.setdefault(key, f":{mark}")
+        return f":{mark}"
+
+
+Feed = Callable[["_Blobs"], dict[str, tuple[int, str]]]   # sends blobs, returns path -> (mode, ref)
+
+
+def scan_import(path: Path) -> tuple[str, str, str]:
+    """scan_tarball and the import into the store in one pass: (topdir, version, tree)."""
+    where = str(path)
+    found: dict[str, str] = {}
+
+    def feed(blobs: _Blobs) -> dict[str, tuple[int, str]]:
+        try:
+            with _tar_stream(path) as tf:
+                topdir, makefile, files = _feed(tf, where, blobs)
+        except BrokenPipeError:
+            raise    # fast-import died: _store_import reports git's error
+        except tarfile.TarError as exc:
+            raise UpstreamError(f"{where}: not a readable tarball ({exc})") from exc
+        except (EOFError, OSError, ValueError) as exc:   # truncated / corrupt compression
+            raise UpstreamError(f"{where}: corrupt tarball ({exc})") from exc
+        if makefile is None:
+            raise UpstreamError(f"{where}: no {topdir}/Makefile: not a kernel tree")
+        found.update(topdir=topdir, version=makefile_version(makefile))
+        return files
+
+    tree = store_import(path.name, feed)
+    topdir, version = found["topdir"], found["version"]
+    if topdir.startswith(f"linux-{version}-"):   # RHEL style: linux-2.6.32-431.17.1.el6
+        version = topdir[len("linux-"):]
+    return topdir, version, tree
+
+
+def store_import(what: str, feed: Feed) -> str:
+    """Run `feed` into one fast-import of the store; returns the tree it made. Nothing names
+    the tree before `feed` returned (every member checked); a failed or killed run leaves
+    only unreferenced objects. A stale blob index (fast-import misses a blob it names) is
+    dropped and `feed` run once more without it."""
+    _ensure_store()
+    try:
+        return _store_import(what, feed, _load_blob_index())
+    except _StaleIndex:
+        (store_root() / BLOB_INDEX).unlink(missing_ok=True)
+        return _store_import(what, feed, {})
+
+
+class _StaleIndex(Exception):
+    """Internal: fast-import refused a blob id taken from the blob index."""
+
+
+def _store_import(what: str, feed: Feed, known: dict[bytes, str]) -> str:
+    root = store_root()
+    marks = root / f"fsbuild-marks.{os.getpid()}"
+    ref = f"refs/fsbuild/importing-{os.getpid()}"
+    used_index = bool(known)
+    # always a pack (workspaces link packs; small imports would go loose); zlib level 1:
+    # the store is a cache, level 6 costs several times the CPU
+    fi = subprocess.Popen(["git", "-C", str(root), "-c", "pack.compression=1", "-c", "core.compression=1",
+                           "-c", "fastimport.unpackLimit=0", "fast-import", "--quiet", "--done", "--depth=0",
+                           "--force", f"--export-marks={marks}"],
+                          stdin=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=CHUNK,
+                          env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"})
+    assert fi.stdin is not None and fi.stderr is not None
+    try:
+        blobs = _Blobs(fi.stdin.write, known)
+        try:
+            files = feed(blobs)
+            fi.stdin.write(f"commit {ref}\nauthor {STORE_IDENT}\ncommitter {STORE_IDENT}\n"
+                           "data 0\n".encode())
+            fi.stdin.write(b"".join(b"M %o %s %s\n" % (mode, r.encode(), _fi_path(p))
+                                    for p, (mode, r) in sorted(files.items())))
+            fi.stdin.write(b"\ndone\n")
+            fi.stdin.close()
+        except BrokenPipeError:   # fast-import died: its stderr says why
+            pass
+        err = fi.stderr.read().decode(errors="replace")
+        if fi.wait() != 0 or not fi.stdin.closed:
+            if used_index and "not found" in err:
+                raise _StaleIndex()
+            raise UpstreamError(f"git fast-import of {what} into {root} failed: {err.strip()[-300:]}")
+    except BaseException:
+        fi.kill()
+        fi.wait()
+        marks.unlink(missing_ok=True)
+        raise
+    commit = _store_git("rev-parse", ref).stdout.decode().strip()
+    tree = _store_git("rev-parse", f"{ref}^{{tree}}").stdout.decode().strip()
+    # the tree stays reachable under its own name; the index then learns the new blobs
+    _store_git("update-ref", "--stdin", input=f"update refs/fsbuild/trees/{tree} {commit}\n"
+               f"delete {ref}\n".encode())
+    by_mark = dict(line.split() for line in marks.read_text().splitlines() if line)
+    marks.unlink(missing_ok=True)
+    for mark, key in blobs.fresh.items():
+        known[key] = by_mark[f":{mark}"]
+    _save_blob_index(known)
+    return tree
+
+
+def _feed(tf: tarfile.TarFile, where: str, blobs: _Blobs) -> tuple[str, bytes | None, dict[str, tuple[int, str]]]:
+    """Check every member (ArchiveGuard, as scan_tarball) while sending its content:
+    (topdir, head of the top Makefile, path -> (mode, blob ref))."""
+    guard = ArchiveGuard(where, single_top=True)
+    files: dict[str, tuple[int, str]] = {}
+    makefile: bytes | None = None
+    with progress.bar(f"importing {Path(where).name}") as bar:
+        for m in tf:
+            name = guard.member(m)
+            rel = name.partition("/")[2]
+            if not rel:
+                continue
+            if m.isfile():
+                src = tf.extractfile(m) or io.BytesIO()
+                if m.size <= SMALL:
+                    data = src.read(m.size)
+                    if len(data) != m.size:
+                        raise UpstreamError(f"{where}: truncated member data")
+                    ref, head = blobs.small(data), data
+                else:
+                    ref, head = blobs.stream(src, m.size, where)
+                files[rel] = (0o100755 if m.mode & 0o100 else 0o100644, ref)
+                if rel == "Makefile":
+                    makefile = head[:MAX_LINK * 256]
+            elif m.issym():
+                files[rel] = (0o120000, blobs.small(m.linkname.encode()))
+            elif m.islnk():
+                target = files.get(safe_relpath(m.linkname, where).partition("/")[2])
+                if target is not None:
+                    files[rel] = target
+            if len(files) % 512 == 0:   # a live bar redrawn per member costs seconds
+                bar.advance(512)
+    guard.finish()
+    if guard.topdir is None:
+        raise UpstreamError(f"{where}: empty tarball")
+    return guard.topdir, makefile, files
+
+
+def _fi_path(path: str) -> bytes:
+    """fast-import path: C-quote when it could be misread."""
+    if any(c in path for c in '"\n\\') or path.startswith(" "):
+        return json.dumps(path).encode()
+    return path.encode()

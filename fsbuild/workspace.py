@@ -654,12 +654,24 @@ class Workspace:
             again = git(self.root, "rev-parse", "-q", "--verify", f"refs/tags/{tag}", check=False)
             if again.returncode == 0:
                 return again.stdout.decode().strip()
-        commit = self._fast_import_tarball(up)
+        commit = self._from_store(up) or self._fast_import_tarball(up)
         git(self.root, "tag", "-f", tag, commit)
         return commit
 
+    def _commit_message(self, up: Upstream) -> bytes:
+        return f"upstream {up.version}\n\n{DIGEST_TRAILER}: {up.digest}\n".encode()
+
+    def _from_store(self, up: Upstream) -> str | None:
+        """The upstream's commit made from its tree in the upstream cache's object store (its
+        packs linked in, nothing copied); None when the store does not hold it."""
+        if not upstream.store_has_tree(up.store_tree):
+            return None
+        upstream.link_packs(self.root / ".git")
+        return git(self.root, "commit-tree", up.store_tree, "-F", "-",
+                   input=self._commit_message(up)).stdout.decode().strip()
+
     def _fast_import_tarball(self, up: Upstream) -> str:
-        msg = f"upstream {up.version}\n\n{DIGEST_TRAILER}: {up.digest}\n".encode()
+        msg = self._commit_message(up)
         marks = self.meta_dir / "import.marks"
         # zlib level 1 and no deltas: the import is CPU-bound on compression otherwise
         fi = subprocess.Popen(["git", "-C", str(self.root), "-c", "core.compression=1",

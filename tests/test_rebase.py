@@ -327,6 +327,23 @@ def debian(real_state: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[n
     return old, new
 
 
+def test_plain_mode_json_has_seconds_per_phase(tmp_path: Path) -> None:
+    """#14.3: the report times import OLD, import NEW, carry and export (wall seconds);
+    `seconds` keeps meaning carry + export."""
+    old_tb, new_tb, series, _ = build_case(tmp_path)
+    report = tmp_path / "r.json"
+    cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb),
+                 "--upstream-version", "1.0.1-1", "--out", str(tmp_path / "out"), "--json", str(report))
+    assert cp.returncode == 7, cp.stderr
+    data = json.loads(report.read_text())
+    phases = data["phase_seconds"]
+    assert list(phases) == ["import_old", "import_new", "carry", "export"]
+    assert all(isinstance(v, float) and v >= 0 for v in phases.values())
+    assert phases["import_old"] > 0 and phases["import_new"] > 0 and phases["carry"] > 0
+    assert abs(data["seconds"] - phases["carry"] - phases["export"]) < 0.05
+    assert set(data) == {"from", "onto", "seconds", "phase_seconds", "patches"}
+
+
 def _series_names(series: Path) -> list[str]:
     return [e.name for e in read_series(series)]
 

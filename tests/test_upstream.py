@@ -3,6 +3,7 @@ The helpers at the top build tiny real kernel-like trees; test_workspace/test_re
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -76,8 +77,16 @@ def git_repo(root: Path, files: dict[str, str]) -> Path:
 
 
 def cache_entries() -> list[str]:
+    """The cache's entries (the shared object store is not one: see store_trees)."""
     root = upstream.cache_root()
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+    return sorted(p.name for p in root.iterdir() if p.name != upstream.STORE) if root.exists() else []
+
+
+def store_trees() -> list[str]:
+    """Trees the object store names: a refused import leaves only unreachable objects."""
+    if not upstream.store_root().exists():
+        return []
+    return git(upstream.store_root(), "for-each-ref", "--format=%(refname)").split()
 
 
 # ---------------------------------------------------------------- tarballs
@@ -99,6 +108,7 @@ def test_tarball_cached_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # unchanged file: neither hashed nor scanned again
     with monkeypatch.context() as m:
         m.setattr(upstream, "scan_tarball", lambda *a, **k: pytest.fail("rescanned"))
+        m.setattr(upstream, "scan_import", lambda *a, **k: pytest.fail("rescanned"))
         m.setattr(upstream, "sha256_file", lambda *a: pytest.fail("rehashed"))
         assert upstream.resolve(load("linux-6.1"), str(tb)) == first
     # same bytes under another name: hashed, but the entry is shared
@@ -141,6 +151,7 @@ def test_hostile_tarball_rejected_nothing_written(tmp_path: Path, member: tarfil
     with pytest.raises(UnsafePathError):
         upstream.resolve(load("linux-6.1"), str(tb))
     assert [e for e in cache_entries() if e != "index.json"] == []
+    assert store_trees() == [] and not (upstream.store_root() / upstream.BLOB_INDEX).exists()
     assert not (tmp_path.parent / "evil").exists()
 
 
@@ -493,3 +504,109 @@ def test_cli_refuses_escaping_links_exit_4(tmp_path: Path, extra: list[tuple[str
                            "--target", "linux-6.1"], capture_output=True, text=True, env=env)
     assert proc.returncode == 4, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("fsbuild: error: ")
+
+
+# ---------------------------------------------------------------- the shared object store (#14.3)
+
+def _pack_blobs(idx: Path) -> int:
+    """How many blobs a pack of the store holds."""
+    out = subprocess.run(["git", "-C", str(upstream.store_root()), "verify-pack", "-v", str(idx)],
+                         check=True, capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if line.split()[1:2] == ["blob"])
+
+
+@pytest.mark.parametrize("mode,suffix", [("w:xz", "tar.xz"), ("w:gz", "tar.gz"), ("w:bz2", "tar.bz2"),
+                                         ("w", "tar")])
+def test_second_upstream_sends_git_only_its_changed_files(tmp_path: Path, mode: str, suffix: str) -> None:
+    """Cold imports hashed every blob of both kernels with git's SHA-1 (most of a 2-minute
+    run); now content already in the store (same SHA-256) is named, never sent again."""
+    files = {**kernel_files("1.0.0"), **{f"drivers/d{i}.c": lines(f"d{i}", 30) for i in range(20)}}
+    upstream.resolve(load("linux-6.1"), str(make_tarball(tmp_path / f"a.{suffix}", "linux-1.0.0", files, mode)))
+    newer = {**files, "Makefile": makefile("1.0.1"), "drivers/d3.c": lines("d3 fixed", 30)}
+    before = set(upstream.store_root().glob("objects/pack/pack-*.idx"))
+    up = upstream.resolve(load("linux-6.1"), str(make_tarball(tmp_path / f"b.{suffix}", "linux-1.0.1", newer, mode)))
+    (idx,) = set(upstream.store_root().glob("objects/pack/pack-*.idx")) - before
+    assert _pack_blobs(idx) == 2   # Makefile and drivers/d3.c
+    listing = git(upstream.store_root(), "ls-tree", "-r", "--name-only", up.store_tree).split()
+    assert listing == sorted(newer)
+    assert git(upstream.store_root(), "show", f"{up.store_tree}:drivers/d3.c") == newer["drivers/d3.c"]
+
+
+def test_workspace_links_the_store_packs_and_commits_the_same_tree(tmp_path: Path) -> None:
+    from fsbuild.workspace import Workspace
+    up = upstream.resolve(load("linux-6.1"), str(make_tarball(tmp_path / "a.tar.gz", "linux-1.0.0",
+                                                               kernel_files("1.0.0"))))
+    ws = Workspace(load("linux-6.1"), root=tmp_path / "ws")
+    commit = ws.import_upstream(up)
+    assert git(ws.root, "rev-parse", f"{commit}^{{tree}}").strip() == up.store_tree
+    assert f"Fsbuild-Upstream-Digest: {up.digest}" in git(ws.root, "log", "-1", "--format=%B", commit)
+    packs = list((ws.root / ".git" / "objects" / "pack").glob("pack-*.pack"))
+    assert packs and all(p.stat().st_nlink == 2 for p in packs)   # linked, not copied
+    # the very commit the tarball's own fast-import (no store: older cache entries) makes
+    other = Workspace(load("linux-6.1"), root=tmp_path / "ws2")
+    assert other.import_upstream(dataclasses.replace(up, store_tree="")) == commit
+    # the workspace outlives the store
+    import shutil
+    shutil.rmtree(upstream.store_root())
+    assert git(ws.root, "show", f"{commit}:net/Makefile") == kernel_files("1.0.0")["net/Makefile"]
+
+
+def test_stale_blob_index_is_dropped_not_trusted(tmp_path: Path) -> None:
+    """An index naming a blob the store lacks (packs removed by hand) must not yield a tree
+    with a missing blob: fast-import refuses it and the import runs again without it."""
+    files = kernel_files("1.0.0")
+    upstream.resolve(load("linux-6.1"), str(make_tarball(tmp_path / "a.tar.gz", "linux-1.0.0", files)))
+    for pack in upstream.store_root().glob("objects/pack/pack-*"):
+        pack.unlink()
+    up = upstream.resolve(load("linux-6.1"), str(make_tarball(tmp_path / "b.tar.gz", "linux-1.0.1",
+                                                               {**files, "Makefile": makefile("1.0.1")})))
+    assert git(upstream.store_root(), "show", f"{up.store_tree}:kernel/sched.c") == files["kernel/sched.c"]
+
+
+def test_interrupted_import_names_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C after every member was sent (the commit not yet): no tree ref, no blob index,
+    no cache entry; the next run imports whole."""
+    tb = make_tarball(tmp_path / "a.tar.xz", "linux-1.0.0", kernel_files("1.0.0"), "w:xz")
+    with monkeypatch.context() as m:
+        def stop(self: upstream.ArchiveGuard) -> None:
+            raise KeyboardInterrupt
+        m.setattr(upstream.ArchiveGuard, "finish", stop)
+        with pytest.raises(KeyboardInterrupt):
+            upstream.resolve(load("linux-6.1"), str(tb))
+    assert store_trees() == [] and not (upstream.store_root() / upstream.BLOB_INDEX).exists()
+    assert [e for e in cache_entries() if e != "index.json"] == []
+    up = upstream.resolve(load("linux-6.1"), str(tb))
+    assert store_trees() == [f"refs/fsbuild/trees/{up.store_tree}"]
+
+
+def test_corrupt_xz_is_one_upstream_error(tmp_path: Path) -> None:
+    """The external decompressor's verdict (xz checks every block's CRC) is an UpstreamError."""
+    require_tool("xz")
+    good = make_tarball(tmp_path / "good.tar.xz", "linux-1.0.0",
+                        {**kernel_files("1.0.0"), "big.c": lines("big", 20000)}, "w:xz")
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "bad.tar.xz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UpstreamError):
+        upstream.resolve(load("linux-6.1"), str(bad))
+    assert store_trees() == []
+
+
+@pytest.mark.parametrize("small", [upstream.SMALL, 64], ids=["read-whole", "streamed"])
+def test_directory_read_once_for_tarball_and_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   small: int) -> None:
+    """A directory upstream goes to the store while its deterministic tarball is written
+    (it was re-read from the .tar.gz by the workspace); files over SMALL are streamed."""
+    monkeypatch.setattr(upstream, "SMALL", small)
+    files = {**kernel_files("1.0.0"), **{f"drivers/d{i}.c": lines(f"d{i}", 30) for i in range(20)}}
+    first = upstream.resolve(load("linux-6.1"), str(write_tree(tmp_path / "a" / "linux", files)))
+    newer = {**files, "Makefile": makefile("1.0.1"), "drivers/d3.c": lines("d3 fixed", 30)}
+    before = set(upstream.store_root().glob("objects/pack/pack-*.idx"))
+    up = upstream.resolve(load("linux-6.1"), str(write_tree(tmp_path / "b" / "linux", newer)))
+    (idx,) = set(upstream.store_root().glob("objects/pack/pack-*.idx")) - before
+    assert _pack_blobs(idx) == 2 and first.store_tree and up.store_tree != first.store_tree
+    with tarfile.open(up.tarball) as tf:
+        for rel, text in newer.items():
+            assert tf.extractfile(f"linux-1.0.1/{rel}").read().decode() == text  # type: ignore[union-attr]
+            assert git(upstream.store_root(), "show", f"{up.store_tree}:{rel}") == text
