@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * Fastsocket backend for kernels carrying the Fastsocket patches
- * (patches/el6: include/net/fastsocket.h, FASTSOCKET_KERNEL_API 1).
+ * (patches/el6: include/net/fastsocket.h, FASTSOCKET_KERNEL_API 2).
  *
  * Listen spawn: the kernel keeps per-CPU local listen tables.  SPAWN creates a kernel
  * socket and makes it the local listener of a global listen socket for one CPU
@@ -73,8 +73,8 @@
 
 #include "fastsocket_internal.h"
 
-#if FASTSOCKET_KERNEL_API != 1
-#error "backend_el6 is written for FASTSOCKET_KERNEL_API 1 (patches/el6)"
+#if FASTSOCKET_KERNEL_API != 2
+#error "backend_el6 is written for FASTSOCKET_KERNEL_API 2 (patches/el6)"
 #endif
 
 struct fsock_el6_local {
@@ -112,6 +112,7 @@ static DEFINE_MUTEX(fsock_spawn_lock);		/* serialises SPAWN */
 static struct workqueue_struct *fsock_wq;
 static struct proto_ops fsock_el6_global_ops;	/* inet_stream_ops + our release */
 static atomic_t fsock_exited_pending = ATOMIC_INIT(0);
+static int fsock_exit_nb_on;			/* task exit notifier registered */
 
 /* ---- groups and locals ------------------------------------------------------------ */
 
@@ -841,16 +842,18 @@ static int fsock_el6_init(void)
 	err = fastsocket_register_listen_stop(fsock_el6_listen_stop);
 	if (err)
 		goto out_wq;
-	err = profile_event_register(PROFILE_TASK_EXIT, &fsock_el6_exit_nb);
-	if (err)
-		goto out_hook;
+	/* Without CONFIG_PROFILING (-ENOSYS) connections queued on a local when its
+	 * acceptor exits wait for the next connection on that CPU to wake the global. */
+	fsock_exit_nb_on = profile_event_register(PROFILE_TASK_EXIT, &fsock_el6_exit_nb) == 0;
+	if (!fsock_exit_nb_on)
+		pr_info(FSOCK_NAME ": no task exit notifier (CONFIG_PROFILING off)\n");
 	err = register_hotcpu_notifier(&fsock_el6_cpu_nb);
 	if (err)
 		goto out_profile;
 	return 0;
 out_profile:
-	profile_event_unregister(PROFILE_TASK_EXIT, &fsock_el6_exit_nb);
-out_hook:
+	if (fsock_exit_nb_on)
+		profile_event_unregister(PROFILE_TASK_EXIT, &fsock_el6_exit_nb);
 	fastsocket_unregister_listen_stop();
 out_wq:
 	destroy_workqueue(fsock_wq);
@@ -865,7 +868,8 @@ static void fsock_el6_exit(void)
 
 	/* No hook runs after this; the kernel switches go back to off. */
 	unregister_hotcpu_notifier(&fsock_el6_cpu_nb);
-	profile_event_unregister(PROFILE_TASK_EXIT, &fsock_el6_exit_nb);
+	if (fsock_exit_nb_on)
+		profile_event_unregister(PROFILE_TASK_EXIT, &fsock_el6_exit_nb);
 	fastsocket_unregister_listen_stop();
 	while (atomic_read(&fsock_exited_pending))
 		msleep(20);		/* exited-acceptor works: at most 2 s each */

@@ -4,7 +4,8 @@ tests/el6_guest/scenarios.c:
 
 - lsm: LISTEN/ACCEPT/SHUTDOWN/SPAWN pass the security_socket_* checks of their syscalls and
   SPAWN creates its local in the caller's context (kern=0), seen through kprobe events;
-- plain_accept, worker_exit: connections of an orphaned local reach a live acceptor;
+- plain_accept, worker_exit, cpu_offline: connections of an orphaned local reach a live
+  acceptor;
 - wakeups: a connection on one CPU wakes only that CPU's worker;
 - ack_cpu: a handshake whose final ACK arrives on another CPU completes;
 - rfd_netns, rfd_steered: RFD's port map is per namespace, `steered` counts real moves;
@@ -27,7 +28,7 @@ import pytest
 from tests.conftest import ROOT, el6_source, require_tool
 
 SCENARIOS = ["lsm", "plain_accept", "worker_exit", "wakeups", "ack_cpu", "rfd_netns",
-             "rfd_steered", "options"]
+             "rfd_steered", "options", "cpu_offline"]  # cpu_offline last: it unplugs CPU 3
 PROGRAM = ROOT / "tests" / "el6_guest" / "scenarios.c"
 # Kernel log lines that mean the run is not clean (lockdep, RCU, list debugging, oopses).
 SPLATS = re.compile(r"BUG: |WARNING: |INFO: (possible|inconsistent|suspicious)|"

@@ -15,6 +15,8 @@
  *   rfd_steered   RFD: packets already on their CPU are not counted as steered
  *   options       locals inherit the global's options (priority, keepalive, MSS,
  *                 congestion control, MD5 key)
+ *   cpu_offline   connections queued on a CPU that goes offline reach another worker
+ *                 (run it last: CPU 3 comes back, but its locals are gone)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -426,6 +428,33 @@ static int scenario_worker_exit(void)
 		      accepts, wakes);
 }
 
+/* A CPU with queued connections goes offline: another CPU's worker takes them. */
+static int scenario_cpu_offline(void)
+{
+	int port, g, pa[2], pb[2], wakes, accepts, off;
+	pid_t a, b, cl;
+
+	pin(0);
+	g = global_listener(&port);
+	if (pipe(pa) || pipe(pb))
+		return result("cpu_offline", 0, "pipe");
+	a = worker(g, 3, 60000, 0, pa[1]);	/* spawns on CPU 3, never accepts */
+	worker_ready(pa[0]);
+	b = worker(g, 2, 5000, 1, pb[1]);
+	worker_ready(pb[0]);
+	cl = clients(3, port, 3);		/* queued on CPU 3's local */
+	off = write_file("/sys/devices/system/cpu/cpu3/online", "0");
+	worker_report(pb[0], &wakes, &accepts);
+	waitpid(b, NULL, 0);
+	reap(a);
+	reap(cl);
+	close(g);
+	write_file("/sys/devices/system/cpu/cpu3/online", "1");
+	return result("cpu_offline", off == 0 && accepts == 3,
+		      "offline=%s accepted_by_cpu2=%d of 3 wakeups=%d", off ? "failed" : "ok",
+		      accepts, wakes);
+}
+
 /* ---- item 10: wake only the local acceptor ---------------------------------------- */
 
 static int scenario_wakeups(void)
@@ -685,6 +714,8 @@ int main(int argc, char **argv)
 			fails += scenario_rfd_steered();
 		else if (!strcmp(n, "options"))
 			fails += scenario_options();
+		else if (!strcmp(n, "cpu_offline"))
+			fails += scenario_cpu_offline();
 		else
 			fails += result(n, 0, "unknown scenario");
 	}
