@@ -121,6 +121,18 @@ def guest_output(el6_kernel: tuple[Path, Path], tmp_path_factory: pytest.TempPat
     return out
 
 
+def test_el6_guest_program_compiles(tmp_path: Path) -> None:
+    """The scenario program builds against the module's ABI header and knows every scenario."""
+    require_tool("musl-gcc")
+    out = tmp_path / "scenarios"
+    res = subprocess.run(["musl-gcc", "-static", "-O2", "-Wall", "-Werror", f"-I{ROOT / 'module'}",
+                          "-o", str(out), str(PROGRAM)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    source = PROGRAM.read_text()
+    for name in SCENARIOS:
+        assert f'!strcmp(n, "{name}")' in source, f"{name} is not dispatched"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_el6_guest_scenario(guest_output: str, name: str) -> None:
