@@ -56,6 +56,9 @@ struct md5sig {			/* struct tcp_md5sig of linux/tcp.h */
 	unsigned char key[80];
 };
 
+/* Per scenario: a hung one is killed after this and reported, the run goes on. */
+#define SCENARIO_TIMEOUT_MS 60000
+
 static int dev = -1;
 static int next_port = 7100;
 
@@ -323,6 +326,9 @@ static int scenario_plain_accept(void)
 		int n = 0, d = dup(g);
 
 		pin(2);
+		/* accept4's SOCK_NONBLOCK is the new socket's flag: the listener itself
+		 * must not block once the queues are empty */
+		fcntl(d, F_SETFL, fcntl(d, F_GETFL) | O_NONBLOCK);
 		while ((fd = accept4(d, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
 			n++;
 			close(fd);
@@ -684,10 +690,76 @@ static int scenario_options(void)
 	return result("options", ok, "local_accepts_cpu1=%lu", stat_col(1, 3));
 }
 
+typedef int (*scenario_fn)(void);
+
+static const struct {
+	const char *name;
+	scenario_fn fn;
+} scenarios[] = {
+	{ "lsm", scenario_lsm },
+	{ "plain_accept", scenario_plain_accept },
+	{ "worker_exit", scenario_worker_exit },
+	{ "wakeups", scenario_wakeups },
+	{ "ack_cpu", scenario_ack_cpu },
+	{ "rfd_netns", scenario_rfd_netns },
+	{ "rfd_steered", scenario_rfd_steered },
+	{ "options", scenario_options },
+	{ "cpu_offline", scenario_cpu_offline },
+};
+
+/* Where a hung scenario's process sleeps, for the report (best effort). */
+static void show_stack(pid_t pid)
+{
+	char path[64], buf[2048];
+	int fd, n;
+
+	snprintf(path, sizeof(path), "/proc/%d/stack", (int)pid);
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n > 0) {
+		buf[n] = 0;
+		printf("stack of %d:\n%s", (int)pid, buf);
+	}
+}
+
+/*
+ * Run one scenario in its own process group with a deadline: a scenario that hangs
+ * is reported (FAIL timeout) and killed with everything it forked, and the others
+ * still run.  Returns 0 on PASS.
+ */
+static int run_one(int index, const char *n, scenario_fn fn)
+{
+	int status, waited;
+	pid_t pid;
+
+	pid = fork();
+	if (pid == 0) {
+		setpgid(0, 0);
+		next_port = 7100 + 100 * index;	/* no port shared with another scenario */
+		_exit(fn() ? 1 : 0);
+	}
+	if (pid < 0)
+		return result(n, 0, "fork: %s", strerror(errno));
+	setpgid(pid, pid);
+	for (waited = 0; waited < SCENARIO_TIMEOUT_MS; waited += 100) {
+		if (waitpid(pid, &status, WNOHANG) == pid)
+			return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+		msleep(100);
+	}
+	show_stack(pid);
+	kill(-pid, SIGKILL);
+	waitpid(pid, &status, 0);
+	pin(0);
+	return result(n, 0, "timeout: hung for %d s (killed)", SCENARIO_TIMEOUT_MS / 1000);
+}
+
 int main(int argc, char **argv)
 {
 	struct fsock_version v;
-	int i, fails = 0;
+	int i, j, fails = 0;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	dev = open(FASTSOCKET_DEVICE, O_RDWR);
@@ -696,28 +768,13 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	for (i = 1; i < argc; i++) {
-		const char *n = argv[i];
-
-		if (!strcmp(n, "lsm"))
-			fails += scenario_lsm();
-		else if (!strcmp(n, "plain_accept"))
-			fails += scenario_plain_accept();
-		else if (!strcmp(n, "worker_exit"))
-			fails += scenario_worker_exit();
-		else if (!strcmp(n, "wakeups"))
-			fails += scenario_wakeups();
-		else if (!strcmp(n, "ack_cpu"))
-			fails += scenario_ack_cpu();
-		else if (!strcmp(n, "rfd_netns"))
-			fails += scenario_rfd_netns();
-		else if (!strcmp(n, "rfd_steered"))
-			fails += scenario_rfd_steered();
-		else if (!strcmp(n, "options"))
-			fails += scenario_options();
-		else if (!strcmp(n, "cpu_offline"))
-			fails += scenario_cpu_offline();
+		for (j = 0; j < (int)(sizeof(scenarios) / sizeof(scenarios[0])); j++)
+			if (!strcmp(argv[i], scenarios[j].name))
+				break;
+		if (j == (int)(sizeof(scenarios) / sizeof(scenarios[0])))
+			fails += result(argv[i], 0, "unknown scenario");
 		else
-			fails += result(n, 0, "unknown scenario");
+			fails += run_one(i, scenarios[j].name, scenarios[j].fn);
 	}
 	return fails ? 1 : 0;
 }
