@@ -116,9 +116,11 @@ def guest_output(el6_kernel: tuple[Path, Path], tmp_path_factory: pytest.TempPat
     # Each scenario has its own 60 s deadline inside the guest (a hung one is reported
     # and killed); this bound is for a guest that stops altogether.
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900).stdout
+        raw = subprocess.run(cmd, capture_output=True, timeout=900).stdout
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"el6 guest timed out: {str(exc.stdout)[-3000:]}")
+        pytest.fail(f"el6 guest timed out: {(exc.stdout or b'').decode(errors='replace')[-3000:]}")
+    out = raw.decode(errors="replace")  # the firmware writes non-UTF-8 bytes to the console
+    (work / "console.log").write_text(out)
     assert "GUEST_RC=" in out, out[-4000:]
     return out
 
