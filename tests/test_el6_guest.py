@@ -9,7 +9,11 @@ tests/el6_guest/scenarios.c:
 - wakeups: a connection on one CPU wakes only that CPU's worker;
 - ack_cpu: a handshake whose final ACK arrives on another CPU completes;
 - rfd_netns, rfd_steered: RFD's port map is per namespace, `steered` counts real moves;
-- options: locals inherit the global's options (priority, keepalive, MSS, congestion, MD5).
+- options: a connection accepted through a local has the options of one accepted from a
+  plain listener (priority, keepalive, MSS, congestion, MD5).
+
+Each scenario runs in its own process group with a 60 s deadline inside the guest: a hung
+one reports `SCENARIO <name> FAIL timeout` (with its kernel stack) and the others still run.
 
 The kernel comes from FSBUILD_EL6_KDIR (a built el6 tree: arch/x86/boot/bzImage and
 net/fastsocket/fastsocket.ko) or from the el6 RPMs in out/el6/rpms (`make demo TARGET=el6`).
