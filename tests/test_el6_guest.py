@@ -6,7 +6,8 @@ tests/el6_guest/scenarios.c:
   SPAWN creates its local in the caller's context (kern=0), seen through kprobe events;
 - plain_accept, worker_exit, cpu_offline: connections of an orphaned local reach a live
   acceptor;
-- wakeups: a connection on one CPU wakes only that CPU's worker;
+- wakeups: a connection on one CPU wakes only that CPU's worker (counted as voluntary
+  context switches: epoll_wait hides woken-and-resleeping waiters);
 - ack_cpu: a handshake whose final ACK arrives on another CPU completes;
 - rfd_netns, rfd_steered: RFD's port map is per namespace, `steered` counts real moves;
 - options: a connection accepted through a local has the options of one accepted from a
