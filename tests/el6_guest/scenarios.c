@@ -15,6 +15,8 @@
  *   rfd_steered   RFD: packets already on their CPU are not counted as steered
  *   options       a connection accepted through a local has the options of one from a
  *                 plain listener (priority, keepalive, MSS, congestion control, MD5 key)
+ *   repin         connections arriving on the CPU a worker was re-pinned away from
+ *                 reach it (known gap: fails)
  *   cpu_offline   connections queued on a CPU that goes offline reach another worker
  *                 (run it last: CPU 3 comes back, but its locals are gone)
  */
@@ -462,6 +464,39 @@ static int scenario_worker_exit(void)
 		      accepts, wakes);
 }
 
+/* The only worker of the global is re-pinned from CPU 1 to CPU 2 after it spawned and
+ * registered its epoll there (and spawns again on CPU 2, as the library does): the
+ * connections that still arrive on CPU 1 must reach it. */
+static int scenario_repin(void)
+{
+	struct epoll_event ev = { EPOLLIN, { 0 } };
+	int port, g, ep, fd, accepts = 0, i;
+	pid_t cl;
+
+	pin(0);
+	g = global_listener(&port);
+	pin(1);
+	spawn(g, 1);
+	ep = epoll_create(1);
+	ev.data.fd = g;
+	epoll_ctl(ep, EPOLL_CTL_ADD, g, &ev);
+	pin(2);
+	spawn(g, 2);
+	cl = clients(1, port, 3);
+	for (i = 0; i < 20 && accepts < 3; i++) {
+		if (epoll_wait(ep, &ev, 1, 200) <= 0)
+			continue;
+		while ((fd = fs_accept(g)) >= 0) {
+			accepts++;
+			close(fd);
+		}
+	}
+	reap(cl);
+	close(ep);
+	close(g);
+	return result("repin", accepts == 3, "accepted_after_repin=%d of 3", accepts);
+}
+
 /* A CPU with queued connections goes offline: another CPU's worker takes them. */
 static int scenario_cpu_offline(void)
 {
@@ -778,6 +813,7 @@ static const struct {
 	{ "rfd_netns", scenario_rfd_netns },
 	{ "rfd_steered", scenario_rfd_steered },
 	{ "options", scenario_options },
+	{ "repin", scenario_repin },
 	{ "cpu_offline", scenario_cpu_offline },
 };
 
