@@ -110,7 +110,7 @@ def read_package(path: Path) -> Package:
             idx = [int(i) for i in _list(h.get("dirindexes"))]
             modes = [int(m) & 0xFFFF for m in _list(h.get("filemodes"))]
             files = {dirs[i] + n: (modes[k] if k < len(modes) else 0)
-                     for k, (i, n) in enumerate(zip(idx, names))}
+                     for k, (i, n) in enumerate(zip(idx, names, strict=False))}
             return Package(path, _text(h.get("name")), _text(h.get("version")),
                            _text(h.get("release")), _text(h.get("arch")), files,
                            is_source=not h.get("sourcerpm"))
@@ -141,7 +141,8 @@ def read_member(path: Path, name: str, limit: int = 64 * 1024) -> bytes:
     with rpmfile.open(str(path)) as rpm:
         for cand in ("." + name, name.lstrip("/")):
             try:
-                return rpm.extractfile(cand).read(limit)
+                head: bytes = rpm.extractfile(cand).read(limit)
+                return head
             except KeyError:
                 continue
     raise KeyError(name)

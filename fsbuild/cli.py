@@ -38,7 +38,8 @@ class LazyGroup(click.Group):
         if spec is None:
             return None
         module, attr = spec.split(":")
-        return getattr(importlib.import_module(f"fsbuild.commands.{module}"), attr)
+        command: click.Command = getattr(importlib.import_module(f"fsbuild.commands.{module}"), attr)
+        return command
 
 
 _debug = False  # --debug: let errors propagate with their traceback (for bug reports)

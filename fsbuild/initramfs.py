@@ -13,7 +13,7 @@ import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO
 
 from fsbuild import proc
 from fsbuild.errors import MissingFileError, ToolMissingError, UnsafePathError
@@ -42,7 +42,7 @@ class CpioWriter:
     """Writes a newc ("070701") archive. mtime 0 and sequential inodes make the output a
     pure function of the entries, so identical guests produce identical images."""
 
-    def __init__(self, fh: BinaryIO) -> None:
+    def __init__(self, fh: IO[bytes]) -> None:
         self._fh = fh
         self._ino = 0
         self._dirs: set[str] = set()
@@ -94,7 +94,7 @@ class CpioWriter:
             self._closed = True
 
 
-def iter_newc(fh: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
+def iter_newc(fh: IO[bytes]) -> Iterator[tuple[str, int, bytes]]:
     """Stream (name, mode, data) out of a newc archive (ours, or an RPM payload from
     rpm2cpio) without holding the whole archive in memory."""
     offset = 0
@@ -166,10 +166,10 @@ def closure(deps: Mapping[str, list[str]], wanted: Iterable[str]) -> list[str]:
         if path in seen:
             return
         if path in chain:  # depmod refuses cycles; a hand-edited file must not loop us
-            raise MissingFileError(f"modules.dep: dependency cycle {' -> '.join(chain + (path,))}")
+            raise MissingFileError(f"modules.dep: dependency cycle {' -> '.join((*chain, path))}")
         # modules.dep lists a module's deps so that the last one is loaded first.
         for dep in reversed(deps.get(path, [])):
-            visit(dep, chain + (path,))
+            visit(dep, (*chain, path))
         seen.add(path)
         order.append(path)
 

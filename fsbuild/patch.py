@@ -170,16 +170,14 @@ def _git_names(rest: bytes) -> tuple[str | None, str | None]:
     if rest.startswith(b'"'):
         a, tail = _c_string(rest)
         tail = tail.lstrip(b" ")
-        b = _c_string(tail)[0] if tail.startswith(b'"') else tail.decode("utf-8", "surrogateescape")
-        return a, b
+        return a, _c_string(tail)[0] if tail.startswith(b'"') else tail.decode("utf-8", "surrogateescape")
     # Unquoted names may contain spaces: split where " b/" begins when both halves match.
     parts = rest.split(b" ")
     if len(parts) == 2:
         return (parts[0].decode("utf-8", "surrogateescape"),
                 parts[1].decode("utf-8", "surrogateescape"))
     half = (len(rest) - 1) // 2
-    a, b = rest[:half], rest[half + 1:]
-    return a.decode("utf-8", "surrogateescape"), b.decode("utf-8", "surrogateescape")
+    return rest[:half].decode("utf-8", "surrogateescape"), rest[half + 1:].decode("utf-8", "surrogateescape")
 
 
 def parse_patch(data: bytes, name: str = "<patch>") -> Patch:
@@ -594,7 +592,7 @@ def apply_hunks(data: bytes, hunks: list[Hunk], fuzz: int = 0, path: str = "",
             raise HunkFailed(idx, exc.line, exc.why) from None
         results.append(HunkResult(path, idx, in_offset, used))
     out.extend(lines[frozen:])
-    ragged = bool(lines) and not lines[-1].endswith(b"\n") or any(
+    ragged = (bool(lines) and not lines[-1].endswith(b"\n")) or any(
         _new_side_unterminated(h) for h in hunks)
     return (_join(out) if ragged else b"".join(out)), results
 

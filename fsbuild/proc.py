@@ -4,8 +4,8 @@ failure into the caller's error class with the command's last output lines."""
 from __future__ import annotations
 
 import shlex
-import signal
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path

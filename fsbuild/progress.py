@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 _console = Console(stderr=True)
 _quiet = False
@@ -25,12 +25,12 @@ def enabled() -> bool:
 class Bar:
     """A task handle; `advance`/`update` are no-ops when progress is disabled."""
 
-    def __init__(self, progress: Progress | None, task: int | None) -> None:
+    def __init__(self, progress: Progress | None, task: TaskID | None) -> None:
         self._p, self._t = progress, task
 
     def advance(self, n: int = 1, description: str | None = None) -> None:
         if self._p is not None and self._t is not None:
-            self._p.update(self._t, advance=n, **({"description": description} if description else {}))
+            self._p.update(self._t, advance=n, description=description)
 
     def update(self, description: str) -> None:
         if self._p is not None and self._t is not None:

@@ -43,7 +43,7 @@ def backend() -> str:
 def _run_merge(cmd: list[str], texts: tuple[bytes, bytes, bytes]) -> tuple[bytes, int]:
     with tempfile.TemporaryDirectory(prefix="fsbuild-wiggle-") as tmp:
         files = []
-        for tag, text in zip(("ours", "base", "theirs"), texts):
+        for tag, text in zip(("ours", "base", "theirs"), texts, strict=True):
             p = Path(tmp) / tag
             p.write_bytes(text)
             files.append(str(p))
@@ -218,7 +218,8 @@ def explain(before: Files, after: Files, tree: Reader, new_upstream: Reader,
         for reg in conflict_regions(base[0], ours[0], theirs[0]):
             b, o, t = reg["base"], reg["ours"], reg["theirs"]
             assert isinstance(b, bytes) and isinstance(o, bytes) and isinstance(t, bytes)
-            start = int(reg["start"])  # type: ignore[call-overload]
+            start = reg["start"]
+            assert isinstance(start, int)
             item: dict[str, object] = {"file": path, "line": start, "hunk": _udiff(b, t, "patch"),
                                        "upstream_change": _udiff(b, o, "upstream")}
             if log is not None:

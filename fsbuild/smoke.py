@@ -17,9 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from fsbuild import build, initramfs, lock, paths, proc, progress, qemu, stress
-from fsbuild.errors import (BuildError, FsbuildError, MissingFileError, SmokeBootError,
-                            SmokeCheckError, SmokePanicError, SmokeTimeoutError, ToolMissingError,
-                            UnsafePathError)
+from fsbuild.errors import (
+    BuildError,
+    FsbuildError,
+    MissingFileError,
+    SmokeBootError,
+    SmokeCheckError,
+    SmokePanicError,
+    SmokeTimeoutError,
+    ToolMissingError,
+    UnsafePathError,
+)
 
 DEFAULT_TIMEOUT_S = 120.0
 # Under TCG a guest does ~60-250 connections/s (one request per connection): keep N small.

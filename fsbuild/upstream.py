@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from fsbuild import paths, proc
-from fsbuild.errors import (ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError,
-                            UpstreamIdentityError)
+from fsbuild.errors import ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError, UpstreamIdentityError
 from fsbuild.patch import resolves_inside
 from fsbuild.target import Target
 
@@ -83,8 +82,8 @@ def classify(src: str) -> tuple[str, Path, str | None]:
     """(kind, path, ref) with kind in srpm|tarball|dir|git. Raises Missing/UpstreamError."""
     if src.startswith("git:"):
         spec = src[4:]
-        path, _, ref = spec.rpartition("@") if "@" in spec else (spec, "", "HEAD")
-        return "git", _existing(Path(path)), ref or "HEAD"
+        where, _, ref = spec.rpartition("@") if "@" in spec else (spec, "", "HEAD")
+        return "git", _existing(Path(where)), ref or "HEAD"
     path = Path(src)
     if not path.exists() and "@" in src:
         repo, _, ref = src.rpartition("@")
@@ -264,9 +263,10 @@ def _fingerprint(path: Path) -> str:
 
 def _index_get(key: str) -> str | None:
     try:
-        return json.loads(_index_path().read_text()).get(key)
-    except (OSError, ValueError):
+        value = json.loads(_index_path().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
         return None
+    return value if isinstance(value, str) else None
 
 
 def _index_put(key: str, digest: str) -> None:
@@ -289,6 +289,14 @@ def _entry_key(kind: str, digest: str) -> str:
     """Cache entries are keyed by the source as given: an SRPM holding a tarball is not that
     tarball (it adds configs and a spec); directories and git refs share `tree`."""
     return f"{kind}-{digest}"
+
+
+def _committed(target: str, key: str) -> Upstream:
+    """The entry just written: unreadable now means the cache directory is broken."""
+    up = _cached(target, key)
+    if up is None:
+        raise UpstreamError(f"{cache_root() / key}: the cache entry just written cannot be read back")
+    return up
 
 
 def _cached(target: str, key: str) -> Upstream | None:
@@ -355,7 +363,7 @@ def _from_tarball(target: str, path: Path) -> Upstream:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     _index_put(key, entry)
-    return _cached(target, entry)  # type: ignore[return-value]
+    return _committed(target, entry)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -390,13 +398,15 @@ class _BoundedInfo(tarfile.TarInfo):
     """tarfile reads pax and GNU long-name headers into memory whole: refuse huge ones
     before it does."""
 
-    def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         _meta_size(self)
-        return super()._proc_gnulong(tf)  # type: ignore[misc]
+        info: tarfile.TarInfo = super()._proc_gnulong(tf)  # type: ignore[misc]  # private in typeshed
+        return info
 
-    def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         _meta_size(self)
-        return super()._proc_pax(tf)  # type: ignore[misc]
+        info: tarfile.TarInfo = super()._proc_pax(tf)  # type: ignore[misc]  # private in typeshed
+        return info
 
 
 def _meta_size(info: tarfile.TarInfo) -> None:
@@ -611,7 +621,7 @@ def _from_srpm(target: str, path: Path) -> Upstream:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     _index_put(key, entry)
-    return _cached(target, entry)  # type: ignore[return-value]
+    return _committed(target, entry)
 
 
 def _extract_srpm(path: Path, stage: Path) -> tuple[str, dict[str, object]]:
@@ -735,7 +745,8 @@ class _Entry:
             return len(self.data)
         if self.member is not None:
             return self.member[1].size
-        return self.stamp[0] if self.stamp else os.stat(self.path).st_size  # type: ignore[arg-type]
+        assert self.path is not None  # an entry has data, a member or a path
+        return self.stamp[0] if self.stamp else os.stat(self.path).st_size
 
     def open(self) -> IO[bytes]:
         """The content as a stream: files are copied in chunks, never read whole."""
@@ -744,7 +755,8 @@ class _Entry:
         if self.member is not None:
             fh = self.member[0].extractfile(self.member[1])
             return fh if fh is not None else io.BytesIO(b"")
-        return open(self.path, "rb")  # type: ignore[arg-type]
+        assert self.path is not None  # an entry has data, a member or a path
+        return open(self.path, "rb")
 
 
 # A file changed within this window of its last stat may not show in mtime/ctime yet (coarse
@@ -856,7 +868,7 @@ def _from_entries(target: str, entries: list[_Entry], where: str) -> Upstream:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return _cached(target, entry)  # type: ignore[return-value]
+    return _committed(target, entry)
 
 
 def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry]) -> None:

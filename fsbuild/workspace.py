@@ -23,11 +23,18 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from fsbuild import lock, paths, proc, progress, upstream
 from fsbuild import patch as P
 from fsbuild import series as S
-from fsbuild import lock, paths, proc, progress, upstream
-from fsbuild.errors import (FsbuildError, LockHeldError, MissingFileError, PatchApplyError, PatchFormatError,
-                            UnsafePathError, WorkspaceError)
+from fsbuild.errors import (
+    FsbuildError,
+    LockHeldError,
+    MissingFileError,
+    PatchApplyError,
+    PatchFormatError,
+    UnsafePathError,
+    WorkspaceError,
+)
 from fsbuild.target import Target
 from fsbuild.upstream import Upstream, check_member
 
@@ -731,9 +738,10 @@ class Workspace:
 
     def state(self) -> dict[str, str]:
         try:
-            return json.loads((self.meta_dir / "workspace.json").read_text())
+            state: dict[str, str] = json.loads((self.meta_dir / "workspace.json").read_text())
         except (OSError, ValueError):
             return {}
+        return state
 
     def save_state(self, **values: str) -> None:
         atomic_write(self.meta_dir / "workspace.json",
@@ -890,7 +898,7 @@ class Workspace:
         done = len(self.applied())
         body = (message.rstrip("\n") + "\n").encode() if message else b""
         atomic_write(path, body)
-        self._write_series(entries[:done] + [Entry(name)] + entries[done:])
+        self._write_series([*entries[:done], Entry(name), *entries[done:]])
         git(self.root, "commit", "-q", "--allow-empty", "--no-verify", "-F", "-",
             input=commit_message(body, name).encode())
         return path
@@ -907,7 +915,7 @@ class Workspace:
         entries, dest = self._free_slot(name)
         done = len(self.applied()) if self.exists and "base" in self.state() else len(entries)
         atomic_write(dest, data)
-        self._write_series(entries[:done] + [Entry(name, strip)] + entries[done:])
+        self._write_series([*entries[:done], Entry(name, strip), *entries[done:]])
         return dest
 
     def _write_series(self, entries: list[Entry]) -> None:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, require_tool
+
 from fsbuild import artifacts
 from fsbuild.errors import MissingFileError, VerifyError
 

@@ -10,11 +10,10 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tool
+
 from fsbuild import qemu, smoke
-from fsbuild.errors import (MissingFileError, SmokeBootError, SmokeCheckError, SmokePanicError,
-                            SmokeTimeoutError)
+from fsbuild.errors import MissingFileError, SmokeBootError, SmokeCheckError, SmokePanicError, SmokeTimeoutError
 
 # ---------------------------------------------------------------- kernel for boot tests
 

@@ -12,8 +12,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tool
+
 from fsbuild import upstream
 from fsbuild.errors import MissingFileError, UnsafePathError, UpstreamError
 from fsbuild.target import load
@@ -24,7 +24,7 @@ MAKEFILE = "VERSION = {v}\nPATCHLEVEL = {p}\nSUBLEVEL = {s}\nEXTRAVERSION = {e}\
 
 
 def makefile(version: str, extra: str = "") -> str:
-    v, p, s = (version.split(".") + ["0", "0"])[:3]
+    v, p, s = ([*version.split("."), "0", "0"])[:3]
     return MAKEFILE.format(v=v, p=p, s=s, e=extra)
 
 
@@ -422,8 +422,9 @@ def test_ceilings_are_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_huge_pax_header_refused(tmp_path: Path) -> None:
-    from fsbuild.errors import ArchiveLimitError
     import gzip
+
+    from fsbuild.errors import ArchiveLimitError
     pax = tarfile.TarInfo("././@PaxHeader")
     pax.type, pax.size = tarfile.XHDTYPE, 1 << 30
     tb = tmp_path / "pax.tar.gz"

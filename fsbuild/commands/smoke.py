@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from fsbuild import progress
+from fsbuild.errors import SmokeBootError, SmokeCheckError, SmokePanicError, SmokeTimeoutError
 
 if TYPE_CHECKING:
     from fsbuild import smoke
@@ -37,8 +38,7 @@ def cmd(target_name: str | None, rpm_dir: Path | None, timeout: float | None, co
         opts.timeout = stress.DEFAULT_TIMEOUT_S
     try:
         verdict = smoke.run(tgt.name, rpm_dir, opts)
-    except (smoke.SmokeBootError, smoke.SmokePanicError, smoke.SmokeTimeoutError,
-            smoke.SmokeCheckError):
+    except (SmokeBootError, SmokePanicError, SmokeTimeoutError, SmokeCheckError):
         _echo_verdict(tgt.name, config, as_json)  # the checks that failed, before the one-line error
         raise
     if as_json:
@@ -61,9 +61,9 @@ def _echo_verdict(target_name: str, config: str, as_json: bool) -> None:
         _table(data["checks"], data["verdict"], data["duration_s"])
 
 
-def _print(verdict: "smoke.Verdict") -> None:
-    data = verdict.as_json()
-    _table(data["checks"], verdict.verdict, verdict.duration_s)  # type: ignore[arg-type]
+def _print(verdict: smoke.Verdict) -> None:
+    checks = [{"name": c.name, "status": c.status, "detail": c.detail} for c in verdict.checks]
+    _table(checks, verdict.verdict, verdict.duration_s)
 
 
 def _table(checks: list[dict[str, str]], verdict: str, duration: float) -> None:

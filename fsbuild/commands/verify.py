@@ -2,12 +2,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from fsbuild import paths, progress
 from fsbuild import target as targets
 from fsbuild.errors import MissingFileError, VerifyError
+
+if TYPE_CHECKING:  # artifacts (rpmfile) is imported lazily by the command
+    from fsbuild.artifacts import Report
 
 
 @click.command("verify")
@@ -45,15 +49,15 @@ def cmd(rpms: tuple[Path, ...], target_name: str | None, no_rpmlint: bool, as_js
     return 0
 
 
-def _print(report: object) -> None:
-    for pkg in report.packages:  # type: ignore[attr-defined]
+def _print(report: Report) -> None:
+    for pkg in report.packages:
         click.echo(f"{'ok  ' if pkg.ok else 'FAIL'} {pkg.nevra}  ({len(pkg.files)} files)")
         for c in pkg.checks:
             click.echo(f"     {'pass' if c.ok else 'FAIL'} {c.name}: {c.detail}")
     from fsbuild.artifacts import summarize_lint
 
-    findings = report.rpmlint  # type: ignore[attr-defined]
-    click.echo(f"rpmlint ({report.rpmlint_status}): {len(findings)} finding(s), "  # type: ignore[attr-defined]
+    findings = report.rpmlint
+    click.echo(f"rpmlint ({report.rpmlint_status}): {len(findings)} finding(s), "
                "reported only (not fatal)")
     for check, count, example in summarize_lint(findings):
         click.echo(f"     {count:5d} x {check}   e.g. {example}")
