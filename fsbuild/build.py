@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from fsbuild import lock, paths, proc, progress, spec
 from fsbuild.errors import BuildError, FsbuildError, MissingFileError, PatchApplyError, RunInterruptedError, TargetError
+from fsbuild.fileio import atomic_write
 from fsbuild.target import Target
 
 if TYPE_CHECKING:  # upstream is imported lazily: only builds need it
@@ -733,7 +734,7 @@ def _build(req: Request, upstream: Upstream | None = None) -> Result:
     rpms = _run_builder(plan, srpm, lay, phases)
     result = Result(req.target.name, plan.kver, rpms, srpm, lay["log"], req.builder,
                     plan.config.label, plan.inputs_hash, False, time.monotonic() - start, phases)
-    lay["manifest"].write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    atomic_write(lay["manifest"], (json.dumps(result.as_dict(), indent=2) + "\n").encode())
     return result
 
 

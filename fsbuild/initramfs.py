@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
-import os
 import shlex
 import stat
 from collections.abc import Iterable, Iterator, Mapping
@@ -17,6 +16,7 @@ from typing import IO
 
 from fsbuild import proc
 from fsbuild.errors import MissingFileError, ToolMissingError, UnsafePathError
+from fsbuild.fileio import atomic_open
 
 NEWC_MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
@@ -278,12 +278,11 @@ def build(spec: GuestSpec, out: Path) -> GuestImage:
     w.add_file("etc/fsmoke.conf", "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(conf.items()))
                .encode())
     w.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     # mtime=0 keeps the gzip stream deterministic; level 1 because TCG boot time, not size, matters.
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
+    # No fsync: the image is rebuilt whenever it is missing, and boot time is what counts.
+    with atomic_open(out, fsync=False) as raw, \
+            gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
         gz.write(buf.getvalue())
-    os.replace(tmp, out)
     return GuestImage(out, mods, fs_mod is not None, w._ino - 1)
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from fsbuild import proc
 from fsbuild.errors import ToolMissingError
+from fsbuild.fileio import atomic_write
 
 if TYPE_CHECKING:  # imported lazily at run time: only smoke needs QMP
     from qemu.qmp import QMPClient
@@ -156,9 +157,7 @@ def probe_accel(kernel: Path, qemu: str = QEMU, timeout: float = PROBE_TIMEOUT_S
              if k.startswith(_boot_id() + " ") and Path(k.split(" ", 1)[1]).exists()}
     known[key] = {"name": accel.name, "reason": accel.reason}
     with contextlib.suppress(OSError):
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, cache)
+        atomic_write(cache, json.dumps(known).encode(), fsync=False)  # a cache: losing it costs a probe
     return accel
 
 

@@ -43,6 +43,7 @@ from fsbuild.errors import (
     RunInterruptedError,
     WorkspaceError,
 )
+from fsbuild.fileio import atomic_write
 from fsbuild.target import Target
 from fsbuild.workspace import (
     CommitSpec,
@@ -53,7 +54,6 @@ from fsbuild.workspace import (
     Reader,
     Workspace,
     apply_patch,
-    atomic_write,
     clear_stale_git_locks,
     commit_diff,
     commit_message,

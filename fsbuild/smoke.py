@@ -28,6 +28,7 @@ from fsbuild.errors import (
     ToolMissingError,
     UnsafePathError,
 )
+from fsbuild.fileio import atomic_write
 
 DEFAULT_TIMEOUT_S = 120.0
 # Under TCG a guest does ~60-250 connections/s (one request per connection): keep N small.
@@ -315,9 +316,7 @@ def classify(rep: GuestReport, console: str, vm: qemu.VmResult, timeout: float,
 
 def write_verdict(v: Verdict, out: Path, suite: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "smoke.json.tmp"
-    tmp.write_text(json.dumps(v.as_json(), indent=2) + "\n")
-    os.replace(tmp, out / "smoke.json")
+    atomic_write(out / "smoke.json", (json.dumps(v.as_json(), indent=2) + "\n").encode())
     (out / "smoke-junit.xml").write_bytes(junit_xml(v, suite))
 
 

@@ -29,6 +29,7 @@ from typing import IO, BinaryIO
 
 from fsbuild import paths, proc
 from fsbuild.errors import ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError, UpstreamIdentityError
+from fsbuild.fileio import atomic_write
 from fsbuild.patch import resolves_inside
 from fsbuild.target import Target
 
@@ -243,7 +244,7 @@ def _remembered(up: Upstream) -> str | None:
 def _remember(up: Upstream, ident: str) -> None:
     """The identity a user gave for these exact bytes: later runs (`fsbuild rpm`) reuse it."""
     if _identity_file(up).parent.is_dir():
-        _atomic_write(_identity_file(up), ident.encode())
+        atomic_write(_identity_file(up), ident.encode())
 
 
 # ---------------------------------------------------------------- the cache
@@ -275,14 +276,7 @@ def _index_put(key: str, digest: str) -> None:
     except (OSError, ValueError):
         index = {}
     index[key] = digest
-    _atomic_write(_index_path(), json.dumps(index, indent=1, sort_keys=True).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(_index_path(), json.dumps(index, indent=1, sort_keys=True).encode())
 
 
 def _entry_key(kind: str, digest: str) -> str:

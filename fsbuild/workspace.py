@@ -35,6 +35,7 @@ from fsbuild.errors import (
     UnsafePathError,
     WorkspaceError,
 )
+from fsbuild.fileio import atomic_write
 from fsbuild.target import Target
 from fsbuild.upstream import Upstream, check_member
 
@@ -377,13 +378,6 @@ def read_series(series: Path) -> list[Entry]:
                                    "`fsbuild apply` and `fsbuild rpm`, not in the git workspace "
                                    "(store the patch inverted instead)")
     return [Entry(e.name, e.strip) for e in entries]
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.fsbuild-tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- interrupted runs
