@@ -9,13 +9,14 @@ import re
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import rpmfile
 
-from fsbuild.errors import MissingFileError, VerifyError
+from fsbuild.errors import FsbuildError, MissingFileError, VerifyError
 
 # kernel-devel must carry these (relative to /usr/src/kernels/KVER); one of each tuple.
 DEVEL_REQUIRED: tuple[tuple[str, ...], ...] = (
@@ -134,6 +135,20 @@ def bzimage_version(data: bytes) -> str | None:
         return None
     text = data[start:end].decode(errors="replace").strip()
     return text.split()[0] if text else None
+
+
+def iter_payload(path: Path) -> Iterator[tuple[str, int, bytes]]:
+    """Stream (name, mode, data) of every payload member, without rpm2cpio: rpmfile finds
+    and decompresses the payload (gzip, xz, bzip2, zstd), initramfs.iter_newc walks it."""
+    from fsbuild.initramfs import iter_newc  # lazy: verify does not need it
+
+    try:
+        with rpmfile.open(str(path)) as rpm:
+            yield from iter_newc(rpm.data_file)
+    except (FsbuildError, GeneratorExit):
+        raise
+    except Exception as exc:  # rpmfile raises bare Exceptions on corrupt input
+        raise MissingFileError(f"{path}: unreadable payload ({exc})") from exc
 
 
 def read_member(path: Path, name: str, limit: int = 64 * 1024) -> bytes:

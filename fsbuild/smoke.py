@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -103,22 +102,12 @@ def stage_rpm(rpm: Path, root: Path) -> KernelInputs:
     Paths are checked (no `..`, no absolute symlink escapes); nothing else is written."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    proc = subprocess.Popen([_tool("rpm2cpio"), str(rpm)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    try:
-        for name, mode, data in initramfs.iter_newc(proc.stdout):
-            rel = name.removeprefix(".").lstrip("/")
-            if _wanted(rel):
-                _extract_one(root, rel, mode, data)
-    except ValueError as exc:
-        raise MissingFileError(f"{rpm}: unreadable payload ({exc})") from exc
-    finally:
-        proc.stdout.close()
-        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-        rc = proc.wait()
-    if rc != 0:
-        raise MissingFileError(f"rpm2cpio {rpm} failed (exit {rc}): {err}")
+    from fsbuild.artifacts import iter_payload  # lazy: rpmfile only when staging an RPM
+
+    for name, mode, data in iter_payload(rpm):
+        rel = name.removeprefix(".").lstrip("/")
+        if _wanted(rel):
+            _extract_one(root, rel, mode, data)
     return _kernel_inputs(root, rpm)
 
 
