@@ -95,8 +95,8 @@ class CpioWriter:
 
 
 def iter_newc(fh: IO[bytes]) -> Iterator[tuple[str, int, bytes]]:
-    """Stream (name, mode, data) out of a newc archive (ours, or an RPM payload from
-    rpm2cpio) without holding the whole archive in memory."""
+    """Stream (name, mode, data) out of a newc archive (ours, or an RPM payload) without
+    holding the whole archive in memory."""
     offset = 0
 
     def take(n: int) -> bytes:

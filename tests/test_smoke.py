@@ -23,7 +23,7 @@ def staged_kernel(rpm: Path, where: Path) -> smoke.KernelInputs:
 
 
 def _boot_tools() -> None:
-    require_tool("qemu-system-x86_64", "busybox", "musl-gcc", "rpm2cpio")
+    require_tool("qemu-system-x86_64", "busybox", "musl-gcc")
 
 
 def _rpm_dir(tmp_path: Path, rpm: Path) -> Path:
