@@ -94,9 +94,10 @@ class CpioWriter:
             self._closed = True
 
 
-def iter_newc(fh: IO[bytes]) -> Iterator[tuple[str, int, bytes]]:
-    """Stream (name, mode, data) out of a newc archive (ours, or an RPM payload) without
-    holding the whole archive in memory."""
+def iter_newc_headers(fh: IO[bytes]) -> Iterator[tuple[str, int, int]]:
+    """The one newc reader: yields (name, mode, size) with `fh` at the member's data; the
+    caller reads exactly `size` bytes before the next step (the padding is skipped here),
+    so members of any size stream through. Raises ValueError on a corrupt archive."""
     offset = 0
 
     def take(n: int) -> bytes:
@@ -113,12 +114,22 @@ def iter_newc(fh: IO[bytes]) -> Iterator[tuple[str, int, bytes]]:
             raise ValueError(f"bad cpio magic {header[:6]!r} at offset {offset - 110}")
         fields = [int(header[6 + 8 * i: 14 + 8 * i], 16) for i in range(13)]
         mode, size, namesize = fields[1], fields[6], fields[11]
-        name = take(namesize)[:-1].decode()
+        name = take(namesize)[:-1].decode("utf-8", "surrogateescape")
         take(-(110 + namesize) % 4)
         if name == TRAILER:
             return
-        data = take(size)
+        yield name, mode, size
+        offset += size
         take(-size % 4)
+
+
+def iter_newc(fh: IO[bytes]) -> Iterator[tuple[str, int, bytes]]:
+    """Stream (name, mode, data) out of a newc archive (ours, or an RPM payload) without
+    holding the whole archive in memory."""
+    for name, mode, size in iter_newc_headers(fh):
+        data = fh.read(size)
+        if len(data) != size:
+            raise ValueError(f"truncated cpio archive: {name} has {len(data)} of {size} bytes")
         yield name, mode, data
 
 

@@ -30,6 +30,7 @@ from typing import IO, BinaryIO
 from fsbuild import paths, proc
 from fsbuild.errors import ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError, UpstreamIdentityError
 from fsbuild.fileio import atomic_write
+from fsbuild.initramfs import iter_newc_headers
 from fsbuild.patch import resolves_inside
 from fsbuild.target import Target
 
@@ -684,31 +685,18 @@ def _copy_srpm_members(stream: BinaryIO, stage: Path, where: str) -> list[str]:
                 wanted.append(base)
             else:
                 _copy_n(stream, None, size)
-        _skip_pad(stream, size)
     guard.finish()
     return wanted
 
 
 def iter_cpio(stream: BinaryIO, where: str) -> Iterator[tuple[str, int, int]]:
-    """newc cpio headers: yields (name, mode, size) with the stream at the member data."""
-    while True:
-        hdr = stream.read(110)
-        if len(hdr) < 110 or hdr[:6] not in (b"070701", b"070702"):
-            raise UpstreamError(f"{where}: corrupt cpio payload")
-        mode = int(hdr[14:22], 16)
-        size = int(hdr[54:62], 16)
-        namesize = int(hdr[94:102], 16)
-        name = stream.read(namesize)[:-1].decode(errors="replace")
-        _skip_pad(stream, 110 + namesize)
-        if name == "TRAILER!!!":
-            return
-        yield name.removeprefix("./") if name != "./" else ".", mode, size
-
-
-def _skip_pad(stream: BinaryIO, n: int) -> None:
-    pad = (4 - n % 4) % 4
-    if pad:
-        stream.read(pad)
+    """newc cpio headers (initramfs.iter_newc_headers): yields (name, mode, size) with the
+    stream at the member data; the caller reads exactly `size` bytes."""
+    try:
+        for name, mode, size in iter_newc_headers(stream):
+            yield name.removeprefix("./") if name != "./" else ".", mode, size
+    except ValueError as exc:
+        raise UpstreamError(f"{where}: corrupt cpio payload ({exc})") from None
 
 
 def _copy_n(src: BinaryIO, dst: IO[bytes] | None, n: int) -> None:

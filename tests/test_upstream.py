@@ -494,3 +494,15 @@ def test_cli_refuses_escaping_links_exit_4(tmp_path: Path, extra: list[tuple[str
                            "--target", "linux-6.1"], capture_output=True, text=True, env=env)
     assert proc.returncode == 4, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("fsbuild: error: ")
+
+
+@pytest.mark.parametrize("payload", [
+    b"070701" + b"ZZZZZZZZ" * 13,                 # header fields that are not hex
+    b"070701" + b"00000000" * 13,                 # truncated: no name, no trailer
+    b"0707",                                      # cut inside the magic
+], ids=["not-hex", "truncated", "short"])
+def test_corrupt_srpm_payload_is_an_upstream_error(payload: bytes) -> None:
+    """The shared newc reader's ValueError reaches the user as UpstreamError (one line,
+    its exit code), never as an internal error."""
+    with pytest.raises(UpstreamError, match="corrupt cpio payload"):
+        list(upstream.iter_cpio(io.BytesIO(payload), "x.src.rpm"))
