@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import gzip
 import hashlib
 import io
 import json
@@ -17,17 +16,17 @@ import shlex
 import shutil
 import signal
 import subprocess
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from fsbuild import lock, paths, proc, progress, spec
 from fsbuild.errors import BuildError, FsbuildError, MissingFileError, PatchApplyError, RunInterruptedError, TargetError
 from fsbuild.fileio import atomic_write
 from fsbuild.target import Target
+from fsbuild.tario import write_tar_gz
 
 if TYPE_CHECKING:  # upstream is imported lazily: only builds need it
     from fsbuild.upstream import Upstream
@@ -230,20 +229,32 @@ def module_tarball(module_dir: Path, epoch: int) -> bytes:
     if not module_dir.is_dir():
         raise MissingFileError(f"module sources {module_dir} do not exist")
     raw = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        for rel in _module_files(module_dir):
-            full = module_dir / rel
-            info = tarfile.TarInfo(rel)
-            info.mtime, info.uid, info.gid, info.uname, info.gname = epoch, 0, 0, "root", "root"
-            if full.is_dir():
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tf.addfile(info)
-            else:
-                data = full.read_bytes()
-                info.size, info.mode = len(data), 0o755 if os.access(full, os.X_OK) else 0o644
-                tf.addfile(info, io.BytesIO(data))
+    write_tar_gz(raw, (_ModuleFile.of(module_dir, rel) for rel in _module_files(module_dir)),
+                 mtime=epoch, level=9)
     return raw.getvalue()
+
+
+@dataclass
+class _ModuleFile:
+    """A module/ file or directory as a tario.TarSource."""
+    name: str
+    kind: str
+    mode: int
+    path: Path
+    link: str = ""
+
+    @classmethod
+    def of(cls, root: Path, rel: str) -> _ModuleFile:
+        full = root / rel
+        if full.is_dir():
+            return cls(rel, "dir", 0o755, full)
+        return cls(rel, "file", 0o755 if os.access(full, os.X_OK) else 0o644, full)
+
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def open(self) -> IO[bytes]:
+        return open(self.path, "rb")
 
 
 def _module_files(root: Path) -> list[str]:

@@ -9,7 +9,6 @@ same content always yields the same digest."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -33,6 +32,7 @@ from fsbuild.fileio import atomic_write
 from fsbuild.initramfs import iter_newc_headers
 from fsbuild.patch import resolves_inside
 from fsbuild.target import Target
+from fsbuild.tario import write_tar_gz
 
 CHUNK = 1 << 20
 FIXED_MTIME = 1_000_000_000  # 2001-09-09: deterministic tarballs need *some* constant
@@ -855,28 +855,5 @@ def _from_entries(target: str, entries: list[_Entry], where: str) -> Upstream:
 
 def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry]) -> None:
     """Same entries -> same bytes: sorted names, fixed mtime/owner, gzip header mtime 0."""
-    with open(out, "wb") as raw, \
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        tf.addfile(_info(topdir, tarfile.DIRTYPE, 0o755))
-        for e in entries:
-            name = f"{topdir}/{e.name}"
-            if e.kind == "dir":
-                tf.addfile(_info(name, tarfile.DIRTYPE, 0o755))
-            elif e.kind == "symlink":
-                info = _info(name, tarfile.SYMTYPE, 0o777)
-                info.linkname = e.link
-                tf.addfile(info)
-            else:
-                info = _info(name, tarfile.REGTYPE, e.mode)
-                info.size = e.size()
-                with e.open() as fh:
-                    tf.addfile(info, fh)
-
-
-def _info(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.mtime = kind, mode, FIXED_MTIME
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    return info
+    with open(out, "wb") as raw:
+        write_tar_gz(raw, entries, mtime=FIXED_MTIME, level=6, topdir=topdir)
