@@ -449,13 +449,15 @@ def strip_path(name: str, strip: int) -> str | None:
     return rest or None
 
 
-def safe_relpath(name: str, patch: str, lineno: int) -> str:
-    """Reject names that leave the tree; return the normalised relative path."""
+def safe_relpath(name: str, where: str, what: str = "path") -> str:
+    """The one path check for names from patches, archives and users: reject absolute
+    names and any `..` (even one that would come back), return the normalised relative
+    path. `where` names the source ("x.patch:12", "linux.tar.gz")."""
     if name.startswith("/"):
-        raise UnsafePathError(f"{patch}:{lineno}: absolute path {name!r} in diff")
+        raise UnsafePathError(f"{where}: {what} {name!r} is an absolute path")
     parts = [c for c in name.split("/") if c not in ("", ".")]
     if ".." in parts or not parts:
-        raise UnsafePathError(f"{patch}:{lineno}: path {name!r} escapes the tree")
+        raise UnsafePathError(f"{where}: {what} {name!r} escapes the tree")
     return "/".join(parts)
 
 

@@ -335,8 +335,8 @@ def apply_file(tree: Tree, fp: FilePatch, strip: int, fuzz: int, patch: str,
     """Apply one file's diff to the overlay (GNU patch's per-file main loop)."""
     old = strip_path(fp.old_name, strip) if fp.old_name else None
     new = strip_path(fp.new_name, strip) if fp.new_name else None
-    old = safe_relpath(old, patch, fp.lineno) if old else None
-    new = safe_relpath(new, patch, fp.lineno) if new else None
+    old = safe_relpath(old, f"{patch}:{fp.lineno}") if old else None
+    new = safe_relpath(new, f"{patch}:{fp.lineno}") if new else None
     inname = _choose_input(tree, fp, old, new)
     if inname is None:
         shown = fp.new_name or fp.old_name

@@ -30,7 +30,7 @@ from fsbuild import paths, proc
 from fsbuild.errors import ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError, UpstreamIdentityError
 from fsbuild.fileio import atomic_write
 from fsbuild.initramfs import iter_newc_headers
-from fsbuild.patch import resolves_inside
+from fsbuild.patch import resolves_inside, safe_relpath
 from fsbuild.target import Target
 from fsbuild.tario import write_tar_gz
 
@@ -462,7 +462,7 @@ class ArchiveGuard:
 
     def member(self, m: tarfile.TarInfo) -> str:
         """The member's normalized name; raises UnsafePathError / ArchiveLimitError."""
-        name = safe_relpath(m.name, self.where)
+        name = safe_relpath(m.name, self.where, "member")
         if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
             raise UnsafePathError(f"{self.where}: member {m.name!r} is a device node or fifo")
         self.parent_inside(m.name)  # as written: `q/..` is not `.` when q is a link
@@ -545,7 +545,7 @@ def check_member(m: tarfile.TarInfo, where: str) -> str:
     """The member's normalized name, or UnsafePathError when it is a device node or its name
     leaves the tree; link texts are checked alone. Where links resolve needs the whole
     archive: ArchiveGuard (scan_tarball) checks that."""
-    name = safe_relpath(m.name, where)
+    name = safe_relpath(m.name, where, "member")
     if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
         raise UnsafePathError(f"{where}: member {m.name!r} is a device node or fifo")
     if m.issym():
@@ -565,15 +565,6 @@ def stream_member(src: IO[bytes], write: Callable[[bytes], object], size: int, w
             raise UpstreamError(f"{where}: truncated member data")
         write(chunk)
         size -= len(chunk)
-
-
-def safe_relpath(name: str, where: str, what: str = "member") -> str:
-    if name.startswith("/") or posixpath.isabs(name):
-        raise UnsafePathError(f"{where}: {what} {name!r} is an absolute path")
-    norm = posixpath.normpath(name)
-    if norm in (".", "") or _escapes(name):
-        raise UnsafePathError(f"{where}: {what} {name!r} escapes the tree (`..`)")
-    return norm
 
 
 def _escapes(rel: str) -> bool:
@@ -664,7 +655,7 @@ def _copy_srpm_members(stream: BinaryIO, stage: Path, where: str) -> list[str]:
     wanted: list[str] = []
     guard = ArchiveGuard(where)
     for name, mode, size in iter_cpio(stream, where):
-        name = safe_relpath(name, where)
+        name = safe_relpath(name, where, "member")
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
             raise UnsafePathError(f"{where}: member {name!r} is a device node or fifo")

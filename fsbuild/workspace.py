@@ -886,7 +886,7 @@ class Workspace:
 
     def new(self, name: str, message: str = "") -> Path:
         """Create an empty patch after the top one and push it (quilt new)."""
-        P.safe_relpath(name, "series new", 0)
+        P.safe_relpath(name, "series new")
         self.guard("new")
         entries, path = self._free_slot(name, ": use `fsbuild series import`")
         done = len(self.applied())
@@ -902,7 +902,7 @@ class Workspace:
         if not src.is_file():
             raise MissingFileError(f"patch {src} does not exist")
         name = name or src.name
-        P.safe_relpath(name, "series import", 0)
+        P.safe_relpath(name, "series import")
         data = src.read_bytes()
         P.parse_patch(data, name)  # reject malformed patches before touching anything
         self.guard("import")

@@ -128,13 +128,14 @@ def _hostile(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfil
 
 @pytest.mark.parametrize("member", [
     _hostile("linux-1.0.0/../../evil"),
+    _hostile("linux-1.0.0/a/../b"),   # a `..` that comes back: refused like patches refuse it
     _hostile("/etc/evil"),
     _hostile("linux-1.0.0/x", tarfile.SYMTYPE, "../../etc/passwd"),
     _hostile("linux-1.0.0/abs", tarfile.SYMTYPE, "/etc/passwd"),
     _hostile("linux-1.0.0/hl", tarfile.LNKTYPE, "../outside"),
     _hostile("linux-1.0.0/dev", tarfile.CHRTYPE),
     _hostile("linux-1.0.0/fifo", tarfile.FIFOTYPE),
-], ids=["dotdot", "absolute", "symlink-escape", "symlink-abs", "hardlink-escape", "chardev", "fifo"])
+], ids=["dotdot", "dotdot-back", "absolute", "symlink-escape", "symlink-abs", "hardlink-escape", "chardev", "fifo"])
 def test_hostile_tarball_rejected_nothing_written(tmp_path: Path, member: tarfile.TarInfo) -> None:
     tb = make_tarball(tmp_path / "bad.tar.gz", "linux-1.0.0", kernel_files("1.0.0"),
                       extra=[(member, b"x" if member.isfile() else b"")])
