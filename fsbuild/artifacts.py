@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import shutil
 import stat
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import rpmfile
 
+from fsbuild import proc
 from fsbuild.errors import FsbuildError, MissingFileError, VerifyError
 
 # kernel-devel must carry these (relative to /usr/src/kernels/KVER); one of each tuple.
@@ -241,10 +241,10 @@ def run_rpmlint(paths: list[Path], timeout: float = 600) -> tuple[str, list[str]
     if exe is None:
         return "skipped: rpmlint not installed", []
     try:
-        out = subprocess.run([exe, *map(str, paths)], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"skipped: rpmlint timed out after {timeout:.0f} s", []
-    lines = (out.stdout + out.stderr).splitlines()
+        out = proc.run([exe, *map(str, paths)], check=False, timeout=timeout, error=VerifyError)
+    except VerifyError as exc:  # timed out or could not start
+        return f"skipped: {exc.message}", []
+    lines = (out.stdout + out.stderr).decode(errors="replace").splitlines()
     findings = [line for line in lines if re.search(r": [EW]: ", line)]
     return "ran", findings
 

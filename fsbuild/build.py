@@ -280,11 +280,11 @@ def source_date_epoch() -> int:
         except ValueError as exc:
             raise BuildError(f"SOURCE_DATE_EPOCH={env!r} is not an integer") from exc
     try:
-        out = subprocess.run(["git", "-C", str(paths.repo_root()), "log", "-1", "--format=%ct"],
-                             capture_output=True, text=True, timeout=10)
+        out = proc.run(["git", "-C", str(paths.repo_root()), "log", "-1", "--format=%ct"],
+                       check=False, timeout=10, error=BuildError)
         if out.returncode == 0 and out.stdout.strip():
             return int(out.stdout.strip())
-    except (OSError, ValueError, subprocess.TimeoutExpired):
+    except (FsbuildError, ValueError):  # no git, no repository (an installed copy): the fixed epoch
         pass
     return 1_000_000_000
 

@@ -25,14 +25,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fsbuild import paths, progress
+from fsbuild import paths, proc, progress
 from fsbuild import resolve as RS
 from fsbuild import upstream as U
 from fsbuild.errors import (
@@ -185,8 +184,8 @@ def merge_file(base: Content, ours: Content, theirs: Content, label: str) -> tup
             p = Path(tmp) / tag
             p.write_bytes(content[0] if content else b"")
             files.append(str(p))
-        cp = subprocess.run(["git", "merge-file", "-p", "-L", "upstream", "-L", "base", "-L", label,
-                             *files], capture_output=True)
+        cp = proc.run(["git", "merge-file", "-p", "-L", "upstream", "-L", "base", "-L", label, *files],
+                      check=False, error=WorkspaceError)
     if cp.returncode < 0 or cp.returncode > 127:
         raise WorkspaceError(f"git merge-file failed: {cp.stderr.decode(errors='replace').strip()}")
     return (cp.stdout, mode), cp.returncode == 0

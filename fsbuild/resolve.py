@@ -16,11 +16,11 @@ from __future__ import annotations
 import difflib
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from fsbuild import proc
 from fsbuild.errors import WorkspaceError
 
 Content = tuple[bytes, int] | None
@@ -47,7 +47,7 @@ def _run_merge(cmd: list[str], texts: tuple[bytes, bytes, bytes]) -> tuple[bytes
             p = Path(tmp) / tag
             p.write_bytes(text)
             files.append(str(p))
-        cp = subprocess.run([*cmd, *files], capture_output=True)
+        cp = proc.run([*cmd, *files], check=False, error=WorkspaceError)
     worst = 127 if cmd[0] == "git" else 1    # merge-file: rc = number of conflicts
     if cp.returncode < 0 or cp.returncode > worst:
         raise WorkspaceError(f"{cmd[0]} failed: {cp.stderr.decode(errors='replace').strip()}")
@@ -90,8 +90,8 @@ def _git_diff(a: bytes, b: bytes, ctx: int) -> bytes:
         pa, pb = Path(tmp) / "a", Path(tmp) / "b"
         pa.write_bytes(a)
         pb.write_bytes(b)
-        cp = subprocess.run(["git", "diff", "--no-index", "--no-color", "--no-ext-diff", "--no-textconv",
-                             "-a", f"-U{ctx}", "--", str(pa), str(pb)], capture_output=True)
+        cp = proc.run(["git", "diff", "--no-index", "--no-color", "--no-ext-diff", "--no-textconv",
+                       "-a", f"-U{ctx}", "--", str(pa), str(pb)], check=False, error=WorkspaceError)
     if cp.returncode not in (0, 1):
         raise WorkspaceError(f"git diff failed: {cp.stderr.decode(errors='replace').strip()}")
     return cp.stdout
@@ -243,8 +243,8 @@ def git_log_lines(repo: Path, old_ref: str, new_ref: str) -> Callable[[str, int,
     """`log(path, a, z)`: the commits OLD..NEW of a git upstream touching lines a..z of path
     in NEW, as "sha subject" (newest first)."""
     def log(path: str, a: int, z: int) -> list[str]:
-        cp = subprocess.run(["git", "-C", str(repo), "log", "--format=%x00%H %s", "--no-patch",
-                             f"-L{a},{z}:{path}", f"{old_ref}..{new_ref}"], capture_output=True)
+        cp = proc.run(["git", "-C", str(repo), "log", "--format=%x00%H %s", "--no-patch",
+                       f"-L{a},{z}:{path}", f"{old_ref}..{new_ref}"], check=False, error=WorkspaceError)
         if cp.returncode != 0:
             return []
         return [c.split(b"\n", 1)[0].decode(errors="replace")

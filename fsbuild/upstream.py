@@ -17,7 +17,6 @@ import posixpath
 import re
 import shutil
 import stat
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -221,9 +220,9 @@ def _git_identity(repo: Path, ref: str, mk: str) -> str | None:
     of another Makefile version is an ancestor, not this kernel: ignored."""
     if m := _TAGGED.match(ref.removeprefix("refs/tags/")):
         return f"{m.group(1)}-{m.group(2)}"
-    cp = subprocess.run(["git", "-C", str(repo), "describe", "--tags", "--long", f"{ref}^{{commit}}"],
-                        capture_output=True, text=True)   # exit 128: no tag at all
-    d = _DESCRIBED.match(cp.stdout.strip()) if cp.returncode == 0 else None
+    cp = proc.run(["git", "-C", str(repo), "describe", "--tags", "--long", f"{ref}^{{commit}}"],
+                  check=False, error=UpstreamError)   # exit 128: no tag at all
+    d = _DESCRIBED.match(cp.stdout.decode(errors="replace").strip()) if cp.returncode == 0 else None
     if not d or not (m := _TAGGED.match(d.group(1))) or m.group(1) != mk:
         return None
     suffix = "" if d.group(2) == "0" else f".{d.group(2)}.g{d.group(3)}"

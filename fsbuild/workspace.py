@@ -58,9 +58,7 @@ def git(repo: Path, *args: str, input: bytes | None = None, check: bool = True,
     """git in `repo` with a fixed identity and dates (same content -> same commit ids)."""
     env = {**os.environ, **GIT_ENV}
     argv = ["git", "-C", str(repo), *args]
-    if check:
-        return proc.run(argv, env=env, input=input, error=error)
-    return subprocess.run(argv, input=input, capture_output=True, env=env)
+    return proc.run(argv, env=env, input=input, error=error, check=check)
 
 
 def git_out(repo: Path, *args: str) -> str:

@@ -385,3 +385,13 @@ def test_plain_mode_markdown_never_overwrites_the_json(tmp_path: Path) -> None:
     assert cp.returncode == 0, cp.stderr
     assert json.loads(report.read_text())["patches"][0]["resolved_by"] == RS.backend()
     assert "## Review" in (tmp_path / "report.md.md").read_text()
+
+
+def test_missing_git_is_a_tool_error_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resolver's git calls go through proc.run: without git on PATH the user gets
+    ToolMissingError (one line, its exit code), not FileNotFoundError's traceback."""
+    from fsbuild.errors import ToolMissingError
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ToolMissingError, match="git not found"):
+        RS._git_diff(b"a\n", b"b\n", 3)
