@@ -274,3 +274,44 @@ def _sleeping_child(pid: int) -> bool:
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_bare_fsbuild_prints_help_and_succeeds() -> None:
+    proc = run_fsbuild()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage:") and "Commands:" in proc.stdout and proc.stderr == ""
+
+
+def test_help_lists_every_exit_code_and_environment_variable() -> None:
+    """The epilog is built from errors.py and names every FSBUILD_* the package reads."""
+    import re
+
+    from fsbuild import errors
+
+    out = run_fsbuild("--help").stdout
+    codes = {c.exit_code for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.FsbuildError)}
+    listed = {int(m) for m in re.findall(r"^\s+(\d+) ", out.split("Exit codes:")[1], re.M)}
+    assert codes | {0, 2} <= listed
+    used = set(re.findall(r"(?<!_)FSBUILD_[A-Z0-9_]+", "".join(p.read_text() for p in (ROOT / "fsbuild").rglob("*.py"))))
+    assert used <= set(re.findall(r"FSBUILD_[A-Z0-9_]+", out.split("Environment:")[1]))
+
+
+def test_target_completion_lists_target_toml_names() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "_FSBUILD_COMPLETE": "bash_complete",
+           "COMP_WORDS": "fsbuild rpm --target ", "COMP_CWORD": "3"}
+    proc = subprocess.run([sys.executable, "-c", "from fsbuild.cli import main; main()"], env=env,
+                          capture_output=True, text=True)
+    names = sorted(p.parent.name for p in (ROOT / "patches").glob("*/target.toml"))
+    assert names and proc.stdout.split() == [f"plain,{n}" for n in names], proc.stderr
+
+
+def test_verbose_logs_commands_and_quiet_survives_json(tmp_path: Path) -> None:
+    """-v shows each external command; -q is not undone by a command's own choice."""
+    from fsbuild.commands.common import FUZZ
+
+    assert (FUZZ.min, FUZZ.max) == (0, 10)
+    repo = tmp_path / "r"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    proc = run_fsbuild("-v", "upstream", "import", "-t", "linux-6.1", f"git:{repo}@HEAD")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert any(line.startswith("fsbuild: $ git ") for line in proc.stderr.splitlines()), proc.stderr

@@ -65,6 +65,24 @@ def test_push_pop_list_status(ws: tuple[Workspace, Path, Path]) -> None:
     assert cp.returncode == 12 and "fully applied" in cp.stderr
 
 
+def test_push_pop_check_json(ws: tuple[Workspace, Path, Path]) -> None:
+    """--json on push/pop/check like the other reports: the names done, and check's
+    verdict per patch with the same exit code as without --json."""
+    w, _tdir, _ = ws
+    cp = fsbuild("series", "push", "2", "--fuzz", "10", "-t", "t1", "--json")   # apply's fuzz range
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout) == {"applied": [n for n, _ in w.applied()]} and len(w.applied()) == 2
+    cp = fsbuild("series", "pop", "-t", "t1", "--json")
+    assert cp.returncode == 0 and json.loads(cp.stdout) == {"removed": ["0002-offset.patch"]}
+    plain, as_json = fsbuild("series", "check", "-t", "t1"), fsbuild("series", "check", "-t", "t1", "--json")
+    report = json.loads(as_json.stdout)
+    assert as_json.returncode == plain.returncode
+    assert report["ok"] is (plain.returncode == 0)
+    assert [p["name"] for p in report["patches"]] == [e.name for e in w.entries()]
+    assert {p["name"] for p in report["patches"] if p["result"] != "ok"} == \
+        {line.split()[1].rstrip(":") for line in plain.stdout.splitlines() if line.startswith("FAIL")}
+
+
 def test_push_failure_names_patch_and_leaves_tree(ws: tuple[Workspace, Path, Path]) -> None:
     w, tdir, _ = ws
     (tdir / "0001-clean.patch").write_text((tdir / "0001-clean.patch").read_text().replace(" net line 9\n", " net line 99\n"))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from fsbuild import progress
+from fsbuild.commands.common import complete_targets
 from fsbuild.errors import SmokeBootError, SmokeCheckError, SmokePanicError, SmokeTimeoutError
 
 if TYPE_CHECKING:
@@ -14,7 +15,8 @@ if TYPE_CHECKING:
 
 
 @click.command("smoke")
-@click.option("--target", "-t", "target_name", default=None, help="Target (default: el6 or $FSBUILD_TARGET).")
+@click.option("--target", "-t", "target_name", shell_complete=complete_targets,
+              default=None, help="Target (default: el6 or $FSBUILD_TARGET).")
 @click.option("--rpms", "rpm_dir", type=click.Path(path_type=Path), default=None,
               help="Directory with the built kernel RPM (default: out/<target>/rpms).")
 @click.option("--timeout", type=float, default=None,

@@ -8,6 +8,7 @@ import click
 
 from fsbuild import paths, progress
 from fsbuild import target as targets
+from fsbuild.commands.common import complete_targets
 from fsbuild.errors import MissingFileError, VerifyError
 
 if TYPE_CHECKING:  # artifacts (rpmfile) is imported lazily by the command
@@ -16,7 +17,8 @@ if TYPE_CHECKING:  # artifacts (rpmfile) is imported lazily by the command
 
 @click.command("verify")
 @click.argument("rpms", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--target", "-t", "target_name", metavar="T",
+@click.option("--target", "-t", "target_name", shell_complete=complete_targets,
+              metavar="T",
               help="Verify every RPM in out/<T>/rpms/ (also gives the target's [rpm] facts).")
 @click.option("--no-rpmlint", is_flag=True, help="Skip rpmlint (its findings never fail anyway).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
