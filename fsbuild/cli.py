@@ -6,9 +6,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -79,11 +81,16 @@ def _epilog() -> str:
 @click.option("-v", "--verbose", is_flag=True, help="Also log every external command fsbuild runs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines (errors still show).")
 @click.option("--debug", is_flag=True, help="On any error, show the full traceback (for bug reports).")
+@click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path), envvar="FSBUILD_ROOT",
+              help="The fsbuild checkout (patches/, specs/, module/); default: the one fsbuild runs "
+                   "from, or the nearest above the current directory.")
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool, quiet: bool, debug: bool) -> None:
+def cli(ctx: click.Context, verbose: bool, quiet: bool, debug: bool, project_dir: Path | None) -> None:
     """Fastsocket kernel build system: apply and rebase the patch series, build RPMs, boot them."""
     global _debug
     _debug = debug
+    if project_dir is not None:  # children (rpmbuild helpers, tests) see the same project
+        os.environ["FSBUILD_ROOT"] = str(project_dir.resolve())
     if quiet:
         from fsbuild import progress  # lazy: rich is slow to import, --help must stay fast
 
