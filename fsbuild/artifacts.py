@@ -1,7 +1,8 @@
 """Read built RPMs with rpmfile and check what users rely on: NEVRA and arch, the kernel
 image and its embedded version string (== /lib/modules/KVER == version-release.arch),
 fastsocket.ko, a kernel-devel complete enough for out-of-tree modules, kernel-firmware.
-rpmlint findings are collected and reported, never fatal."""
+rpmlint runs with specs/rpmlint.toml (each filter says why a kernel package draws it):
+whatever it still reports fails verification."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import rpmfile
 
 from fsbuild import proc
 from fsbuild.errors import FsbuildError, MissingFileError, VerifyError
+from fsbuild.paths import specs_dir
 
 # kernel-devel must carry these (relative to /usr/src/kernels/KVER); one of each tuple.
 DEVEL_REQUIRED: tuple[tuple[str, ...], ...] = (
@@ -74,10 +76,11 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return bool(self.packages) and all(p.ok for p in self.packages)
+        return bool(self.packages) and all(p.ok for p in self.packages) and not self.rpmlint
 
     def failures(self) -> list[str]:
-        return [f"{p.path.name}: {c.name}: {c.detail}" for p in self.packages for c in p.checks if not c.ok]
+        lint = [f"rpmlint: {len(self.rpmlint)} finding(s), first: {self.rpmlint[0]}"] if self.rpmlint else []
+        return [f"{p.path.name}: {c.name}: {c.detail}" for p in self.packages for c in p.checks if not c.ok] + lint
 
     def as_dict(self) -> dict[str, object]:
         return {"ok": self.ok, "packages": [p.as_dict() for p in self.packages],
@@ -236,12 +239,19 @@ def check_set(pkgs: list[Package]) -> list[Check]:
 
 # ------------------------------------------------------------------ rpmlint
 
+def rpmlint_config() -> Path:
+    return specs_dir() / "rpmlint.toml"
+
+
 def run_rpmlint(paths: list[Path], timeout: float = 600) -> tuple[str, list[str]]:
     exe = shutil.which("rpmlint")
     if exe is None:
         return "skipped: rpmlint not installed", []
+    config = rpmlint_config()
+    if not config.is_file():
+        raise MissingFileError(f"rpmlint configuration {config} does not exist")
     try:
-        out = proc.run([exe, *map(str, paths)], check=False, timeout=timeout, error=VerifyError)
+        out = proc.run([exe, "-c", str(config), *map(str, paths)], check=False, timeout=timeout, error=VerifyError)
     except VerifyError as exc:  # timed out or could not start
         return f"skipped: {exc.message}", []
     lines = (out.stdout + out.stderr).decode(errors="replace").splitlines()
