@@ -24,7 +24,7 @@ from typing import IO, TYPE_CHECKING
 
 from fsbuild import lock, paths, proc, progress, spec
 from fsbuild.errors import BuildError, FsbuildError, MissingFileError, PatchApplyError, RunInterruptedError, TargetError
-from fsbuild.fileio import atomic_write
+from fsbuild.fileio import atomic_write, walk_sorted
 from fsbuild.target import Target
 from fsbuild.tario import write_tar_gz
 
@@ -258,17 +258,8 @@ class _ModuleFile:
 
 
 def _module_files(root: Path) -> list[str]:
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _MODULE_JUNK_DIRS)
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in sorted(dirnames) + sorted(filenames):
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            full = Path(dirpath) / name
-            if full.is_symlink() or (full.is_file() and _MODULE_JUNK.search(name)):
-                continue
-            out.append(rel)
-    return sorted(out)
+    return sorted(rel for rel, full in walk_sorted(root, skip_dirs=_MODULE_JUNK_DIRS)
+                  if not (full.is_symlink() or (full.is_file() and _MODULE_JUNK.search(full.name))))
 
 
 def source_date_epoch() -> int:

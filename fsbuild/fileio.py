@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -44,3 +44,14 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Replace `path` with `data` atomically (see atomic_open)."""
     with atomic_open(path, fsync=fsync) as fh:
         fh.write(data)
+
+
+def walk_sorted(root: Path, skip_dirs: Collection[str] = ()) -> Iterator[tuple[str, Path]]:
+    """Every path under `root` as (relative name, full path) in a stable order: each
+    directory's names sorted, a directory's own entry before its contents. Directories
+    named in `skip_dirs` are neither listed nor entered; symlinks are listed, not followed."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(dirnames + filenames):
+            yield (name if rel_dir == "." else f"{rel_dir}/{name}"), Path(dirpath) / name

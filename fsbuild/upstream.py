@@ -27,7 +27,7 @@ from typing import IO, BinaryIO
 
 from fsbuild import paths, proc
 from fsbuild.errors import ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError, UpstreamIdentityError
-from fsbuild.fileio import atomic_write
+from fsbuild.fileio import atomic_write, walk_sorted
 from fsbuild.initramfs import iter_newc_headers
 from fsbuild.patch import resolves_inside, safe_relpath
 from fsbuild.target import Target
@@ -761,25 +761,20 @@ def _dir_key(root: Path, entries: list[_Entry]) -> tuple[str, bool]:
 
 def _walk_dir(root: Path) -> Iterator[_Entry]:
     guard = ArchiveGuard(str(root))
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != ".git")
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in sorted(dirnames + filenames):
-            full = Path(dirpath) / name
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            st = full.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                dest = os.readlink(full)
-                guard.link(rel, dest)
-                yield _Entry(rel, "symlink", link=dest)
-            elif stat.S_ISDIR(st.st_mode):
-                yield _Entry(rel, "dir", mode=0o755)
-            elif stat.S_ISREG(st.st_mode):
-                guard.size(rel, st.st_size)
-                yield _Entry(rel, "file", mode=0o755 if st.st_mode & 0o100 else 0o644, path=full,
-                             stamp=(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-            else:
-                raise UnsafePathError(f"{root}: {rel} is a device node, fifo or socket")
+    for rel, full in walk_sorted(root, skip_dirs={".git"}):
+        st = full.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            dest = os.readlink(full)
+            guard.link(rel, dest)
+            yield _Entry(rel, "symlink", link=dest)
+        elif stat.S_ISDIR(st.st_mode):
+            yield _Entry(rel, "dir", mode=0o755)
+        elif stat.S_ISREG(st.st_mode):
+            guard.size(rel, st.st_size)
+            yield _Entry(rel, "file", mode=0o755 if st.st_mode & 0o100 else 0o644, path=full,
+                         stamp=(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        else:
+            raise UnsafePathError(f"{root}: {rel} is a device node, fifo or socket")
     guard.finish()
 
 

@@ -49,3 +49,15 @@ def test_mode_follows_umask_like_open(tmp_path: Path) -> None:
     atomic_write(tmp_path / "new", b"x")
     (tmp_path / "plain").write_bytes(b"x")
     assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+
+
+def test_walk_sorted_order_skips_and_symlinks(tmp_path: Path) -> None:
+    from fsbuild.fileio import walk_sorted
+
+    for rel in ("b/z", "b/a", "a", ".git/HEAD", "c/.git/x"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    (tmp_path / "link").symlink_to("b")          # listed, never followed
+    got = [rel for rel, _ in walk_sorted(tmp_path, skip_dirs={".git"})]
+    assert got == ["a", "b", "c", "link", "b/a", "b/z"]
+    assert all(full == tmp_path / rel for rel, full in walk_sorted(tmp_path))
