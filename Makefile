@@ -4,13 +4,22 @@ CONFIG ?= mini
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
-.PHONY: deps test soak bench fuzz demo stress static userspace clean
+.PHONY: deps lint test quick soak bench fuzz demo stress static userspace clean
 
 deps:
 	bash ci/deps.sh
 
-test: deps
+# ruff (rules in pyproject.toml) and mypy --strict on fsbuild/: zero findings
+lint: deps
+	$(PYTHON) -m ruff check fsbuild tests ci
+	$(PYTHON) -m mypy
+
+test: deps lint
 	$(PYTHON) -m pytest -m "not soak" $(PYTEST_ARGS)
+
+# Local edit loop: no kernel builds or boots (CI runs `make test`, i.e. everything).
+quick: deps lint
+	$(PYTHON) -m pytest -m "not slow and not soak" $(PYTEST_ARGS)
 
 # Many-trial proofs (e.g. 50 random SIGKILL/SIGTERM trials of apply + recovery).
 soak: deps

@@ -98,7 +98,7 @@ def bench_resolvers(old, new) -> None:  # type: ignore[no-untyped-def]
         t_real = _best(carry_all)
         out = RS.MERGERS[how](big, upstream, patched)
         ok_big = out is not None and RS.changed_lines(big, patched) == RS.changed_lines(upstream, out)
-        t_big = _best(lambda: RS.MERGERS[how](big, upstream, patched), 3)
+        t_big = _best(lambda how=how: RS.MERGERS[how](big, upstream, patched), 3)
         print(f"resolver {how}: rxrpc 3 patches {t_real:.3f} s, identical to Debian's refresh: {same}; "
               f"20k-line file, 50 hunks: {t_big:.3f} s, intent kept: {ok_big}")
     RS.backend = chosen  # type: ignore[assignment]
@@ -177,9 +177,9 @@ def bench_cold_warm(old, new, runs: int) -> None:  # type: ignore[no-untyped-def
 
 
 def main() -> int:
+    import debsrc
     import pytest
 
-    import debsrc
     from fsbuild import rebase as R
     from fsbuild import upstream
     from fsbuild.target import load

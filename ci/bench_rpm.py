@@ -54,10 +54,10 @@ def raw_tree(plan: build.Plan, work: Path) -> tuple[Path, float]:
     if plan.config.base_file:
         shutil.copyfile(plan.config.base_file, tree / ".config")
     else:
-        subprocess.run(mk + [str(plan.config.base_make)], cwd=tree, check=True)
+        subprocess.run([*mk, str(plan.config.base_make)], cwd=tree, check=True)
     with open(tree / ".config", "ab") as fh:
         fh.write(plan.config.fragment + b'\nCONFIG_LOCALVERSION=""\n')
-    subprocess.run(mk + ["olddefconfig"], cwd=tree, check=True)
+    subprocess.run([*mk, "olddefconfig"], cwd=tree, check=True)
     return tree, time.monotonic() - start
 
 
@@ -89,7 +89,7 @@ def main() -> int:
 
         fs = [sys.executable, "-m", "fsbuild", "rpm", "--target", args.target, "--config", args.config,
               "-j", str(args.jobs), "--json"]
-        rpm_s = sh(fs + ["--force"], cwd=ROOT, stdout=subprocess.DEVNULL)
+        rpm_s = sh([*fs, "--force"], cwd=ROOT, stdout=subprocess.DEVNULL)
         phases = json.loads((scratch / "out" / args.target / "build.json").read_text())["phases"]
         print(f"fsbuild rpm --force: {rpm_s:.1f} s; phases {phases}", file=sys.stderr, flush=True)
         noop_s = sh(fs, cwd=ROOT, stdout=subprocess.DEVNULL)

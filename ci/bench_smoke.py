@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fsbuild import initramfs, paths, progress, qemu, smoke  # noqa: E402
-from fsbuild.errors import FsbuildError  # noqa: E402
+from fsbuild import initramfs, paths, progress, qemu, smoke
+from fsbuild.errors import FsbuildError
 
 
 def kernel_rpm(args: argparse.Namespace) -> Path | None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fsbuild import build, progress, smoke, stress  # noqa: E402
-from fsbuild.errors import FsbuildError  # noqa: E402
+from fsbuild import build, progress, smoke, stress
+from fsbuild.errors import FsbuildError
 
 LABELS = {
     "conns_per_s": "connections/s (TCG-emulated)",

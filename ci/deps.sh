@@ -10,6 +10,22 @@ APT_PKGS=(
 )
 BACKPORT_PKGS=(qemu-system-x86)
 
+# One line per step on the terminal; everything apt and pip say goes to $LOG, named on failure.
+LOG=${FSBUILD_DEPS_LOG:-${TMPDIR:-/tmp}/fsbuild-deps.log}
+: >"$LOG"
+
+# step "what" cmd...: "deps: what ... ok" (or the log's tail and its path, and exit 1)
+step() {
+  local what=$1; shift
+  printf 'deps: %s ... ' "$what"
+  echo "### $what: $*" >>"$LOG"
+  if "$@" >>"$LOG" 2>&1; then echo ok; return 0; fi
+  echo FAILED
+  tail -n 5 "$LOG" | sed 's/^/deps:   /' >&2
+  echo "deps: $what failed; full log: $LOG" >&2
+  exit 1
+}
+
 need_root() { [ "$(id -u)" = 0 ] || { echo "deps: run as root (apt-get)" >&2; exit 1; }; }
 
 # Add bookworm-backports (newer QEMU with igb) and deb-src (apt-get source linux)
@@ -42,13 +58,16 @@ apt_install() {
   if command -v qemu-system-x86_64 >/dev/null && qemu-system-x86_64 -device help 2>/dev/null | grep -q '"igb"'; then qemu_ok=1; fi
   if [ ${#missing[@]} -eq 0 ] && [ $qemu_ok = 1 ]; then echo "deps: apt packages present"; return 0; fi
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  [ ${#missing[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${missing[@]}"
-  [ $qemu_ok = 1 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports "${BACKPORT_PKGS[@]}"
+  step "apt-get update" apt-get update -q
+  [ ${#missing[@]} -eq 0 ] ||
+    step "apt-get install ${#missing[@]} package(s)" apt-get install -y -q --no-install-recommends "${missing[@]}"
+  [ $qemu_ok = 1 ] ||
+    step "QEMU from bookworm-backports" apt-get install -y -q --no-install-recommends -t bookworm-backports "${BACKPORT_PKGS[@]}"
 }
 
 main() {
   if [ "${1:-}" != "--pip-only" ]; then need_root; fix_sources; apt_install; fi
-  python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+  step "python packages (pip install -e .[dev])" python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+  echo "deps: ready (log: $LOG)"
 }
-main "$@"
+[ "${BASH_SOURCE[0]}" != "$0" ] || main "$@"   # sourced (tests): functions only

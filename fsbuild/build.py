@@ -5,8 +5,8 @@ rebuild is a no-op."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import gzip
 import hashlib
 import io
 import json
@@ -16,16 +16,20 @@ import shlex
 import shutil
 import signal
 import subprocess
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
-from fsbuild import lock, paths, progress, proc, spec
-from fsbuild.errors import (BuildError, FsbuildError, MissingFileError, PatchApplyError,
-                            RunInterruptedError, TargetError)
+from fsbuild import lock, paths, proc, progress, spec
+from fsbuild.errors import BuildError, FsbuildError, MissingFileError, PatchApplyError, RunInterruptedError, TargetError
+from fsbuild.fileio import atomic_write, walk_sorted
 from fsbuild.target import Target
+from fsbuild.tario import write_tar_gz
+
+if TYPE_CHECKING:  # upstream is imported lazily: only builds need it
+    from fsbuild.upstream import Upstream
 
 # Bump when the build recipe changes in a way the hashed inputs do not show.
 RECIPE = 3
@@ -75,7 +79,7 @@ class Request:
 class Plan:
     """Everything the SRPM is made of, resolved and hashed."""
     req: Request
-    upstream: object              # fsbuild.upstream.Upstream
+    upstream: Upstream
     version: str
     release: str
     config: ConfigChoice
@@ -115,7 +119,7 @@ class Result:
 
 # ------------------------------------------------------------------ inputs
 
-def resolve_upstream(target: Target, source: str | None) -> object:
+def resolve_upstream(target: Target, source: str | None) -> Upstream:
     from fsbuild import upstream  # lazy: only builds need it
     return upstream.resolve(target, source)
 
@@ -186,12 +190,17 @@ def overlay_fragment(base: bytes, top: bytes) -> bytes:
     return b"\n".join(kept) + b"\n" + top
 
 
+def _str_list(value: object) -> list[str]:
+    """A target.toml list (of anything) as strings; a scalar is a one-element list."""
+    return [str(v) for v in value] if isinstance(value, list | tuple) else [str(value)]
+
+
 def _full_base(target: Target, cfg: dict[str, object],
                upstream_configs: dict[str, Path]) -> tuple[str | None, Path | None]:
     """The first [config] full candidate that exists: configs/<name> from the SRPM, a tree
     defconfig (arch/x86/configs/<name> → `make <name>`), or a bare make target."""
     cands = cfg.get("full", "defconfig")
-    for cand in [cands] if isinstance(cands, str) else list(cands):  # type: ignore[arg-type]
+    for cand in [cands] if isinstance(cands, str) else _str_list(cands):
         cand = str(cand)
         if cand.startswith("configs/"):
             found = upstream_configs.get(Path(cand).name)
@@ -220,34 +229,37 @@ def module_tarball(module_dir: Path, epoch: int) -> bytes:
     if not module_dir.is_dir():
         raise MissingFileError(f"module sources {module_dir} do not exist")
     raw = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        for rel in _module_files(module_dir):
-            full = module_dir / rel
-            info = tarfile.TarInfo(rel)
-            info.mtime, info.uid, info.gid, info.uname, info.gname = epoch, 0, 0, "root", "root"
-            if full.is_dir():
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tf.addfile(info)
-            else:
-                data = full.read_bytes()
-                info.size, info.mode = len(data), 0o755 if os.access(full, os.X_OK) else 0o644
-                tf.addfile(info, io.BytesIO(data))
+    write_tar_gz(raw, (_ModuleFile.of(module_dir, rel) for rel in _module_files(module_dir)),
+                 mtime=epoch, level=9)
     return raw.getvalue()
 
 
+@dataclass
+class _ModuleFile:
+    """A module/ file or directory as a tario.TarSource."""
+    name: str
+    kind: str
+    mode: int
+    path: Path
+    link: str = ""
+
+    @classmethod
+    def of(cls, root: Path, rel: str) -> _ModuleFile:
+        full = root / rel
+        if full.is_dir():
+            return cls(rel, "dir", 0o755, full)
+        return cls(rel, "file", 0o755 if os.access(full, os.X_OK) else 0o644, full)
+
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def open(self) -> IO[bytes]:
+        return open(self.path, "rb")
+
+
 def _module_files(root: Path) -> list[str]:
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _MODULE_JUNK_DIRS)
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in sorted(dirnames) + sorted(filenames):
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            full = Path(dirpath) / name
-            if full.is_symlink() or (full.is_file() and _MODULE_JUNK.search(name)):
-                continue
-            out.append(rel)
-    return sorted(out)
+    return sorted(rel for rel, full in walk_sorted(root, skip_dirs=_MODULE_JUNK_DIRS)
+                  if not (full.is_symlink() or (full.is_file() and _MODULE_JUNK.search(full.name))))
 
 
 def source_date_epoch() -> int:
@@ -259,24 +271,24 @@ def source_date_epoch() -> int:
         except ValueError as exc:
             raise BuildError(f"SOURCE_DATE_EPOCH={env!r} is not an integer") from exc
     try:
-        out = subprocess.run(["git", "-C", str(paths.repo_root()), "log", "-1", "--format=%ct"],
-                             capture_output=True, text=True, timeout=10)
+        out = proc.run(["git", "-C", str(paths.repo_root()), "log", "-1", "--format=%ct"],
+                       check=False, timeout=10, error=BuildError)
         if out.returncode == 0 and out.stdout.strip():
             return int(out.stdout.strip())
-    except (OSError, ValueError, subprocess.TimeoutExpired):
+    except (FsbuildError, ValueError):  # no git, no repository (an installed copy): the fixed epoch
         pass
     return 1_000_000_000
 
 
-def make_plan(req: Request, upstream: object | None = None) -> Plan:
+def make_plan(req: Request, upstream: Upstream | None = None) -> Plan:
     if req.builder not in BUILDERS:
         raise BuildError(f"unknown builder {req.builder!r} (choose {' or '.join(BUILDERS)})")
     up = upstream if upstream is not None else resolve_upstream(req.target, req.source)
-    version, base_release = split_version(req.target, up.version)  # type: ignore[attr-defined]
+    version, base_release = split_version(req.target, up.version)
     release = base_release + release_suffix(req.target, req.release_suffix)
     if req.config == DEBUG:
         release += DEBUG_RELEASE
-    config = choose_config(req.target, req.config, dict(up.configs))  # type: ignore[attr-defined]
+    config = choose_config(req.target, req.config, dict(up.configs))
     epoch = source_date_epoch()
     plan = Plan(req, up, version, release, config, series_for(req.target, req.builder),
                 module_tarball(paths.repo_root() / "module", epoch), epoch)
@@ -296,7 +308,7 @@ def inputs_hash(plan: Plan) -> str:
 
     add("recipe", str(RECIPE))
     add("target", plan.req.target.name)
-    add("upstream", plan.upstream.digest)  # type: ignore[attr-defined]
+    add("upstream", plan.upstream.digest)
     add("evr", f"{plan.version}-{plan.release}")
     add("builder", plan.req.builder)
     for p in plan.series:
@@ -325,7 +337,7 @@ def spec_inputs(plan: Plan) -> spec.SpecInputs:
     up = plan.upstream
     return spec.SpecInputs(
         target=target.name, version=plan.version, release=plan.release,
-        tarball=Path(up.tarball).name, topdir=up.topdir,  # type: ignore[attr-defined]
+        tarball=Path(up.tarball).name, topdir=up.topdir,
         module_tarball=MODULE_TARBALL, config_fragment=FRAGMENT,
         config_label=_config_label(plan.config),
         config_base_file=BASE_CONFIG if plan.config.base_file else None,
@@ -337,18 +349,18 @@ def spec_inputs(plan: Plan) -> spec.SpecInputs:
         has_fastsocket=bool(rpm.get("has_fastsocket", True)),
         build_requires=[str(r) for r in rpm.get("build_requires", DEFAULT_REQUIRES)],
         patches=spec.spec_patches(plan.series),
-        date=dt.datetime.fromtimestamp(plan.epoch, dt.timezone.utc).date(),
+        date=dt.datetime.fromtimestamp(plan.epoch, dt.UTC).date(),
         author=str(rpm.get("packager", spec.DEFAULT_AUTHOR)),
     )
 
 
 def _config_label(c: ConfigChoice) -> str:
-    base = f"make {c.base_make}" if c.base_make else f"{BASE_CONFIG} ({c.base_file.name})"  # type: ignore[union-attr]
+    base = f"make {c.base_make}" if c.base_make or c.base_file is None else f"{BASE_CONFIG} ({c.base_file.name})"
     return f"{c.label}: {base} + {FRAGMENT}"
 
 
 def upstream_desc(plan: Plan) -> str:
-    return f"{plan.req.target.name} {plan.upstream.version}"  # type: ignore[attr-defined]
+    return f"{plan.req.target.name} {plan.upstream.version}"
 
 
 def write_sources(plan: Plan, srcdir: Path) -> Path:
@@ -358,13 +370,13 @@ def write_sources(plan: Plan, srcdir: Path) -> Path:
     srcdir.mkdir(parents=True)
     inputs = spec_inputs(plan)
     # A copy, not a hard link: setting the mtime must not touch the upstream cache.
-    shutil.copyfile(plan.upstream.tarball, srcdir / inputs.tarball)  # type: ignore[attr-defined]
+    shutil.copyfile(plan.upstream.tarball, srcdir / inputs.tarball)
     (srcdir / MODULE_TARBALL).write_bytes(plan.module_tar)
     (srcdir / FRAGMENT).write_bytes(plan.config.fragment)
     if plan.config.base_file:
         shutil.copyfile(plan.config.base_file, srcdir / BASE_CONFIG)
     (srcdir / CHECK_SCRIPT).write_text(spec.render_config_check())
-    for sp, p in zip(inputs.patches, plan.series):
+    for sp, p in zip(inputs.patches, plan.series, strict=True):
         shutil.copyfile(p.path, srcdir / sp.file)
     spec_path = srcdir / "kernel.spec"
     spec_path.write_text(spec.render(inputs, upstream_desc(plan)))
@@ -431,7 +443,7 @@ def tree_bytes_needed(plan: Plan) -> int:
     """Room for source tree + objects + build root: the compressed tarball is ~1/10 of the
     tree; objects of the mini profile fit in 2 GiB; a full distro config with DEBUG_INFO
     (el6's) can reach ~20 GiB, so it builds in RAM only on a big host."""
-    tarball = Path(plan.upstream.tarball).stat().st_size  # type: ignore[attr-defined]
+    tarball = Path(plan.upstream.tarball).stat().st_size
     return 12 * tarball + {"mini": 2, DEBUG: 4}.get(plan.config.label, 20) * GIB
 
 
@@ -627,7 +639,7 @@ class _LogWatch:
     def durations(self) -> dict[str, float]:
         ends = [t for _, t in self.marks[1:]] + [time.monotonic()]
         out: dict[str, float] = {}
-        for (name, begin), end in zip(self.marks, ends):
+        for (name, begin), end in zip(self.marks, ends, strict=True):
             key = name.split(":")[0]
             out[key] = round(out.get(key, 0.0) + end - begin, 2)
         return out
@@ -638,10 +650,8 @@ def _kill(child: subprocess.Popen[bytes]) -> None:
         os.killpg(child.pid, signal.SIGTERM)
         child.wait(timeout=10)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         child.wait()
 
 
@@ -688,13 +698,13 @@ def cached_result(plan: Plan) -> Result | None:
         return None
     rpms = [Path(p) for p in data.get("rpms", [])]
     srpm = Path(data.get("srpm", ""))
-    if data.get("inputs") != plan.inputs_hash or not rpms or not all(p.is_file() for p in rpms + [srpm]):
+    if data.get("inputs") != plan.inputs_hash or not rpms or not all(p.is_file() for p in [*rpms, srpm]):
         return None
     return Result(plan.req.target.name, data["kver"], rpms, srpm, lay["log"], data["builder"],
                   data["config"], plan.inputs_hash, True, 0.0)
 
 
-def build(req: Request, upstream: object | None = None) -> Result:
+def build(req: Request, upstream: Upstream | None = None) -> Result:
     """Build under the out dir's lock: a second `fsbuild rpm` of the same target and
     profile waits, then finds the first one's result (no two rpmbuilds writing one out dir)."""
     lay = out_layout(req.target.name, req.config)
@@ -702,7 +712,7 @@ def build(req: Request, upstream: object | None = None) -> Result:
         return _build(req, upstream)
 
 
-def _build(req: Request, upstream: object | None = None) -> Result:
+def _build(req: Request, upstream: Upstream | None = None) -> Result:
     start = time.monotonic()
     if req.builder == "mock":
         proc.which("mock")  # fail fast (exit 9) before resolving sources
@@ -726,7 +736,7 @@ def _build(req: Request, upstream: object | None = None) -> Result:
     rpms = _run_builder(plan, srpm, lay, phases)
     result = Result(req.target.name, plan.kver, rpms, srpm, lay["log"], req.builder,
                     plan.config.label, plan.inputs_hash, False, time.monotonic() - start, phases)
-    lay["manifest"].write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    atomic_write(lay["manifest"], (json.dumps(result.as_dict(), indent=2) + "\n").encode())
     return result
 
 

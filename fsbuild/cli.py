@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
+import os
 import signal
 import sys
 import traceback
+from pathlib import Path
 
 import click
 
@@ -38,19 +41,65 @@ class LazyGroup(click.Group):
         if spec is None:
             return None
         module, attr = spec.split(":")
-        return getattr(importlib.import_module(f"fsbuild.commands.{module}"), attr)
+        command: click.Command = getattr(importlib.import_module(f"fsbuild.commands.{module}"), attr)
+        return command
 
 
 _debug = False  # --debug: let errors propagate with their traceback (for bug reports)
 
+# FSBUILD_* environment variables, for --help (README describes them at length).
+ENVIRONMENT = {
+    "FSBUILD_TARGET": "default target (else el6)",
+    "FSBUILD_ROOT": "project directory: patches/, specs/, module/ (else this checkout)",
+    "FSBUILD_STATE": "workspaces and caches (else ROOT/.fsbuild)",
+    "FSBUILD_OUT": "results: RPMs, reports, verdicts (else ROOT/out)",
+    "FSBUILD_EL6_SRC": "the el6 SRPM or tarball (the default el6 upstream)",
+    "FSBUILD_MOCK_BASEURL": "CentOS 6 vault/mirror for --builder mock",
+    "FSBUILD_MAX_MEMBER / FSBUILD_MAX_TOTAL": "archive size limits for upstream imports",
+    "FSBUILD_SMOKE_ACCEL": "smoke: force kvm or tcg",
+    "FSBUILD_SMOKE_NET": "smoke: `user` for user-mode networking (no tap devices)",
+}
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+
+def _epilog() -> str:
+    from fsbuild import errors
+
+    classes = sorted((c for c in vars(errors).values()
+                      if isinstance(c, type) and issubclass(c, errors.FsbuildError) and c is not errors.FsbuildError),
+                     key=lambda c: c.exit_code)
+    codes = ["0 success", "1 internal error (a bug: rerun with --debug)", "2 usage error",
+             *(f"{c.exit_code} {(c.__doc__ or c.__name__).strip().splitlines()[0]}" for c in classes)]
+    env = [f"{k}: {v}" for k, v in ENVIRONMENT.items()]
+    # \b keeps click from re-wrapping the lists into one paragraph.
+    return "\b\nExit codes:\n" + "\n".join(f"  {c}" for c in codes) + \
+        "\n\n\b\nEnvironment:\n" + "\n".join(f"  {e}" for e in env)
+
+
+@click.group(cls=LazyGroup, invoke_without_command=True, epilog=_epilog(),
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fsbuild")
+@click.option("-v", "--verbose", is_flag=True, help="Also log every external command fsbuild runs.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines (errors still show).")
 @click.option("--debug", is_flag=True, help="On any error, show the full traceback (for bug reports).")
-def cli(debug: bool) -> None:
+@click.option("--project-dir", type=click.Path(file_okay=False, path_type=Path), envvar="FSBUILD_ROOT",
+              help="The fsbuild checkout (patches/, specs/, module/); default: the one fsbuild runs "
+                   "from, or the nearest above the current directory.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, quiet: bool, debug: bool, project_dir: Path | None) -> None:
     """Fastsocket kernel build system: apply and rebase the patch series, build RPMs, boot them."""
     global _debug
     _debug = debug
+    if project_dir is not None:  # children (rpmbuild helpers, tests) see the same project
+        os.environ["FSBUILD_ROOT"] = str(project_dir.resolve())
+    if quiet:
+        from fsbuild import progress  # lazy: rich is slow to import, --help must stay fast
+
+        progress.silence()
+    if verbose or debug:
+        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                            format="fsbuild: %(message)s")
+    if ctx.invoked_subcommand is None:  # bare `fsbuild`: the help, and success
+        click.echo(ctx.get_help())
 
 
 def one_line(message: str) -> str:
@@ -79,7 +128,9 @@ def _stop_signals_interrupt() -> None:
 def main() -> None:
     _stop_signals_interrupt()
     try:
-        rv = cli.main(standalone_mode=False)
+        # prog_name and complete_var fixed: `python -m fsbuild` and the console script
+        # complete alike (README: eval "$(_FSBUILD_COMPLETE=bash_source fsbuild)").
+        rv = cli.main(standalone_mode=False, prog_name="fsbuild", complete_var="_FSBUILD_COMPLETE")
     except SystemExit:
         raise
     except BaseException as exc:

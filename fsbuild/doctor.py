@@ -28,7 +28,6 @@ TOOLS: tuple[Tool, ...] = (
     Tool("rpm", "rpm", ("rpm", "smoke")),
     Tool("rpmlint", "rpmlint", ("verify",), optional=True),
     Tool("make", "make", ("rpm", "smoke")),
-    Tool("rpm2cpio", "rpm2cpio", ("smoke",)),
     Tool("gcc", "build-essential", ("rpm",)),
     Tool("bc", "bc", ("rpm",)),
     Tool("bison", "bison", ("rpm",)),

@@ -9,16 +9,16 @@ import hashlib
 import io
 import json
 import lzma
-import os
 import shlex
 import stat
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO
 
 from fsbuild import proc
 from fsbuild.errors import MissingFileError, ToolMissingError, UnsafePathError
+from fsbuild.fileio import atomic_open
 
 NEWC_MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
@@ -49,7 +49,7 @@ class CpioWriter:
     """Writes a newc ("070701") archive. mtime 0 and sequential inodes make the output a
     pure function of the entries, so identical guests produce identical images."""
 
-    def __init__(self, fh: BinaryIO) -> None:
+    def __init__(self, fh: IO[bytes]) -> None:
         self._fh = fh
         self._ino = 0
         self._dirs: set[str] = set()
@@ -101,9 +101,10 @@ class CpioWriter:
             self._closed = True
 
 
-def iter_newc(fh: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
-    """Stream (name, mode, data) out of a newc archive (ours, or an RPM payload from
-    rpm2cpio) without holding the whole archive in memory."""
+def iter_newc_headers(fh: IO[bytes]) -> Iterator[tuple[str, int, int]]:
+    """The one newc reader: yields (name, mode, size) with `fh` at the member's data; the
+    caller reads exactly `size` bytes before the next step (the padding is skipped here),
+    so members of any size stream through. Raises ValueError on a corrupt archive."""
     offset = 0
 
     def take(n: int) -> bytes:
@@ -120,12 +121,22 @@ def iter_newc(fh: BinaryIO) -> Iterator[tuple[str, int, bytes]]:
             raise ValueError(f"bad cpio magic {header[:6]!r} at offset {offset - 110}")
         fields = [int(header[6 + 8 * i: 14 + 8 * i], 16) for i in range(13)]
         mode, size, namesize = fields[1], fields[6], fields[11]
-        name = take(namesize)[:-1].decode()
+        name = take(namesize)[:-1].decode("utf-8", "surrogateescape")
         take(-(110 + namesize) % 4)
         if name == TRAILER:
             return
-        data = take(size)
+        yield name, mode, size
+        offset += size
         take(-size % 4)
+
+
+def iter_newc(fh: IO[bytes]) -> Iterator[tuple[str, int, bytes]]:
+    """Stream (name, mode, data) out of a newc archive (ours, or an RPM payload) without
+    holding the whole archive in memory."""
+    for name, mode, size in iter_newc_headers(fh):
+        data = fh.read(size)
+        if len(data) != size:
+            raise ValueError(f"truncated cpio archive: {name} has {len(data)} of {size} bytes")
         yield name, mode, data
 
 
@@ -173,10 +184,10 @@ def closure(deps: Mapping[str, list[str]], wanted: Iterable[str]) -> list[str]:
         if path in seen:
             return
         if path in chain:  # depmod refuses cycles; a hand-edited file must not loop us
-            raise MissingFileError(f"modules.dep: dependency cycle {' -> '.join(chain + (path,))}")
+            raise MissingFileError(f"modules.dep: dependency cycle {' -> '.join((*chain, path))}")
         # modules.dep lists a module's deps so that the last one is loaded first.
         for dep in reversed(deps.get(path, [])):
-            visit(dep, chain + (path,))
+            visit(dep, (*chain, path))
         seen.add(path)
         order.append(path)
 
@@ -336,15 +347,14 @@ def _write(spec: GuestSpec, out: Path, key: str, deps: Mapping[str, list[str]], 
     w.add_file("etc/fsmoke.conf", "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(conf.items()))
                .encode())
     w.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    if out.name.endswith(".gz"):
-        # mtime=0 keeps the gzip stream deterministic; level 1 because TCG boot time, not size, matters.
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
-            gz.write(buf.getvalue())
-    else:
-        tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
+    # mtime=0 keeps the gzip stream deterministic; level 1 because TCG boot time, not size, matters.
+    # No fsync: the image is rebuilt whenever it is missing, and boot time is what counts.
+    with atomic_open(out, fsync=False) as raw:
+        if out.name.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
+                gz.write(buf.getvalue())
+        else:
+            raw.write(buf.getvalue())
     return w._ino - 1
 
 

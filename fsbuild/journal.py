@@ -27,6 +27,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fsbuild import paths
 from fsbuild.errors import RecoveryError, UnsafePathError
@@ -236,7 +237,7 @@ def _recover_journal(root: Path, jdir: Path) -> Recovery:
     return Recovery("rolled back", restored)
 
 
-def _read_manifest(jdir: Path) -> dict[str, object]:
+def _read_manifest(jdir: Path) -> dict[str, Any]:  # parsed JSON: checked by use
     try:
         text = (jdir / MANIFEST).read_text(encoding="utf-8")
         manifest = json.loads(text)
@@ -251,24 +252,24 @@ def _read_manifest(jdir: Path) -> dict[str, object]:
     return manifest
 
 
-def _undo(root: Path, jdir: Path, manifest: dict[str, object]) -> int:
-    for d, mode in manifest["dirs"]:  # type: ignore[union-attr]
+def _undo(root: Path, jdir: Path, manifest: dict[str, Any]) -> int:
+    for d, mode in manifest["dirs"]:
         if not os.path.isdir(root / d):
             os.mkdir(root / d)
             os.chmod(root / d, mode)
     restored = 0
-    for i, entry in enumerate(manifest["files"]):  # type: ignore[arg-type]
+    for i, entry in enumerate(manifest["files"]):
         target = root / entry["path"]
         if entry["orig"] == "absent":
             if os.path.lexists(target) and not os.path.isdir(target):
                 os.unlink(target)
                 restored += 1
-        elif entry["orig"] == "saved" and os.path.lexists(jdir / "orig" / str(i)):
-            if not _same_inode(jdir / "orig" / str(i), target):
-                os.replace(jdir / "orig" / str(i), target)
-                restored += 1
+        elif (entry["orig"] == "saved" and os.path.lexists(jdir / "orig" / str(i))
+              and not _same_inode(jdir / "orig" / str(i), target)):
+            os.replace(jdir / "orig" / str(i), target)
+            restored += 1
         # else: put back by an earlier, interrupted recovery
-    for d in reversed(manifest["mkdirs"]):  # type: ignore[call-overload]
+    for d in reversed(manifest["mkdirs"]):
         try:
             os.rmdir(root / d)
         except FileNotFoundError:

@@ -308,16 +308,14 @@ def _git_names(rest: bytes) -> tuple[str | None, str | None]:
     if rest.startswith(b'"'):
         a, tail = _c_string(rest)
         tail = tail.lstrip(b" ")
-        b = _c_string(tail)[0] if tail.startswith(b'"') else tail.decode("utf-8", "surrogateescape")
-        return a, b
+        return a, _c_string(tail)[0] if tail.startswith(b'"') else tail.decode("utf-8", "surrogateescape")
     # Unquoted names may contain spaces: split where " b/" begins when both halves match.
     parts = rest.split(b" ")
     if len(parts) == 2:
         return (parts[0].decode("utf-8", "surrogateescape"),
                 parts[1].decode("utf-8", "surrogateescape"))
     half = (len(rest) - 1) // 2
-    a, b = rest[:half], rest[half + 1:]
-    return a.decode("utf-8", "surrogateescape"), b.decode("utf-8", "surrogateescape")
+    return rest[:half].decode("utf-8", "surrogateescape"), rest[half + 1:].decode("utf-8", "surrogateescape")
 
 
 def _next_line(data: bytes, pos: int) -> int:
@@ -647,13 +645,15 @@ def strip_path(name: str, strip: int) -> str | None:
     return rest or None
 
 
-def safe_relpath(name: str, patch: str, lineno: int) -> str:
-    """Reject names that leave the tree; return the normalised relative path."""
+def safe_relpath(name: str, where: str, what: str = "path") -> str:
+    """The one path check for names from patches, archives and users: reject absolute
+    names and any `..` (even one that would come back), return the normalised relative
+    path. `where` names the source ("x.patch:12", "linux.tar.gz")."""
     if name.startswith("/"):
-        raise UnsafePathError(f"{patch}:{lineno}: absolute path {name!r} in diff")
+        raise UnsafePathError(f"{where}: {what} {name!r} is an absolute path")
     parts = [c for c in name.split("/") if c not in ("", ".")]
     if ".." in parts or not parts:
-        raise UnsafePathError(f"{patch}:{lineno}: path {name!r} escapes the tree")
+        raise UnsafePathError(f"{where}: {what} {name!r} escapes the tree")
     return "/".join(parts)
 
 
@@ -912,6 +912,18 @@ def _list_matcher(lines: list[bytes], pattern: list[bytes]) -> Matcher:
     return same
 
 
+def _locate_fuzzed(input_lines: int, same: Matcher, pat_lines: int, first: int, in_offset: int,
+                   last_frozen: int, prefix: int, suffix: int, max_fuzz: int) -> tuple[int, int, int]:
+    """_locate at fuzz 0, 1, ... max_fuzz: (where, in_offset, fuzz used); where 0 = not found."""
+    where = used = 0
+    for used in range(max_fuzz + 1):
+        where, in_offset = _locate(input_lines, same, pat_lines, first, in_offset, last_frozen,
+                                   prefix, suffix, used)
+        if where:
+            break
+    return where, in_offset, used
+
+
 def _offsets_matcher(data: bytes, off: array[int], pattern: bytes) -> Matcher:
     """Compare byte ranges instead of line lists: both sides are whole lines split after
     each b"\\n", so equal bytes mean equal lines."""
@@ -962,7 +974,7 @@ def _apply_plain(data: bytes, hunks: Hunks, fuzz: int, path: str,
     frozen = frozen_at = 0  # input lines already copied or deleted, and their byte length
     starts = hunks._starts
     ends = chain(islice(starts, 1, None), (hunks._end,))  # no copy of the offsets
-    for k, (start, end) in enumerate(zip(starts, ends)):
+    for k, (start, end) in enumerate(zip(starts, ends, strict=False)):
         m = simple(buf, start, end)
         if m:  # context, removed, added, context: each part loses its tags at once
             first, old_len, lead, dels, adds, trail = m.groups()
@@ -993,11 +1005,8 @@ def _apply_plain(data: bytes, hunks: Hunks, fuzz: int, path: str,
             if off is None:
                 off = _line_starts(data)
             same = _offsets_matcher(data, off, pattern)
-            for used in range(min(fuzz, max(prefix, suffix)) + 1):
-                where, in_offset = _locate(nlines, same, pat_lines, first, in_offset, frozen,
-                                           prefix, suffix, used)
-                if where:
-                    break
+            where, in_offset, used = _locate_fuzzed(nlines, same, pat_lines, first, in_offset, frozen,
+                                                    prefix, suffix, min(fuzz, max(prefix, suffix)))
             if not where:
                 raise HunkFailed(k + 1, first + in_offset)
             # Under fuzz the leading context comes from the file, whatever its length.
@@ -1063,13 +1072,8 @@ def _apply_lines(data: bytes, hunks: Iterable[Hunk], fuzz: int, path: str,
         first = h.old_start if h.old_len else h.old_start + 1
         maxf = min(fuzz, max(prefix, suffix))
         same = _list_matcher(lines, old)
-        where = 0
-        used = 0
-        for used in range(maxf + 1):
-            where, in_offset = _locate(len(lines), same, len(old), first, in_offset, frozen,
-                                       prefix, suffix, used)
-            if where:
-                break
+        where, in_offset, used = _locate_fuzzed(len(lines), same, len(old), first, in_offset, frozen,
+                                                prefix, suffix, maxf)
         if not where:
             raise HunkFailed(idx, first + in_offset)
         if where == 1 and creating and data:

@@ -3,14 +3,17 @@ failure into the caller's error class with the command's last output lines."""
 
 from __future__ import annotations
 
+import logging
 import shlex
-import signal
 import shutil
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fsbuild.errors import FsbuildError, ToolMissingError
+
+_log = logging.getLogger(__name__)  # -v shows every command run
 
 
 def which(tool: str) -> str:
@@ -39,6 +42,7 @@ def run(
     exceptions."""
     argv = [str(c) for c in cmd]
     which(argv[0])
+    _log.info("$ %s", shlex.join(argv))
     shown = f"`{shlex.join(argv[:3])}{'…' if len(argv) > 3 else ''}`"
     try:
         if log is not None:

@@ -18,9 +18,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fsbuild import proc
 from fsbuild.errors import ToolMissingError
+from fsbuild.fileio import atomic_write
+
+if TYPE_CHECKING:  # imported lazily at run time: only smoke needs QMP
+    from qemu.qmp import QMPClient
 
 QEMU = "qemu-system-x86_64"
 PROBE_TIMEOUT_S = 3.0
@@ -156,9 +161,7 @@ def probe_accel(kernel: Path, qemu: str = QEMU, timeout: float = PROBE_TIMEOUT_S
              if k.startswith(_boot_id() + " ") and Path(k.split(" ", 1)[1]).exists()}
     known[key] = {"name": accel.name, "reason": accel.reason}
     with contextlib.suppress(OSError):
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, cache)
+        atomic_write(cache, json.dumps(known).encode(), fsync=False)  # a cache: losing it costs a probe
     return accel
 
 
@@ -302,7 +305,8 @@ async def _run(cfg: VmConfig, timeout: float, stop_when: StopPredicate, status: 
     deadline = start + timeout
     proc = await asyncio.create_subprocess_exec(
         *full_argv(cfg), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-        stderr=open(cfg.workdir / "qemu.stderr", "wb"), start_new_session=True)
+        stderr=open(cfg.workdir / "qemu.stderr", "wb"),  # noqa: SIM115 - the child keeps its copy; ours is dropped at once
+        start_new_session=True)
     result = VmResult(None, False, None, 0.0)
     qmp = QMPClient("fsbuild-smoke")
     # QMP comes up in the background: the guest is watched (and the deadline kept) from
@@ -346,7 +350,7 @@ async def _run(cfg: VmConfig, timeout: float, stop_when: StopPredicate, status: 
     return result
 
 
-async def _connect(qmp: object, sock: Path, proc: asyncio.subprocess.Process, deadline: float) -> bool:
+async def _connect(qmp: QMPClient, sock: Path, proc: asyncio.subprocess.Process, deadline: float) -> bool:
     """QEMU creates the socket a moment after it starts; retry until it is there."""
     limit = min(deadline, time.monotonic() + 10)
     while time.monotonic() < limit:
@@ -354,34 +358,36 @@ async def _connect(qmp: object, sock: Path, proc: asyncio.subprocess.Process, de
             return False
         if sock.exists():
             try:
-                await asyncio.wait_for(qmp.connect(str(sock)), 2)  # type: ignore[attr-defined]
+                await asyncio.wait_for(qmp.connect(str(sock)), 2)
                 return True
-            except Exception:  # noqa: BLE001 - any connect failure means "retry"
+            except Exception:  # any connect failure means "retry"
                 pass
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(proc.wait(), 0.05)
     return False
 
 
-async def _query_status(qmp: object) -> str | None:
+async def _query_status(qmp: QMPClient) -> str | None:
     with contextlib.suppress(Exception):
-        answer = await asyncio.wait_for(qmp.execute("query-status"), 2)  # type: ignore[attr-defined]
+        answer = await asyncio.wait_for(qmp.execute("query-status"), 2)
         if isinstance(answer, dict):
             return str(answer.get("status"))
     return None
 
 
-async def _collect_events(qmp: object, result: VmResult) -> None:
+async def _collect_events(qmp: QMPClient, result: VmResult) -> None:
     with contextlib.suppress(Exception):
-        async for event in qmp.events:  # type: ignore[attr-defined]
+        async for event in qmp.events:
             name = str(event.get("event"))
-            data = event.get("data") or {}
+            data = event.get("data")
+            if not isinstance(data, dict):
+                data = {}
             extra = data.get("reason") or (data.get("action") if name == "GUEST_PANICKED" else None)
             result.events.append(f"{name}:{extra}" if extra else name)
 
 
-async def _quit(qmp: object, proc: asyncio.subprocess.Process) -> None:
+async def _quit(qmp: QMPClient, proc: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(qmp.execute("quit"), 2)  # type: ignore[attr-defined]
+        await asyncio.wait_for(qmp.execute("quit"), 2)
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(proc.wait(), 3)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,16 +32,39 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fsbuild import paths, progress
+from fsbuild import paths, proc, progress
 from fsbuild import resolve as RS
 from fsbuild import upstream as U
-from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
-                            RebaseConflictError, RunInterruptedError, WorkspaceError)
+from fsbuild.errors import (
+    MissingFileError,
+    PatchApplyError,
+    PatchFormatError,
+    RebaseConflictError,
+    RunInterruptedError,
+    WorkspaceError,
+)
+from fsbuild.fileio import atomic_write
 from fsbuild.target import Target
-from fsbuild.workspace import (CommitSpec, Content, Entry, GitCat, Overlay, Reader, Workspace,
-                               apply_patch, atomic_write, clear_stale_git_locks, commit_diff,
-                               commit_message, fast_commits, git, git_out, read_series,
-                               rerender, update_series_file, write_tree_changes)
+from fsbuild.workspace import (
+    CommitSpec,
+    Content,
+    Entry,
+    GitCat,
+    Overlay,
+    Reader,
+    Workspace,
+    apply_patch,
+    clear_stale_git_locks,
+    commit_diff,
+    commit_message,
+    fast_commits,
+    git,
+    git_out,
+    read_series,
+    rerender,
+    update_series_file,
+    write_tree_changes,
+)
 
 OUTCOMES = ("clean", "offset", "merged", "upstream", "conflict")
 MARKER = re.compile(rb"^(<<<<<<<|>>>>>>>)( |$)", re.M)
@@ -150,7 +172,7 @@ def _merge3(old: OldPatch, tree: Overlay, new_version: str) -> tuple[Result, dic
 
 def merge_file(base: Content, ours: Content, theirs: Content, label: str) -> tuple[Content, bool]:
     """(result, clean) of a 3-way merge of one file; absent files are None."""
-    if ours == base or ours == theirs:
+    if ours in (base, theirs):
         return theirs, True
     if theirs == base:
         return ours, True
@@ -163,8 +185,8 @@ def merge_file(base: Content, ours: Content, theirs: Content, label: str) -> tup
             p = Path(tmp) / tag
             p.write_bytes(content[0] if content else b"")
             files.append(str(p))
-        cp = subprocess.run(["git", "merge-file", "-p", "-L", "upstream", "-L", "base", "-L", label,
-                             *files], capture_output=True)
+        cp = proc.run(["git", "merge-file", "-p", "-L", "upstream", "-L", "base", "-L", label, *files],
+                      check=False, error=WorkspaceError)
     if cp.returncode < 0 or cp.returncode > 127:
         raise WorkspaceError(f"git merge-file failed: {cp.stderr.decode(errors='replace').strip()}")
     return (cp.stdout, mode), cp.returncode == 0
@@ -182,7 +204,7 @@ class Plan:
     new_version: str
     new_digest: str
     old_commits: list[str]       # the old series as commits on old_base
-    results: list[dict[str, object]] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
     tip: str = ""                # new-side commit after the last carried patch
     new_commits: dict[str, str] = field(default_factory=dict)   # name -> commit
     stopped: int = -1            # index of the patch waiting for a resolution
@@ -227,9 +249,9 @@ def _carry_loop(repo: Path, plan: Plan, cat: GitCat, entries: list[Entry], folde
             if result.outcome == "conflict" and (last := _combined_upstream(cat, plan, entries, i, tree)):
                 names = [e.name for e in entries[i:last + 1]]
                 for name in names:
-                    plan.results.append(asdict(Result(
+                    plan.results.append(Result(
                         name, "upstream", f"combined change of {' + '.join(names)} is already "
-                        f"in {plan.new_version}")))
+                        f"in {plan.new_version}"))
                 bar.advance(last + 1 - i)
                 i = last + 1
                 continue
@@ -238,13 +260,13 @@ def _carry_loop(repo: Path, plan: Plan, cat: GitCat, entries: list[Entry], folde
             bar.advance(description=f"{result.outcome:8} {old.entry.name}")
             if result.outcome == "conflict" and stop_on_conflict:
                 _flush(repo, plan, pending)
-                plan.results.append(asdict(result))
+                plan.results.append(result)
                 plan.flushed = len(plan.results)
                 plan.stopped = i
                 if with_worktree:
                     _show_conflict(repo, plan, changes)
                 return i
-            plan.results.append(asdict(result))
+            plan.results.append(result)
             if result.outcome in ("clean", "offset", "merged"):
                 tree.update(changes)
                 pending.append((old.entry.name, changes, commit_message(old.data, old.entry.name)))
@@ -263,8 +285,8 @@ def _annotate(cat: GitCat, plan: Plan, entries: list[Entry], folder: Path, i: in
     result.explain = RS.explain(old.before, old.after, tree, cat.reader(plan.new_base), log)
     # earlier conflicts (unresolved or skipped) on the same files: does this patch carry
     # on a tree where they had applied? Then it only waits for them.
-    cands = [k for k, r in enumerate(plan.results[:i]) if r["outcome"] == "conflict"
-             and r.get("resolved") != "manual" and set(r.get("files", [])) & set(old.after)]  # type: ignore[arg-type]
+    cands = [k for k, r in enumerate(plan.results[:i]) if r.outcome == "conflict"
+             and r.resolved != "manual" and set(r.files) & set(old.after)]
     if not cands:
         return
     hypo = Overlay(tree)
@@ -326,7 +348,7 @@ def _flush(repo: Path, plan: Plan, pending: list[tuple[str, dict[str, Content], 
     specs = [CommitSpec(plan.tip or plan.new_base if k == 0 else k - 1, msg, changes)
              for k, (_, changes, msg) in enumerate(pending)]
     shas = fast_commits(repo, specs)
-    for (name, _, _), sha in zip(pending, shas):
+    for (name, _, _), sha in zip(pending, shas, strict=True):
         plan.new_commits[name] = sha
     plan.tip = shas[-1]
     pending.clear()
@@ -345,7 +367,7 @@ def build_old(repo: Path, entries: list[Entry], folder: Path, old_base: str) -> 
              for k, o in enumerate(olds)]
     shas = fast_commits(repo, specs)
     _OLD.clear()
-    _OLD.update(zip(shas, olds))
+    _OLD.update(zip(shas, olds, strict=True))
     return shas
 
 
@@ -380,7 +402,7 @@ def commit_diffs(repo: Path, shas: list[str]) -> dict[str, bytes]:
 
 def diffs_needed(repo: Path, plan: Plan, entries: list[Entry], results: list[Result]) -> dict[str, bytes]:
     """Batch the diffs of every patch whose file will be regenerated."""
-    shas = [plan.new_commits[e.name] for e, r in zip(entries, results)
+    shas = [plan.new_commits[e.name] for e, r in zip(entries, results, strict=False)
             if r.kept and e.name in plan.new_commits
             and (r.resolved or r.outcome not in ("clean", "conflict"))]
     return commit_diffs(repo, shas)
@@ -452,7 +474,7 @@ def _git_range(old_src: str, new_src: str) -> list[str]:
 
 def write_report(out: Path, plan: Plan, old_version: str, extra: dict[str, object],
                  rdiff: str, repo: Path | None = None) -> tuple[Path, Path]:
-    results = [Result(**r) for r in plan.results]  # type: ignore[arg-type]
+    results = list(plan.results)
     counts = {o: sum(1 for r in results if r.outcome == o) for o in OUTCOMES}
     data = {"from": old_version, "onto": plan.new_version, "counts": counts,
             "patches": [patch_json(r) for r in results], **extra}
@@ -498,7 +520,7 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
                     old_commits=build_old(ws.root, entries, series.parent, old_base),
                     git_upstream=_git_range(old_src, new_src))
         run_carry(ws.root, plan, 0, stop_on_conflict=False, with_worktree=False)
-    results = [Result(**r) for r in plan.results]  # type: ignore[arg-type]
+    results = list(plan.results)
     with clock("export"):
         _write_series_dir(ws.root, plan, series, entries, results, out)
     elapsed = time.monotonic() - t0
@@ -545,7 +567,7 @@ def _write_series_dir(repo: Path, plan: Plan, series: Path, entries: list[Entry]
     out.mkdir(parents=True, exist_ok=True)
     kept = []
     diffs = diffs_needed(repo, plan, entries, results)
-    for e, r in zip(entries, results):
+    for e, r in zip(entries, results, strict=False):
         if not r.kept:
             continue
         original = (series.parent / e.name).read_bytes()
@@ -573,7 +595,9 @@ class Rebase:
     def _load(self) -> Plan:
         if not self.in_progress():
             raise WorkspaceError(f"no rebase in progress for target {self.target.name}")
-        return Plan(**json.loads(self.state_file.read_text()))
+        data = json.loads(self.state_file.read_text())
+        results = [Result(**r) for r in data.pop("results", [])]
+        return Plan(**data, results=results)
 
     def _save(self, plan: Plan) -> None:
         atomic_write(self.state_file, json.dumps(asdict(plan), indent=1).encode())
@@ -656,7 +680,7 @@ class Rebase:
             self._save(plan)
         if stopped is not None:
             name = read_series(Path(plan.series))[stopped].name
-            res = Result(**plan.results[-1])  # type: ignore[arg-type]
+            res = plan.results[-1]
             why = (f", blocked by {res.blocked_by}" if res.blocked_by else "") + \
                 (", likely already upstream (see the report)" if res.likely_upstream else "")
             raise RebaseConflictError(
@@ -675,7 +699,7 @@ class Rebase:
         entries = read_series(Path(plan.series))
         e = entries[plan.stopped]
         res = plan.results[-1]
-        left = [f for f in res["files"] if (self.ws.root / f).is_file()  # type: ignore[union-attr]
+        left = [f for f in res.files if (self.ws.root / f).is_file()
                 and MARKER.search((self.ws.root / f).read_bytes())]
         if left:
             raise RebaseConflictError(f"conflict markers left in {', '.join(left)}: resolve them first")
@@ -686,7 +710,7 @@ class Rebase:
             input=commit_message(data, e.name).encode())
         plan.tip = git_out(repo, "rev-parse", "HEAD")
         plan.new_commits[e.name] = plan.tip
-        res["resolved"] = "manual"
+        res.resolved = "manual"
         plan.stopped = -1
         self._save(plan)
         return self._carry(plan, len(plan.results))
@@ -695,7 +719,7 @@ class Rebase:
         plan = self._load()
         if plan.stopped < 0:
             raise WorkspaceError("no conflicting patch to skip")
-        plan.results[-1]["resolved"] = "skipped"
+        plan.results[-1].resolved = "skipped"
         git(self.ws.root, "checkout", "-q", "-f", "-B", "series", plan.tip or plan.new_base)
         git(self.ws.root, "clean", "-q", "-fd")
         plan.stopped = -1
@@ -757,12 +781,12 @@ class Rebase:
         manifest = json.loads((self.backup / "manifest.json").read_text())
         # the series as it was: a rerun after Ctrl-C must not see a half-updated one
         entries = read_series(self.backup / manifest[str(self.target.series)])
-        results = [Result(**r) for r in plan.results]  # type: ignore[arg-type]
+        results = list(plan.results)
         folder = self.target.series.parent
         originals = {p: (self.backup / k).read_bytes() for p, k in manifest.items()}
         kept = []
         diffs = diffs_needed(repo, plan, entries, results)
-        for e, r in zip(entries, results):
+        for e, r in zip(entries, results, strict=False):
             path = folder / e.name
             original = originals.get(str(path), b"")
             if r.kept:
@@ -788,7 +812,7 @@ class Rebase:
 
 def _refs(repo: Path) -> dict[str, str]:
     out = git_out(repo, "for-each-ref", "--format=%(refname) %(objectname)")
-    return dict(line.split(" ", 1) for line in out.splitlines() if line)  # type: ignore[misc]
+    return {ref: sha for ref, _, sha in (line.partition(" ") for line in out.splitlines() if line)}
 
 
 def set_version(toml: Path, full_version: str) -> None:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import difflib
 import re
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from fsbuild import proc
 from fsbuild.errors import WorkspaceError
 
 Content = tuple[bytes, int] | None
@@ -43,11 +43,11 @@ def backend() -> str:
 def _run_merge(cmd: list[str], texts: tuple[bytes, bytes, bytes]) -> tuple[bytes, int]:
     with tempfile.TemporaryDirectory(prefix="fsbuild-wiggle-") as tmp:
         files = []
-        for tag, text in zip(("ours", "base", "theirs"), texts):
+        for tag, text in zip(("ours", "base", "theirs"), texts, strict=True):
             p = Path(tmp) / tag
             p.write_bytes(text)
             files.append(str(p))
-        cp = subprocess.run([*cmd, *files], capture_output=True)
+        cp = proc.run([*cmd, *files], check=False, error=WorkspaceError)
     worst = 127 if cmd[0] == "git" else 1    # merge-file: rc = number of conflicts
     if cp.returncode < 0 or cp.returncode > worst:
         raise WorkspaceError(f"{cmd[0]} failed: {cp.stderr.decode(errors='replace').strip()}")
@@ -90,8 +90,8 @@ def _git_diff(a: bytes, b: bytes, ctx: int) -> bytes:
         pa, pb = Path(tmp) / "a", Path(tmp) / "b"
         pa.write_bytes(a)
         pb.write_bytes(b)
-        cp = subprocess.run(["git", "diff", "--no-index", "--no-color", "--no-ext-diff", "--no-textconv",
-                             "-a", f"-U{ctx}", "--", str(pa), str(pb)], capture_output=True)
+        cp = proc.run(["git", "diff", "--no-index", "--no-color", "--no-ext-diff", "--no-textconv",
+                       "-a", f"-U{ctx}", "--", str(pa), str(pb)], check=False, error=WorkspaceError)
     if cp.returncode not in (0, 1):
         raise WorkspaceError(f"git diff failed: {cp.stderr.decode(errors='replace').strip()}")
     return cp.stdout
@@ -218,7 +218,8 @@ def explain(before: Files, after: Files, tree: Reader, new_upstream: Reader,
         for reg in conflict_regions(base[0], ours[0], theirs[0]):
             b, o, t = reg["base"], reg["ours"], reg["theirs"]
             assert isinstance(b, bytes) and isinstance(o, bytes) and isinstance(t, bytes)
-            start = int(reg["start"])  # type: ignore[call-overload]
+            start = reg["start"]
+            assert isinstance(start, int)
             item: dict[str, object] = {"file": path, "line": start, "hunk": _udiff(b, t, "patch"),
                                        "upstream_change": _udiff(b, o, "upstream")}
             if log is not None:
@@ -242,8 +243,8 @@ def git_log_lines(repo: Path, old_ref: str, new_ref: str) -> Callable[[str, int,
     """`log(path, a, z)`: the commits OLD..NEW of a git upstream touching lines a..z of path
     in NEW, as "sha subject" (newest first)."""
     def log(path: str, a: int, z: int) -> list[str]:
-        cp = subprocess.run(["git", "-C", str(repo), "log", "--format=%x00%H %s", "--no-patch",
-                             f"-L{a},{z}:{path}", f"{old_ref}..{new_ref}"], capture_output=True)
+        cp = proc.run(["git", "-C", str(repo), "log", "--format=%x00%H %s", "--no-patch",
+                       f"-L{a},{z}:{path}", f"{old_ref}..{new_ref}"], check=False, error=WorkspaceError)
         if cp.returncode != 0:
             return []
         return [c.split(b"\n", 1)[0].decode(errors="replace")

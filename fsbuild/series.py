@@ -19,10 +19,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fsbuild import journal
-from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
-                            RecoveryError, RunInterruptedError, UnsafePathError)
-from fsbuild.patch import (FilePatch, Hunk, HunkFailed, HunkLog, Patch, apply_hunks,
-                           parse_patch, resolves_inside, safe_relpath, strip_path)
+from fsbuild.errors import (
+    MissingFileError,
+    PatchApplyError,
+    PatchFormatError,
+    RecoveryError,
+    RunInterruptedError,
+    UnsafePathError,
+)
+from fsbuild.patch import (
+    FilePatch,
+    Hunk,
+    HunkFailed,
+    HunkLog,
+    Patch,
+    apply_hunks,
+    parse_patch,
+    resolves_inside,
+    safe_relpath,
+    strip_path,
+)
 
 # ---------------------------------------------------------------- series file
 
@@ -146,11 +162,12 @@ def write_series(series: Series, path: Path | None = None) -> str:
     for no, line in enumerate(series.lines, 1):
         if no == first:
             out.extend(format_entry(e) for e in after.pop(0, []))
-        e = by_line.get(no)
-        if e is None:
+        found = by_line.get(no)
+        if found is None:
             if not _split_comment(line)[0].split():
                 out.append(line)  # comment or blank line
             continue  # an entry that was removed
+        e = found
         original = parse_series_text(e.raw, series.path).entries
         same = original and original[0] == SeriesEntry(e.name, e.strip, e.reverse, 1,
                                                       e.comment, e.raw)
@@ -308,8 +325,8 @@ def _choose_input(tree: Tree, fp: FilePatch, old: str | None, new: str | None) -
     i = _best_name(names, [not e for e in exists])
     if i is None and fp.old_absent:
         dirs = [tree.missing_dirs(n) if n is not None else 0 for n in names]
-        lowest = min(d for n, d in zip(names, dirs) if n is not None) if any(names) else 0
-        i = _best_name(names, [n is None or d != lowest for n, d in zip(names, dirs)])
+        lowest = min(d for n, d in zip(names, dirs, strict=True) if n is not None) if any(names) else 0
+        i = _best_name(names, [n is None or d != lowest for n, d in zip(names, dirs, strict=True)])
     return names[i] if i is not None else None
 
 
@@ -318,8 +335,8 @@ def apply_file(tree: Tree, fp: FilePatch, strip: int, fuzz: int, patch: str,
     """Apply one file's diff to the overlay (GNU patch's per-file main loop)."""
     old = strip_path(fp.old_name, strip) if fp.old_name else None
     new = strip_path(fp.new_name, strip) if fp.new_name else None
-    old = safe_relpath(old, patch, fp.lineno) if old else None
-    new = safe_relpath(new, patch, fp.lineno) if new else None
+    old = safe_relpath(old, f"{patch}:{fp.lineno}") if old else None
+    new = safe_relpath(new, f"{patch}:{fp.lineno}") if new else None
     inname = _choose_input(tree, fp, old, new)
     if inname is None:
         shown = fp.new_name or fp.old_name
@@ -362,7 +379,7 @@ def apply_file(tree: Tree, fp: FilePatch, strip: int, fuzz: int, patch: str,
             tree.set(inname, None)
         return
     if set_mode:
-        mode = fp.new_mode & 0o777  # type: ignore[operator]
+        mode = (fp.new_mode or 0) & 0o777  # set_mode: new_mode is set
     else:
         mode = state.mode if state else tree.new_mode()
     tree.set(outname, FileState(out, mode))

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -18,9 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from fsbuild import build, initramfs, lock, paths, proc, progress, qemu, stress
-from fsbuild.errors import (BuildError, FsbuildError, MissingFileError, SmokeBootError,
-                            SmokeCheckError, SmokePanicError, SmokeTimeoutError, ToolMissingError,
-                            UnsafePathError)
+from fsbuild.errors import (
+    BuildError,
+    FsbuildError,
+    MissingFileError,
+    SmokeBootError,
+    SmokeCheckError,
+    SmokePanicError,
+    SmokeTimeoutError,
+    ToolMissingError,
+    UnsafePathError,
+)
+from fsbuild.fileio import atomic_write
 
 DEFAULT_TIMEOUT_S = 120.0
 # Under TCG a guest does ~60-250 connections/s (one request per connection): keep N small.
@@ -105,22 +113,12 @@ def stage_rpm(rpm: Path, root: Path) -> KernelInputs:
         return _kernel_inputs(root, rpm)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    proc = subprocess.Popen([_tool("rpm2cpio"), str(rpm)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    try:
-        for name, mode, data in initramfs.iter_newc(proc.stdout):
-            rel = name.removeprefix(".").lstrip("/")
-            if _wanted(rel):
-                _extract_one(root, rel, mode, data)
-    except ValueError as exc:
-        raise MissingFileError(f"{rpm}: unreadable payload ({exc})") from exc
-    finally:
-        proc.stdout.close()
-        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-        rc = proc.wait()
-    if rc != 0:
-        raise MissingFileError(f"rpm2cpio {rpm} failed (exit {rc}): {err}")
+    from fsbuild.artifacts import iter_payload  # lazy: rpmfile only when staging an RPM
+
+    for name, mode, data in iter_payload(rpm):
+        rel = name.removeprefix(".").lstrip("/")
+        if _wanted(rel):
+            _extract_one(root, rel, mode, data)
     kin = _kernel_inputs(root, rpm)
     stamp.write_text(digest + "\n")
     return kin
@@ -349,9 +347,7 @@ def classify(rep: GuestReport, console: str, vm: qemu.VmResult, timeout: float,
 
 def write_verdict(v: Verdict, out: Path, suite: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "smoke.json.tmp"
-    tmp.write_text(json.dumps(v.as_json(), indent=2) + "\n")
-    os.replace(tmp, out / "smoke.json")
+    atomic_write(out / "smoke.json", (json.dumps(v.as_json(), indent=2) + "\n").encode())
     (out / "smoke-junit.xml").write_bytes(junit_xml(v, suite))
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import subprocess
 import tarfile
 from pathlib import Path
 
-from fsbuild import paths
-from fsbuild.errors import BuildError, ToolMissingError
+from fsbuild import paths, proc
+from fsbuild.errors import BuildError
 
 SUITES = ("smoke", "stress")
 # A debug kernel under TCG runs ~10x slower than mini; 15 scenarios of STRESS_SECS each
@@ -57,13 +56,11 @@ def nginx_bundle(build_dir: Path, nginx: Path = NGINX) -> Path | None:
     if not nginx.is_file() or shutil.which("ldd") is None:
         return None
     libdir = build_dir / "glibc"
-    r = subprocess.run(["make", "-s", "-C", str(paths.repo_root() / "library"), f"BUILDDIR={libdir}"],
-                       capture_output=True, timeout=300)
-    if r.returncode != 0:
-        raise BuildError(f"make -C library (glibc, for nginx): {r.stderr.decode(errors='replace').strip()[-300:]}")
-    ldd = subprocess.run(["ldd", str(nginx)], capture_output=True, text=True, timeout=60, check=True)
+    proc.run(["make", "-s", "-C", str(paths.repo_root() / "library"), f"BUILDDIR={libdir}"],
+             timeout=300, error=BuildError)
+    ldd = proc.run(["ldd", str(nginx)], timeout=60, error=BuildError).stdout.decode(errors="replace")
     files = {nginx.as_posix().lstrip("/"): nginx, "lib/glibc/libsocket.so": libdir / "libsocket.so"}
-    for m in LDD_RE.finditer(ldd.stdout):
+    for m in LDD_RE.finditer(ldd):
         files[m.group(1).lstrip("/")] = Path(m.group(1)).resolve()
     out = build_dir / NGINX_BUNDLE
     buf = io.BytesIO()
@@ -82,13 +79,7 @@ def _compile(src: Path, out: Path, deps: list[Path]) -> Path:
     newest = max(p.stat().st_mtime for p in [src, *deps])
     if out.exists() and out.stat().st_mtime >= newest:
         return out
-    cc = shutil.which("musl-gcc")
-    if cc is None:
-        raise ToolMissingError("musl-gcc not found; run `fsbuild doctor` for the install command")
-    r = subprocess.run([cc, "-O2", "-s", "-pthread", "-o", str(out), str(src)],
-                       capture_output=True, timeout=120)
-    if r.returncode != 0:
-        raise BuildError(f"musl-gcc {src.name}: {r.stderr.decode(errors='replace').strip()[-300:]}")
+    proc.run(["musl-gcc", "-O2", "-s", "-pthread", "-o", str(out), str(src)], timeout=120, error=BuildError)
     return out
 
 

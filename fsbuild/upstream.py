@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from fsbuild import paths, proc, progress
-from fsbuild.errors import (ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError,
-                            UpstreamIdentityError)
-from fsbuild.patch import resolves_inside
+from fsbuild.errors import ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError, UpstreamIdentityError
+from fsbuild.fileio import atomic_write, walk_sorted
+from fsbuild.initramfs import iter_newc_headers
+from fsbuild.patch import resolves_inside, safe_relpath
 from fsbuild.target import Target
 
 CHUNK = 1 << 20
@@ -85,8 +86,8 @@ def classify(src: str) -> tuple[str, Path, str | None]:
     """(kind, path, ref) with kind in srpm|tarball|dir|git. Raises Missing/UpstreamError."""
     if src.startswith("git:"):
         spec = src[4:]
-        path, _, ref = spec.rpartition("@") if "@" in spec else (spec, "", "HEAD")
-        return "git", _existing(Path(path)), ref or "HEAD"
+        where, _, ref = spec.rpartition("@") if "@" in spec else (spec, "", "HEAD")
+        return "git", _existing(Path(where)), ref or "HEAD"
     path = Path(src)
     if not path.exists() and "@" in src:
         repo, _, ref = src.rpartition("@")
@@ -222,9 +223,9 @@ def _git_identity(repo: Path, ref: str, mk: str) -> str | None:
     of another Makefile version is an ancestor, not this kernel: ignored."""
     if m := _TAGGED.match(ref.removeprefix("refs/tags/")):
         return f"{m.group(1)}-{m.group(2)}"
-    cp = subprocess.run(["git", "-C", str(repo), "describe", "--tags", "--long", f"{ref}^{{commit}}"],
-                        capture_output=True, text=True)   # exit 128: no tag at all
-    d = _DESCRIBED.match(cp.stdout.strip()) if cp.returncode == 0 else None
+    cp = proc.run(["git", "-C", str(repo), "describe", "--tags", "--long", f"{ref}^{{commit}}"],
+                  check=False, error=UpstreamError)   # exit 128: no tag at all
+    d = _DESCRIBED.match(cp.stdout.decode(errors="replace").strip()) if cp.returncode == 0 else None
     if not d or not (m := _TAGGED.match(d.group(1))) or m.group(1) != mk:
         return None
     suffix = "" if d.group(2) == "0" else f".{d.group(2)}.g{d.group(3)}"
@@ -246,7 +247,7 @@ def _remembered(up: Upstream) -> str | None:
 def _remember(up: Upstream, ident: str) -> None:
     """The identity a user gave for these exact bytes: later runs (`fsbuild rpm`) reuse it."""
     if _identity_file(up).parent.is_dir():
-        _atomic_write(_identity_file(up), ident.encode())
+        atomic_write(_identity_file(up), ident.encode())
 
 
 # ---------------------------------------------------------------- the cache
@@ -266,9 +267,10 @@ def _fingerprint(path: Path) -> str:
 
 def _index_get(key: str) -> str | None:
     try:
-        return json.loads(_index_path().read_text()).get(key)
-    except (OSError, ValueError):
+        value = json.loads(_index_path().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
         return None
+    return value if isinstance(value, str) else None
 
 
 def _index_put(key: str, digest: str) -> None:
@@ -277,20 +279,21 @@ def _index_put(key: str, digest: str) -> None:
     except (OSError, ValueError):
         index = {}
     index[key] = digest
-    _atomic_write(_index_path(), json.dumps(index, indent=1, sort_keys=True).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(_index_path(), json.dumps(index, indent=1, sort_keys=True).encode())
 
 
 def _entry_key(kind: str, digest: str) -> str:
     """Cache entries are keyed by the source as given: an SRPM holding a tarball is not that
     tarball (it adds configs and a spec); directories and git refs share `tree`."""
     return f"{kind}-{digest}"
+
+
+def _committed(target: str, key: str) -> Upstream:
+    """The entry just written: unreadable now means the cache directory is broken."""
+    up = _cached(target, key)
+    if up is None:
+        raise UpstreamError(f"{cache_root() / key}: the cache entry just written cannot be read back")
+    return up
 
 
 def _cached(target: str, key: str) -> Upstream | None:
@@ -359,7 +362,7 @@ def _from_tarball(target: str, path: Path) -> Upstream:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     _index_put(key, entry)
-    return _cached(target, entry)  # type: ignore[return-value]
+    return _committed(target, entry)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -394,13 +397,15 @@ class _BoundedInfo(tarfile.TarInfo):
     """tarfile reads pax and GNU long-name headers into memory whole: refuse huge ones
     before it does."""
 
-    def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         _meta_size(self)
-        return super()._proc_gnulong(tf)  # type: ignore[misc]
+        info: tarfile.TarInfo = super()._proc_gnulong(tf)  # type: ignore[misc]  # private in typeshed
+        return info
 
-    def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    def _proc_pax(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         _meta_size(self)
-        return super()._proc_pax(tf)  # type: ignore[misc]
+        info: tarfile.TarInfo = super()._proc_pax(tf)  # type: ignore[misc]  # private in typeshed
+        return info
 
 
 def _meta_size(info: tarfile.TarInfo) -> None:
@@ -461,7 +466,7 @@ class ArchiveGuard:
 
     def member(self, m: tarfile.TarInfo) -> str:
         """The member's normalized name; raises UnsafePathError / ArchiveLimitError."""
-        name = safe_relpath(m.name, self.where)
+        name = safe_relpath(m.name, self.where, "member")
         if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
             raise UnsafePathError(f"{self.where}: member {m.name!r} is a device node or fifo")
         self.parent_inside(m.name)  # as written: `q/..` is not `.` when q is a link
@@ -544,7 +549,7 @@ def check_member(m: tarfile.TarInfo, where: str) -> str:
     """The member's normalized name, or UnsafePathError when it is a device node or its name
     leaves the tree; link texts are checked alone. Where links resolve needs the whole
     archive: ArchiveGuard (scan_tarball) checks that."""
-    name = safe_relpath(m.name, where)
+    name = safe_relpath(m.name, where, "member")
     if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
         raise UnsafePathError(f"{where}: member {m.name!r} is a device node or fifo")
     if m.issym():
@@ -564,15 +569,6 @@ def stream_member(src: IO[bytes], write: Callable[[bytes], object], size: int, w
             raise UpstreamError(f"{where}: truncated member data")
         write(chunk)
         size -= len(chunk)
-
-
-def safe_relpath(name: str, where: str, what: str = "member") -> str:
-    if name.startswith("/") or posixpath.isabs(name):
-        raise UnsafePathError(f"{where}: {what} {name!r} is an absolute path")
-    norm = posixpath.normpath(name)
-    if norm in (".", "") or _escapes(name):
-        raise UnsafePathError(f"{where}: {what} {name!r} escapes the tree (`..`)")
-    return norm
 
 
 def _escapes(rel: str) -> bool:
@@ -615,7 +611,7 @@ def _from_srpm(target: str, path: Path) -> Upstream:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     _index_put(key, entry)
-    return _cached(target, entry)  # type: ignore[return-value]
+    return _committed(target, entry)
 
 
 def _extract_srpm(path: Path, stage: Path) -> tuple[str, dict[str, object]]:
@@ -663,7 +659,7 @@ def _copy_srpm_members(stream: BinaryIO, stage: Path, where: str) -> list[str]:
     wanted: list[str] = []
     guard = ArchiveGuard(where)
     for name, mode, size in iter_cpio(stream, where):
-        name = safe_relpath(name, where)
+        name = safe_relpath(name, where, "member")
         kind = stat.S_IFMT(mode)
         if kind not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
             raise UnsafePathError(f"{where}: member {name!r} is a device node or fifo")
@@ -684,31 +680,18 @@ def _copy_srpm_members(stream: BinaryIO, stage: Path, where: str) -> list[str]:
                 wanted.append(base)
             else:
                 _copy_n(stream, None, size)
-        _skip_pad(stream, size)
     guard.finish()
     return wanted
 
 
 def iter_cpio(stream: BinaryIO, where: str) -> Iterator[tuple[str, int, int]]:
-    """newc cpio headers: yields (name, mode, size) with the stream at the member data."""
-    while True:
-        hdr = stream.read(110)
-        if len(hdr) < 110 or hdr[:6] not in (b"070701", b"070702"):
-            raise UpstreamError(f"{where}: corrupt cpio payload")
-        mode = int(hdr[14:22], 16)
-        size = int(hdr[54:62], 16)
-        namesize = int(hdr[94:102], 16)
-        name = stream.read(namesize)[:-1].decode(errors="replace")
-        _skip_pad(stream, 110 + namesize)
-        if name == "TRAILER!!!":
-            return
-        yield name.removeprefix("./") if name != "./" else ".", mode, size
-
-
-def _skip_pad(stream: BinaryIO, n: int) -> None:
-    pad = (4 - n % 4) % 4
-    if pad:
-        stream.read(pad)
+    """newc cpio headers (initramfs.iter_newc_headers): yields (name, mode, size) with the
+    stream at the member data; the caller reads exactly `size` bytes."""
+    try:
+        for name, mode, size in iter_newc_headers(stream):
+            yield name.removeprefix("./") if name != "./" else ".", mode, size
+    except ValueError as exc:
+        raise UpstreamError(f"{where}: corrupt cpio payload ({exc})") from None
 
 
 def _copy_n(src: BinaryIO, dst: IO[bytes] | None, n: int) -> None:
@@ -739,7 +722,8 @@ class _Entry:
             return len(self.data)
         if self.member is not None:
             return self.member[1].size
-        return self.stamp[0] if self.stamp else os.stat(self.path).st_size  # type: ignore[arg-type]
+        assert self.path is not None  # an entry has data, a member or a path
+        return self.stamp[0] if self.stamp else os.stat(self.path).st_size
 
     def open(self) -> IO[bytes]:
         """The content as a stream: files are copied in chunks, never read whole."""
@@ -748,7 +732,8 @@ class _Entry:
         if self.member is not None:
             fh = self.member[0].extractfile(self.member[1])
             return fh if fh is not None else io.BytesIO(b"")
-        return open(self.path, "rb")  # type: ignore[arg-type]
+        assert self.path is not None  # an entry has data, a member or a path
+        return open(self.path, "rb")
 
 
 # A file changed within this window of its last stat may not show in mtime/ctime yet (coarse
@@ -781,25 +766,20 @@ def _dir_key(root: Path, entries: list[_Entry]) -> tuple[str, bool]:
 
 def _walk_dir(root: Path) -> Iterator[_Entry]:
     guard = ArchiveGuard(str(root))
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != ".git")
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in sorted(dirnames + filenames):
-            full = Path(dirpath) / name
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            st = full.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                dest = os.readlink(full)
-                guard.link(rel, dest)
-                yield _Entry(rel, "symlink", link=dest)
-            elif stat.S_ISDIR(st.st_mode):
-                yield _Entry(rel, "dir", mode=0o755)
-            elif stat.S_ISREG(st.st_mode):
-                guard.size(rel, st.st_size)
-                yield _Entry(rel, "file", mode=0o755 if st.st_mode & 0o100 else 0o644, path=full,
-                             stamp=(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-            else:
-                raise UnsafePathError(f"{root}: {rel} is a device node, fifo or socket")
+    for rel, full in walk_sorted(root, skip_dirs={".git"}):
+        st = full.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            dest = os.readlink(full)
+            guard.link(rel, dest)
+            yield _Entry(rel, "symlink", link=dest)
+        elif stat.S_ISDIR(st.st_mode):
+            yield _Entry(rel, "dir", mode=0o755)
+        elif stat.S_ISREG(st.st_mode):
+            guard.size(rel, st.st_size)
+            yield _Entry(rel, "file", mode=0o755 if st.st_mode & 0o100 else 0o644, path=full,
+                         stamp=(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        else:
+            raise UnsafePathError(f"{root}: {rel} is a device node, fifo or socket")
     guard.finish()
 
 
@@ -862,7 +842,7 @@ def _from_entries(target: str, entries: list[_Entry], where: str) -> Upstream:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return _cached(target, entry)  # type: ignore[return-value]
+    return _committed(target, entry)
 
 
 def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry],
@@ -898,7 +878,7 @@ def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry],
                         files[e.name] = (0o100000 | e.mode, blobs.small(data))
                     else:
                         tee = _Tee(fh, blobs, info.size)
-                        tf.addfile(info, tee)   # type: ignore[arg-type]
+                        tf.addfile(info, tee)
                         files[e.name] = (0o100000 | e.mode, tee.done())
     return files
 
@@ -1030,7 +1010,7 @@ def _load_blob_index() -> dict[bytes, str]:
 
 def _save_blob_index(known: dict[bytes, str]) -> None:
     out = b"".join(k + bytes.fromhex(v) for k, v in known.items() if _HEX40.match(v))
-    _atomic_write(store_root() / BLOB_INDEX, out)
+    atomic_write(store_root() / BLOB_INDEX, out)
 
 
 @contextmanager

@@ -18,16 +18,24 @@ import signal
 import subprocess
 import tarfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from fsbuild import lock, paths, proc, progress, upstream
 from fsbuild import patch as P
 from fsbuild import series as S
-from fsbuild import lock, paths, proc, progress, upstream
-from fsbuild.errors import (FsbuildError, LockHeldError, MissingFileError, PatchApplyError, PatchFormatError,
-                            UnsafePathError, WorkspaceError)
+from fsbuild.errors import (
+    FsbuildError,
+    LockHeldError,
+    MissingFileError,
+    PatchApplyError,
+    PatchFormatError,
+    UnsafePathError,
+    WorkspaceError,
+)
+from fsbuild.fileio import atomic_write
 from fsbuild.target import Target
 from fsbuild.upstream import Upstream, check_member
 
@@ -50,9 +58,7 @@ def git(repo: Path, *args: str, input: bytes | None = None, check: bool = True,
     """git in `repo` with a fixed identity and dates (same content -> same commit ids)."""
     env = {**os.environ, **GIT_ENV}
     argv = ["git", "-C", str(repo), *args]
-    if check:
-        return proc.run(argv, env=env, input=input, error=error)
-    return subprocess.run(argv, input=input, capture_output=True, env=env)
+    return proc.run(argv, env=env, input=input, error=error, check=check)
 
 
 def git_out(repo: Path, *args: str) -> str:
@@ -331,7 +337,7 @@ def rerender(original: bytes, new_diff: bytes, name: str) -> bytes:
     return P.format_patch(out)
 
 
-def _like(h: P.Hunk, olds: list[P.Hunk]) -> P.Hunk:
+def _like(h: P.Hunk, olds: Sequence[P.Hunk]) -> P.Hunk:
     """Give a regenerated hunk the `@@` section text the original tool wrote (GNU diff
     without -p writes none; git adds a function name), so only line numbers churn."""
     same = next((o for o in olds if o.lines == h.lines), None)
@@ -370,13 +376,6 @@ def read_series(series: Path) -> list[Entry]:
                                    "`fsbuild apply` and `fsbuild rpm`, not in the git workspace "
                                    "(store the patch inverted instead)")
     return [Entry(e.name, e.strip) for e in entries]
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.fsbuild-tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- interrupted runs
@@ -743,9 +742,10 @@ class Workspace:
 
     def state(self) -> dict[str, str]:
         try:
-            return json.loads((self.meta_dir / "workspace.json").read_text())
+            state: dict[str, str] = json.loads((self.meta_dir / "workspace.json").read_text())
         except (OSError, ValueError):
             return {}
+        return state
 
     def save_state(self, **values: str) -> None:
         atomic_write(self.meta_dir / "workspace.json",
@@ -896,13 +896,13 @@ class Workspace:
 
     def new(self, name: str, message: str = "") -> Path:
         """Create an empty patch after the top one and push it (quilt new)."""
-        P.safe_relpath(name, "series new", 0)
+        P.safe_relpath(name, "series new")
         self.guard("new")
         entries, path = self._free_slot(name, ": use `fsbuild series import`")
         done = len(self.applied())
         body = (message.rstrip("\n") + "\n").encode() if message else b""
         atomic_write(path, body)
-        self._write_series(entries[:done] + [Entry(name)] + entries[done:])
+        self._write_series([*entries[:done], Entry(name), *entries[done:]])
         git(self.root, "commit", "-q", "--allow-empty", "--no-verify", "-F", "-",
             input=commit_message(body, name).encode())
         return path
@@ -912,14 +912,14 @@ class Workspace:
         if not src.is_file():
             raise MissingFileError(f"patch {src} does not exist")
         name = name or src.name
-        P.safe_relpath(name, "series import", 0)
+        P.safe_relpath(name, "series import")
         data = src.read_bytes()
         P.parse_patch(data, name)  # reject malformed patches before touching anything
         self.guard("import")
         entries, dest = self._free_slot(name)
         done = len(self.applied()) if self.exists and "base" in self.state() else len(entries)
         atomic_write(dest, data)
-        self._write_series(entries[:done] + [Entry(name, strip)] + entries[done:])
+        self._write_series([*entries[:done], Entry(name, strip), *entries[done:]])
         return dest
 
     def _write_series(self, entries: list[Entry]) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -19,6 +21,20 @@ def isolated_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("FSBUILD_OUT", str(tmp_path_factory.mktemp("out")))
     monkeypatch.delenv("FSBUILD_TARGET", raising=False)
     return state
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+@pytest.fixture
+def servers() -> Iterator[list[_Stoppable]]:
+    """Servers a test starts (test_demo.Server and the like): stopped at teardown, also
+    when the test fails."""
+    started: list[_Stoppable] = []
+    yield started
+    for s in started:
+        s.stop()
 
 
 def require_tool(*tools: str) -> None:

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, require_tool
+
 from fsbuild import build, target
 from fsbuild.errors import MissingFileError, TargetError, ToolMissingError
-from fsbuild.upstream import Upstream, write_deterministic_tar, _Entry
+from fsbuild.upstream import Upstream, _Entry, write_deterministic_tar
 
 
 @pytest.fixture()

@@ -111,6 +111,70 @@ def test_hostile_inputs_fail_with_one_line_and_class_code(tmp_path: Path) -> Non
     assert not failures, "\n".join(failures)
 
 
+def bad_inputs(d: Path) -> dict[str, str]:
+    """Paths a user may hand any command by mistake, by kind."""
+    (d / "adir").mkdir()
+    (d / "empty").write_bytes(b"")
+    (d / "garbage").write_bytes(bytes(range(256)) * 4)
+    (d / "we\nird").write_bytes(b"\xff\x00--- a/x\n+++ b/x\n@@ -1 +1 @@\n")
+    (d / os.fsdecode(b"\xff\xfe")).write_bytes(b"\x1f\x8b")
+    return {"missing": str(d / "none"), "dir": str(d / "adir"), "empty": str(d / "empty"),
+            "garbage": str(d / "garbage"), "newline": str(d / "we\nird"),
+            "non-utf8": str(d / os.fsdecode(b"\xff\xfe")), "dash-x": "-x"}
+
+
+def command_templates(d: Path) -> dict[str, list[str]]:
+    """One argv per input-taking command; "X" is where the bad input goes. None of them can
+    reach a kernel build or touch patches/: state and out are the test's own."""
+    tree = d / "tree"
+    tree.mkdir()
+    return {
+        "apply series": ["apply", "--series", "X", str(tree)],
+        "apply tree": ["apply", "--series", str(ROOT / "patches/linux-6.1/series"), "X"],
+        "apply recover": ["apply", "--recover", "X"],
+        "upstream import": ["upstream", "import", "-t", "linux-6.1", "X"],
+        "rebase plain": ["rebase", "-t", "linux-6.1", "--series", "X", "--from", "X", "--onto", "X",
+                         "--out", str(d / "out"), "--upstream-version", "1.0-1"],
+        "rpm source": ["rpm", "-t", "linux-6.1", "--source", "X"],
+        "verify": ["verify", "X"],
+        "smoke rpms": ["smoke", "-t", "linux-6.1", "--rpms", "X"],
+        "series target": ["series", "list", "-t", "X"],
+    }
+
+
+def _scan_one(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fsbuild", *argv], capture_output=True, text=True,
+                          errors="replace", timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_no_command_ever_shows_a_traceback(tmp_path: Path) -> None:
+    """Every input-taking command x every kind of bad input, through the real CLI: the run
+    fails (or succeeds) with one error line and a class exit code, never a traceback or
+    fsbuild's internal-error code 1."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fsbuild import errors as E
+
+    codes = {c.exit_code for c in vars(E).values() if isinstance(c, type) and issubclass(c, E.FsbuildError)}
+    inputs = bad_inputs(tmp_path)
+    runs = {f"{cmd} <- {kind}": [bad if a == "X" else a for a in argv]
+            for cmd, argv in command_templates(tmp_path).items() for kind, bad in inputs.items()}
+    with ThreadPoolExecutor(4) as pool:
+        done = dict(zip(runs, pool.map(_scan_one, runs.values()), strict=True))
+    failures = []
+    for case, proc in done.items():
+        lines = proc.stderr.splitlines()
+        errors = [line for line in lines if line.startswith("fsbuild: error: ")]
+        if proc.returncode == 0:
+            ok = "Traceback" not in proc.stderr and not errors
+        else:
+            ok = (proc.returncode in codes | {2} and "Traceback" not in proc.stderr
+                  and len(errors) == 1 and lines[-1] == errors[0])
+        if not ok:
+            failures.append(f"{case}: rc {proc.returncode}: {proc.stderr[-400:]!r}")
+    assert not failures, f"{len(failures)} of {len(runs)} runs:\n" + "\n".join(failures)
+
+
 def test_unexpected_exception_is_one_line_and_debug_shows_traceback(tmp_path: Path) -> None:
     """A bug (any non-fsbuild exception) still reaches the user as one line, exit 1, and
     --debug adds the traceback for a bug report without changing the exit code."""
@@ -210,3 +274,44 @@ def _sleeping_child(pid: int) -> bool:
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def test_bare_fsbuild_prints_help_and_succeeds() -> None:
+    proc = run_fsbuild()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage:") and "Commands:" in proc.stdout and proc.stderr == ""
+
+
+def test_help_lists_every_exit_code_and_environment_variable() -> None:
+    """The epilog is built from errors.py and names every FSBUILD_* the package reads."""
+    import re
+
+    from fsbuild import errors
+
+    out = run_fsbuild("--help").stdout
+    codes = {c.exit_code for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.FsbuildError)}
+    listed = {int(m) for m in re.findall(r"^\s+(\d+) ", out.split("Exit codes:")[1], re.M)}
+    assert codes | {0, 2} <= listed
+    used = set(re.findall(r"(?<!_)FSBUILD_[A-Z0-9_]+", "".join(p.read_text() for p in (ROOT / "fsbuild").rglob("*.py"))))
+    assert used <= set(re.findall(r"FSBUILD_[A-Z0-9_]+", out.split("Environment:")[1]))
+
+
+def test_target_completion_lists_target_toml_names() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "_FSBUILD_COMPLETE": "bash_complete",
+           "COMP_WORDS": "fsbuild rpm --target ", "COMP_CWORD": "3"}
+    proc = subprocess.run([sys.executable, "-c", "from fsbuild.cli import main; main()"], env=env,
+                          capture_output=True, text=True)
+    names = sorted(p.parent.name for p in (ROOT / "patches").glob("*/target.toml"))
+    assert names and proc.stdout.split() == [f"plain,{n}" for n in names], proc.stderr
+
+
+def test_verbose_logs_commands_and_quiet_survives_json(tmp_path: Path) -> None:
+    """-v shows each external command; -q is not undone by a command's own choice."""
+    from fsbuild.commands.common import FUZZ
+
+    assert (FUZZ.min, FUZZ.max) == (0, 10)
+    repo = tmp_path / "r"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    proc = run_fsbuild("-v", "upstream", "import", "-t", "linux-6.1", f"git:{repo}@HEAD")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert any(line.startswith("fsbuild: $ git ") for line in proc.stderr.splitlines()), proc.stderr

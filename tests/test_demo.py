@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,14 +98,6 @@ def start_server(us: Userspace, tmp: Path, *args: str, lib: Path | None = None,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     raise AssertionError(f"server did not start: {err.read_text()} {log.read_text() if log.exists() else ''}")
-
-
-@pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    started: list[Server] = []
-    yield started
-    for s in started:
-        s.stop()
 
 
 def loadgen(us: Userspace, port: int, *args: str, n: int = 2000, conns: int = 8,

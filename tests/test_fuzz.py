@@ -127,7 +127,7 @@ def check(data: bytes) -> str | None:
         if "\n" in exc.message:
             return f"multi-line error: {exc.message!r}"
         return None
-    except Exception as exc:  # noqa: BLE001 - any other exception is the bug we hunt
+    except Exception as exc:  # any other exception is the bug we hunt
         return f"{type(exc).__name__}: {exc}"
     if format_patch(parsed) != data:
         return "format_patch(parse_patch(x)) != x"

@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, el6_source, require_tool
+from test_upstream import git, git_repo, kernel_files, lines, make_tarball, write_tree
+
 from fsbuild import build, rebase, spec, upstream
 from fsbuild.errors import UpstreamIdentityError
 from fsbuild.target import load
 from fsbuild.workspace import Workspace
-from test_upstream import git, git_repo, kernel_files, lines, make_tarball, write_tree
 
 OLD = "2.6.32-431.17.1.el6"
 NEW = "2.6.32-431.29.2.el6"

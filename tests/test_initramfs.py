@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tool
+
 from fsbuild import initramfs
 from fsbuild.errors import MissingFileError, UnsafePathError
 

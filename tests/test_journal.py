@@ -167,7 +167,7 @@ def test_recover_after_sigkill(small: tuple[Path, Path, str], step: str, count: 
 
 
 def test_next_apply_recovers_first(small: tuple[Path, Path, str], tmp_path: Path) -> None:
-    tree, series, original = small
+    tree, series, _original = small
     clean = tmp_path / "clean"
     shutil.copytree(tree, clean, symlinks=True)
     assert run("apply", "--series", series, clean).returncode == 0
@@ -197,7 +197,7 @@ def test_interrupted_recovery_is_resumed(small: tuple[Path, Path, str]) -> None:
 @pytest.mark.parametrize("leftover", [journal.PREPARING, journal.FINISHED])
 def test_leftovers_are_discarded(small: tuple[Path, Path, str], leftover: str) -> None:
     """Killed while the journal was prepared (tree untouched) or removed (tree whole)."""
-    tree, series, original = small
+    tree, _series, original = small
     (tree / leftover / "orig").mkdir(parents=True)
     (tree / leftover / "orig" / "0").write_bytes(b"x")
     proc = run("apply", "--recover", tree)
@@ -206,7 +206,7 @@ def test_leftovers_are_discarded(small: tuple[Path, Path, str], leftover: str) -
 
 
 def test_journal_without_manifest_is_refused(small: tuple[Path, Path, str]) -> None:
-    tree, series, original = small
+    tree, _series, _original = small
     (tree / journal.JOURNAL / "orig").mkdir(parents=True)  # no state of ours looks like this
     with pytest.raises(RecoveryError, match="neither a manifest nor a completion mark"):
         journal.recover(tree)
@@ -216,7 +216,7 @@ def test_kill_past_commit_point_keeps_new_tree(small: tuple[Path, Path, str],
                                                tmp_path: Path, monkeypatch) -> None:
     """A complete run whose journal cannot be removed (as if killed right after the
     commit point) is kept, and the error says so rather than "restored"."""
-    tree, series, original = small
+    tree, series, _original = small
     clean = tmp_path / "clean"
     shutil.copytree(tree, clean, symlinks=True)
     assert run("apply", "--series", series, clean).returncode == 0
@@ -235,7 +235,7 @@ def test_kill_past_commit_point_keeps_new_tree(small: tuple[Path, Path, str],
 
 
 def test_corrupt_manifest_is_one_line_error(small: tuple[Path, Path, str]) -> None:
-    tree, series, _ = small
+    tree, _series, _ = small
     (tree / journal.JOURNAL).mkdir()
     jfile(tree).write_text("{trunc")
     proc = run("apply", "--recover", tree)
@@ -279,7 +279,7 @@ def test_sigterm_and_sighup_roll_back(small: tuple[Path, Path, str]) -> None:
 
 
 def test_second_apply_on_same_tree_is_refused(small: tuple[Path, Path, str]) -> None:
-    tree, series, original = small
+    tree, series, _original = small
     lockfile = journal.lock_file(tree)
     first = fsbuild("apply", "--series", series, tree)
     deadline = time.monotonic() + 60
@@ -291,7 +291,7 @@ def test_second_apply_on_same_tree_is_refused(small: tuple[Path, Path, str]) -> 
         second = run("apply", "--series", series, tree)
     finally:
         first.send_signal(signal.SIGCONT)
-    out, err = first.communicate(timeout=300)
+    _out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert second.returncode == LockHeldError.exit_code
     assert second.stderr.splitlines() == [second.stderr.rstrip("\n")]
@@ -339,12 +339,11 @@ def kill_trials(base: Path, n_patches: int, n_files: int, trials: int, seed: int
                 stats["recovery_killed"] += 1
             done = run("apply", "--recover", tree)
             assert done.returncode == 0, done.stderr
-            if "recovered" not in done.stderr:
-                # killed at or past the commit point: the tree must be whole, either way
-                if tree_hash(tree) == patched:
-                    _reset(tree, pristine)
-                    stats["finished_first"] += 1
-                    continue
+            # killed at or past the commit point: the tree must be whole, either way
+            if "recovered" not in done.stderr and tree_hash(tree) == patched:
+                _reset(tree, pristine)
+                stats["finished_first"] += 1
+                continue
         elif proc.returncode == -sig:  # before Python installed any handler
             assert not mid and not journal.pending(tree)
         else:

@@ -21,12 +21,26 @@ import pytest
 
 try:  # tests/ as rootdir-relative modules (default) or as a package
     from conftest import require_tool
-    from test_demo import (Server, Userspace, build_userspace, loadgen, preload_env,  # noqa: F401
-                           servers, start_server, worker_requests)
+    from test_demo import (
+        Server,
+        Userspace,
+        build_userspace,
+        loadgen,
+        preload_env,
+        start_server,
+        worker_requests,
+    )
 except ImportError:
     from tests.conftest import require_tool
-    from tests.test_demo import (Server, Userspace, build_userspace, loadgen,  # noqa: F401
-                                 preload_env, servers, start_server, worker_requests)
+    from tests.test_demo import (
+        Server,
+        Userspace,
+        build_userspace,
+        loadgen,
+        preload_env,
+        start_server,
+        worker_requests,
+    )
 
 ROOT = Path(__file__).resolve().parent.parent
 WARNING = re.compile(r"^libsocket: \S+: .*; using (plain|portable SO_REUSEPORT) sockets "

@@ -52,7 +52,7 @@ def build_tree(root: Path, nic: Nic) -> dict[str, int]:
     (cpu / "online").write_text(f"0-{nic.cpus - 1}\n" if nic.cpus > 1 else "0\n")
     names = nic.irq_names or [nic.iface] + [f"{nic.iface}-TxRx-{q}" for q in range(nic.queues)]
     # unrelated devices must never be touched
-    names = ["timer", "ahci[0000:00:1f.2]", "virtio3-requests"] + names + ["eth10-TxRx-0"]
+    names = ["timer", "ahci[0000:00:1f.2]", "virtio3-requests", *names, "eth10-TxRx-0"]
     irqs = {name: 20 + i for i, name in enumerate(names)}
     lines = ["           " + " ".join(f"CPU{c}" for c in range(nic.cpus))]
     for name, irq in irqs.items():

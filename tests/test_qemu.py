@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tool
+
 from fsbuild import qemu
 
 
-def _cfg(tmp_path: Path, accel: qemu.Accel = qemu.Accel("tcg", "test"),
+def _cfg(tmp_path: Path, accel: qemu.Accel = qemu.Accel("tcg", "test"),  # noqa: B008 - frozen, shared safely
          net: qemu.Net | None = None, **kw: object) -> qemu.VmConfig:
     return qemu.VmConfig(kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.gz", workdir=tmp_path / "w",
                          serial_log=tmp_path / "serial.log", checks_log=tmp_path / "checks.log",

@@ -12,12 +12,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from test_upstream import kernel_files, lines, make_tarball, makefile
 
 from fsbuild import rebase as R
 from fsbuild import upstream
 from fsbuild.target import load
 from fsbuild.workspace import Overlay, Workspace, apply_patch, git_out, read_series, tree_reader
-from test_upstream import kernel_files, lines, make_tarball, makefile
 
 DESC = "From: Dev <dev@example.org>\nSubject: [PATCH] {name}\n\nWhy {name} exists.\n\nSigned-off-by: Dev <dev@example.org>\n---\n"
 
@@ -134,8 +134,8 @@ def test_plain_mode_each_outcome(tmp_path: Path) -> None:
 
 
 def test_plain_mode_no_conflict_exit_0(tmp_path: Path) -> None:
-    old_tb, new_tb, series, expected = build_case(tmp_path)
-    lines_ = [l for l in series.read_text().splitlines() if "conflict" not in l]
+    old_tb, new_tb, series, _expected = build_case(tmp_path)
+    lines_ = [line for line in series.read_text().splitlines() if "conflict" not in line]
     series.write_text("\n".join(lines_) + "\n")
     out = tmp_path / "out"
     cp = fsbuild("rebase", "--series", str(series), "--from", str(old_tb), "--onto", str(new_tb),
@@ -279,7 +279,7 @@ def test_ctrl_c_during_carry_is_resumable(ws_case: tuple, monkeypatch: pytest.Mo
     with pytest.raises(R.RebaseConflictError):   # resumes, then stops at the conflict
         R.Rebase(load("t1")).resume()
     plan = R.Rebase(load("t1"))._load()
-    assert [r["name"] for r in plan.results] == list(expected)[:5]   # nothing done twice
+    assert [r.name for r in plan.results] == list(expected)[:5]   # nothing done twice
     R.Rebase(load("t1")).abort()
     assert snapshot(tdir) == before
 
@@ -476,7 +476,7 @@ def test_own_series_between_real_versions(debian, real_state: Path, tmp_path: Pa
 
 
 def test_rebase_without_workspace_imports_target_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    old_tb, new_tb, series, expected = build_case(tmp_path / "case")
+    old_tb, new_tb, series, _expected = build_case(tmp_path / "case")
     tdir = make_target(tmp_path / "root", series)
     toml = tdir / "target.toml"
     toml.write_text(toml.read_text() + f'default = "{old_tb}"\n')
@@ -508,7 +508,7 @@ def test_continue_after_ctrl_c_while_building_old_series(ws_case: tuple, monkeyp
     assert cp.stderr.startswith("fsbuild: error: patch 0005-conflict.patch conflicts")
     assert len(cp.stderr.strip().splitlines()) == 1
     plan = R.Rebase(load("t1"))._load()
-    assert [r["name"] for r in plan.results] == list(expected)[:5]
+    assert [r.name for r in plan.results] == list(expected)[:5]
     assert fsbuild("rebase", "--abort", "-t", "t1").returncode == 0
     assert snapshot(tdir) == before
 
@@ -588,7 +588,7 @@ def test_rebase_killed_at_random_points_aborts_or_continues(ws_case: tuple) -> N
             if trial % 4 in (1, 2):
                 with pytest.raises(R.RebaseConflictError):
                     rb.resume()
-                assert [r["name"] for r in rb._load().results] == list(expected)[:5]
+                assert [r.name for r in rb._load().results] == list(expected)[:5]
             R.Rebase(load("t1")).abort()
         assert (snapshot(tdir), git_out(ws.root, "rev-parse", "HEAD"), state.read_bytes()) == before, trial
         assert not ws.dirty() and not list((ws.root / ".git").glob("*.lock"))

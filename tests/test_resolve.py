@@ -11,13 +11,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_rebase import DESC, extract, fsbuild, make_target, udiff
+from test_upstream import kernel_files, make_tarball, makefile
 
 from fsbuild import resolve as RS
 from fsbuild.rebase import merge_file
 from fsbuild.target import load
 from fsbuild.workspace import Overlay, apply_patch, tree_reader
-from test_rebase import DESC, extract, fsbuild, make_target, udiff
-from test_upstream import kernel_files, make_tarball, makefile
 
 BACKENDS = [pytest.param("wiggle", marks=pytest.mark.skipif(
     not shutil.which("wiggle"), reason="wiggle not installed (apt-get install wiggle)")), "words"]
@@ -218,7 +218,7 @@ def git_upstream(tmp: Path, old: dict[str, str], new: dict[str, str]) -> tuple[P
     run("add", "-A")
     run("commit", "-q", "-m", "v1.0.0")
     shas = {"old": run("rev-parse", "HEAD")}
-    for rel in sorted(set(new) - {"Makefile"}) + ["Makefile"]:
+    for rel in [*sorted(set(new) - {"Makefile"}), "Makefile"]:
         if new[rel] != old[rel]:
             write({rel: new[rel]})
             run("commit", "-q", "-am", f"change {rel}")
@@ -307,6 +307,7 @@ def test_debian_rxrpc_patch_resolved_like_debian(how: str, tmp_path_factory: pyt
     files) carried by the engine onto 6.1.176 give byte for byte the files of Debian's
     hand-refreshed 6.1.176-1 patches; the second needs the word-wise merge."""
     import debsrc
+
     from fsbuild import rebase as R
     from fsbuild.workspace import Entry
     old, new = debsrc.fetch("6.1.170-3"), debsrc.fetch("6.1.176-1")
@@ -348,7 +349,7 @@ def _ws_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pa
 
 
 def test_workspace_blocked_patch_retried_after_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tdir, _ = _ws_chain(tmp_path, monkeypatch)
+    _tdir, _ = _ws_chain(tmp_path, monkeypatch)
     from fsbuild.workspace import Workspace
     kconfig = Workspace(load("t1")).root / "net" / "Kconfig"
     text = kconfig.read_text()
@@ -384,3 +385,13 @@ def test_plain_mode_markdown_never_overwrites_the_json(tmp_path: Path) -> None:
     assert cp.returncode == 0, cp.stderr
     assert json.loads(report.read_text())["patches"][0]["resolved_by"] == RS.backend()
     assert "## Review" in (tmp_path / "report.md.md").read_text()
+
+
+def test_missing_git_is_a_tool_error_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resolver's git calls go through proc.run: without git on PATH the user gets
+    ToolMissingError (one line, its exit code), not FileNotFoundError's traceback."""
+    from fsbuild.errors import ToolMissingError
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ToolMissingError, match="git not found"):
+        RS._git_diff(b"a\n", b"b\n", 3)

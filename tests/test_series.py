@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fsbuild.errors import (MissingFileError, PatchApplyError, PatchFormatError,
-                            RunInterruptedError, UnsafePathError)
+from fsbuild.errors import MissingFileError, PatchApplyError, PatchFormatError, RunInterruptedError, UnsafePathError
 from fsbuild.patch import format_patch, parse_patch
 from fsbuild.series import apply_series, parse_series, parse_series_text, write_series
 from tests.conftest import require_tool

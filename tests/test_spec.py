@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tool
+
 from fsbuild import spec, target
 from fsbuild.errors import MissingFileError, PatchFormatError, UnsafePathError
 
@@ -123,7 +123,7 @@ def test_el6_spec_patches_in_order_at_fuzz0(el6_patches: list[spec.SpecPatch]) -
     text = spec.render(_inputs("el6", el6_patches), "el6 2.6.32-431.17.1.el6")
     applied = [line for line in text.splitlines() if line.startswith("patch -p")]
     assert len(applied) == len(el6_patches)
-    for n, (line, p) in enumerate(zip(applied, el6_patches), 1):
+    for n, (line, p) in enumerate(zip(applied, el6_patches, strict=True), 1):
         assert f'"$RPM_SOURCE_DIR/{p.file}"' in line and "-F0" in line
         assert f"Patch{n}: {p.file}" in text
     assert "yes '' | make -s ARCH=%{kernel_arch} LOCALVERSION= oldconfig" in text

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, require_tool
+
 from fsbuild import initramfs
 
 ALLOWLIST = ROOT / "ci" / "static-allowlist.txt"

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, require_tool
+
 from fsbuild import qemu, smoke, stress
 from fsbuild.errors import SmokeCheckError
 
@@ -235,7 +235,8 @@ def test_nginx_bundle_has_the_server_its_libraries_and_a_glibc_libsocket(tmp_pat
     import tarfile
     bundle = stress.nginx_bundle(tmp_path)
     assert bundle is not None
-    names = set(tarfile.open(bundle).getnames())
+    with tarfile.open(bundle) as tf:
+        names = set(tf.getnames())
     assert {"usr/sbin/nginx", "lib/glibc/libsocket.so", "lib64/ld-linux-x86-64.so.2"} <= names
     assert any(n.endswith("/libc.so.6") for n in names)
     assert stress.nginx_bundle(tmp_path, tmp_path / "no-nginx") is None
@@ -246,7 +247,7 @@ def test_stress_checks_are_required_by_classify() -> None:
     vm = qemu.VmResult(stopped_by="done", returncode=0, timed_out=False, duration_s=1.0, status="", events=[])
     _, err, _ = smoke.classify(smoke.parse_guest(guest), "", vm, 30.0, "tcg")
     assert err is None
-    checks, err, msg = smoke.classify(smoke.parse_guest(guest), "", vm, 30.0, "tcg",
+    checks, err, _msg = smoke.classify(smoke.parse_guest(guest), "", vm, 30.0, "tcg",
                                       required=smoke.REQUIRED_CHECKS + stress.REQUIRED_CHECKS)
     assert err is SmokeCheckError and "stress_hostile" in checks[-1].detail
 

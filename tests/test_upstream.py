@@ -13,8 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tool
+
 from fsbuild import upstream
 from fsbuild.errors import MissingFileError, UnsafePathError, UpstreamError
 from fsbuild.target import load
@@ -25,7 +25,7 @@ MAKEFILE = "VERSION = {v}\nPATCHLEVEL = {p}\nSUBLEVEL = {s}\nEXTRAVERSION = {e}\
 
 
 def makefile(version: str, extra: str = "") -> str:
-    v, p, s = (version.split(".") + ["0", "0"])[:3]
+    v, p, s = ([*version.split("."), "0", "0"])[:3]
     return MAKEFILE.format(v=v, p=p, s=s, e=extra)
 
 
@@ -138,13 +138,14 @@ def _hostile(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfil
 
 @pytest.mark.parametrize("member", [
     _hostile("linux-1.0.0/../../evil"),
+    _hostile("linux-1.0.0/a/../b"),   # a `..` that comes back: refused like patches refuse it
     _hostile("/etc/evil"),
     _hostile("linux-1.0.0/x", tarfile.SYMTYPE, "../../etc/passwd"),
     _hostile("linux-1.0.0/abs", tarfile.SYMTYPE, "/etc/passwd"),
     _hostile("linux-1.0.0/hl", tarfile.LNKTYPE, "../outside"),
     _hostile("linux-1.0.0/dev", tarfile.CHRTYPE),
     _hostile("linux-1.0.0/fifo", tarfile.FIFOTYPE),
-], ids=["dotdot", "absolute", "symlink-escape", "symlink-abs", "hardlink-escape", "chardev", "fifo"])
+], ids=["dotdot", "dotdot-back", "absolute", "symlink-escape", "symlink-abs", "hardlink-escape", "chardev", "fifo"])
 def test_hostile_tarball_rejected_nothing_written(tmp_path: Path, member: tarfile.TarInfo) -> None:
     tb = make_tarball(tmp_path / "bad.tar.gz", "linux-1.0.0", kernel_files("1.0.0"),
                       extra=[(member, b"x" if member.isfile() else b"")])
@@ -433,8 +434,9 @@ def test_ceilings_are_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_huge_pax_header_refused(tmp_path: Path) -> None:
-    from fsbuild.errors import ArchiveLimitError
     import gzip
+
+    from fsbuild.errors import ArchiveLimitError
     pax = tarfile.TarInfo("././@PaxHeader")
     pax.type, pax.size = tarfile.XHDTYPE, 1 << 30
     tb = tmp_path / "pax.tar.gz"
@@ -610,3 +612,15 @@ def test_directory_read_once_for_tarball_and_store(tmp_path: Path, monkeypatch: 
         for rel, text in newer.items():
             assert tf.extractfile(f"linux-1.0.1/{rel}").read().decode() == text  # type: ignore[union-attr]
             assert git(upstream.store_root(), "show", f"{up.store_tree}:{rel}") == text
+
+
+@pytest.mark.parametrize("payload", [
+    b"070701" + b"ZZZZZZZZ" * 13,                 # header fields that are not hex
+    b"070701" + b"00000000" * 13,                 # truncated: no name, no trailer
+    b"0707",                                      # cut inside the magic
+], ids=["not-hex", "truncated", "short"])
+def test_corrupt_srpm_payload_is_an_upstream_error(payload: bytes) -> None:
+    """The shared newc reader's ValueError reaches the user as UpstreamError (one line,
+    its exit code), never as an internal error."""
+    with pytest.raises(UpstreamError, match="corrupt cpio payload"):
+        list(upstream.iter_cpio(io.BytesIO(payload), "x.src.rpm"))

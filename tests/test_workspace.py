@@ -8,11 +8,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_rebase import build_case, fsbuild, make_target
+from test_upstream import kernel_files, make_tarball, write_tree
 
 from fsbuild.target import load
 from fsbuild.workspace import Workspace, git_out, rerender
-from test_rebase import build_case, fsbuild, make_target
-from test_upstream import kernel_files, make_tarball, write_tree
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_import_is_pristine_and_cached(ws: tuple[Workspace, Path, Path], tmp_pat
 
 
 def test_push_pop_list_status(ws: tuple[Workspace, Path, Path]) -> None:
-    w, tdir, _ = ws
+    w, _tdir, _ = ws
     cp = fsbuild("series", "push", "2", "-t", "t1")
     assert cp.returncode == 0 and cp.stdout.split() == ["applied", "0001-clean.patch", "applied", "0002-offset.patch"]
     assert "net line 10 patched" in (w.root / "net" / "Makefile").read_text()
@@ -63,6 +63,24 @@ def test_push_pop_list_status(ws: tuple[Workspace, Path, Path]) -> None:
     assert len(w.applied()) == 6
     cp = fsbuild("series", "push", "-t", "t1")
     assert cp.returncode == 12 and "fully applied" in cp.stderr
+
+
+def test_push_pop_check_json(ws: tuple[Workspace, Path, Path]) -> None:
+    """--json on push/pop/check like the other reports: the names done, and check's
+    verdict per patch with the same exit code as without --json."""
+    w, _tdir, _ = ws
+    cp = fsbuild("series", "push", "2", "--fuzz", "10", "-t", "t1", "--json")   # apply's fuzz range
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout) == {"applied": [n for n, _ in w.applied()]} and len(w.applied()) == 2
+    cp = fsbuild("series", "pop", "-t", "t1", "--json")
+    assert cp.returncode == 0 and json.loads(cp.stdout) == {"removed": ["0002-offset.patch"]}
+    plain, as_json = fsbuild("series", "check", "-t", "t1"), fsbuild("series", "check", "-t", "t1", "--json")
+    report = json.loads(as_json.stdout)
+    assert as_json.returncode == plain.returncode
+    assert report["ok"] is (plain.returncode == 0)
+    assert [p["name"] for p in report["patches"]] == [e.name for e in w.entries()]
+    assert {p["name"] for p in report["patches"] if p["result"] != "ok"} == \
+        {line.split()[1].rstrip(":") for line in plain.stdout.splitlines() if line.startswith("FAIL")}
 
 
 def test_push_failure_names_patch_and_leaves_tree(ws: tuple[Workspace, Path, Path]) -> None:
@@ -122,7 +140,7 @@ def test_new_import_export_check(ws: tuple[Workspace, Path, Path], tmp_path: Pat
 
 
 def test_check_reports_offsets(ws: tuple[Workspace, Path, Path], tmp_path: Path) -> None:
-    w, tdir, _ = ws
+    _w, _tdir, _ = ws
     # import an upstream with 5 extra lines at the top of sched.c: 0002 applies with an offset
     files = kernel_files("1.0.0")
     files["kernel/sched.c"] = "x\n" * 5 + files["kernel/sched.c"]
@@ -261,7 +279,6 @@ def test_push_killed_at_random_points_stays_consistent(many: tuple[Workspace, Pa
     leaves a half step."""
     import random
     import signal
-    import time
 
     from fsbuild.commands.series import _status
     from fsbuild.errors import WorkspaceError
@@ -348,7 +365,7 @@ def test_two_push_loops_one_workspace(many: tuple[Workspace, Path, list[str]]) -
     while first.poll() is None and not w.intent_file.exists():
         time.sleep(0.002)
     second = fsbuild("series", "push", "-t", "t1")
-    out, err = first.communicate()
+    _out, err = first.communicate()
     assert first.returncode == 0, err
     assert second.returncode == 14 and f"pid {first.pid}" in second.stderr, second.stderr
     assert len(w.applied()) == N_PATCHES and not w.dirty() and _tree(w) == trees[-1]
@@ -358,7 +375,7 @@ def test_two_push_loops_one_workspace(many: tuple[Workspace, Path, list[str]]) -
 
 def test_series_commands_while_a_rebase_is_stopped(ws: tuple[Workspace, Path, Path],
                                                    tmp_path: Path) -> None:
-    w, tdir, old_tb = ws
+    _w, tdir, old_tb = ws
     assert fsbuild("series", "push", "-a", "-t", "t1").returncode == 0
     cp = fsbuild("rebase", "--onto", str(tmp_path / "case" / "linux-1.0.1.tar.gz"), "-t", "t1")
     assert cp.returncode == 7, cp.stderr
@@ -454,7 +471,7 @@ def _dies_at_git(gitcmd: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_killed_pop_is_finished_by_pop(ws: tuple[Workspace, Path, Path]) -> None:
-    w, tdir, _ = ws
+    w, _tdir, _ = ws
     assert fsbuild("series", "push", "3", "-t", "t1").returncode == 0
     stack = w.applied()
     assert _dies_at_git("clean", "series", "pop", "2", "-t", "t1").returncode == 137

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from fsbuild import journal, lock, progress
+from fsbuild.commands.common import FUZZ
 from fsbuild.errors import MissingFileError, RecoveryError
 from fsbuild.series import Interrupts, PatchReport, apply_series, parse_series
 
@@ -36,7 +37,7 @@ def to_json(reports: list[PatchReport]) -> dict[str, object]:
 @click.command("apply")
 @click.option("--series", "series_path", type=click.Path(path_type=Path),
               help="quilt series file; patch paths are relative to its folder")
-@click.option("--fuzz", default=0, show_default=True, type=click.IntRange(0, 10),
+@click.option("--fuzz", default=0, show_default=True, type=FUZZ,
               help="max context lines GNU-patch style fuzz may ignore")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON report on stdout")
 @click.option("--dry-run", is_flag=True, help="check that everything applies; write nothing")

@@ -9,13 +9,15 @@ import click
 from fsbuild import paths, progress
 from fsbuild import rebase as R
 from fsbuild import target as targets
+from fsbuild.commands.common import complete_targets
 from fsbuild.errors import RebaseConflictError
 from fsbuild.workspace import clear_stale_git_locks
 
 
 @click.command("rebase")
 @click.option("--onto", "onto", help="New upstream: SRPM, tarball, directory or REPO@REF.")
-@click.option("--target", "-t", "target_name", help="Target (default: el6 or $FSBUILD_TARGET).")
+@click.option("--target", "-t", "target_name", shell_complete=complete_targets,
+              help="Target (default: el6 or $FSBUILD_TARGET).")
 @click.option("--continue", "cont", is_flag=True, help="Go on after resolving a conflict.")
 @click.option("--skip", is_flag=True, help="Drop the conflicting patch and go on.")
 @click.option("--abort", is_flag=True, help="Restore workspace, patches/ and target.toml.")

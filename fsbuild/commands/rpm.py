@@ -6,10 +6,12 @@ import click
 
 from fsbuild import progress
 from fsbuild import target as targets
+from fsbuild.commands.common import complete_targets
 
 
 @click.command("rpm")
-@click.option("--target", "-t", "target_name", metavar="T", help="Target (default el6 / $FSBUILD_TARGET).")
+@click.option("--target", "-t", "target_name", shell_complete=complete_targets,
+              metavar="T", help="Target (default el6 / $FSBUILD_TARGET).")
 @click.option("--source", metavar="SRC", help="Upstream SRPM, tarball, directory or PATH@REF.")
 @click.option("--config", "config", default="mini", show_default=True, metavar="mini|debug|full|FILE",
               help="mini: CI/smoke profile; debug: mini + KASAN/lockdep/... (out/<target>/debug/); "

@@ -12,10 +12,12 @@ import click
 
 from fsbuild import progress
 from fsbuild import target as targets
+from fsbuild.commands.common import FUZZ, complete_targets
 from fsbuild.errors import PatchApplyError, WorkspaceError
 from fsbuild.workspace import Workspace
 
-target_opt = click.option("--target", "-t", "target_name", help="Target (default: el6 or $FSBUILD_TARGET).")
+target_opt = click.option("--target", "-t", "target_name", shell_complete=complete_targets,
+                          help="Target (default: el6 or $FSBUILD_TARGET).")
 
 
 @contextmanager
@@ -98,11 +100,17 @@ def _stack(ws: Workspace, rebase: bool) -> list[tuple[str, str]]:
 
 @cmd.command("check")
 @target_opt
-def check_cmd(target_name: str | None) -> int:
+@click.option("--json", "as_json", is_flag=True, help="Report on stdout; exit code as without it.")
+def check_cmd(target_name: str | None, as_json: bool) -> int:
     """Verify every patch applies to the pristine upstream at fuzz 0 with no offset."""
+    progress.set_quiet(as_json)
     with _ws(target_name) as ws:
         results = ws.check()
     bad = [(n, r) for n, r in results if r != "ok"]
+    if as_json:
+        click.echo(json.dumps({"ok": not bad, "patches": [{"name": n, "result": r} for n, r in results]},
+                              indent=2))
+        return PatchApplyError.exit_code if bad else 0
     for n, r in results:
         click.echo(f"{'ok  ' if r == 'ok' else 'FAIL'} {n}" + ("" if r == "ok" else f": {r}"))
     if bad:
@@ -115,25 +123,41 @@ def check_cmd(target_name: str | None) -> int:
 @cmd.command("push")
 @target_opt
 @click.option("-a", "--all", "push_all", is_flag=True, help="Push every remaining patch.")
-@click.option("--fuzz", type=click.IntRange(0, 3), default=0, show_default=True)
+@click.option("--fuzz", type=FUZZ, default=0, show_default=True,
+              help="Context lines a hunk may ignore (as `fsbuild apply --fuzz`).")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"applied\": [...]} on stdout.")
 @click.argument("count", type=click.IntRange(1), default=1, required=False)
-def push_cmd(target_name: str | None, push_all: bool, fuzz: int, count: int) -> None:
+def push_cmd(target_name: str | None, push_all: bool, fuzz: int, as_json: bool, count: int) -> None:
     """Apply the next COUNT patches (one commit each)."""
+    progress.set_quiet(as_json)
+    applied: list[str] = []
+
+    def done_one(name: str) -> None:
+        applied.append(name)
+        if not as_json:
+            click.echo(f"applied {name}")
+
     with _ws(target_name) as ws, progress.bar("pushing"):
-        ws.push(None if push_all else count, fuzz=fuzz,
-                done_one=lambda name: click.echo(f"applied {name}"))
+        ws.push(None if push_all else count, fuzz=fuzz, done_one=done_one)
+    if as_json:
+        click.echo(json.dumps({"applied": applied}, indent=2))
 
 
 @cmd.command("pop")
 @target_opt
 @click.option("-a", "--all", "pop_all", is_flag=True)
 @click.option("-f", "--force", is_flag=True, help="Discard unrefreshed changes.")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"removed\": [...]} on stdout.")
 @click.argument("count", type=click.IntRange(1), default=1, required=False)
-def pop_cmd(target_name: str | None, pop_all: bool, force: bool, count: int) -> None:
+def pop_cmd(target_name: str | None, pop_all: bool, force: bool, as_json: bool, count: int) -> None:
     """Unapply the top COUNT patches (reset to the previous patch commit)."""
     with _ws(target_name) as ws:
-        for name in ws.pop(None if pop_all else count, force=force):
-            click.echo(f"removed {name}")
+        removed = ws.pop(None if pop_all else count, force=force)
+    if as_json:
+        click.echo(json.dumps({"removed": removed}, indent=2))
+        return
+    for name in removed:
+        click.echo(f"removed {name}")
 
 
 @cmd.command("refresh")

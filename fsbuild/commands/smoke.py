@@ -7,13 +7,16 @@ from typing import TYPE_CHECKING
 import click
 
 from fsbuild import progress
+from fsbuild.commands.common import complete_targets
+from fsbuild.errors import SmokeBootError, SmokeCheckError, SmokePanicError, SmokeTimeoutError
 
 if TYPE_CHECKING:
     from fsbuild import smoke
 
 
 @click.command("smoke")
-@click.option("--target", "-t", "target_name", default=None, help="Target (default: el6 or $FSBUILD_TARGET).")
+@click.option("--target", "-t", "target_name", shell_complete=complete_targets,
+              default=None, help="Target (default: el6 or $FSBUILD_TARGET).")
 @click.option("--rpms", "rpm_dir", type=click.Path(path_type=Path), default=None,
               help="Directory with the built kernel RPM (default: out/<target>/rpms).")
 @click.option("--timeout", type=float, default=None,
@@ -37,8 +40,7 @@ def cmd(target_name: str | None, rpm_dir: Path | None, timeout: float | None, co
         opts.timeout = stress.DEFAULT_TIMEOUT_S
     try:
         verdict = smoke.run(tgt.name, rpm_dir, opts)
-    except (smoke.SmokeBootError, smoke.SmokePanicError, smoke.SmokeTimeoutError,
-            smoke.SmokeCheckError):
+    except (SmokeBootError, SmokePanicError, SmokeTimeoutError, SmokeCheckError):
         _echo_verdict(tgt.name, config, as_json)  # the checks that failed, before the one-line error
         raise
     if as_json:
@@ -61,9 +63,9 @@ def _echo_verdict(target_name: str, config: str, as_json: bool) -> None:
         _table(data["checks"], data["verdict"], data["duration_s"])
 
 
-def _print(verdict: "smoke.Verdict") -> None:
-    data = verdict.as_json()
-    _table(data["checks"], verdict.verdict, verdict.duration_s)  # type: ignore[arg-type]
+def _print(verdict: smoke.Verdict) -> None:
+    checks = [{"name": c.name, "status": c.status, "detail": c.detail} for c in verdict.checks]
+    _table(checks, verdict.verdict, verdict.duration_s)
 
 
 def _table(checks: list[dict[str, str]], verdict: str, duration: float) -> None:

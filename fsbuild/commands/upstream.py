@@ -8,6 +8,7 @@ import click
 
 from fsbuild import progress, upstream
 from fsbuild import target as targets
+from fsbuild.commands.common import complete_targets
 from fsbuild.workspace import Workspace
 
 
@@ -18,7 +19,8 @@ def cmd() -> None:
 
 @cmd.command("import")
 @click.argument("src", required=False)
-@click.option("--target", "-t", "target_name", help="Target (default: el6 or $FSBUILD_TARGET).")
+@click.option("--target", "-t", "target_name", shell_complete=complete_targets,
+              help="Target (default: el6 or $FSBUILD_TARGET).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--upstream-version", "up_version", metavar="VERSION-RELEASE",
               help="Identity of SRC when it names none (e.g. 2.6.32-431.29.2.el6).")
