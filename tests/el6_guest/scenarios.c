@@ -16,7 +16,7 @@
  *   options       a connection accepted through a local has the options of one from a
  *                 plain listener (priority, keepalive, MSS, congestion control, MD5 key)
  *   repin         connections arriving on the CPU a worker was re-pinned away from
- *                 reach it (known gap: fails)
+ *                 reach it (its epoll entry still waits on the old CPU's local)
  *   cpu_offline   connections queued on a CPU that goes offline reach another worker
  *                 (run it last: CPU 3 comes back, but its locals are gone)
  */
