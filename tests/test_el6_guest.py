@@ -11,7 +11,8 @@ tests/el6_guest/scenarios.c:
 - ack_cpu: a handshake whose final ACK arrives on another CPU completes;
 - rfd_netns, rfd_steered: RFD's port map is per namespace, `steered` counts real moves;
 - repin: a worker re-pinned to another CPU (spawning again there) still gets the
-  connections that arrive on its old CPU;
+  connections that arrive on its old CPU (repin) and those queued there before the move
+  (repin_queued);
 - options: a connection accepted through a local has the options of one accepted from a
   plain listener (priority, keepalive, MSS, congestion, MD5).
 
@@ -34,8 +35,9 @@ import pytest
 
 from tests.conftest import ROOT, el6_source, require_tool
 
+# cpu_offline last: it unplugs CPU 3
 SCENARIOS = ["lsm", "plain_accept", "worker_exit", "wakeups", "ack_cpu", "rfd_netns",
-             "rfd_steered", "options", "repin", "cpu_offline"]  # cpu_offline last: unplugs CPU 3
+             "rfd_steered", "options", "repin", "repin_queued", "cpu_offline"]
 PROGRAM = ROOT / "tests" / "el6_guest" / "scenarios.c"
 # Kernel log lines that mean the run is not clean (lockdep, RCU, list debugging, oopses).
 SPLATS = re.compile(r"BUG: |WARNING: |INFO: (possible|inconsistent|suspicious)|"
