@@ -36,6 +36,10 @@
  * kernel lets accept() of the global take them and poll() of the global report them
  * (no waiter on the local, or its CPU offline); this backend wakes the global's
  * waiters when an acceptor exits (after its files are closed) or a CPU goes offline.
+ * An acceptor that SPAWNs on another CPU (re-pinned) leaves its old local without an
+ * acceptor while its epoll entry still waits there, so the kernel does not count that
+ * local as orphaned: the global's poll (our ops) reports the queue of any local whose
+ * acceptor left, from every CPU, and the move wakes the global's waiters.
  *
  * VFS shortcut: sockets made by SOCKET and ACCEPT come from fastsocket_sock_create() /
  * fastsocket_sock_create_lite() (patch 0005), so their inodes and dentries stay off the
@@ -244,6 +248,42 @@ static int fsock_el6_global_accept(struct socket *sock, struct socket *newsock, 
 		module_put(THIS_MODULE);	/* sock still holds one */
 	}
 	return err;
+}
+
+/*
+ * Whether a local of `global` that lost its acceptor (exited or re-pinned) has
+ * connections queued.  The poller holds the global's file, so the global is not
+ * released and its locals' sockets live; RCU covers the group and the local.
+ */
+static int fsock_abandoned_ready(struct sock *global)
+{
+	struct fsock_el6_group *g;
+	struct fsock_el6_local *l;
+	int cpu, ready = 0;
+
+	rcu_read_lock();
+	g = fsock_group_find(global);
+	for (cpu = 0; g && cpu < nr_cpu_ids && !ready; cpu++) {
+		l = rcu_dereference(g->local[cpu]);
+		ready = l && !ACCESS_ONCE(l->acceptor) &&
+			!reqsk_queue_empty(&inet_csk(l->sock->sk)->icsk_accept_queue);
+	}
+	rcu_read_unlock();
+	return ready;
+}
+
+/* The kernel's poll reports this CPU's local and the orphaned ones (no waiter); a
+ * re-pinned acceptor still waits on its old local, woken by its connections: report
+ * them to it from its new CPU (accept() of the global takes them). */
+static unsigned int fsock_el6_global_poll(struct file *file, struct socket *sock,
+					  poll_table *wait)
+{
+	unsigned int mask = inet_stream_ops.poll(file, sock, wait);
+
+	if (!(mask & POLLIN) && sock->sk->sk_state == TCP_LISTEN &&
+	    fsock_abandoned_ready(sock->sk))
+		mask |= POLLIN | POLLRDNORM;
+	return mask;
 }
 
 /* Wake every waiter of the globals with a local matching `match`. */
@@ -565,20 +605,32 @@ static int fsock_adopt_global(struct socket *sock)
 	return 0;
 }
 
-/* The caller becomes the acceptor of the local of `cpu`, and of no other; RCU. */
+/*
+ * The caller becomes the acceptor of the local of `cpu`, and of no other; RCU.  When
+ * it leaves another CPU's local (re-pinned), wake the global's waiters: connections
+ * already queued there are reported to them now (fsock_el6_global_poll), not only
+ * when the next one arrives on that CPU.
+ */
 static void fsock_set_acceptor(struct fsock_el6_group *g, int cpu)
 {
 	struct fsock_el6_local *l;
-	int c;
+	int c, left = 0;
 
 	for (c = 0; c < nr_cpu_ids; c++) {
 		l = rcu_dereference(g->local[c]);
-		if (l && l->acceptor == current && c != cpu)
+		if (l && l->acceptor == current && c != cpu) {
 			l->acceptor = NULL;
+			left = 1;
+		}
 	}
 	l = rcu_dereference(g->local[cpu]);
 	if (l)
 		l->acceptor = current;
+	if (left) {
+		local_bh_disable();	/* sk_data_ready runs in softirq context otherwise */
+		g->global->sk_data_ready(g->global, 0);
+		local_bh_enable();
+	}
 }
 
 /* Create the local listener of `sock` (a TCP/IPv4 listener) for `cpu`; mutex held. */
@@ -839,6 +891,7 @@ static int fsock_el6_init(void)
 	fsock_el6_global_ops.owner = THIS_MODULE;
 	fsock_el6_global_ops.release = fsock_el6_global_release;
 	fsock_el6_global_ops.accept = fsock_el6_global_accept;
+	fsock_el6_global_ops.poll = fsock_el6_global_poll;
 	err = fastsocket_register_listen_stop(fsock_el6_listen_stop);
 	if (err)
 		goto out_wq;

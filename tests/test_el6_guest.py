@@ -10,8 +10,9 @@ tests/el6_guest/scenarios.c:
   context switches: epoll_wait hides woken-and-resleeping waiters);
 - ack_cpu: a handshake whose final ACK arrives on another CPU completes;
 - rfd_netns, rfd_steered: RFD's port map is per namespace, `steered` counts real moves;
-- repin: a worker re-pinned to another CPU still gets its old CPU's connections
-  (known gap, strict xfail);
+- repin: a worker re-pinned to another CPU (spawning again there) still gets the
+  connections that arrive on its old CPU (repin) and those queued there before the move
+  (repin_queued);
 - options: a connection accepted through a local has the options of one accepted from a
   plain listener (priority, keepalive, MSS, congestion, MD5).
 
@@ -34,13 +35,9 @@ import pytest
 
 from tests.conftest import ROOT, el6_source, require_tool
 
+# cpu_offline last: it unplugs CPU 3
 SCENARIOS = ["lsm", "plain_accept", "worker_exit", "wakeups", "ack_cpu", "rfd_netns",
-             "rfd_steered", "options", "repin", "cpu_offline"]  # cpu_offline last: unplugs CPU 3
-# Known gap (issue 10 item 8, re-pinned worker): its epoll entry stays on the old CPU's
-# local, which therefore never counts as orphaned, and the poll from its new CPU does not
-# report that local's queue. Strict: the day it passes, this marker must go.
-KNOWN_GAPS = {"repin": "a worker re-pinned to another CPU is woken for its old CPU's "
-                       "connections but its poll there does not report them"}
+             "rfd_steered", "options", "repin", "repin_queued", "cpu_offline"]
 PROGRAM = ROOT / "tests" / "el6_guest" / "scenarios.c"
 # Kernel log lines that mean the run is not clean (lockdep, RCU, list debugging, oopses).
 SPLATS = re.compile(r"BUG: |WARNING: |INFO: (possible|inconsistent|suspicious)|"
@@ -150,9 +147,7 @@ def test_el6_guest_program_compiles(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[n]))
-    if n in KNOWN_GAPS else n for n in SCENARIOS])
+@pytest.mark.parametrize("name", SCENARIOS)
 def test_el6_guest_scenario(guest_output: str, name: str) -> None:
     m = re.search(rf"^SCENARIO {name} (PASS|FAIL)(.*)$", guest_output, re.M)
     assert m, f"scenario {name} did not report:\n{guest_output[-3000:]}"

@@ -16,7 +16,9 @@
  *   options       a connection accepted through a local has the options of one from a
  *                 plain listener (priority, keepalive, MSS, congestion control, MD5 key)
  *   repin         connections arriving on the CPU a worker was re-pinned away from
- *                 reach it (known gap: fails)
+ *                 reach it (its epoll entry still waits on the old CPU's local)
+ *   repin_queued  connections queued on a worker's CPU before it is re-pinned (and
+ *                 polled once from its new CPU before it spawns there) reach it
  *   cpu_offline   connections queued on a CPU that goes offline reach another worker
  *                 (run it last: CPU 3 comes back, but its locals are gone)
  */
@@ -497,6 +499,43 @@ static int scenario_repin(void)
 	return result("repin", accepts == 3, "accepted_after_repin=%d of 3", accepts);
 }
 
+/* Connections queued on CPU 1 while its worker waits there; the worker is re-pinned to
+ * CPU 2 and polls once from there before it spawns (its level-triggered epoll drops the
+ * event then: CPU 1's local still has an acceptor): the spawn on CPU 2 must bring them
+ * back, with no new connection on CPU 1 to wake it. */
+static int scenario_repin_queued(void)
+{
+	struct epoll_event ev = { EPOLLIN, { 0 } };
+	int port, g, ep, fd, accepts = 0, early, i;
+	pid_t cl;
+
+	pin(0);
+	g = global_listener(&port);
+	pin(1);
+	spawn(g, 1);
+	ep = epoll_create(1);
+	ev.data.fd = g;
+	epoll_ctl(ep, EPOLL_CTL_ADD, g, &ev);
+	cl = clients(1, port, 3);
+	early = epoll_wait(ep, &ev, 1, 200);	/* reported on CPU 1, not accepted */
+	pin(2);
+	epoll_wait(ep, &ev, 1, 200);		/* not reported from CPU 2 yet */
+	spawn(g, 2);
+	for (i = 0; i < 20 && accepts < 3; i++) {
+		if (epoll_wait(ep, &ev, 1, 200) <= 0)
+			continue;
+		while ((fd = fs_accept(g)) >= 0) {
+			accepts++;
+			close(fd);
+		}
+	}
+	reap(cl);
+	close(ep);
+	close(g);
+	return result("repin_queued", early == 1 && accepts == 3,
+		      "reported_on_cpu1=%d accepted_after_repin=%d of 3", early, accepts);
+}
+
 /* A CPU with queued connections goes offline: another CPU's worker takes them. */
 static int scenario_cpu_offline(void)
 {
@@ -814,6 +853,7 @@ static const struct {
 	{ "rfd_steered", scenario_rfd_steered },
 	{ "options", scenario_options },
 	{ "repin", scenario_repin },
+	{ "repin_queued", scenario_repin_queued },
 	{ "cpu_offline", scenario_cpu_offline },
 };
 
