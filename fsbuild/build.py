@@ -262,8 +262,14 @@ def _module_files(root: Path) -> list[str]:
                   if not (full.is_symlink() or (full.is_file() and _MODULE_JUNK.search(full.name))))
 
 
+# What an SRPM is made of: a commit touching nothing here must not change its epoch (and so
+# force a full kernel rebuild).
+EPOCH_PATHS = ("patches", "module", "specs", "ci/configs")
+
+
 def source_date_epoch() -> int:
-    """SOURCE_DATE_EPOCH, else the repository's last commit time: same inputs → same SRPM."""
+    """SOURCE_DATE_EPOCH, else the time of the last commit that touched the build's inputs
+    (EPOCH_PATHS): same inputs → same SRPM."""
     env = os.environ.get("SOURCE_DATE_EPOCH")
     if env:
         try:
@@ -271,7 +277,7 @@ def source_date_epoch() -> int:
         except ValueError as exc:
             raise BuildError(f"SOURCE_DATE_EPOCH={env!r} is not an integer") from exc
     try:
-        out = proc.run(["git", "-C", str(paths.repo_root()), "log", "-1", "--format=%ct"],
+        out = proc.run(["git", "-C", str(paths.repo_root()), "log", "-1", "--format=%ct", "--", *EPOCH_PATHS],
                        check=False, timeout=10, error=BuildError)
         if out.returncode == 0 and out.stdout.strip():
             return int(out.stdout.strip())

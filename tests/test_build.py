@@ -525,3 +525,28 @@ def test_build_holds_the_out_dir_lock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "_build", probe)
     build.build(_req())
     assert seen == [True]
+
+
+def test_epoch_follows_only_commits_that_touch_build_inputs(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A README-only commit must not change SOURCE_DATE_EPOCH (it would force a full kernel
+    rebuild); a module commit must."""
+    require_tool("git")
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    monkeypatch.setenv("FSBUILD_ROOT", str(tmp_path))
+
+    def commit(rel: str, when: int) -> None:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"{when}\n")
+        env = {**os.environ, "GIT_AUTHOR_DATE": f"@{when} +0000", "GIT_COMMITTER_DATE": f"@{when} +0000",
+               "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t"}
+        subprocess.run(["git", "-C", str(tmp_path), "add", rel], check=True, env=env)
+        subprocess.run(["git", "-C", str(tmp_path), "commit", "-qm", rel], check=True, env=env)
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    commit("module/fastsocket_main.c", 1_700_000_000)
+    commit("README.md", 1_700_000_500)
+    assert build.source_date_epoch() == 1_700_000_000
+    commit("module/fastsocket_main.c", 1_700_001_000)
+    assert build.source_date_epoch() == 1_700_001_000
