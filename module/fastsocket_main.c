@@ -450,9 +450,20 @@ static long fsock_do_accept(void __user *uarg)
 static long fsock_do_close(void __user *uarg)
 {
 	struct fsock_close_args a;
+	struct socket *sock;
+	int err;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
 		return -EFAULT;
+	/*
+	 * CLOSE stands in for close(2) on sockets only: any other fd (the device itself,
+	 * a pipe) is refused, so a stray CLOSE cannot pull the device out from under the
+	 * caller's next ioctl.
+	 */
+	sock = sockfd_lookup(a.fd, &err);
+	if (!sock)
+		return err;
+	sockfd_put(sock);
 	return fsock_backend.close(a.fd);
 }
 

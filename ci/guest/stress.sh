@@ -60,10 +60,19 @@ st_serve() {
 	SPID=$!
 	wait_port "$S_PORT"
 }
-# st_stop: stop the master; SERVE = its counters line
+# port_free PORT SECS: no listener left on PORT within SECS (a stopped server's workers and
+# their sockets may take a while to go on a debug kernel under TCG)
+port_free() {
+	_h=$(printf ':%04X 00000000:0000 0A' "$1"); _w=0
+	while grep -q "$_h" /proc/net/tcp 2>/dev/null && [ $_w -lt $(($2 * 10)) ]; do sleep 0.1; _w=$((_w + 1)); done
+	! grep -q "$_h" /proc/net/tcp 2>/dev/null
+}
+# st_stop: stop the master; SERVE = its counters line. Its port must be free again (the
+# next scenario binds it): a listener left behind is a failure of this one.
 st_stop() {
 	kill -TERM "$SPID" 2>/dev/null
 	bwait "$SPID" 10 || [ -z "$HUNG" ] || ACT_FAIL="${ACT_FAIL:+$ACT_FAIL; }server $HUNG"
+	port_free "$S_PORT" 20 || ACT_FAIL="${ACT_FAIL:+$ACT_FAIL; }port $S_PORT still listening 20 s after the server stopped"
 	SERVE=$(grep '^serve: accepted' $S_TMP/serve.stats 2>/dev/null | tail -n 1); rm -f $S_TMP/serve.stats
 	[ -n "$SERVE" ] || SERVE="serve: no counters ($(tail -n 2 $S_TMP/serve.out | oneline))"
 }

@@ -22,6 +22,7 @@
  *                kernel has TCP_MD5SIG); with a socket filter: no local (EOPNOTSUPP)
  *   efault       SOCKET/SPAWN answering to read-only memory: EFAULT, no fd, no local
  *   spawnrace    SPAWN races the close of the same CPU's local (KASAN/refcount splats)
+ *   closedev     CLOSE of a non-socket fd (the device itself, a pipe): ENOTSOCK, fd kept
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -623,6 +624,28 @@ static void efault(int ncpu)
 	unpin(ncpu);
 }
 
+static void closedev(int ncpu)
+{
+	struct fsock_close_args c = { .fd = g_dev };
+	struct fsock_version v;
+	int p[2];
+
+	(void)ncpu;
+	if (!ioctl(g_dev, FSOCK_IOC_CLOSE, &c) || errno != ENOTSOCK)
+		fail("CLOSE of the device fd did not fail with ENOTSOCK");
+	if (ioctl(g_dev, FSOCK_IOC_VERSION, &v))
+		fail("the device fd is gone after a refused CLOSE");
+	if (pipe(p))
+		fail("pipe");
+	c.fd = p[0];
+	if (!ioctl(g_dev, FSOCK_IOC_CLOSE, &c) || errno != ENOTSOCK)
+		fail("CLOSE of a pipe did not fail with ENOTSOCK");
+	if (fcntl(p[0], F_GETFD) < 0)
+		fail("a refused CLOSE closed the pipe");
+	close(p[0]);
+	close(p[1]);
+}
+
 struct race {
 	int lfd;
 	volatile int stop;
@@ -681,6 +704,7 @@ static const struct {
 	{ "addrinuse", addrinuse }, { "unpriv", unpriv }, { "param", param },
 	{ "churn", churn }, { "steer", steer }, { "inherit", inherit },
 	{ "md5filter", md5filter }, { "efault", efault }, { "spawnrace", spawnrace },
+	{ "closedev", closedev },
 };
 
 int main(int argc, char **argv)
