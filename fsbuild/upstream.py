@@ -377,16 +377,9 @@ def scan_tarball(path: Path | None = None, fileobj: IO[bytes] | None = None) -> 
     device nodes, one top directory, sizes under the ceilings) and return (topdir, version
     from the top Makefile)."""
     where = str(path or "tarball")
-    try:
-        with open_tar(path, fileobj) as tf:
-            topdir, makefile = _scan_members(tf, where)
-    except tarfile.TarError as exc:
-        raise UpstreamError(f"{where}: not a readable tarball ({exc})") from exc
-    except (EOFError, OSError, ValueError) as exc:  # truncated / corrupt compression
-        raise UpstreamError(f"{where}: corrupt tarball ({exc})") from exc
-    if makefile is None:
-        raise UpstreamError(f"{where}: no {topdir}/Makefile: not a kernel tree")
-    version = makefile_version(makefile)
+    with _tar_errors(where), open_tar(path, fileobj) as tf:
+        topdir, makefile = _scan_members(tf, where)
+    version = makefile_version(_kernel_makefile(makefile, where, topdir))
     # RHEL-style tarballs name their release in the top dir: linux-2.6.32-431.17.1.el6
     if topdir.startswith(f"linux-{version}-"):
         version = topdir[len("linux-"):]
@@ -1087,24 +1080,34 @@ class _Blobs:
 Feed = Callable[["_Blobs"], dict[str, tuple[int, str]]]   # sends blobs, returns path -> (mode, ref)
 
 
+@contextmanager
+def _tar_errors(where: str) -> Iterator[None]:
+    """A tarball that cannot be read is one UpstreamError, whatever layer noticed."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise    # fast-import died: _store_import reports git's error
+    except tarfile.TarError as exc:
+        raise UpstreamError(f"{where}: not a readable tarball ({exc})") from exc
+    except (EOFError, OSError, ValueError) as exc:   # truncated / corrupt compression
+        raise UpstreamError(f"{where}: corrupt tarball ({exc})") from exc
+
+
+def _kernel_makefile(makefile: bytes | None, where: str, topdir: str) -> bytes:
+    if makefile is None:
+        raise UpstreamError(f"{where}: no {topdir}/Makefile: not a kernel tree")
+    return makefile
+
+
 def scan_import(path: Path) -> tuple[str, str, str]:
     """scan_tarball and the import into the store in one pass: (topdir, version, tree)."""
     where = str(path)
     found: dict[str, str] = {}
 
     def feed(blobs: _Blobs) -> dict[str, tuple[int, str]]:
-        try:
-            with _tar_stream(path) as tf:
-                topdir, makefile, files = _feed(tf, where, blobs)
-        except BrokenPipeError:
-            raise    # fast-import died: _store_import reports git's error
-        except tarfile.TarError as exc:
-            raise UpstreamError(f"{where}: not a readable tarball ({exc})") from exc
-        except (EOFError, OSError, ValueError) as exc:   # truncated / corrupt compression
-            raise UpstreamError(f"{where}: corrupt tarball ({exc})") from exc
-        if makefile is None:
-            raise UpstreamError(f"{where}: no {topdir}/Makefile: not a kernel tree")
-        found.update(topdir=topdir, version=makefile_version(makefile))
+        with _tar_errors(where), _tar_stream(path) as tf:
+            topdir, makefile, files = _feed(tf, where, blobs)
+        found.update(topdir=topdir, version=makefile_version(_kernel_makefile(makefile, where, topdir)))
         return files
 
     tree = store_import(path.name, feed)
