@@ -18,29 +18,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-try:  # tests/ as rootdir-relative modules (default) or as a package
-    from conftest import require_tool
-    from test_demo import (
-        Server,
-        Userspace,
-        build_userspace,
-        loadgen,
-        preload_env,
-        start_server,
-        worker_requests,
-    )
-except ImportError:
-    from tests.conftest import require_tool
-    from tests.test_demo import (
-        Server,
-        Userspace,
-        build_userspace,
-        loadgen,
-        preload_env,
-        start_server,
-        worker_requests,
-    )
+from conftest import require_tool
+from test_demo import (
+    Server,
+    Userspace,
+    build_userspace,
+    loadgen,
+    preload_env,
+    start_server,
+    worker_requests,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WARNING = re.compile(r"^libsocket: \S+: .*; using (plain|portable SO_REUSEPORT) sockets "

@@ -466,13 +466,30 @@ static int scenario_worker_exit(void)
 		      accepts, wakes);
 }
 
+/* Accept through the global while epoll reports it, up to `want` connections (~4 s). */
+static int epoll_drain(int ep, int g, int want)
+{
+	struct epoll_event ev;
+	int i, fd, accepts = 0;
+
+	for (i = 0; i < 20 && accepts < want; i++) {
+		if (epoll_wait(ep, &ev, 1, 200) <= 0)
+			continue;
+		while ((fd = fs_accept(g)) >= 0) {
+			accepts++;
+			close(fd);
+		}
+	}
+	return accepts;
+}
+
 /* The only worker of the global is re-pinned from CPU 1 to CPU 2 after it spawned and
  * registered its epoll there (and spawns again on CPU 2, as the library does): the
  * connections that still arrive on CPU 1 must reach it. */
 static int scenario_repin(void)
 {
 	struct epoll_event ev = { EPOLLIN, { 0 } };
-	int port, g, ep, fd, accepts = 0, i;
+	int port, g, ep, accepts;
 	pid_t cl;
 
 	pin(0);
@@ -485,14 +502,7 @@ static int scenario_repin(void)
 	pin(2);
 	spawn(g, 2);
 	cl = clients(1, port, 3);
-	for (i = 0; i < 20 && accepts < 3; i++) {
-		if (epoll_wait(ep, &ev, 1, 200) <= 0)
-			continue;
-		while ((fd = fs_accept(g)) >= 0) {
-			accepts++;
-			close(fd);
-		}
-	}
+	accepts = epoll_drain(ep, g, 3);
 	reap(cl);
 	close(ep);
 	close(g);
@@ -506,7 +516,7 @@ static int scenario_repin(void)
 static int scenario_repin_queued(void)
 {
 	struct epoll_event ev = { EPOLLIN, { 0 } };
-	int port, g, ep, fd, accepts = 0, early, i;
+	int port, g, ep, accepts, early;
 	pid_t cl;
 
 	pin(0);
@@ -521,14 +531,7 @@ static int scenario_repin_queued(void)
 	pin(2);
 	epoll_wait(ep, &ev, 1, 200);		/* not reported from CPU 2 yet */
 	spawn(g, 2);
-	for (i = 0; i < 20 && accepts < 3; i++) {
-		if (epoll_wait(ep, &ev, 1, 200) <= 0)
-			continue;
-		while ((fd = fs_accept(g)) >= 0) {
-			accepts++;
-			close(fd);
-		}
-	}
+	accepts = epoll_drain(ep, g, 3);
 	reap(cl);
 	close(ep);
 	close(g);
