@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Collection, Iterator
@@ -55,3 +56,12 @@ def walk_sorted(root: Path, skip_dirs: Collection[str] = ()) -> Iterator[tuple[s
         rel_dir = os.path.relpath(dirpath, root)
         for name in sorted(dirnames + filenames):
             yield (name if rel_dir == "." else f"{rel_dir}/{name}"), Path(dirpath) / name
+
+
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256 (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

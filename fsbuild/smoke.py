@@ -5,7 +5,6 @@ verdict: out/<target>/smoke.json + smoke-junit.xml, and a distinct error per fai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from fsbuild.errors import (
     ToolMissingError,
     UnsafePathError,
 )
-from fsbuild.fileio import atomic_write
+from fsbuild.fileio import atomic_write, sha256_file
 
 DEFAULT_TIMEOUT_S = 120.0
 # Under TCG a guest does ~60-250 connections/s (one request per connection): keep N small.
@@ -125,14 +124,10 @@ def stage_rpm(rpm: Path, root: Path) -> KernelInputs:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        return sha256_file(path)
     except OSError as exc:
         raise MissingFileError(f"cannot read {path}: {exc.strerror}") from exc
-    return h.hexdigest()
 
 
 def _extract_one(root: Path, rel: str, mode: int, data: bytes) -> None:

@@ -30,7 +30,7 @@ from typing import IO, BinaryIO
 
 from fsbuild import paths, proc, progress
 from fsbuild.errors import ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError, UpstreamIdentityError
-from fsbuild.fileio import atomic_write, walk_sorted
+from fsbuild.fileio import atomic_write, sha256_file, walk_sorted
 from fsbuild.initramfs import iter_newc_headers
 from fsbuild.patch import resolves_inside, safe_relpath
 from fsbuild.target import Target
@@ -329,14 +329,6 @@ def _commit_entry(stage: Path, key: str, meta: dict[str, object]) -> Path:
         shutil.rmtree(final)
     os.rename(stage, final)
     return final
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- tarball sources
