@@ -545,15 +545,18 @@ _length: Callable[[bytes, bytes], bytes] = {b"": b"1"}.get
 
 
 @lru_cache(maxsize=4096)
-def _shape(tags: bytes) -> tuple[int, int, int]:
-    """(old lines, new lines, fast) of a hunk body whose line tags are `tags`; fast = 1 when
+def _shape(tags: bytes) -> tuple[int, int, int, tuple[bytes, bytes]]:
+    """(old lines, new lines, fast, the lengths as diff writes them in the header) of a
+    hunk body whose line tags are `tags`; fast = 1 when
     GNU's search at fuzz 0 tries the hunk's own place first and nothing else could match
     before it: old lines exist and the context is symmetric (see _locate)."""
     ctx = tags.count(b" ")
     old, new = ctx + tags.count(b"-"), ctx + tags.count(b"+")
     prefix = len(tags) - len(tags.lstrip(b" "))
     suffix = prefix if prefix == len(tags) else len(tags) - len(tags.rstrip(b" "))
-    return old, new, int(old > 0 and prefix == suffix)
+    def spelled(n: int) -> bytes:
+        return b"" if n == 1 else b"%d" % n  # diff omits a length of 1: "@@ -5 +5 @@"
+    return old, new, int(old > 0 and prefix == suffix), (spelled(old), spelled(new))
 
 
 def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int, int] | None:
@@ -578,17 +581,22 @@ def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int
     shapes.pop()  # the last hunk may be cut (the patch's end without newline)
     at_line = accumulate(map(add, map(len, shapes), repeat(1)), initial=0)
     heads = _HEADS_RE.findall(b"\n" + b"\n".join(map(lines.__getitem__, at_line)))
-    firsts, olds, news = zip(*heads[:len(shapes)], strict=True)
+    del heads[len(shapes):]
+    firsts = list(map(itemgetter(0), heads))
     if b"" in firsts:  # a line starting with '@' that is no hunk header
-        del shapes[firsts.index(b""):]
+        del shapes[firsts.index(b""):], heads[len(shapes):]
     table = {s: _shape(s) for s in set(shapes)}  # a few distinct shapes
     rows = list(map(table.__getitem__, shapes))
-    want = list(zip(map(int, map(_length, olds, olds)), map(int, map(_length, news, news)),
-                    strict=True))
-    got = list(map(itemgetter(0, 1), rows))
-    if got != want[:len(got)]:
-        k = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
-        del rows[k:], shapes[k:]
+    # The headers' lengths as diff spells them (the common case: compared as text), else
+    # as numbers.
+    if list(map(itemgetter(1, 2), heads)) != list(map(itemgetter(3), rows)):
+        olds, news = list(map(itemgetter(1), heads)), list(map(itemgetter(2), heads))
+        want = list(zip(map(int, map(_length, olds, olds)), map(int, map(_length, news, news)),
+                        strict=True))
+        got = list(map(itemgetter(0, 1), rows))
+        if got != want:
+            k = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+            del rows[k:], shapes[k:]
     if not shapes:
         return None
     count = len(shapes)
@@ -1138,21 +1146,26 @@ class _Plain:
         gaps = [firsts[0] + base - self.frozen]
         gaps.extend(map(sub, map(add, islice(firsts, 1, None), repeat(1)), ends))
         gaps = [g or -1 for g in gaps]
-        index, count = data.index, data.count
-        parts: list[tuple[bytes, bytes]] = []
-        keep = parts.append
-        try:  # the hot loop: the old side found exactly `gap` lines down
-            for old, new, gap, size in zip(olds, news, gaps, map(len, olds), strict=True):
+        index, sizes = data.index, list(map(len, olds))
+        ats: list[int] = []
+        found = ats.append
+        try:  # the hot loop: where each old side is next found; checked in bulk below
+            for old, size in zip(olds, sizes, strict=True):
                 at = index(old, pos - 1)  # the newline ending the line before the hunk
-                if count(b"\n", pos - 1, at) != gap:
-                    break
-                keep((data[pos:at], new))  # the gap but its last newline, which new starts
+                found(at)
                 pos = at + size
         except ValueError:  # not found
             pass
-        self.out.write(b"".join(chain.from_iterable(parts)))
-        done = len(parts)
-        self.frozen_at = pos
+        # Each hunk's gap (from the end of the previous one) must be exactly `gap` lines.
+        froms = [self.frozen_at, *map(add, ats, sizes)]
+        lines = list(map(data.count, repeat(b"\n"), map(sub, froms, repeat(1)), ats))
+        done = len(ats)
+        if lines != gaps[:done]:
+            done = next(i for i, (a, b) in enumerate(zip(lines, gaps, strict=False)) if a != b)
+        # The gaps but their last newline (each new side starts with it) and the new sides.
+        gap_text = map(data.__getitem__, map(slice, froms, ats[:done]))
+        self.out.write(b"".join(chain.from_iterable(zip(gap_text, news[:done], strict=False))))
+        self.frozen_at = froms[done]
         if done:
             self.frozen = ends[done - 1] + base - 1
         if k + done == j:
