@@ -7,7 +7,9 @@ fresh trees, interleaved, and the best time of each is compared.
 
 Then one large patch (issue 12.14: 640k hunks, ~41 MB; FSBUILD_BENCH_HUNKS) on one file with
 `fsbuild apply` and GNU `patch -p1`: wall time, CPU time and peak RSS of each, the ratios
-(target: within 2x of GNU patch) and whether the results are identical.
+(target: within 2x of GNU patch) and whether the results are identical; then the floor any
+CPython run pays (interpreter + imports, one bare loop over the lines, the bytes it must
+hold), measured the same way, against GNU's figures.
 Usage: python3 ci/bench_apply.py [VERSION]"""
 
 from __future__ import annotations
@@ -93,7 +95,33 @@ def large_patch() -> bool:
     print(f"ratio         : time {t_ours / t_gnu:5.1f}x wall, {c_ours / max(c_gnu, 0.01):5.1f}x CPU, "
           f"memory {m_ours / max(m_gnu, 1):5.1f}x of GNU patch (target <= 2x)")
     print(f"identical     : {'yes' if same else 'NO'}")
+    _floors(c_gnu, m_gnu, hunks)
     return same
+
+
+# What any CPython implementation pays before doing the work, measured like the runs above:
+# the interpreter with `fsbuild apply`'s imports, and one bare Python loop over every line of
+# the patch and of the file (what a line-by-line applier like GNU's would cost in Python).
+_IMPORTS = "import fsbuild.commands.apply"
+_LINES = ("import sys\n"
+          "for name in sys.argv[1:]:\n"
+          "    with open(name, 'rb') as fh:\n"
+          "        for line in fh:\n"
+          "            pass\n")
+
+
+def _floors(c_gnu: float, m_gnu: int, hunks: int) -> None:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("FSBUILD_BENCH_TMP")) as tmp:
+        tree, series = write_large_case(Path(tmp), hunks)
+        _, c_imp, m_imp = measured([sys.executable, "-c", _IMPORTS], cwd=ROOT)
+        _, c_loop, _ = measured([sys.executable, "-c", _LINES, str(series.parent / "big.patch"),
+                                 str(tree / "big.txt")], cwd=ROOT)
+        held = (series.parent / "big.patch").stat().st_size + 2 * (tree / "big.txt").stat().st_size
+    print(f"floor (CPU)   : {c_imp:6.2f} s interpreter + imports, {c_loop:6.2f} s a bare Python "
+          f"loop over the lines ({(c_imp + c_loop) / max(c_gnu, 0.01):4.1f}x GNU's CPU)")
+    print(f"floor (memory): {m_imp / 1024:5.0f} MiB interpreter + imports, + {held / 2**20:4.0f} MiB "
+          f"patch, file and result held at once = {(m_imp * 1024 + held) / 2**20 / max(m_gnu / 1024, 1):4.1f}x "
+          "GNU's peak RSS")
 
 
 def main() -> int:

@@ -15,8 +15,9 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field
-from functools import cache
-from itertools import accumulate, chain, islice
+from functools import cache, lru_cache
+from itertools import accumulate, chain, islice, repeat
+from operator import add, itemgetter, sub
 from typing import overload
 
 from fsbuild.errors import PatchFormatError, UnsafePathError
@@ -100,6 +101,10 @@ class Hunks(MutableSequence[Hunk]):
         self._end = 0  # where the last hunk ends
         # Hunks with more than ' '/'-'/'+' lines (markers, CRLF rule): not applied from bytes.
         self._slow: set[int] = set()
+        # 1 per hunk validated in bulk whose shape lets the applier place it with one search
+        # (see _plain_window); 0 sends the hunk through the per-hunk applier.
+        self._fast = bytearray()
+        self._first = array("q")  # each hunk's old start line (the applier's fast path)
         self._cursor = (0, lineno)  # (hunk, its line number): sequential access stays O(n)
         self._made: dict[int, Hunk] = {}
         self._list: list[Hunk] | None = None
@@ -480,10 +485,18 @@ def _parse_hunks(data: bytes, pos: int, lineno: int, fp: FilePatch, name: str,
     # The hot loop of big patches: locals for every method, no helper calls; finditer
     # walks consecutive plain hunks (one at pos) with less overhead than match() per hunk.
     count, startswith = data.count, data.startswith
-    add_start = hunks._starts.append
+    add_start, add_fast, add_first = hunks._starts.append, hunks._fast.append, hunks._first.append
+    quota, window = _BULK_AFTER, _WINDOW_MIN  # a short run never pays for a window
     while startswith(b"@@ -", pos):
+        if quota <= 0 and not strip_cr:
+            got = _plain_window(data, pos, window, hunks)
+            if got:
+                pos, lineno = got[0], lineno + got[1]
+                window = min(window * 2, _WINDOW_MAX)
+                continue
+            quota, window = _BULK_AFTER, _WINDOW_MIN  # back off: odd lines here
         for m in () if strip_cr else _PLAIN_RE.finditer(data, pos):
-            if m.start() != pos:
+            if m.start() != pos or quota <= 0:
                 break
             old_len, new_len = m.group(2, 4)
             old_len = 1 if old_len is None else int(old_len)
@@ -498,18 +511,103 @@ def _parse_hunks(data: bytes, pos: int, lineno: int, fp: FilePatch, name: str,
             if first is None:
                 first = (int(m.group(1)), old_len, int(m.group(3)), new_len)
             add_start(pos)
-            pos, lineno = end, lineno + 1 + total
-        if not startswith(b"@@ -", pos):
-            break
+            add_fast(0)
+            add_first(int(m.group(1)))
+            pos, lineno, quota = end, lineno + 1 + total, quota - 1
+        if not startswith(b"@@ -", pos) or quota <= 0:
+            continue
         add_start(pos)
+        add_fast(0)
+        quota -= 1
         hunks._slow.add(len(hunks._starts) - 1)
         h, pos, lineno = _hunk_at(data, pos, lineno, name, strip_cr)
+        add_first(h.old_start)
         if first is None:
             first = (h.old_start, h.old_len, h.new_start, h.new_len)
     hunks._end = pos
     fp.hunks = hunks
     assert first is not None  # the caller saw "@@ -"
     return pos, lineno, first
+
+
+# Bulk validation of long runs of plain hunks (issue 12.14: 640k hunks): a window of the
+# run is split into lines once and checked with C-level operations on whole lists, so the
+# Python work per hunk is a few list entries, not a regex match and a dozen calls.
+_BULK_AFTER = 256  # hunks parsed one by one before (and after any odd line) trying a window
+_WINDOW_MIN, _WINDOW_MAX = 1 << 13, 1 << 16
+_BAD_TAG_RE = re.compile(rb"[^@ +\-]")
+# One row per header line: (old start, old length, new length), the start b"" for a line
+# starting with '@' that is not a hunk header.
+_HEADS_RE = re.compile(rb"\n@(?:@ -(\d{1,18})(?:,(\d{1,18}))? \+\d{1,18}(?:,(\d{1,18}))? @@)?")
+_TAG = itemgetter(0)
+# length(text, text): a hunk header's length digits, b"1" when omitted
+_length: Callable[[bytes, bytes], bytes] = {b"": b"1"}.get
+
+
+@lru_cache(maxsize=4096)
+def _shape(tags: bytes) -> tuple[int, int, int, tuple[bytes, bytes]]:
+    """(old lines, new lines, fast, the lengths as diff writes them in the header) of a
+    hunk body whose line tags are `tags`; fast = 1 when
+    GNU's search at fuzz 0 tries the hunk's own place first and nothing else could match
+    before it: old lines exist and the context is symmetric (see _locate)."""
+    ctx = tags.count(b" ")
+    old, new = ctx + tags.count(b"-"), ctx + tags.count(b"+")
+    prefix = len(tags) - len(tags.lstrip(b" "))
+    suffix = prefix if prefix == len(tags) else len(tags) - len(tags.rstrip(b" "))
+    def spelled(n: int) -> bytes:
+        return b"" if n == 1 else b"%d" % n  # diff omits a length of 1: "@@ -5 +5 @@"
+    return old, new, int(old > 0 and prefix == suffix), (spelled(old), spelled(new))
+
+
+def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int, int] | None:
+    """Validate and record the plain hunks in about `window` bytes from pos (a hunk header):
+    exactly the hunks the per-hunk loop of _parse_hunks would accept, in order, stopping
+    before the first other one. Returns (offset after them, lines consumed), None when none."""
+    n = len(data)
+    end = data.find(b"\n@@ -", pos + window) + 1 or n
+    cut = data.find(b"\n\n", pos, end)  # an empty line: GNU reads it as context
+    if cut >= 0:
+        end = cut + 1
+    region = data[pos:end]
+    lines = region.split(b"\n")
+    lines.pop()  # b"", or a last line without newline (its hunk is cut: dropped below)
+    tags = bytes(map(_TAG, lines))
+    bad = _BAD_TAG_RE.search(tags)
+    if bad:  # a marker or another file's line: the hunk holding it is left to the loop
+        tags = tags[:tags.rfind(b"@", 0, bad.start() + 1)]
+    shapes = tags.split(b"@")[1:]
+    if len(shapes) < 2:
+        return None
+    shapes.pop()  # the last hunk may be cut (the patch's end without newline)
+    at_line = accumulate(map(add, map(len, shapes), repeat(1)), initial=0)
+    heads = _HEADS_RE.findall(b"\n" + b"\n".join(map(lines.__getitem__, at_line)))
+    del heads[len(shapes):]
+    firsts = list(map(itemgetter(0), heads))
+    if b"" in firsts:  # a line starting with '@' that is no hunk header
+        del shapes[firsts.index(b""):], heads[len(shapes):]
+    table = {s: _shape(s) for s in set(shapes)}  # a few distinct shapes
+    rows = list(map(table.__getitem__, shapes))
+    # The headers' lengths as diff spells them (the common case: compared as text), else
+    # as numbers.
+    if list(map(itemgetter(1, 2), heads)) != list(map(itemgetter(3), rows)):
+        olds, news = list(map(itemgetter(1), heads)), list(map(itemgetter(2), heads))
+        want = list(zip(map(int, map(_length, olds, olds)), map(int, map(_length, news, news)),
+                        strict=True))
+        got = list(map(itemgetter(0, 1), rows))
+        if got != want:
+            k = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+            del rows[k:], shapes[k:]
+    if not shapes:
+        return None
+    count = len(shapes)
+    pieces = region.split(b"\n@", count)  # hunk k's text is pieces[k] (its '@' gone)
+    size = list(accumulate(map(len, islice(pieces, count))))
+    # hunk k + 1 starts after pieces 0..k and k separators "\n@" (the first '@' is kept)
+    hunks._starts.append(pos)
+    hunks._starts.extend(map(add, islice(size, count - 1), range(pos + 1, n + 2 * count, 2)))
+    hunks._fast.extend(map(itemgetter(2), rows))
+    hunks._first.extend(map(int, islice(firsts, count)))
+    return pos + size[-1] + 2 * count - 1, sum(map(len, shapes)) + count
 
 
 def _hunk_at(data: bytes, pos: int, lineno: int, name: str,
@@ -959,74 +1057,193 @@ def apply_hunks(data: bytes, hunks: Sequence[Hunk], fuzz: int = 0, path: str = "
 def _apply_plain(data: bytes, hunks: Hunks, fuzz: int, path: str,
                  creating: bool) -> tuple[bytes, HunkResults]:
     """apply_hunks for plain hunks on a file ending in a newline, in one forward pass over
-    byte offsets: each hunk is checked at its expected place with one comparison; only a
-    hunk that moved or needs fuzz indexes the file's lines (once) for GNU's search.
-    The hot loop of big patches: locals for every method, no helper calls."""
-    buf = hunks.buf
-    nlines = data.count(b"\n")
-    out = io.BytesIO()
-    write, view = out.write, memoryview(data)
-    simple, dfind, startswith = _SIMPLE_RE.fullmatch, data.find, data.startswith
-    results = HunkResults(path)
-    run = (0, 0)
-    off: array[int] | None = None
-    in_offset = 0
-    frozen = frozen_at = 0  # input lines already copied or deleted, and their byte length
-    starts = hunks._starts
-    ends = chain(islice(starts, 1, None), (hunks._end,))  # no copy of the offsets
-    for k, (start, end) in enumerate(zip(starts, ends, strict=False)):
-        m = simple(buf, start, end)
+    byte offsets. Runs of hunks validated in bulk by the parser go through _Plain.lean (one
+    search per hunk on sides stripped in bulk); any hunk it cannot place exactly, and every
+    other hunk, through _Plain.careful (GNU's search, offsets, fuzz)."""
+    state = _Plain(data, hunks, fuzz, path)
+    n = len(hunks._starts)
+    k = 0
+    while k < n:
+        j = min(n, k + _CHUNK)
+        zero = hunks._fast.find(0, k, j)  # lean takes only runs of bulk-validated hunks
+        if not creating and zero != k:
+            k, stop = state.lean(k, j if zero < 0 else zero)
+        else:
+            stop = k
+        while k <= stop and k < n:  # the hunk lean stopped at, and the one it undid
+            state.careful(k, creating)
+            k += 1
+    return state.finish(n)
+
+
+_CHUNK = 1024  # hunks stripped in bulk at once: bounded temporary memory
+# A side of a hunk from its text: drop the other side's lines, then every line's tag.
+_PLUS_LINE_RE = re.compile(rb"\n\+[^\n]*")
+_MINUS_LINE_RE = re.compile(rb"\n-[^\n]*")
+_HEADER_LINE_RE = re.compile(rb"\n@[^\n]*")  # in plain hunks only headers start with '@'
+
+
+def _sides(region: bytes, count: int) -> tuple[list[bytes], list[bytes]] | None:
+    """The old and new sides of each of the `count` plain hunks making up region, as
+    b"\n" + the side's lines without tags; None when a content line holds a NUL (the
+    separator put in place of the headers: such hunks take the careful path)."""
+    marked = _HEADER_LINE_RE.sub(b"\n\0", b"\n" + region)
+    sides = []
+    for drop in (_PLUS_LINE_RE, _MINUS_LINE_RE):
+        text = drop.sub(b"", marked).replace(b"\n-", b"\n ").replace(b"\n+", b"\n ")
+        pieces = text.replace(b"\n ", b"\n").split(b"\0")  # one tag per line goes
+        if len(pieces) != count + 1:
+            return None
+        del pieces[0]
+        sides.append(pieces)
+    return sides[0], sides[1]
+
+
+class _Plain:
+    """The state of one file's forward pass: output so far, input consumed (GNU's
+    last_frozen_line and its byte offset), the running offset, result runs."""
+
+    def __init__(self, data: bytes, hunks: Hunks, fuzz: int, path: str) -> None:
+        self.data, self.hunks, self.fuzz = data, hunks, fuzz
+        self.nlines = data.count(b"\n")
+        self.out = io.BytesIO()
+        self.view = memoryview(data)
+        self.results = HunkResults(path)
+        self.run = (0, 0)
+        self.off: array[int] | None = None
+        self.in_offset = 0
+        self.frozen = self.frozen_at = 0  # input lines already copied or deleted, bytes
+        # The last hunk applied by lean, as (first line, old side, new side): undone when
+        # the next hunk needs the careful path (lean also copied its trailing context).
+        self.last: tuple[int, bytes, bytes] | None = None
+
+    def finish(self, n: int) -> tuple[bytes, HunkResults]:
+        self.results.close(n)
+        self.out.write(self.view[self.frozen_at:])
+        self.view.release()
+        return self.out.getvalue(), self.results
+
+    def lean(self, k: int, j: int) -> tuple[int, int]:
+        """Apply hunks k..j-1 each at its own line (in_offset kept, no fuzz) while its old
+        side is found there. Returns (first, last) hunks left to careful: the one lean
+        stopped at and the one before it when lean applied that one; (j, j - 1) when done.
+        Only hunks whose shape makes GNU try their own line first come here."""
+        hunks, data, pos = self.hunks, self.data, self.frozen_at
+        end = hunks._starts[j] if j < len(hunks._starts) else hunks._end
+        both = _sides(hunks.buf[hunks._starts[k]:end], j - k)
+        if both is None or pos == 0:  # pos 0: no newline before the first line to find
+            return self._undo(k, k, [], [], [])
+        olds, news = both  # each b"\n" + the side
+        if self.run != (self.in_offset, 0):
+            self.run = (self.in_offset, 0)
+            self.results.mark(k, self.in_offset, 0)
+        firsts = hunks._first[k:j]
+        ends = list(map(add, firsts, map(bytes.count, olds, repeat(b"\n"))))  # + 1 each
+        base = self.in_offset - 1
+        # Lines between one hunk's old side and the next one's (the offset cancels out);
+        # none (adjacent or overlapping hunks) is left to careful, as the emit below needs
+        # a line in between.
+        gaps = [firsts[0] + base - self.frozen]
+        gaps.extend(map(sub, map(add, islice(firsts, 1, None), repeat(1)), ends))
+        gaps = [g or -1 for g in gaps]
+        index, sizes = data.index, list(map(len, olds))
+        ats: list[int] = []
+        found = ats.append
+        try:  # the hot loop: where each old side is next found; checked in bulk below
+            for old, size in zip(olds, sizes, strict=True):
+                at = index(old, pos - 1)  # the newline ending the line before the hunk
+                found(at)
+                pos = at + size
+        except ValueError:  # not found
+            pass
+        # Each hunk's gap (from the end of the previous one) must be exactly `gap` lines.
+        froms = [self.frozen_at, *map(add, ats, sizes)]
+        lines = list(map(data.count, repeat(b"\n"), map(sub, froms, repeat(1)), ats))
+        done = len(ats)
+        if lines != gaps[:done]:
+            done = next(i for i, (a, b) in enumerate(zip(lines, gaps, strict=False)) if a != b)
+        # The gaps but their last newline (each new side starts with it) and the new sides.
+        gap_text = map(data.__getitem__, map(slice, froms, ats[:done]))
+        self.out.write(b"".join(chain.from_iterable(zip(gap_text, news[:done], strict=False))))
+        self.frozen_at = froms[done]
+        if done:
+            self.frozen = ends[done - 1] + base - 1
+        if k + done == j:
+            self.last = (firsts[-1], olds[-1], news[-1])
+            return j, j - 1
+        return self._undo(k + done, k, olds, news, firsts)
+
+    def _undo(self, i: int, k: int, olds: list[bytes], news: list[bytes],
+              firsts: array[int] | list[int]) -> tuple[int, int]:
+        """Hunk i failed lean: take back the hunk before it if lean applied it (its copied
+        trailing context may be what hunk i changes, as GNU allows), so careful redoes it.
+        olds/news/firsts describe hunks k.. of lean's current run (sides with b"\n")."""
+        last = (firsts[i - k - 1], olds[i - k - 1], news[i - k - 1]) if i > k else self.last
+        self.last = None
+        if last is None:
+            return i, i
+        first, old, new = last
+        self.out.seek(self.out.tell() - len(new) + 1)
+        self.out.truncate()
+        self.frozen_at -= len(old) - 1
+        self.frozen = first + self.in_offset - 1
+        return i - 1, i
+
+    def careful(self, k: int, creating: bool) -> None:
+        """Hunk k the general way: checked at its expected place with one comparison; only
+        a hunk that moved or needs fuzz indexes the file's lines (once) for GNU's search."""
+        self.last = None
+        hunks, data = self.hunks, self.data
+        start, end = hunks._span(k)
+        m = _SIMPLE_RE.fullmatch(hunks.buf, start, end)
         if m:  # context, removed, added, context: each part loses its tags at once
-            first, old_len, lead, dels, adds, trail = m.groups()
-            first = int(first) + (old_len is not None and int(old_len) == 0)
+            first_b, old_len, lead, dels, adds, trail = m.groups()
+            first = int(first_b) + (old_len is not None and int(old_len) == 0)
             lead, trail = lead[1:].replace(b"\n ", b"\n"), trail[1:].replace(b"\n ", b"\n")
             dels, adds = dels[1:].replace(b"\n-", b"\n"), adds[1:].replace(b"\n+", b"\n")
         else:
-            first, lead, dels, adds, trail = _plain_parts(buf, start, end)
+            first, lead, dels, adds, trail = _plain_parts(hunks.buf, start, end)
         pattern = lead + dels + trail
         prefix = lead.count(b"\n")
         suffix = trail.count(b"\n") if dels or adds else prefix
         pat_lines = prefix + dels.count(b"\n") + (suffix if dels or adds else 0)
-        first_guess = first + in_offset
+        first_guess = first + self.in_offset
         where = used = 0
-        gap = first_guess - 1 - frozen
-        if prefix == suffix and pattern and gap >= 0 and first_guess - 1 + pat_lines <= nlines:
-            at = frozen_at
+        gap = first_guess - 1 - self.frozen
+        if prefix == suffix and pattern and gap >= 0 and first_guess - 1 + pat_lines <= self.nlines:
+            at = self.frozen_at
             while gap > 64:
                 at = _skip_re(64).match(data, at).end()  # type: ignore[union-attr]
                 gap -= 64
             while gap:
-                at = dfind(b"\n", at) + 1
+                at = data.find(b"\n", at) + 1
                 gap -= 1
-            if startswith(pattern, at):
+            if data.startswith(pattern, at):
                 where = first_guess
                 target_at = at + len(lead)
         if not where:
-            if off is None:
-                off = _line_starts(data)
-            same = _offsets_matcher(data, off, pattern)
-            where, in_offset, used = _locate_fuzzed(nlines, same, pat_lines, first, in_offset, frozen,
-                                                    prefix, suffix, min(fuzz, max(prefix, suffix)))
+            if self.off is None:
+                self.off = _line_starts(data)
+            same = _offsets_matcher(data, self.off, pattern)
+            where, self.in_offset, used = _locate_fuzzed(
+                self.nlines, same, pat_lines, first, self.in_offset, self.frozen, prefix, suffix,
+                min(self.fuzz, max(prefix, suffix)))
             if not where:
-                raise HunkFailed(k + 1, first + in_offset)
+                raise HunkFailed(k + 1, first + self.in_offset)
             # Under fuzz the leading context comes from the file, whatever its length.
-            target_at = off[min(where - 1 + prefix, nlines)]
+            target_at = self.off[min(where - 1 + prefix, self.nlines)]
         if where == 1 and creating and data:
             raise HunkFailed(k + 1, 1, "creates a file that already exists")
         if dels or adds:
             target = where - 1 + prefix
-            if frozen > target:
+            if self.frozen > target:
                 raise HunkFailed(k + 1, where, "misordered hunks")
-            write(view[frozen_at:target_at])
-            write(adds)
-            frozen, frozen_at = target + dels.count(b"\n"), target_at + len(dels)
-        if (in_offset, used) != run:
-            run = (in_offset, used)
-            results.mark(k, in_offset, used)
-    results.close(len(starts))
-    write(view[frozen_at:])
-    view.release()
-    return out.getvalue(), results
+            self.out.write(self.view[self.frozen_at:target_at])
+            self.out.write(adds)
+            self.frozen, self.frozen_at = target + dels.count(b"\n"), target_at + len(dels)
+        if (self.in_offset, used) != self.run:
+            self.run = (self.in_offset, used)
+            self.results.mark(k, self.in_offset, used)
 
 
 def _plain_parts(buf: bytes, start: int, end: int) -> tuple[int, bytes, bytes, bytes, bytes]:
