@@ -371,3 +371,31 @@ def test_stage_rpm_reuses_a_root_staged_from_the_same_rpm(tmp_path: Path) -> Non
     other = _build_rpm(tmp_path / "b", "kernel", {**files, "boot/vmlinuz-9.9.9-test": "KERNEL v2"})
     shutil.copy(other, rpm)
     assert smoke.stage_rpm(rpm, root).vmlinuz.read_text() == "KERNEL v2" and not marker.exists()
+
+
+def test_fsguest_listen_polls_until_the_port_listens(tmp_path: Path) -> None:
+    """The guest init waits for the demo server with one process polling /proc/net/tcp every
+    5 ms (the shell loop paid a grep and a `sleep` exec per poll under TCG)."""
+    require_tool("musl-gcc")
+    import socket
+    helper = str(smoke.guest_helper(tmp_path / "build"))
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+            quiet = subprocess.run([helper, "listen", port, str(sleeper.pid), "100"], capture_output=True,
+                                   text=True, timeout=10, check=False)
+            assert quiet.returncode == 2 and int(quiet.stdout) >= 10, quiet     # bound, not listening
+            s.listen()
+            up = subprocess.run([helper, "listen", port, str(sleeper.pid), "5000"], capture_output=True,
+                                text=True, timeout=10, check=False)
+            assert up.returncode == 0 and up.stdout.strip() == "0", up
+        sleeper.kill()
+        sleeper.wait()
+        gone = subprocess.run([helper, "listen", port, str(sleeper.pid), "5000"], capture_output=True,
+                              text=True, timeout=10, check=False)
+        assert gone.returncode == 1, gone                                         # the server died first
+    finally:
+        sleeper.kill()
+        sleeper.wait()
