@@ -61,10 +61,10 @@ def plain_boot(kin: smoke.KernelInputs, accel: qemu.Accel, work: Path) -> tuple[
     initrd = plain_initrd(work / "plain.gz")
     log = work / "plain-serial.log"
     lpj = smoke.preset_lpj(kin.config)
+    append = f"console=ttyS0 panic=-1 {qemu.GUEST_KNOBS}" + (f" lpj={lpj}" if lpj else "")
     cmd = ["qemu-system-x86_64", "-accel", qemu.accel_arg(accel, 4), "-M", qemu.MACHINE, "-smp", "4", "-m", "512",
            "-nodefaults", "-display", "none", "-no-reboot", "-kernel", str(kin.vmlinuz),
-           "-initrd", str(initrd), "-append", f"console=ttyS0 panic=-1 {qemu.GUEST_KNOBS}" + (f" lpj={lpj}" if lpj else ""),
-           "-serial", f"file:{log}"]
+           "-initrd", str(initrd), "-append", append, "-serial", f"file:{log}"]
     start, cpu0 = time.monotonic(), _children_cpu()
     try:
         subprocess.run(cmd, timeout=120, check=True, stdout=subprocess.DEVNULL)
