@@ -31,7 +31,9 @@ from fsbuild.fileio import atomic_write, sha256_file
 
 DEFAULT_TIMEOUT_S = 120.0
 # Under TCG a guest does ~60-250 connections/s (one request per connection): keep N small.
-REQUESTS = 200
+# 64 = 16 per pinned worker: every CPU's listener accepts, loadgen counts and checks every
+# response; 200 cost ~0.9 s more of the verdict and asserted nothing more.
+REQUESTS = 64
 DEMO_PORT = 8080
 PANIC_RE = re.compile(r"Kernel panic - not syncing[^\r\n]*")
 LINE_RE = re.compile(r"^(FSBOOT|FSCHECK|FSDONE)\b ?(.*)$")

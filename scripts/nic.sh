@@ -7,7 +7,9 @@
 # irqbalance stopped so it does not undo the affinity.  --rss N first sets N channels
 # with `ethtool -L`.  --dry-run prints the plan and changes nothing.
 #
-# POSIX sh (runs under busybox ash).  Tests point NIC_SH_ROOT at a fake tree holding
+# POSIX sh (runs under busybox ash).  Loops run on builtins only, no subshell or command per
+# queue or IRQ: every fork costs tens of milliseconds under emulation (the smoke guest) and
+# on a loaded host.  Tests point NIC_SH_ROOT at a fake tree holding
 # sys/ and proc/; then ethtool is only used when NIC_SH_ETHTOOL names one, NIC_SH_UID
 # replaces `id -u` for the root check, and no process is ever signalled.
 #
@@ -65,7 +67,7 @@ put() { # FILE VALUE
 		FAILED=1
 	# echo, not printf: one write(2) per value. Some shells' printf (glibc busybox on 2.6.32)
 	# writes the value and the newline separately, and a lone "\n" is an invalid mask.
-	elif (echo "$2" >"$1") 2>/dev/null; then
+	elif echo "$2" 2>/dev/null >"$1"; then
 		echo "  wrote $2 > ${1#"$ROOT"}"
 	else
 		warn "cannot write $2 > ${1#"$ROOT"}"
@@ -83,45 +85,63 @@ run() {
 	fi
 }
 
-# Hex cpumask of the CPUs given as arguments, in 32-bit groups ("ff", "1,00000000").
+# HEX <- VALUE in hex, at least WIDTH digits (zero-padded).
+tohex() { # VALUE WIDTH
+	v=$1
+	HEX=
+	while [ "$v" -gt 0 ] || [ ${#HEX} -lt "$2" ]; do
+		case $((v % 16)) in
+		10) d=a ;; 11) d=b ;; 12) d=c ;; 13) d=d ;; 14) d=e ;; 15) d=f ;; *) d=$((v % 16)) ;;
+		esac
+		HEX=$d$HEX
+		v=$((v / 16))
+	done
+}
+
+# MASK <- hex cpumask of the CPUs given as arguments, in 32-bit groups ("ff", "1,00000000").
 cpumask() {
 	maxg=0
 	for c in "$@"; do [ $((c / 32)) -gt $maxg ] && maxg=$((c / 32)); done
-	out=
+	MASK=
 	g=$maxg
 	while [ $g -ge 0 ]; do
 		w=0
 		for c in "$@"; do [ $((c / 32)) -eq $g ] && w=$((w | (1 << (c % 32)))); done
-		if [ $g -eq $maxg ]; then part=$(printf '%x' $w); else part=$(printf '%08x' $w); fi
-		out=${out:+$out,}$part
+		if [ $g -eq $maxg ]; then tohex $w 1; else tohex $w 8; fi
+		MASK=${MASK:+$MASK,}$HEX
 		g=$((g - 1))
 	done
-	echo "$out"
 }
 
-# "0-3,6" -> "0 1 2 3 6"
+# CPUS <- "0-3,6" expanded to "0 1 2 3 6"
 expand_cpus() {
-	echo "$1" | tr ',' '\n' | while IFS=- read -r a b; do
+	CPUS=
+	old_ifs=$IFS
+	IFS=,
+	for r in $1; do
+		a=${r%%-*}
+		b=${r#*-}
 		is_num "$a" || continue
-		b=${b:-$a}
+		is_num "$b" || b=$a
 		i=$a
-		while [ "$i" -le "$b" ]; do printf '%s ' "$i"; i=$((i + 1)); done
+		while [ "$i" -le "$b" ]; do CPUS="$CPUS $i"; i=$((i + 1)); done
 	done
+	IFS=$old_ifs
+	CPUS=${CPUS# }
 }
 
-nth() { # N WORDS... -> the N-th word (0-based)
-	n=$1
-	shift
-	shift "$n"
-	echo "$1"
+# NTH <- the N-th word (0-based) of WORDS.
+nth() { # N WORDS...
+	shift $(($1 + 1))
+	NTH=$1
 }
 
 # ---- checks ----
 NET=$SYS/class/net/$IFACE
 [ "$DRY" = 1 ] || [ "$UID_NOW" = 0 ] || die 3 "must run as root (or use --dry-run)"
 [ -d "$NET" ] || die 4 "no such interface: $IFACE"
-flags=$(cat "$NET/flags" 2>/dev/null || echo 0)
-oper=$(cat "$NET/operstate" 2>/dev/null || echo unknown)
+read -r flags 2>/dev/null <"$NET/flags" || flags=0
+read -r oper 2>/dev/null <"$NET/operstate" || oper=unknown
 if [ $((flags & 1)) -eq 0 ] && [ "$oper" != up ]; then
 	die 5 "interface $IFACE is down (ip link set $IFACE up)"
 fi
@@ -129,6 +149,9 @@ fi
 DRIVER=
 if have_ethtool; then
 	DRIVER=$("$ETHTOOL" -i "$IFACE" 2>/dev/null | sed -n 's/^driver: *//p')
+fi
+if [ -z "$DRIVER" ] && [ -r "$NET/device/uevent" ]; then # DRIVER=igb, read by the builtin
+	while IFS== read -r k v; do [ "$k" = DRIVER ] && DRIVER=$v; done <"$NET/device/uevent"
 fi
 if [ -z "$DRIVER" ] && [ -L "$NET/device/driver" ]; then
 	DRIVER=$(basename "$(readlink "$NET/device/driver")")
@@ -139,16 +162,16 @@ case " $SUPPORTED " in
 *) warn "driver $DRIVER is not one of: $SUPPORTED; using the generic layout" ;;
 esac
 
-CPUS=$(expand_cpus "$(cat "$SYS/devices/system/cpu/online" 2>/dev/null || echo 0)")
+read -r online 2>/dev/null <"$SYS/devices/system/cpu/online" || online=0
+expand_cpus "$online"
 set -- $CPUS
 CPUS="$*"
 NCPU=$#
 [ "$NCPU" -ge 1 ] || die 1 "no online CPUs found"
 
-count_queues() { # rx|tx
-	n=0
-	for q in "$NET"/queues/"$1"-*; do [ -d "$q" ] && n=$((n + 1)); done
-	echo $n
+count_queues() { # rx|tx -> NQ
+	NQ=0
+	for q in "$NET"/queues/"$1"-*; do [ -d "$q" ] && NQ=$((NQ + 1)); done
 }
 
 # IRQs of the NIC from /proc/interrupts, one "IRQ NAME" per line.  virtio names its
@@ -181,10 +204,17 @@ if [ -n "$RSS" ]; then
 	fi
 fi
 
-NRX=$(count_queues rx)
-NTX=$(count_queues tx)
+count_queues rx
+NRX=$NQ
+count_queues tx
+NTX=$NQ
 IRQS=$(list_irqs)
-NIRQ=$(printf '%s\n' "$IRQS" | grep -c .)
+NIRQ=0
+old_ifs=$IFS
+IFS='
+'
+for l in $IRQS; do NIRQ=$((NIRQ + 1)); done
+IFS=$old_ifs
 echo "nic.sh: $IFACE: driver $DRIVER, $NRX rx / $NTX tx queues, $NCPU online CPUs ($CPUS), $NIRQ queue IRQs"
 
 # irqbalance would rewrite the affinity we set.  `read`, not `$(cat)`: one fork per
@@ -213,18 +243,20 @@ if [ "$NIRQ" -eq 0 ]; then
 else
 	echo "irq affinity: round-robin over CPUs"
 	k=0
-	printf '%s\n' "$IRQS" | {
-		while read -r irq name; do
-			[ -n "$irq" ] || continue
-			q=${name##*[!0-9]} # queue number at the end of the name, if any
-			is_num "$q" || q=$k
-			cpu=$(nth $((q % NCPU)) $CPUS)
-			echo " irq $irq ($name) -> cpu $cpu"
-			put "$PROC/irq/$irq/smp_affinity" "$(cpumask "$cpu")"
-			k=$((k + 1))
-		done
-		[ "$FAILED" = 0 ]
-	} || FAILED=1
+	# A here-document, not a pipe: the loop runs in this shell (no fork, FAILED kept).
+	while read -r irq name; do
+		[ -n "$irq" ] || continue
+		q=${name##*[!0-9]} # queue number at the end of the name, if any
+		is_num "$q" || q=$k
+		nth $((q % NCPU)) $CPUS
+		cpu=$NTH
+		echo " irq $irq ($name) -> cpu $cpu"
+		cpumask "$cpu"
+		put "$PROC/irq/$irq/smp_affinity" "$MASK"
+		k=$((k + 1))
+	done <<EOF
+$IRQS
+EOF
 fi
 
 if [ "$NTX" -gt 0 ] && [ ! -e "$NET/queues/tx-0/xps_cpus" ]; then
@@ -233,15 +265,17 @@ elif [ "$NTX" -ge "$NCPU" ] && [ "$NTX" -gt 0 ]; then
 	echo "xps: one CPU per tx queue ($NTX tx queues >= $NCPU CPUs)"
 	j=0
 	while [ $j -lt "$NTX" ]; do
-		cpu=$(nth $((j % NCPU)) $CPUS)
-		put "$NET/queues/tx-$j/xps_cpus" "$(cpumask "$cpu")"
+		nth $((j % NCPU)) $CPUS
+		cpumask "$NTH"
+		put "$NET/queues/tx-$j/xps_cpus" "$MASK"
 		j=$((j + 1))
 	done
 else
 	echo "xps: skipped ($NTX tx queues < $NCPU CPUs)"
 fi
 
-ALL=$(cpumask $CPUS)
+cpumask $CPUS
+ALL=$MASK
 if [ "$NRX" -gt 0 ] && [ ! -e "$NET/queues/rx-0/rps_cpus" ]; then
 	echo "rps: skipped (this kernel has no rps_cpus)"
 elif [ "$NRX" -ne "$NCPU" ]; then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -268,3 +269,26 @@ def test_irqbalance_scan_forks_no_process_per_pid(tmp_path: Path) -> None:
     assert "irqbalance: running (pid 4242)" in r.stdout
     calls = log.read_text().splitlines() if log.exists() else []
     assert not [c for c in calls if c.endswith("/comm")], calls
+
+
+def _processes_started(root: Path, shell: list[str]) -> int:
+    """Processes nic.sh starts (forks, subshells, commands), counted with strace."""
+    trace = root.parent / f"{root.name}.strace"
+    r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=fork,vfork,clone,clone3", "-o", str(trace),
+                        *shell, str(NIC_SH), "-i", "eth0"],
+                       env={"PATH": os.environ["PATH"], "NIC_SH_ROOT": str(root), "NIC_SH_UID": "0"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return len(re.findall(r"^\d+\s+(?:fork|vfork|clone3?)\(", trace.read_text(), re.MULTILINE))
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=SHELL_IDS)
+def test_no_process_per_queue_or_irq(tmp_path: Path, shell: list[str]) -> None:
+    """The IRQ, XPS and RPS loops run on builtins: a subshell per mask and per write
+    (~40 forks for igb's 4 queues) cost ~0.8 s of the smoke verdict under TCG."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed (counts the processes nic.sh starts)")
+    small, big = tmp_path / "q4", tmp_path / "q16"
+    build_tree(small, Nic(queues=4, cpus=4))
+    build_tree(big, Nic(queues=16, cpus=16))
+    assert _processes_started(big, shell) == _processes_started(small, shell)

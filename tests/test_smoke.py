@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -268,8 +269,10 @@ def test_smoke_command_boots_the_rpm(tmp_path: Path, kernel_rpm: Path) -> None:
     out = Path(os.environ["FSBUILD_OUT"]) / "linux-6.1"
     assert json.loads((out / "smoke.json").read_text()) == data
     assert ET.parse(out / "smoke-junit.xml").getroot().find("testsuite") is not None
-    assert "fsbuild-smoke" not in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                                 text=True).stdout if shutil.which("ip") else True
+    if shutil.which("ip"):   # no namespace left behind by a finished run (others may be running)
+        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        left = [n for n in re.findall(r"^fsbuild-smoke-(\d+)", listing, re.MULTILINE) if not Path(f"/proc/{n}").exists()]
+        assert not left, listing
 
 
 def test_console_fallback_when_the_guest_has_no_second_port(tmp_path: Path) -> None:
@@ -371,3 +374,31 @@ def test_stage_rpm_reuses_a_root_staged_from_the_same_rpm(tmp_path: Path) -> Non
     other = _build_rpm(tmp_path / "b", "kernel", {**files, "boot/vmlinuz-9.9.9-test": "KERNEL v2"})
     shutil.copy(other, rpm)
     assert smoke.stage_rpm(rpm, root).vmlinuz.read_text() == "KERNEL v2" and not marker.exists()
+
+
+def test_fsguest_listen_polls_until_the_port_listens(tmp_path: Path) -> None:
+    """The guest init waits for the demo server with one process polling /proc/net/tcp every
+    5 ms (the shell loop paid a grep and a `sleep` exec per poll under TCG)."""
+    require_tool("musl-gcc")
+    import socket
+    helper = str(smoke.guest_helper(tmp_path / "build"))
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+            quiet = subprocess.run([helper, "listen", port, str(sleeper.pid), "100"], capture_output=True,
+                                   text=True, timeout=10, check=False)
+            assert quiet.returncode == 2 and int(quiet.stdout) >= 10, quiet     # bound, not listening
+            s.listen()
+            up = subprocess.run([helper, "listen", port, str(sleeper.pid), "5000"], capture_output=True,
+                                text=True, timeout=10, check=False)
+            assert up.returncode == 0 and up.stdout.strip() == "0", up
+        sleeper.kill()
+        sleeper.wait()
+        gone = subprocess.run([helper, "listen", port, str(sleeper.pid), "5000"], capture_output=True,
+                              text=True, timeout=10, check=False)
+        assert gone.returncode == 1, gone                                         # the server died first
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -7,7 +7,11 @@
  * Usage: fsguest ls DIR          -- one entry per line, without . and ..
  *        fsguest reap NAME...    -- SIGTERM every live process named NAME, poll (5 ms) until
  *                                   they are gone, SIGKILL what is left after 500 ms; prints
- *                                   nothing; exit 0 when none was running, 1 when some were */
+ *                                   nothing; exit 0 when none was running, 1 when some were
+ *        fsguest listen PORT PID MS -- poll (5 ms) /proc/net/tcp{,6} until a socket listens on
+ *                                   PORT; prints the number of polls; exit 0 listening, 1 when
+ *                                   PID died first (or is a zombie), 2 after MS milliseconds
+ *                                   (the shell loop paid a grep and a `sleep` exec per poll) */
 #include <dirent.h>
 #include <signal.h>
 #include <stdio.h>
@@ -98,12 +102,75 @@ static int reap(char **names, int n)
 	return 1;
 }
 
+/* 1 when /proc/PID/stat shows a live (not zombie) process. */
+static int alive(const char *pid)
+{
+	char path[64], buf[256], *close;
+	FILE *f;
+	size_t len;
+
+	snprintf(path, sizeof(path), "/proc/%s/stat", pid);
+	f = fopen(path, "r");
+	if (!f)
+		return 0;
+	len = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[len] = '\0';
+	close = strrchr(buf, ')');
+	return close && close[1] == ' ' && close[2] != 'Z';
+}
+
+/* 1 when a line of the /proc/net/tcp-format file `path` is a LISTEN (state 0A) socket on `port`. */
+static int listening_in(const char *path, unsigned port)
+{
+	char line[512], local[128], remote[128], state[16];
+	FILE *f = fopen(path, "r");
+	int found = 0;
+
+	if (!f)
+		return 0;
+	while (!found && fgets(line, sizeof(line), f)) {
+		char *colon;
+
+		if (sscanf(line, " %*[0-9]: %127s %127s %15s", local, remote, state) != 3)
+			continue; /* the header line */
+		colon = strrchr(local, ':');
+		found = colon && strtoul(colon + 1, NULL, 16) == port && !strcmp(state, "0A");
+	}
+	fclose(f);
+	return found;
+}
+
+static int wait_listen(const char *port_s, const char *pid, const char *ms_s)
+{
+	struct timespec step = {0, REAP_POLL_NS};
+	unsigned port = (unsigned)strtoul(port_s, NULL, 10);
+	long polls = 0, limit = strtol(ms_s, NULL, 10) / (REAP_POLL_NS / 1000000L);
+	int rc = 2;
+
+	for (; polls <= limit; polls++) {
+		if (listening_in("/proc/net/tcp", port) || listening_in("/proc/net/tcp6", port)) {
+			rc = 0;
+			break;
+		}
+		if (!alive(pid)) {
+			rc = 1;
+			break;
+		}
+		nanosleep(&step, NULL);
+	}
+	printf("%ld\n", polls);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc == 3 && !strcmp(argv[1], "ls"))
 		return list(argv[2]);
 	if (argc >= 3 && !strcmp(argv[1], "reap"))
 		return reap(argv + 2, argc - 2);
-	fputs("usage: fsguest ls DIR | fsguest reap NAME...\n", stderr);
+	if (argc == 5 && !strcmp(argv[1], "listen"))
+		return wait_listen(argv[2], argv[3], argv[4]);
+	fputs("usage: fsguest ls DIR | fsguest reap NAME... | fsguest listen PORT PID MS\n", stderr);
 	return 2;
 }
