@@ -288,3 +288,33 @@ bg_run 1 $S_TMP/x.out sleep 100; check bg_run pass "rc=$BRC"
 """)
     assert [(c.name, c.detail) for c in checks] == [("bwait", "rc=137"), ("bg_run", "rc=137")]
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize(("suite", "config", "where"), [
+    ("stress", "mini", "linux-6.1/stress"), ("stress", "debug", "linux-6.1/debug"),
+    ("smoke", "mini", "linux-6.1")])
+def test_a_stress_run_on_the_mini_rpms_keeps_the_demo_verdict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suite: str, config: str, where: str) -> None:
+    # `make stress-ci` boots the mini RPMs with --suite stress: out/<target>/smoke.json is the
+    # demo's verdict and must survive; the stress verdict (same shape) goes to stress/.
+    out = tmp_path / "out"
+    monkeypatch.setenv("FSBUILD_OUT", str(out))
+    demo = out / "linux-6.1" / "smoke.json"
+    demo.parent.mkdir(parents=True)
+    demo.write_text('{"verdict": "pass", "duration_s": 1, "checks": []}\n')
+    booted: list[Path] = []
+
+    def fake_boot(_kin: smoke.KernelInputs, vout: Path, _o: smoke.BootOptions, _s: object) -> smoke.Verdict:
+        booted.append(vout)
+        return smoke.Verdict("pass", 2.0, [smoke.Check("stress_x", "pass", suite)])
+
+    monkeypatch.setattr(smoke, "find_kernel_rpm", lambda d: d / "kernel.rpm")
+    monkeypatch.setattr(smoke, "stage_rpm", lambda rpm, root: smoke.KernelInputs("k", rpm, root, rpm))
+    monkeypatch.setattr(smoke, "boot", fake_boot)
+    smoke.run("linux-6.1", tmp_path, smoke.BootOptions(suite=suite, config=config))
+    assert booted == [out / where]
+    written = json.loads((out / where / "smoke.json").read_text())
+    assert set(written) == {"verdict", "duration_s", "checks"} and written["checks"][0]["detail"] == suite
+    assert (out / where / "smoke-junit.xml").is_file()
+    if where != "linux-6.1":
+        assert json.loads(demo.read_text())["checks"] == []
