@@ -318,3 +318,18 @@ def test_a_stress_run_on_the_mini_rpms_keeps_the_demo_verdict(
     assert (out / where / "smoke-junit.xml").is_file()
     if where != "linux-6.1":
         assert json.loads(demo.read_text())["checks"] == []
+
+
+def test_cpu_metrics_are_left_out_not_zero_without_so_incoming_cpu(fsstress: Path, tmp_path: Path) -> None:
+    # 2.6.32 (el6) has no SO_INCOMING_CPU: serve's syn_known and load's rfd_seen stay 0, and
+    # the metrics must say n/a instead of reporting 0% locality.
+    checks = _run_scenarios(fsstress, tmp_path, """
+check old pass "$(cpu_metrics "serve: accepted=40 spurious=2 on_syn_cpu=0 syn_known=0" "load: rfd_local=0 rfd_seen=0")$(cpu_metrics_na "serve: accepted=40 syn_known=0")"
+check new pass "$(cpu_metrics "serve: accepted=40 spurious=2 on_syn_cpu=10 syn_known=40" "load: rfd_local=5 rfd_seen=20")$(cpu_metrics_na "serve: accepted=40 syn_known=40")"
+""")
+    by = {c.name: c.detail for c in checks}
+    old = stress.metrics([{"name": "stress_metrics_plain", "detail": "metrics: " + by["old"]}])["plain"]
+    assert old == {"spurious_per_accept": 0.05} and "n/a (no SO_INCOMING_CPU" in by["old"]
+    new = stress.metrics([{"name": "stress_metrics_plain", "detail": "metrics: " + by["new"]}])["plain"]
+    assert new == {"spurious_per_accept": 0.05, "syn_cpu_share": 0.25, "cross_cpu": 30, "rfd_share": 0.25}
+    assert "n/a" not in by["new"]
