@@ -353,3 +353,18 @@ while read -r l; do check hit pass "$l"; done < {tmp_path}/hits
         "ODEBUG: free active (active state 0) object type: timer_list",
         "kmemleak: 3 new suspected memory leaks (see /sys/kernel/debug/kmemleak)",
         "WARNING: at net/ipv4/tcp.c:100 tcp_close+0x1/0x2()"]
+
+
+def test_hostile_caller_starts_with_and_without_a_cpuset(fsstress: Path, tmp_path: Path) -> None:
+    # The linux-6.1 mini kernel has no cpusets: the caller's command was `... > ; exec ...`,
+    # a shell syntax error, and the hostile check never ran (rc=2).
+    require_tool("taskset")
+    if Path("/dev/fastsocket").exists():
+        pytest.skip("this host has /dev/fastsocket: the guest test covers it")
+    checks = _run_scenarios(fsstress, tmp_path, f"""
+sh -c "$(hostile_cmd '')" > $S_TMP/none.out 2>&1; check none pass "rc=$? $(cat $S_TMP/none.out)"
+sh -c "$(hostile_cmd {tmp_path}/tasks)" > $S_TMP/set.out 2>&1; check set pass "rc=$? $(cat $S_TMP/set.out)"
+""")
+    for c in checks:
+        assert c.detail.startswith("rc=1 hostile: /dev/fastsocket:"), c
+    assert (tmp_path / "tasks").read_text().strip().isdigit()
