@@ -368,3 +368,16 @@ sh -c "$(hostile_cmd {tmp_path}/tasks)" > $S_TMP/set.out 2>&1; check set pass "r
     for c in checks:
         assert c.detail.startswith("rc=1 hostile: /dev/fastsocket:"), c
     assert (tmp_path / "tasks").read_text().strip().isdigit()
+
+
+def test_netns_skips_with_the_reason_on_a_kernel_without_namespaces(tmp_path: Path) -> None:
+    # The linux-6.1 mini kernel has no CONFIG_NET_NS: the scenario failed (netns rc=1)
+    # instead of saying it cannot apply. A stub fsstress answers as that kernel does.
+    stub = tmp_path / "bin" / "fsstress"
+    stub.parent.mkdir()
+    stub.write_text('#!/bin/sh\n[ "$1" = netns ] && { echo "netns: unshare(CLONE_NEWNET): Invalid argument" >&2; exit 1; }\n'
+                    'echo "stub: $1 not expected" >&2; exit 3\n')
+    stub.chmod(0o755)
+    checks = _run_scenarios(stub, tmp_path, "stress_netns")
+    assert [(c.name, c.status) for c in checks] == [("stress_netns", "skip")]
+    assert "no network namespaces" in checks[0].detail
