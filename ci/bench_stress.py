@@ -39,7 +39,7 @@ def run_suite(target: str, config: str) -> list[dict[str, str]] | None:
         smoke.run(target, None, opts)
     except FsbuildError as exc:  # a failing scenario still measured the metrics
         print(f"bench_stress: suite: {exc.message}")
-    path = build.profile_out(target, config) / "smoke.json"
+    path = stress.verdict_dir(build.profile_out(target, config), "stress", config) / "smoke.json"
     if not path.is_file():
         print(f"bench_stress: skipped: no {path}")
         return None

@@ -525,6 +525,7 @@ def run(target: str, rpm_dir: Path | None = None, opts: BootOptions | None = Non
         kin = stage_rpm(rpm, out / "smoke" / "root")
         staged = time.monotonic() - t0
         status(f"booting {kin.kver} from {rpm.name}")
+        out = stress.verdict_dir(out, opts.suite, opts.config)
         verdict = boot(kin, out, opts, status)
     verdict.phases = {"stage": round(staged, 3), **verdict.phases}
     verdict.duration_s = time.monotonic() - start

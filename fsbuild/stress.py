@@ -83,6 +83,13 @@ def _compile(src: Path, out: Path, deps: list[Path]) -> Path:
     return out
 
 
+def verdict_dir(profile_out: Path, suite: str, config: str) -> Path:
+    """Where a run's smoke.json, JUnit XML and logs go. A stress run on the mini RPMs (CI's
+    `make stress-ci`) writes out/<target>/stress/: out/<target>/smoke.json stays the demo's
+    verdict. The debug profile's out/<target>/debug/ is the stress suite's own."""
+    return profile_out / "stress" if suite == "stress" and config != "debug" else profile_out
+
+
 def guest_config(secs: int = STRESS_SECS, conns: int = STRESS_CONNS) -> dict[str, str]:
     return {"SUITE": "stress", "STRESS_SECS": str(secs), "STRESS_CONNS": str(conns)}
 

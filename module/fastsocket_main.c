@@ -18,7 +18,9 @@
 #include <linux/mutex.h>
 #include <linux/file.h>
 #include <linux/security.h>
+#include <linux/in.h>
 #include <net/net_namespace.h>
+#include <net/sock.h>
 
 #include "fastsocket_internal.h"
 
@@ -447,6 +449,15 @@ static long fsock_do_accept(void __user *uarg)
 	return copy_to_user(uarg, &a, sizeof(a)) ? -EFAULT : 0;
 }
 
+/* A TCP socket (IPv4 or IPv6): the only kind SOCKET makes and CLOSE takes. */
+static bool fsock_is_tcp(const struct socket *sock)
+{
+	const struct sock *sk = sock->sk;
+
+	return sk && (sk->sk_family == AF_INET || sk->sk_family == AF_INET6) &&
+	       sk->sk_type == SOCK_STREAM && sk->sk_protocol == IPPROTO_TCP;
+}
+
 static long fsock_do_close(void __user *uarg)
 {
 	struct fsock_close_args a;
@@ -456,14 +467,18 @@ static long fsock_do_close(void __user *uarg)
 	if (copy_from_user(&a, uarg, sizeof(a)))
 		return -EFAULT;
 	/*
-	 * CLOSE stands in for close(2) on sockets only: any other fd (the device itself,
-	 * a pipe) is refused, so a stray CLOSE cannot pull the device out from under the
-	 * caller's next ioctl.
+	 * CLOSE stands in for close(2) on the TCP sockets the library hands it: any other fd
+	 * (the device itself, a pipe) is refused, so a stray CLOSE cannot pull the device out
+	 * from under the caller's next ioctl, and so is any other socket (unix, UDP), which no
+	 * Fastsocket path makes (the library then calls close(2) itself).
 	 */
 	sock = sockfd_lookup(a.fd, &err);
 	if (!sock)
 		return err;
+	err = fsock_is_tcp(sock) ? 0 : -EOPNOTSUPP;
 	sockfd_put(sock);
+	if (err)
+		return err;
 	return fsock_backend.close(a.fd);
 }
 

@@ -14,7 +14,9 @@ tests/el6_guest/scenarios.c:
   connections that arrive on its old CPU (repin) and those queued there before the move
   (repin_queued);
 - options: a connection accepted through a local has the options of one accepted from a
-  plain listener (priority, keepalive, MSS, congestion, MD5).
+  plain listener (priority, keepalive, MSS, congestion, MD5);
+- close_kinds: CLOSE takes TCP sockets only (the stress suite's hostile check: a unix or UDP
+  socket is refused with EOPNOTSUPP, the device and a pipe with ENOTSOCK, all left open).
 
 Each scenario runs in its own process group with a 60 s deadline inside the guest: a hung
 one reports `SCENARIO <name> FAIL timeout` (with its kernel stack) and the others still run.
@@ -37,7 +39,7 @@ from tests.conftest import ROOT, el6_source, require_tool
 
 # cpu_offline last: it unplugs CPU 3
 SCENARIOS = ["lsm", "plain_accept", "worker_exit", "wakeups", "ack_cpu", "rfd_netns",
-             "rfd_steered", "options", "repin", "repin_queued", "cpu_offline"]
+             "rfd_steered", "options", "repin", "repin_queued", "close_kinds", "cpu_offline"]
 PROGRAM = ROOT / "tests" / "el6_guest" / "scenarios.c"
 # Kernel log lines that mean the run is not clean (lockdep, RCU, list debugging, oopses).
 SPLATS = re.compile(r"BUG: |WARNING: |INFO: (possible|inconsistent|suspicious)|"

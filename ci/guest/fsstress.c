@@ -95,7 +95,7 @@ static int parse_addr(const char *s, struct sockaddr_in *sa)
 /* ------------------------------------------------------------------ serve */
 
 struct wstats {		/* one per worker slot, in shared memory */
-	unsigned long accepted, spurious, wakeups, on_syn_cpu, plain, errors;
+	unsigned long accepted, spurious, wakeups, on_syn_cpu, syn_known, plain, errors;
 };
 
 static struct wstats *g_st;
@@ -161,8 +161,12 @@ static int drain(int id, int l, int raw)
 		__atomic_add_fetch(&g_st[id].accepted, 1, __ATOMIC_RELAXED);
 		if (raw)
 			__atomic_add_fetch(&g_st[id].plain, 1, __ATOMIC_RELAXED);
-		if (getsockopt(c, SOL_SOCKET, SO_INCOMING_CPU, &cpu, &len) == 0 && cpu == self)
-			__atomic_add_fetch(&g_st[id].on_syn_cpu, 1, __ATOMIC_RELAXED);
+		/* syn_known: the kernel tells the SYN's CPU (SO_INCOMING_CPU: Linux >= 3.19) */
+		if (getsockopt(c, SOL_SOCKET, SO_INCOMING_CPU, &cpu, &len) == 0) {
+			__atomic_add_fetch(&g_st[id].syn_known, 1, __ATOMIC_RELAXED);
+			if (cpu == self)
+				__atomic_add_fetch(&g_st[id].on_syn_cpu, 1, __ATOMIC_RELAXED);
+		}
 		handle(c);
 		close(c);
 		if (g_die)	/* churn: SIGKILL, but between connections (see worker) */
@@ -278,12 +282,14 @@ static void print_serve(FILE *f)
 		t.spurious += g_st[i].spurious;
 		t.wakeups += g_st[i].wakeups;
 		t.on_syn_cpu += g_st[i].on_syn_cpu;
+		t.syn_known += g_st[i].syn_known;
 		t.plain += g_st[i].plain;
 		t.errors += g_st[i].errors;
 	}
-	fprintf(f, "serve: accepted=%lu wakeups=%lu spurious=%lu on_syn_cpu=%lu plain=%lu "
-		"errors=%lu kills=%lu restarts=%lu reloads=%lu repins=%lu\n", t.accepted, t.wakeups,
-		t.spurious, t.on_syn_cpu, t.plain, t.errors, g_kills, g_restarts, g_reloads, g_repins);
+	fprintf(f, "serve: accepted=%lu wakeups=%lu spurious=%lu on_syn_cpu=%lu syn_known=%lu "
+		"plain=%lu errors=%lu kills=%lu restarts=%lu reloads=%lu repins=%lu\n", t.accepted,
+		t.wakeups, t.spurious, t.on_syn_cpu, t.syn_known, t.plain, t.errors, g_kills,
+		g_restarts, g_reloads, g_repins);
 	fflush(f);
 }
 
@@ -491,9 +497,11 @@ static int one_request(const struct sockaddr_in *sa, struct lstats *s)
 		rc = 'b';
 		goto out;
 	}
-	s->rfd_seen++;
-	if (getsockopt(c, SOL_SOCKET, SO_INCOMING_CPU, &cpu, &len) == 0 && cpu == self)
-		s->rfd_local++;
+	/* rfd_seen: replies whose CPU the kernel tells (no SO_INCOMING_CPU before 3.19) */
+	if (getsockopt(c, SOL_SOCKET, SO_INCOMING_CPU, &cpu, &len) == 0) {
+		s->rfd_seen++;
+		s->rfd_local += cpu == self;
+	}
 out:
 	close(c);
 	return rc;

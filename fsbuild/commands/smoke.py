@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 @click.option("--config", "config", type=click.Choice(["mini", "debug"]), default="mini",
               show_default=True, help="Which build to boot: debug reads and writes out/<target>/debug/.")
 @click.option("--suite", type=click.Choice(["smoke", "stress"]), default="smoke", show_default=True,
-              help="stress: the smoke checks, then the guest stress scenarios (stress_* checks).")
+              help="stress: the smoke checks, then the guest stress scenarios (stress_* checks); "
+              "on the mini RPMs the verdict goes to out/<target>/stress/.")
 @click.option("--json", "as_json", is_flag=True, help="Print smoke.json on stdout.")
 def cmd(target_name: str | None, rpm_dir: Path | None, timeout: float | None, config: str,
         suite: str, as_json: bool) -> int:
@@ -41,7 +42,7 @@ def cmd(target_name: str | None, rpm_dir: Path | None, timeout: float | None, co
     try:
         verdict = smoke.run(tgt.name, rpm_dir, opts)
     except (SmokeBootError, SmokePanicError, SmokeTimeoutError, SmokeCheckError):
-        _echo_verdict(tgt.name, config, as_json)  # the checks that failed, before the one-line error
+        _echo_verdict(tgt.name, config, suite, as_json)  # the checks that failed, before the one-line error
         raise
     if as_json:
         click.echo(json.dumps(verdict.as_json(), indent=2))
@@ -50,10 +51,10 @@ def cmd(target_name: str | None, rpm_dir: Path | None, timeout: float | None, co
     return 0
 
 
-def _echo_verdict(target_name: str, config: str, as_json: bool) -> None:
-    from fsbuild import build
+def _echo_verdict(target_name: str, config: str, suite: str, as_json: bool) -> None:
+    from fsbuild import build, stress
 
-    path = build.profile_out(target_name, config) / "smoke.json"
+    path = stress.verdict_dir(build.profile_out(target_name, config), suite, config) / "smoke.json"
     if not path.is_file():
         return
     if as_json:

@@ -22,7 +22,8 @@
  *                kernel has TCP_MD5SIG); with a socket filter: no local (EOPNOTSUPP)
  *   efault       SOCKET/SPAWN answering to read-only memory: EFAULT, no fd, no local
  *   spawnrace    SPAWN races the close of the same CPU's local (KASAN/refcount splats)
- *   closedev     CLOSE of a non-socket fd (the device itself, a pipe): ENOTSOCK, fd kept
+ *   closedev     CLOSE of a non-socket fd (the device itself, a pipe): ENOTSOCK, fd kept;
+ *                of a unix or UDP socket: EOPNOTSUPP, fd kept
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -644,6 +645,14 @@ static void closedev(int ncpu)
 		fail("a refused CLOSE closed the pipe");
 	close(p[0]);
 	close(p[1]);
+	c.fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	if (!ioctl(g_dev, FSOCK_IOC_CLOSE, &c) || errno != EOPNOTSUPP || fcntl(c.fd, F_GETFD) < 0)
+		fail("CLOSE of a unix socket did not fail with EOPNOTSUPP, fd kept");
+	close(c.fd);
+	c.fd = socket(AF_INET, SOCK_DGRAM, 0);
+	if (!ioctl(g_dev, FSOCK_IOC_CLOSE, &c) || errno != EOPNOTSUPP || fcntl(c.fd, F_GETFD) < 0)
+		fail("CLOSE of a UDP socket did not fail with EOPNOTSUPP, fd kept");
+	close(c.fd);
 }
 
 struct race {

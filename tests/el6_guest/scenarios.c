@@ -19,6 +19,8 @@
  *                 reach it (its epoll entry still waits on the old CPU's local)
  *   repin_queued  connections queued on a worker's CPU before it is re-pinned (and
  *                 polled once from its new CPU before it spawns there) reach it
+ *   close_kinds   CLOSE refuses every fd but a TCP socket (device, pipe: ENOTSOCK; unix,
+ *                 UDP: EOPNOTSUPP) and leaves it open; a TCP socket it closes
  *   cpu_offline   connections queued on a CPU that goes offline reach another worker
  *                 (run it last: CPU 3 comes back, but its locals are gone)
  */
@@ -841,6 +843,43 @@ static int scenario_options(void)
 		      stat_col(1, 3) - before);
 }
 
+/* CLOSE of fd: 0, else the errno; *kept: the fd is still open afterwards. */
+static int close_ioctl(int fd, int *kept)
+{
+	struct fsock_close_args c = { .fd = fd };
+	int err = ioctl(dev, FSOCK_IOC_CLOSE, &c) ? errno : 0;
+
+	*kept = fcntl(fd, F_GETFD) >= 0;
+	return err;
+}
+
+static int scenario_close_kinds(void)
+{
+	struct fsock_socket_args s = { AF_INET, SOCK_STREAM, 0, -1 };
+	static const char *const kinds[] = { "the device", "a pipe", "a unix socket", "a udp socket" };
+	static const int want[] = { ENOTSOCK, ENOTSOCK, EOPNOTSUPP, EOPNOTSUPP };
+	int fds[4], p[2], i, err, kept;
+
+	if (pipe(p))
+		return result("close_kinds", 0, "pipe: %s", strerror(errno));
+	fds[0] = dev;
+	fds[1] = p[0];
+	fds[2] = socket(AF_UNIX, SOCK_STREAM, 0);
+	fds[3] = socket(AF_INET, SOCK_DGRAM, 0);
+	for (i = 0; i < 4; i++) {
+		err = close_ioctl(fds[i], &kept);
+		if (err != want[i] || !kept)
+			return result("close_kinds", 0, "CLOSE of %s: %s (want %s), fd %s", kinds[i],
+				      err ? strerror(err) : "succeeded", strerror(want[i]),
+				      kept ? "kept" : "closed");
+	}
+	if (ioctl(dev, FSOCK_IOC_SOCKET, &s))
+		return result("close_kinds", 0, "SOCKET: %s", strerror(errno));
+	err = close_ioctl(s.fd, &kept);
+	return result("close_kinds", !err && !kept, "device, pipe: ENOTSOCK; unix, udp: EOPNOTSUPP; "
+		      "TCP socket: %s, fd %s", err ? strerror(err) : "closed", kept ? "kept" : "gone");
+}
+
 typedef int (*scenario_fn)(void);
 
 static const struct {
@@ -857,6 +896,7 @@ static const struct {
 	{ "options", scenario_options },
 	{ "repin", scenario_repin },
 	{ "repin_queued", scenario_repin_queued },
+	{ "close_kinds", scenario_close_kinds },
 	{ "cpu_offline", scenario_cpu_offline },
 };
 
