@@ -92,6 +92,7 @@ class Plan:
     epoch: int                    # SOURCE_DATE_EPOCH
     inputs_hash: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    farm: farms.Farm | None = None  # where objects compile: never hashed, never in the SRPM
 
     @property
     def kver(self) -> str:
@@ -309,7 +310,7 @@ def make_plan(req: Request, upstream: Upstream | None = None) -> Plan:
 
 
 def inputs_hash(plan: Plan) -> str:
-    """sha256 over everything that shapes the packages (not -j, not paths)."""
+    """sha256 over everything that shapes the packages (not -j, not paths, not the farm)."""
     h = hashlib.sha256()
 
     def add(label: str, data: bytes | str) -> None:
@@ -756,7 +757,7 @@ def _build(req: Request, upstream: Upstream | None = None) -> Result:
     proc.which("rpmbuild")
     # After the cache check: an unchanged build needs no farm. Before anything long: an
     # unreachable host or a different compiler fails now, not an hour into make.
-    farm = farms.resolve(req.distcc, req.icecc, fallback=req.farm_fallback)
+    plan.farm = farm = farms.resolve(req.distcc, req.icecc, fallback=req.farm_fallback)
     phases = {"inputs": round(time.monotonic() - start, 2)}  # resolve upstream, hash inputs
     lay = out_layout(req.target.name, req.config)
     lay["out"].mkdir(parents=True, exist_ok=True)
@@ -771,25 +772,24 @@ def _build(req: Request, upstream: Upstream | None = None) -> Result:
     shutil.rmtree(lay["srcdir"], ignore_errors=True)
     phases["srpm"] = round(time.monotonic() - begin, 2)
     progress.info(f"rpm: SRPM {srpm}")
-    rpms = _run_builder(plan, srpm, lay, phases, farm)
+    rpms = _run_builder(plan, srpm, lay, phases)
     result = Result(req.target.name, plan.kver, rpms, srpm, lay["log"], req.builder,
                     plan.config.label, plan.inputs_hash, False, time.monotonic() - start, phases)
     atomic_write(lay["manifest"], (json.dumps(result.as_dict(), indent=2) + "\n").encode())
     return result
 
 
-def _run_builder(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, float],
-                 farm: farms.Farm | None = None) -> list[Path]:
+def _run_builder(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, float]) -> list[Path]:
     if plan.req.builder == "mock":
-        return _run_mock(plan, srpm, lay, phases, farm)
-    return _run_rpmbuild(plan, srpm, lay, phases, farm)
+        return _run_mock(plan, srpm, lay, phases)
+    return _run_rpmbuild(plan, srpm, lay, phases)
 
 
-def _run_mock(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, float],
-              farm: farms.Farm | None = None) -> list[Path]:
+def _run_mock(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, float]) -> list[Path]:
     cfg = lay["out"] / "mock.cfg"
     tmpfs_mb = 0 if plan.req.tmpfs is False else tree_bytes_needed(plan) // (1 << 20)
-    cfg.write_text(mock_config(plan.req.target, plan.extra["mock_baseurl"], plan.req.jobs, tmpfs_mb, farm))
+    cfg.write_text(mock_config(plan.req.target, plan.extra["mock_baseurl"], plan.req.jobs, tmpfs_mb,
+                               plan.farm))
     shutil.rmtree(lay["mock"], ignore_errors=True)
     phases.update(run_logged(mock_command(cfg, srpm, lay["mock"]), lay["log"],
                              build_env(plan.epoch), "mock"))
@@ -797,8 +797,7 @@ def _run_mock(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, fl
                     lay["rpms"])
 
 
-def _run_rpmbuild(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, float],
-                  farm: farms.Farm | None = None) -> list[Path]:
+def _run_rpmbuild(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, float]) -> list[Path]:
     topdir = lay["topdir"]
     shutil.rmtree(topdir, ignore_errors=True)
     ram = choose_scratch(plan)
@@ -808,8 +807,8 @@ def _run_rpmbuild(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str
     try:
         if scratch:
             progress.info(f"rpm: build tree in {scratch} (tmpfs; --no-tmpfs for the disk)")
-        cmd = rpmbuild_command(srpm, topdir, plan.req.jobs, plan.epoch, scratch, farm)
-        phases.update(run_logged(cmd, lay["log"], build_env(plan.epoch, farm), "rpmbuild"))
+        cmd = rpmbuild_command(srpm, topdir, plan.req.jobs, plan.epoch, scratch, plan.farm)
+        phases.update(run_logged(cmd, lay["log"], build_env(plan.epoch, plan.farm), "rpmbuild"))
         start = time.monotonic()
         rpms = _collect(sorted(topdir.glob("RPMS/*/*.rpm")), lay["rpms"])
     finally:
