@@ -359,12 +359,14 @@ def test_module_through_a_distcc_farm_is_bit_identical(farmnet: Farmnet, servers
     f = farm.resolve(" ".join(f"{d.addr}/1" for d in daemons), False)
     assert f is not None and f.jobs == 2
     kos = {}
+    # One source directory for both: WARN_ON/BUG records carry the source path.
+    src = tmp_path / "module"
+    shutil.copytree(ROOT / "module", src, ignore=shutil.ignore_patterns("tests"))
     for label, cc in (("local", []), ("farm", [f"CC={f.cc}"])):
-        src = tmp_path / label / "module"
-        shutil.copytree(ROOT / "module", src, ignore=shutil.ignore_patterns("tests"))
         env = {**os.environ, **(f.env if cc else {}), "LC_ALL": "C"}
-        subprocess.run(["make", f"-j{f.jobs}", "-C", str(linux61_kernel_devel), f"M={src}", *cc, "modules"],
-                       env=env, check=True, capture_output=True)
+        make = ["make", "-C", str(linux61_kernel_devel), f"M={src}", *cc]
+        subprocess.run([*make, "clean"], env=env, check=True, capture_output=True)
+        subprocess.run([*make, f"-j{f.jobs}", "modules"], env=env, check=True, capture_output=True)
         kos[label] = (src / "fastsocket.ko").read_bytes()
     assert kos["farm"] == kos["local"]
     ran = [job for d in daemons for job in d.jobs() if job != "fsbuild_probe.c"]
