@@ -372,3 +372,93 @@ def test_module_through_a_distcc_farm_is_bit_identical(farmnet: Farmnet, servers
     ran = [job for d in daemons for job in d.jobs() if job != "fsbuild_probe.c"]
     assert "fastsocket_main.c" in " ".join(ran), ran
     assert all(d.jobs() for d in daemons)  # every host of the farm compiled
+
+
+class Daemon:
+    """A daemon started in a test namespace; stop() ends it (and its directory)."""
+
+    def __init__(self, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.dir = workdir
+        self.proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _wait_listcs(host: str, name: str, timeout: float = 45.0) -> str:
+    """The scheduler's listcs once `name` has joined (daemons retry every few seconds)."""
+    end = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < end:
+        try:
+            text = farm.query_scheduler(host)
+        except BuildError:
+            text = ""
+        if any(h.name == name for h in farm.parse_listcs(text)):
+            return text
+        time.sleep(1)
+    raise AssertionError(f"{name} never joined the scheduler on {host}: {text!r}")
+
+
+@pytest.mark.slow
+def test_module_through_an_icecream_farm_is_bit_identical(farmnet: Farmnet, servers: list[object],
+                                                          linux61_kernel_devel: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """icecc-scheduler and a compile server in their own namespaces, the local iceccd in a
+    third: fsbuild finds the scheduler by broadcast (on the test bridge only), sizes -j from
+    its listcs, and fastsocket.ko compiled through the farm equals the local build; the
+    compile server's log shows the remote compilations.
+
+    The compile server stands for another, idle machine: its /proc/loadavg and /proc/stat
+    are frozen idle copies (a private mount namespace), since icecream gives no job to a host
+    whose load reads full, which this machine's (shared with every other build) does."""
+    require_tool("icecc", "iceccd", "icecc-scheduler", "unshare")
+    work = daemon_dir()
+    (sched_ns, sched), (cs_ns, _), (cl_ns, _) = farmnet.host(21), farmnet.host(22), farmnet.host(23)
+    servers.append(Daemon(["ip", "netns", "exec", sched_ns, "icecc-scheduler", "-l", str(work / "sched.log"), "-vv"],
+                          work))
+    (work / "loadavg").write_text("0.00 0.00 0.00 1/100 1\n")
+    shutil.copyfile("/proc/stat", work / "stat")
+    idle = (f"mount --bind {work}/loadavg /proc/loadavg && mount --bind {work}/stat /proc/stat && "
+            f"exec iceccd -s {sched} -m 2 -l {work}/cs.log -vv -b {work}/env-cs -N farmcs")
+    servers.append(Daemon(["ip", "netns", "exec", cs_ns, "unshare", "-m", "sh", "-c", idle], work,
+                          {"ICECC_TEST_SOCKET": str(work / "cs.sock")}))
+    local_sock = work / "local.sock"
+    servers.append(Daemon(["ip", "netns", "exec", cl_ns, "iceccd", "-s", sched, "-m", "0", "--no-remote",
+                           "-l", str(work / "local.log"), "-vv", "-b", str(work / "env-local"), "-N", "client"],
+                          work, {"ICECC_TEST_SOCKET": str(local_sock)}))
+    _wait_listcs(sched, "farmcs")
+    _wait_listcs(sched, "client")
+    assert farm.discover_scheduler(["10.97.0.255"]) == sched
+    monkeypatch.setenv("ICECC_TEST_SOCKET", str(local_sock))
+    monkeypatch.delenv("ICECC_SCHEDULER", raising=False)
+    try:
+        f = farm.icecc_farm(scheduler=sched)
+        assert f.jobs == 2 and f.cc == "icecc gcc" and f.env["ICECC_TEST_SOCKET"] == str(local_sock)
+        probe_jobs = _remote_jobs(work)
+        assert probe_jobs >= 1  # the probe compiled on the farm
+        src = tmp_path / "module"
+        shutil.copytree(ROOT / "module", src, ignore=shutil.ignore_patterns("tests"))
+        kos = {}
+        for label, cc in (("local", []), ("farm", [f"CC={f.cc}"])):
+            env = {**os.environ, **(f.env if cc else {}), "LC_ALL": "C"}
+            make = ["make", "-C", str(linux61_kernel_devel), f"M={src}", *cc]
+            subprocess.run([*make, "clean"], env=env, check=True, capture_output=True)
+            subprocess.run([*make, f"-j{f.jobs}", "modules"], env=env, check=True, capture_output=True)
+            kos[label] = (src / "fastsocket.ko").read_bytes()
+        assert kos["farm"] == kos["local"]
+        assert _remote_jobs(work) >= probe_jobs + 2  # fastsocket_main.c, the backend, the .mod.c
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _remote_jobs(work: Path) -> int:
+    """Compilations the compile server ran for others (its own log)."""
+    log = work / "cs.log"
+    return log.read_text(errors="replace").count("Remote compilation completed with exit code 0") if log.exists() else 0
