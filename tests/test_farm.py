@@ -129,6 +129,31 @@ def test_mock_config_gets_the_farm() -> None:
     assert "rpmbuild_networking" not in str(local["macros"]) and local.get("rpmbuild_networking") is False
 
 
+def test_farm_is_not_an_input_and_is_checked_before_the_srpm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same inputs hash with or without a farm (a farm build is the same build); an
+    unreachable farm stops `fsbuild rpm` before any SRPM or rpmbuild."""
+    require_tool("rpmbuild", "distcc")
+    import hashlib
+
+    from fsbuild.upstream import Upstream, _Entry, write_deterministic_tar
+    tarball = tmp_path / "linux-6.1.192.tar.gz"  # a Makefile is enough for plan and SRPM
+    write_deterministic_tar(tarball, "linux-6.1.192", [_Entry(
+        "Makefile", "file", data=b"VERSION = 6\nPATCHLEVEL = 1\nSUBLEVEL = 192\nEXTRAVERSION =\n")])
+    up = Upstream("linux-6.1", "6.1.192", tarball, "linux-6.1.192", hashlib.sha256(tarball.read_bytes()).hexdigest())
+
+    def _req(**kw: object) -> build.Request:
+        return build.Request(target.load("linux-6.1"), **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    port = _free_port()
+    local, farmed = build.make_plan(_req(), up), build.make_plan(_req(distcc=f"127.0.0.1:{port}"), up)
+    assert local.inputs_hash == farmed.inputs_hash
+    with pytest.raises(BuildError, match="unreachable"):
+        build.build(_req(distcc=f"127.0.0.1:{port}"), up)
+    lay = build.out_layout("linux-6.1")
+    assert not lay["srpm"].exists() and not lay["topdir"].exists()
+
+
 # ------------------------------------------------------------------ checks against real daemons
 
 def _free_port() -> int:
