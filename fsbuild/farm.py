@@ -146,8 +146,9 @@ def distcc_farm(hosts_text: str, probe: bool = True) -> Farm:
                                {"DISTCC_HOSTS": h.spec, "DISTCC_FALLBACK": "0",
                                 "DISTCC_SKIP_LOCAL_RETRY": "1", "DISTCC_BACKOFF_PERIOD": "0"})
     env = {"DISTCC_HOSTS": hosts_text, "DISTCC_FALLBACK": "0", "DISTCC_SKIP_LOCAL_RETRY": "1"}
-    return Farm("distcc", "distcc", distcc_slots(hosts), env,
-                f"distcc: {len(hosts)} host(s), {distcc_slots(hosts)} slots ({hosts_text})")
+    # +zeroconf hosts are only known to distcc at run time: count one default host for them
+    slots = distcc_slots(hosts) + sum(DISTCC_LIMIT for h in hosts if h.kind == "zeroconf")
+    return Farm("distcc", "distcc", slots, env, f"distcc: {len(hosts)} host(s), {slots} slots ({hosts_text})")
 
 
 # ------------------------------------------------------------------ icecream
