@@ -103,6 +103,8 @@ def test_spec_make_uses_the_launcher_only_when_defined(tmp_path: Path) -> None:
         with_cc = [line for line in lines if "CC=" in line and line.startswith("make")]
         assert len(with_cc) == 1 and f'CC="{launcher} gcc"' in with_cc[0] and "bzImage modules" in with_cc[0]
         assert "HOSTCC" not in " ".join(lines)
+        # distcc names its compiler x86_64-linux-gnu-gcc: the recorded version text stays gcc's
+        assert 'CC_VERSION_TEXT="$(LC_ALL=C gcc --version | head -n 1)"' in with_cc[0]
         assert any(f'"$(CC)" "{launcher} gcc"' in line for line in lines)
 
 
