@@ -7,6 +7,7 @@ APT_PKGS=(
   build-essential bc bison flex libelf-dev libssl-dev perl rsync kmod dwarves
   busybox-static musl-tools ethtool iproute2 wrk apache2-utils nginx-light
   dpkg-dev linux-source-6.1 rpmlint python3-rpm wiggle time sparse linux-headers-amd64
+  distcc icecc
 )
 BACKPORT_PKGS=(qemu-system-x86)
 

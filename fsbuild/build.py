@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from fsbuild import farm as farms
 from fsbuild import lock, paths, proc, progress, spec
 from fsbuild.errors import BuildError, FsbuildError, MissingFileError, PatchApplyError, RunInterruptedError, TargetError
 from fsbuild.fileio import atomic_write, walk_sorted
@@ -73,6 +74,9 @@ class Request:
     force: bool = False
     mock_baseurl: str | None = None
     tmpfs: bool | None = None     # build tree in RAM: None = when there is room
+    distcc: str | None = None     # DISTCC_HOSTS of a distcc farm
+    icecc: bool = False           # an icecream farm (scheduler: ICECC_SCHEDULER or broadcast)
+    farm_fallback: bool = False   # a farm failing its checks means a local build
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Plan:
     epoch: int                    # SOURCE_DATE_EPOCH
     inputs_hash: str = ""
     extra: dict[str, str] = field(default_factory=dict)
+    farm: farms.Farm | None = None  # where objects compile: never hashed, never in the SRPM
 
     @property
     def kver(self) -> str:
@@ -305,7 +310,7 @@ def make_plan(req: Request, upstream: Upstream | None = None) -> Plan:
 
 
 def inputs_hash(plan: Plan) -> str:
-    """sha256 over everything that shapes the packages (not -j, not paths)."""
+    """sha256 over everything that shapes the packages (not -j, not paths, not the farm)."""
     h = hashlib.sha256()
 
     def add(label: str, data: bytes | str) -> None:
@@ -400,9 +405,11 @@ def repro_defines(epoch: int) -> list[str]:
             "--define", "_binary_filedigest_algorithm 8"]
 
 
-def build_env(epoch: int) -> dict[str, str]:
+def build_env(epoch: int, farm: farms.Farm | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(SOURCE_DATE_EPOCH=str(epoch), LC_ALL="C", TZ="UTC")
+    if farm is not None:
+        env.update(farm.env)  # DISTCC_HOSTS, ICECC_SCHEDULER...: what the launcher reads
     env.pop("MAKEFLAGS", None)
     env.pop("MFLAGS", None)
     return env
@@ -429,14 +436,16 @@ def make_srpm(plan: Plan, srcdir: Path, srpm_dir: Path, log: Path) -> Path:
 # ------------------------------------------------------------------ builders
 
 def rpmbuild_command(srpm: Path, topdir: Path, jobs: int, epoch: int,
-                     scratch: Path | None = None) -> list[str]:
-    """`scratch`: where the build tree and build root go instead of topdir (a tmpfs)."""
+                     scratch: Path | None = None, farm: farms.Farm | None = None) -> list[str]:
+    """`scratch`: where the build tree and build root go instead of topdir (a tmpfs).
+    `farm`: make's CC through its launcher and -j sized to the farm's slots."""
     # --nodeps: Debian's rpm database knows no BuildRequires; the host tools are checked
     # by `fsbuild doctor` instead.
     where = ["--define", f"_builddir {scratch}/BUILD", "--define", f"_buildrootdir {scratch}/BUILDROOT"] \
         if scratch else []
-    return ["rpmbuild", "--rebuild", "--nodeps", "--define", f"_topdir {topdir}", *where,
-            "--define", f"_smp_mflags -j{jobs}", *repro_defines(epoch), str(srpm)]
+    launcher = ["--define", f"fsbuild_launcher {farm.launcher}"] if farm else []
+    return ["rpmbuild", "--rebuild", "--nodeps", "--define", f"_topdir {topdir}", *where, *launcher,
+            "--define", f"_smp_mflags -j{farm.jobs if farm else jobs}", *repro_defines(epoch), str(srpm)]
 
 
 # ------------------------------------------------------------------ build tree in RAM
@@ -529,7 +538,8 @@ def mock_baseurl(target: Target, override: str | None) -> str:
     return str(url).rstrip("/")
 
 
-def mock_config(target: Target, baseurl: str, jobs: int, tmpfs_mb: int = 0) -> str:
+def mock_config(target: Target, baseurl: str, jobs: int, tmpfs_mb: int = 0,
+                farm: farms.Farm | None = None) -> str:
     """A mock chroot config for CentOS 6.10 (EOL: packages from the vault at baseurl)."""
     rpm = target.section("rpm")
     if not rpm.get("mock_chroot"):
@@ -555,10 +565,12 @@ def mock_config(target: Target, baseurl: str, jobs: int, tmpfs_mb: int = 0) -> s
         "config_opts['use_bootstrap'] = False",
         "config_opts['use_bootstrap_image'] = False",
         "config_opts['rpmbuild_networking'] = False",
-        f"config_opts['macros']['%_smp_mflags'] = '-j{jobs}'",
+        f"config_opts['macros']['%_smp_mflags'] = '-j{farm.jobs if farm else jobs}'",
         f"config_opts['yum.conf'] = {conf!r}",
         f"config_opts['dnf.conf'] = {conf!r}",
     ]
+    if farm is not None:
+        lines += mock_farm_lines(farm)
     if tmpfs_mb:
         # mock's tmpfs plugin: chroot (~2 GiB of el6 build deps) and build tree in RAM;
         # mock itself skips it when the host has less than required_ram_mb.
@@ -566,6 +578,22 @@ def mock_config(target: Target, baseurl: str, jobs: int, tmpfs_mb: int = 0) -> s
                   f"config_opts['plugin_conf']['tmpfs_opts'] = {{'required_ram_mb': {tmpfs_mb + 2048}, "
                   f"'max_fs_size': '{tmpfs_mb + 2048}m', 'mode': '0755', 'keep_mounted': False}}"]
     return "\n".join(lines) + "\n"
+
+
+def mock_farm_lines(farm: farms.Farm) -> list[str]:
+    """The farm inside mock's chroot: the same launcher macro and environment as rpmbuild
+    gets, the engine's el6 client package, the network (mock cuts it off by default) and,
+    for icecream, the host iceccd's socket."""
+    lines = [f"config_opts['macros']['%fsbuild_launcher'] = {farm.launcher!r}",
+             "config_opts['rpmbuild_networking'] = True",
+             "config_opts['use_host_resolv'] = True",
+             f"config_opts['chroot_additional_packages'] = {farms.CHROOT_PACKAGES[farm.engine]!r}"]
+    lines += [f"config_opts['environment'][{k!r}] = {v!r}" for k, v in sorted(farm.env.items())]
+    if farm.engine == "icecc":
+        sock = str(farms.iceccd_socket().parent)
+        lines += ["config_opts['plugin_conf']['bind_mount_enable'] = True",
+                  f"config_opts['plugin_conf']['bind_mount_opts']['dirs'].append(({sock!r}, {sock!r}))"]
+    return lines
 
 
 def mock_command(cfg: Path, srpm: Path, resultdir: Path) -> list[str]:
@@ -727,6 +755,9 @@ def _build(req: Request, upstream: Upstream | None = None) -> Result:
         hit.duration_s = time.monotonic() - start
         return hit
     proc.which("rpmbuild")
+    # After the cache check: an unchanged build needs no farm. Before anything long: an
+    # unreachable host or a different compiler fails now, not an hour into make.
+    plan.farm = farm = farms.resolve(req.distcc, req.icecc, fallback=req.farm_fallback)
     phases = {"inputs": round(time.monotonic() - start, 2)}  # resolve upstream, hash inputs
     lay = out_layout(req.target.name, req.config)
     lay["out"].mkdir(parents=True, exist_ok=True)
@@ -734,6 +765,8 @@ def _build(req: Request, upstream: Upstream | None = None) -> Result:
     lay["log"].write_text(f"fsbuild rpm {req.target.name} inputs={plan.inputs_hash}\n")
     progress.info(f"rpm: {req.target.name} {plan.kver} (config {plan.config.label}, "
                   f"{len(plan.series)} patches, builder {req.builder}); log: {lay['log']}")
+    if farm is not None:
+        progress.info(f"rpm: compiling through {farm.where}: make -j{farm.jobs}")
     begin = time.monotonic()
     srpm = make_srpm(plan, lay["srcdir"], lay["srpm"], lay["log"])
     shutil.rmtree(lay["srcdir"], ignore_errors=True)
@@ -755,7 +788,8 @@ def _run_builder(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str,
 def _run_mock(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, float]) -> list[Path]:
     cfg = lay["out"] / "mock.cfg"
     tmpfs_mb = 0 if plan.req.tmpfs is False else tree_bytes_needed(plan) // (1 << 20)
-    cfg.write_text(mock_config(plan.req.target, plan.extra["mock_baseurl"], plan.req.jobs, tmpfs_mb))
+    cfg.write_text(mock_config(plan.req.target, plan.extra["mock_baseurl"], plan.req.jobs, tmpfs_mb,
+                               plan.farm))
     shutil.rmtree(lay["mock"], ignore_errors=True)
     phases.update(run_logged(mock_command(cfg, srpm, lay["mock"]), lay["log"],
                              build_env(plan.epoch), "mock"))
@@ -773,8 +807,8 @@ def _run_rpmbuild(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str
     try:
         if scratch:
             progress.info(f"rpm: build tree in {scratch} (tmpfs; --no-tmpfs for the disk)")
-        cmd = rpmbuild_command(srpm, topdir, plan.req.jobs, plan.epoch, scratch)
-        phases.update(run_logged(cmd, lay["log"], build_env(plan.epoch), "rpmbuild"))
+        cmd = rpmbuild_command(srpm, topdir, plan.req.jobs, plan.epoch, scratch, plan.farm)
+        phases.update(run_logged(cmd, lay["log"], build_env(plan.epoch, plan.farm), "rpmbuild"))
         start = time.monotonic()
         rpms = _collect(sorted(topdir.glob("RPMS/*/*.rpm")), lay["rpms"])
     finally:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 
-from fsbuild import proc
-from fsbuild.errors import ToolMissingError
+from fsbuild import farm, proc
+from fsbuild.errors import BuildError, ToolMissingError
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ TOOLS: tuple[Tool, ...] = (
     Tool("qemu-system-x86_64", "qemu-system-x86", ("smoke",), backports=True),
     Tool("ip", "iproute2", ("smoke",)),
     Tool("mock", "mock", ("rpm --builder mock",), optional=True),
+    # compile farms: the clients here; distccd / iceccd + icecc-scheduler run on the farm
+    Tool("distcc", "distcc", ("rpm --distcc",), optional=True),
+    Tool("icecc", "icecc", ("rpm --icecc",), optional=True),
 )
 
 
@@ -96,3 +100,36 @@ def install_command(missing: list[Tool]) -> str:
 
 def run_checks() -> list[Finding]:
     return [check_tool(t) for t in TOOLS]
+
+
+def engine_lines() -> list[str]:
+    """One line per compile-farm engine: what `fsbuild rpm --distcc/--icecc` would use.
+    Cheap: no probe compile; icecream's broadcast only when a local iceccd could use it."""
+    return [_distcc_line(), _icecc_line()]
+
+
+def _distcc_line() -> str:
+    if shutil.which("distcc") is None:
+        return "distcc  not installed (apt-get install distcc)"
+    hosts = os.environ.get("DISTCC_HOSTS", "").strip()
+    if not hosts:
+        return "distcc  ready; no DISTCC_HOSTS: name the farm with --distcc HOSTS"
+    try:
+        parsed = farm.parse_distcc_hosts(hosts)
+    except BuildError as exc:
+        return f"distcc  DISTCC_HOSTS={hosts}: {exc.message}"
+    return f"distcc  DISTCC_HOSTS={hosts} ({len(parsed)} hosts, {farm.distcc_slots(parsed)} slots)"
+
+
+def _icecc_line() -> str:
+    if shutil.which("icecc") is None:
+        return "icecc   not installed (apt-get install icecc)"
+    sock = farm.iceccd_socket()
+    if not farm.unix_listening(sock):
+        return f"icecc   no local iceccd at {sock}: start iceccd to use --icecc"
+    given = os.environ.get("ICECC_SCHEDULER")
+    where = f"ICECC_SCHEDULER={given}" if given else None
+    if where is None:
+        found = farm.discover_scheduler()
+        where = f"scheduler {found} (broadcast)" if found else "no scheduler answered the broadcast"
+    return f"icecc   local iceccd at {sock}; {where}"

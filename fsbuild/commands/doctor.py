@@ -21,11 +21,15 @@ def cmd(as_json: bool) -> None:
                        "needed_by": list(f.tool.needed_by), "optional": f.tool.optional}
                       for f in findings],
             "install": doctor.install_command(missing),
+            "engines": doctor.engine_lines(),
         }, indent=2))
     else:
         for f in findings:
             mark = "ok  " if f.ok else ("opt " if f.tool.optional else "MISS")
             click.echo(f"{mark} {f.tool.name:20} {f.detail}  (for {', '.join(f.tool.needed_by)})")
+        click.echo("\ncompile farms (fsbuild rpm --distcc HOSTS / --icecc):")
+        for line in doctor.engine_lines():
+            click.echo(f"     {line}")
         if not missing:
             click.echo("\nall required tools present")
     if missing:

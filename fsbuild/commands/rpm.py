@@ -24,11 +24,18 @@ from fsbuild.commands.common import complete_targets
 @click.option("--mock-baseurl", metavar="URL", help="CentOS 6.10 vault/mirror for --builder mock.")
 @click.option("--tmpfs/--no-tmpfs", default=None,
               help="Build tree in a tmpfs (/dev/shm). Default: when RAM has room for it.")
+@click.option("--distcc", "distcc", metavar="HOSTS",
+              help="Compile through distcc on HOSTS (DISTCC_HOSTS syntax: HOST[:PORT][/LIMIT] ...); "
+                   "-j becomes the farm's slots.")
+@click.option("--icecc", is_flag=True, help="Compile through icecream (local iceccd; scheduler "
+              "from $ICECC_SCHEDULER or found by broadcast); -j becomes the farm's slots.")
+@click.option("--farm-fallback", is_flag=True, help="Build locally when the farm fails its checks "
+              "(unreachable host, different compiler) instead of stopping.")
 @click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def cmd(target_name: str | None, source: str | None, config: str, builder: str,
         release_suffix: str | None, jobs: int, mock_baseurl: str | None, tmpfs: bool | None,
-        force: bool, as_json: bool) -> int:
+        distcc: str | None, icecc: bool, farm_fallback: bool, force: bool, as_json: bool) -> int:
     """Build kernel, kernel-devel and kernel-firmware RPMs (and the SRPM) into out/<target>/."""
     from fsbuild import build  # lazy: keeps `fsbuild --help` fast
 
@@ -36,7 +43,8 @@ def cmd(target_name: str | None, source: str | None, config: str, builder: str,
     tgt = targets.load(target_name)
     result = build.build(build.Request(tgt, source=source, config=config, builder=builder,
                                        release_suffix=release_suffix, jobs=jobs, force=force,
-                                       mock_baseurl=mock_baseurl, tmpfs=tmpfs))
+                                       mock_baseurl=mock_baseurl, tmpfs=tmpfs, distcc=distcc,
+                                       icecc=icecc, farm_fallback=farm_fallback))
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return 0
