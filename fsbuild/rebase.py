@@ -44,27 +44,23 @@ from fsbuild.errors import (
     WorkspaceError,
 )
 from fsbuild.fileio import atomic_write
-from fsbuild.target import Target
-from fsbuild.workspace import (
+from fsbuild.gitio import (
     CommitSpec,
     Content,
-    Entry,
     GitCat,
     Overlay,
     Reader,
-    Workspace,
-    apply_patch,
     clear_stale_git_locks,
     commit_diff,
-    commit_message,
     fast_commits,
     git,
     git_out,
-    read_series,
-    rerender,
-    update_series_file,
     write_tree_changes,
 )
+from fsbuild.render import apply_patch, commit_message, rerender
+from fsbuild.series import Entry, read_series, update_series_file
+from fsbuild.target import Target
+from fsbuild.workspace import Workspace
 
 OUTCOMES = ("clean", "offset", "merged", "upstream", "conflict")
 MARKER = re.compile(rb"^(<<<<<<<|>>>>>>>)( |$)", re.M)

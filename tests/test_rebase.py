@@ -16,8 +16,11 @@ from test_upstream import kernel_files, lines, make_tarball, makefile
 
 from fsbuild import rebase as R
 from fsbuild import upstream
+from fsbuild.gitio import Overlay, git_out, tree_reader
+from fsbuild.render import apply_patch
+from fsbuild.series import read_series
 from fsbuild.target import load
-from fsbuild.workspace import Overlay, Workspace, apply_patch, git_out, read_series, tree_reader
+from fsbuild.workspace import Workspace
 
 DESC = "From: Dev <dev@example.org>\nSubject: [PATCH] {name}\n\nWhy {name} exists.\n\nSigned-off-by: Dev <dev@example.org>\n---\n"
 
@@ -350,7 +353,7 @@ def _series_names(series: Path) -> list[str]:
 
 def _check_output_applies(real_state: Path, out: Path, names: list[str], new_version: str) -> None:
     """Every given output patch applies at fuzz 0, no offset, to the new upstream (git tree)."""
-    from fsbuild.workspace import GitCat
+    from fsbuild.gitio import GitCat
     repo = real_state / "rebase-plain"
     with GitCat(repo) as cat:
         tree = Overlay(cat.reader(f"upstream/{new_version}"))
@@ -413,7 +416,8 @@ def _bytes_diff(path: str, old: bytes, new: bytes, tmp: Path) -> bytes:
 def test_own_series_between_real_versions(debian, real_state: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Hand-made patches on real 6.1.170 files that 6.1.176 changed, one per outcome."""
     from fsbuild import patch as P
-    from fsbuild.workspace import GitCat, Workspace, git
+    from fsbuild.gitio import GitCat, git
+    from fsbuild.workspace import Workspace
     old, new = debian
     ws = Workspace(load("linux-6.1"), root=real_state / "rebase-plain")
     old_up = upstream.resolve(load("linux-6.1"), str(old.orig_tarball))
