@@ -1,12 +1,16 @@
-"""git plumbing for the workspace and the rebase: one `git` call shape (fixed identity
-and dates, errors mapped to fsbuild's classes), trees as Readers (a git tree through one
-long-lived `git cat-file --batch`, a work tree, an in-memory overlay), many commits in one
-`git fast-import` run, and the recovery of git locks a killed run left behind."""
+"""The repository layer: GitPython for the repository itself (Repo, refs, config, commits,
+its command object for every git run) with GitPython's exceptions mapped to fsbuild's
+classes in one place (`mapped`); the measured fast paths kept on that command object: one
+long-lived `git cat-file --batch` per repository (trees as Readers) and many commits in one
+`git fast-import` run. Also: the work tree and in-memory overlays as Readers, and the
+recovery of git locks a killed run left behind."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import signal
 import subprocess
 import threading
@@ -15,38 +19,161 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fsbuild import proc
-from fsbuild.errors import FsbuildError, LockHeldError, UnsafePathError, WorkspaceError
+# A host without git must get ToolMissingError on first use (one line), not GitPython's
+# ImportError at import time.
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+from git import Git, Repo
+from git.exc import (
+    BadName,
+    BadObject,
+    GitCommandError,
+    GitCommandNotFound,
+    GitError,
+    InvalidGitRepositoryError,
+    NoSuchPathError,
+)
+
+from fsbuild.errors import (
+    FsbuildError,
+    LockHeldError,
+    ToolMissingError,
+    UnsafePathError,
+    WorkspaceError,
+)
+
+_log = logging.getLogger(__name__)   # -v shows every git run, as proc.run does for the rest
 
 IDENT = "fsbuild <fsbuild@localhost> 1000000000 +0000"
 GIT_ENV = {"GIT_AUTHOR_NAME": "fsbuild", "GIT_AUTHOR_EMAIL": "fsbuild@localhost",
            "GIT_COMMITTER_NAME": "fsbuild", "GIT_COMMITTER_EMAIL": "fsbuild@localhost",
            "GIT_AUTHOR_DATE": "@1000000000 +0000", "GIT_COMMITTER_DATE": "@1000000000 +0000",
            "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
+GIT_MISSING = "git not found; run `fsbuild doctor` for the install command"
 
 Content = tuple[bytes, int] | None   # (bytes, mode) or None for "absent"
 Reader = Callable[[str], Content]
 
 
+# ---------------------------------------------------------------- GitPython, errors mapped once
+
+@contextmanager
+def mapped(error: type[FsbuildError] = WorkspaceError, what: str = "git") -> Iterator[None]:
+    """The one translation of GitPython's exceptions: git missing -> ToolMissingError, a
+    failed command -> `error` with git's last lines, no repository or no such object ->
+    WorkspaceError. Callers never see a GitPython exception."""
+    try:
+        yield
+    except GitCommandNotFound:
+        raise ToolMissingError(GIT_MISSING) from None
+    except GitCommandError as exc:
+        raise error(f"{what} failed (exit {exc.status}): {_tail(exc.stderr or exc.stdout)}") from None
+    except (InvalidGitRepositoryError, NoSuchPathError) as exc:
+        raise WorkspaceError(f"{exc}: not a git repository") from None
+    except (BadName, BadObject, ValueError) as exc:
+        raise WorkspaceError(f"{what}: {exc}") from None
+    except GitError as exc:
+        raise error(f"{what}: {exc}") from None
+
+
+def _tail(text: str | bytes) -> str:
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return " | ".join(lines[-3:]) or "no output"
+
+
+def command(repo: Path) -> Git:
+    """GitPython's command object for `repo` with the fixed identity and dates."""
+    g = Git(repo if repo.is_dir() else None)
+    g.update_environment(**GIT_ENV)
+    return g
+
+
+@contextmanager
+def repository(root: Path) -> Iterator[Repo]:
+    """The GitPython Repo of `root`; its persistent helper processes end with the block."""
+    with mapped(what=f"git repository {root}"):
+        repo = Repo(root)
+    repo.git.update_environment(**GIT_ENV)
+    try:
+        with mapped(what=f"git in {root}"):
+            yield repo
+    finally:
+        repo.close()
+
+
+def init_repo(root: Path, branch: str, config: dict[str, str]) -> None:
+    """A new repository at `root` on `branch` with `config` ("section.key": value) set."""
+    with mapped(what=f"git init {root}"):
+        repo = Repo.init(root, mkdir=True, initial_branch=branch)
+        try:
+            with repo.config_writer() as cw:
+                for key, value in config.items():
+                    section, _, option = key.rpartition(".")
+                    cw.set_value(section, option, value)
+        finally:
+            repo.close()
+
+
+def resolve(repo: Repo, rev: str) -> str | None:
+    """The object id `rev` names, None when it names nothing (`rev-parse -q --verify`)."""
+    try:
+        return repo.rev_parse(rev).hexsha
+    except (BadName, BadObject, ValueError, IndexError):
+        return None
+
+
+class Started:
+    """A long-running git (fast-import, cat-file --batch) started by GitPython's command
+    object; the caller talks to `popen`'s pipes. GitPython ends the process when this
+    object is dropped, so a caller keeps it for as long as it uses the process."""
+
+    def __init__(self, repo: Path, *args: str, stdin: bool = True) -> None:
+        argv = ["git", "-C", str(repo), *args]
+        _log.info("$ %s", shlex.join(argv))
+        with mapped(what=f"`git {shlex.join(args[:2])}`"):
+            self._auto = command(repo).execute(argv, istream=subprocess.PIPE if stdin else None,
+                                               as_process=True)
+        popen: subprocess.Popen[bytes] | None = self._auto.proc
+        assert popen is not None   # as_process: GitPython hands the started process back
+        self.popen = popen
+
+
 def git(repo: Path, *args: str, input: bytes | None = None, check: bool = True,
         error: type[FsbuildError] = WorkspaceError) -> subprocess.CompletedProcess[bytes]:
-    """git in `repo` with a fixed identity and dates (same content -> same commit ids)."""
-    env = {**os.environ, **GIT_ENV}
-    argv = ["git", "-C", str(repo), *args]
-    return proc.run(argv, env=env, input=input, error=error, check=check)
+    """git in `repo` with a fixed identity and dates (same content -> same commit ids); a
+    failure (with `check`) raises `error` naming the command and git's last lines."""
+    started = Started(repo, *args, stdin=input is not None)
+    popen = started.popen
+    try:
+        out, err = popen.communicate(input)
+    except BaseException:
+        popen.kill()
+        popen.wait()
+        raise
+    cp = subprocess.CompletedProcess(["git", "-C", str(repo), *args], popen.returncode, out, err)
+    if check and cp.returncode != 0:
+        status = (f"killed by {signal.Signals(-cp.returncode).name}" if cp.returncode < 0
+                  else f"exit {cp.returncode}")
+        shown = shlex.join(args[:2]) + ("…" if len(args) > 2 else "")
+        raise error(f"`git {shown}` in {repo} failed ({status}): {_tail(err or out)}")
+    return cp
 
 
 def git_out(repo: Path, *args: str) -> str:
     return git(repo, *args).stdout.decode().strip()
 
 
+# ---------------------------------------------------------------- trees as Readers
+
 class GitCat:
     """One persistent `git cat-file --batch` per repository; GitReader views share it."""
 
     def __init__(self, repo: Path) -> None:
         self.repo = repo
-        self._proc = subprocess.Popen(["git", "-C", str(repo), "cat-file", "--batch"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._started = Started(repo, "cat-file", "--batch")
+        self._proc = self._started.popen
         self._dirs: dict[tuple[str, str], dict[str, tuple[int, str]]] = {}
 
     def close(self) -> None:
@@ -54,6 +181,9 @@ class GitCat:
             assert self._proc.stdin is not None
             self._proc.stdin.close()
             self._proc.wait()
+        for pipe in (self._proc.stdout, self._proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
     def __enter__(self) -> GitCat:
         return self

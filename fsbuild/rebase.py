@@ -55,6 +55,7 @@ from fsbuild.gitio import (
     fast_commits,
     git,
     git_out,
+    repository,
     write_tree_changes,
 )
 from fsbuild.render import apply_patch, commit_message, rerender
@@ -408,9 +409,10 @@ def range_diff(repo: Path, plan: Plan) -> str:
     if not plan.old_commits or not plan.tip:
         return ""
     old_tip = plan.old_commits[-1]
-    cp = git(repo, "range-diff", "--no-color", f"{plan.old_base}..{old_tip}",
-             f"{plan.new_base}..{plan.tip}", check=False)
-    return cp.stdout.decode(errors="replace")
+    with repository(repo) as r:
+        out = r.git.range_diff("--no-color", f"{plan.old_base}..{old_tip}", f"{plan.new_base}..{plan.tip}",
+                               with_exceptions=False, strip_newline_in_stdout=False)
+    return str(out)
 
 
 def patch_json(r: Result) -> dict[str, object]:
@@ -639,7 +641,8 @@ class Rebase:
         self.ws.guard("rebase")   # not over a push or pop a killed run left half done
         repo = self.ws.root
         refs = _refs(repo)
-        head = git_out(repo, "rev-parse", "HEAD")
+        with repository(repo) as r:
+            head = r.head.commit.hexsha
         if self.ws.dirty():
             raise WorkspaceError("the workspace has unrefreshed changes: `fsbuild series refresh` first")
         new_base = self.ws.import_upstream(new_up)
@@ -807,8 +810,9 @@ class Rebase:
 
 
 def _refs(repo: Path) -> dict[str, str]:
-    out = git_out(repo, "for-each-ref", "--format=%(refname) %(objectname)")
-    return {ref: sha for ref, _, sha in (line.partition(" ") for line in out.splitlines() if line)}
+    """Every ref and the object it names (what --abort puts back)."""
+    with repository(repo) as r:
+        return {ref.path: ref.object.hexsha for ref in r.references}
 
 
 def set_version(toml: Path, full_version: str) -> None:

@@ -6,15 +6,13 @@ files). The commit message carries the tarball's digest, so a cached tag is chec
 from __future__ import annotations
 
 import io
-import os
-import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 from fsbuild import progress, upstream
 from fsbuild.errors import WorkspaceError
-from fsbuild.gitio import GIT_ENV, IDENT, fi_data, fi_path, git, git_out
+from fsbuild.gitio import IDENT, Started, fi_data, fi_path, git, git_out
 from fsbuild.upstream import Upstream, check_member
 
 DIGEST_TRAILER = "Fsbuild-Upstream-Digest"
@@ -43,12 +41,9 @@ def fast_import_tarball(root: Path, meta_dir: Path, up: Upstream) -> str:
     msg = commit_message(up)
     marks = meta_dir / "import.marks"
     # zlib level 1 and no deltas: the import is CPU-bound on compression otherwise
-    fi = subprocess.Popen(["git", "-C", str(root), "-c", "core.compression=1",
-                           "-c", "pack.compression=1", "fast-import", "--quiet", "--done",
-                           "--depth=0",
-                           "--force", f"--export-marks={marks}"],
-                          stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                          env={**os.environ, **GIT_ENV})
+    started = Started(root, "-c", "core.compression=1", "-c", "pack.compression=1", "fast-import",
+                      "--quiet", "--done", "--depth=0", "--force", f"--export-marks={marks}")
+    fi = started.popen
     assert fi.stdin is not None
     try:
         files = _stream_blobs(up, fi.stdin.write)

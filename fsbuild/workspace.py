@@ -36,6 +36,9 @@ from fsbuild.gitio import (
     deferred_signals,
     git,
     git_out,
+    init_repo,
+    repository,
+    resolve,
     tree_reader,
     write_tree_changes,
 )
@@ -66,6 +69,11 @@ class Intent:
 # the command that resolves an interrupted step (any other mutating command refuses)
 RESOLVED_BY = {"push": "pop", "pop": "pop", "refresh": "refresh"}
 READ_ONLY = ("list", "check", "export")
+
+
+def _text(message: str | bytes) -> str:
+    """A commit message as text (GitPython gives bytes for an undecodable one)."""
+    return message if isinstance(message, str) else message.decode(errors="replace")
 
 
 def _prune_empty_dirs(root: Path, d: Path) -> None:
@@ -215,10 +223,7 @@ class Workspace:
 
     def ensure_repo(self) -> None:
         if not self.exists:
-            self.root.mkdir(parents=True, exist_ok=True)
-            git(self.root, "init", "-q", "-b", "series")
-            git(self.root, "config", "gc.auto", "0")
-            git(self.root, "config", "core.autocrlf", "false")
+            init_repo(self.root, "series", {"gc.auto": "0", "core.autocrlf": "false"})
         self.meta_dir.mkdir(parents=True, exist_ok=True)
 
     def upstream_tag(self, up: Upstream) -> str:
@@ -227,18 +232,18 @@ class Workspace:
     def import_upstream(self, up: Upstream) -> str:
         """The commit of `up` (imported once; the digest trailer makes it cache-safe)."""
         self.ensure_repo()
-        tag = self.upstream_tag(up)
-        existing = git(self.root, "rev-parse", "-q", "--verify", f"refs/tags/{tag}^{{commit}}", check=False)
-        if existing.returncode == 0:
-            commit = existing.stdout.decode().strip()
-            if up.digest in git_out(self.root, "log", "-1", "--format=%B", commit):
-                return commit
-            tag = f"{tag}+{up.digest[:12]}"   # same version, other bytes: keep both
-            again = git(self.root, "rev-parse", "-q", "--verify", f"refs/tags/{tag}", check=False)
-            if again.returncode == 0:
-                return again.stdout.decode().strip()
-        commit = upstream_commit(self.root, self.meta_dir, up)
-        git(self.root, "tag", "-f", tag, commit)
+        with repository(self.root) as repo:
+            tag = self.upstream_tag(up)
+            commit = resolve(repo, f"refs/tags/{tag}^{{commit}}")
+            if commit is not None:
+                if up.digest in _text(repo.commit(commit).message):
+                    return commit
+                tag = f"{tag}+{up.digest[:12]}"   # same version, other bytes: keep both
+                again = resolve(repo, f"refs/tags/{tag}^{{commit}}")
+                if again is not None:
+                    return again
+            commit = upstream_commit(self.root, self.meta_dir, up)
+            repo.create_tag(tag, ref=commit, force=True)
         return commit
 
     def checkout(self, commit: str) -> None:
@@ -279,10 +284,10 @@ class Workspace:
     def applied(self, base: str | None = None) -> list[tuple[str, str]]:
         """(patch name, commit) from the upstream base (or `base`) to HEAD, bottom first."""
         base = base or self.require()["base"]
-        out = git_out(self.root, "log", "--reverse", "--format=%H%x00%B%x01", f"{base}..HEAD")
+        with repository(self.root) as repo:
+            commits = [(c.hexsha, _text(c.message)) for c in repo.iter_commits(f"{base}..HEAD", reverse=True)]
         stack = []
-        for record in filter(None, (r.strip() for r in out.split("\x01"))):
-            sha, _, body = record.partition("\x00")
+        for sha, body in commits:
             names = re.findall(rf"^{TRAILER}: (.+)$", body, re.M)
             if not names:
                 raise WorkspaceError(f"commit {sha[:12]} on the series branch names no patch "
