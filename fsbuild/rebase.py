@@ -212,6 +212,11 @@ class Plan:
     git_upstream: list[str] = field(default_factory=list)   # [repo, old ref, new ref] of a git upstream
     flushed: int = 0             # results whose commits exist (the rest is redone on resume)
 
+    def __post_init__(self) -> None:
+        # old commit -> its patch, filled by build_old in this process: not a field, so it
+        # stays out of rebase.json (a resumed plan reads the patches back from git)
+        self.old_patches: dict[str, OldPatch] = {}
+
 
 def _entries_of(plan_series: Path) -> list[Entry]:
     return read_series(plan_series)
@@ -295,12 +300,9 @@ def _annotate(cat: GitCat, plan: Plan, entries: list[Entry], folder: Path, i: in
         result.reason += f"; blocked by {result.blocked_by}"
 
 
-_OLD: dict[str, OldPatch] = {}   # old commit -> its patch, filled by build_old (same process)
-
-
 def _old_patch(cat: GitCat, plan: Plan, entries: list[Entry], folder: Path, i: int) -> OldPatch:
     """Patch i of the old series with its before/after files, read from the old commits."""
-    cached = _OLD.get(plan.old_commits[i])
+    cached = plan.old_patches.get(plan.old_commits[i])
     if cached is not None and cached.entry == entries[i]:
         return cached
     e = entries[i]
@@ -357,14 +359,18 @@ def _show_conflict(repo: Path, plan: Plan, changes: dict[str, Content]) -> None:
     write_tree_changes(repo, changes)
 
 
-def build_old(repo: Path, entries: list[Entry], folder: Path, old_base: str) -> list[str]:
+def build_old(repo: Path, entries: list[Entry], folder: Path, old_base: str,
+              cache: dict[str, OldPatch] | None = None) -> list[str]:
+    """The old series as commits on `old_base`; `cache` (a plan's old_patches) gets each
+    commit's patch with its before/after files, so the carry need not read them back."""
     with GitCat(repo) as cat:
         olds = apply_old(entries, folder, cat.reader(old_base))
     specs = [CommitSpec(old_base if k == 0 else k - 1, commit_message(o.data, o.entry.name), o.after)
              for k, o in enumerate(olds)]
     shas = fast_commits(repo, specs)
-    _OLD.clear()
-    _OLD.update(zip(shas, olds, strict=True))
+    if cache is not None:
+        cache.clear()
+        cache.update(zip(shas, olds, strict=True))
     return shas
 
 
@@ -514,9 +520,9 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
     t0 = time.monotonic()
     with clock("carry"):
         plan = Plan(series=str(series.resolve()), old_base=old_base, new_base=new_base,
-                    new_version=new_up.version, new_digest=new_up.digest,
-                    old_commits=build_old(ws.root, entries, series.parent, old_base),
+                    new_version=new_up.version, new_digest=new_up.digest, old_commits=[],
                     git_upstream=_git_range(old_src, new_src))
+        plan.old_commits = build_old(ws.root, entries, series.parent, old_base, plan.old_patches)
         run_carry(ws.root, plan, 0, stop_on_conflict=False, with_worktree=False)
     results = list(plan.results)
     with clock("export"):
@@ -662,7 +668,7 @@ class Rebase:
         entries = read_series(self.backup / manifest[str(self.target.series)])
         try:
             plan.old_commits = build_old(self.ws.root, entries, self.target.series.parent,
-                                         plan.old_base)
+                                         plan.old_base, plan.old_patches)
         except KeyboardInterrupt:
             raise RunInterruptedError("rebase interrupted; patches/ untouched: "
                                       "`fsbuild rebase --continue` resumes, `--abort` restores") from None

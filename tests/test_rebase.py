@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,34 @@ def test_plain_mode_each_outcome(tmp_path: Path) -> None:
         (kept / n).write_bytes((out / n).read_bytes())
     (kept / "series").write_text("".join(f"{n}\n" for n in names))
     assert_applies_exactly(kept / "series", tree)
+
+
+def test_old_series_cache_belongs_to_the_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each plan keeps the old patches build_old computed: a second plan built in the same
+    process (the old module-global cache was cleared by it) leaves the first one's intact,
+    so carrying the first reads no old patch back from git, and the results match."""
+    old_tb, new_tb, series, expected = build_case(tmp_path / "case")
+    make_target(tmp_path / "root", series)
+    monkeypatch.setenv("FSBUILD_ROOT", str(tmp_path / "root"))
+    target = load("t1")
+    ws = R.plain_workspace(target)
+    new_up = upstream.resolve(target, str(new_tb), "1.0.1-1")
+    old_base = ws.import_upstream(upstream.resolve(target, str(old_tb), strict=False))
+    new_base = ws.import_upstream(new_up)
+    entries = read_series(series)
+    plans = [R.Plan(series=str(series), old_base=old_base, new_base=new_base, new_version=new_up.version,
+                    new_digest=new_up.digest, old_commits=[]) for _ in range(2)]
+    for plan, subset in zip(plans, (entries, entries[:2]), strict=True):
+        plan.old_commits = R.build_old(ws.root, subset, series.parent, old_base, plan.old_patches)
+    assert len(plans[0].old_patches) == len(entries) and len(plans[1].old_patches) == 2
+    read_back: list[tuple[str, str]] = []
+    real = R._touched
+    monkeypatch.setattr(R, "_touched", lambda cat, a, b: read_back.append((a, b)) or real(cat, a, b))
+    R.run_carry(ws.root, plans[0], 0, stop_on_conflict=False, with_worktree=False)
+    assert {r.name: r.outcome for r in plans[0].results} == expected
+    pairs = list(zip([old_base, *plans[0].old_commits], plans[0].old_commits, strict=False))
+    assert not set(read_back) & set(pairs), "an old patch was read back from git: its plan lost the cache"
+    assert "old_patches" not in json.dumps(asdict(plans[0]))   # never written to rebase.json
 
 
 def test_plain_mode_no_conflict_exit_0(tmp_path: Path) -> None:
