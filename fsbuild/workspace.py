@@ -232,8 +232,8 @@ class Workspace:
     def import_upstream(self, up: Upstream) -> str:
         """The commit of `up` (imported once; the digest trailer makes it cache-safe)."""
         self.ensure_repo()
+        tag = self.upstream_tag(up)
         with repository(self.root) as repo:
-            tag = self.upstream_tag(up)
             commit = resolve(repo, f"refs/tags/{tag}^{{commit}}")
             if commit is not None:
                 if up.digest in _text(repo.commit(commit).message):
@@ -242,7 +242,8 @@ class Workspace:
                 again = resolve(repo, f"refs/tags/{tag}^{{commit}}")
                 if again is not None:
                     return again
-            commit = upstream_commit(self.root, self.meta_dir, up)
+        commit = upstream_commit(self.root, self.meta_dir, up)
+        with repository(self.root) as repo:
             repo.create_tag(tag, ref=commit, force=True)
         return commit
 
