@@ -476,13 +476,13 @@ def test_sparse_gigabyte_member_is_streamed(tmp_path: Path) -> None:
         import resource
         from fsbuild import upstream
         from fsbuild.target import load
-        from fsbuild.workspace import Workspace
+        from fsbuild.upstream_import import _stream_blobs
         up = upstream.resolve(load("linux-6.1"), {str(tb)!r})
         total = 0
         def sink(b):
             global total
             total += len(b)
-        Workspace(load("linux-6.1"))._stream_blobs(up, sink)
+        _stream_blobs(up, sink)
         print(total, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
