@@ -64,7 +64,9 @@ def bench_resolvers(old, new) -> None:  # type: ignore[no-untyped-def]
 
     from fsbuild import rebase as R
     from fsbuild import resolve as RS
-    from fsbuild.workspace import Entry, Overlay, apply_patch
+    from fsbuild.gitio import Overlay
+    from fsbuild.render import apply_patch
+    from fsbuild.series import Entry
     old_up = Overlay(_orig_reader(old.orig_tarball, STATE / "rxrpc" / old.version))
     new_up = _orig_reader(new.orig_tarball, STATE / "rxrpc" / new.version)
     debian = Overlay(new_up)
@@ -182,8 +184,10 @@ def main() -> int:
 
     from fsbuild import rebase as R
     from fsbuild import upstream
+    from fsbuild.gitio import git
+    from fsbuild.series import read_series
     from fsbuild.target import load
-    from fsbuild.workspace import Workspace, git, read_series
+    from fsbuild.workspace import Workspace
 
     try:
         old, new = debsrc.fetch("6.1.170-3"), debsrc.fetch("6.1.176-1")

@@ -44,27 +44,24 @@ from fsbuild.errors import (
     WorkspaceError,
 )
 from fsbuild.fileio import atomic_write
-from fsbuild.target import Target
-from fsbuild.workspace import (
+from fsbuild.gitio import (
     CommitSpec,
     Content,
-    Entry,
     GitCat,
     Overlay,
     Reader,
-    Workspace,
-    apply_patch,
     clear_stale_git_locks,
     commit_diff,
-    commit_message,
     fast_commits,
     git,
     git_out,
-    read_series,
-    rerender,
-    update_series_file,
+    repository,
     write_tree_changes,
 )
+from fsbuild.render import apply_patch, commit_message, rerender
+from fsbuild.series import Entry, read_series, update_series_file
+from fsbuild.target import Target
+from fsbuild.workspace import Workspace
 
 OUTCOMES = ("clean", "offset", "merged", "upstream", "conflict")
 MARKER = re.compile(rb"^(<<<<<<<|>>>>>>>)( |$)", re.M)
@@ -215,6 +212,11 @@ class Plan:
     git_upstream: list[str] = field(default_factory=list)   # [repo, old ref, new ref] of a git upstream
     flushed: int = 0             # results whose commits exist (the rest is redone on resume)
 
+    def __post_init__(self) -> None:
+        # old commit -> its patch, filled by build_old in this process: not a field, so it
+        # stays out of rebase.json (a resumed plan reads the patches back from git)
+        self.old_patches: dict[str, OldPatch] = {}
+
 
 def _entries_of(plan_series: Path) -> list[Entry]:
     return read_series(plan_series)
@@ -298,12 +300,9 @@ def _annotate(cat: GitCat, plan: Plan, entries: list[Entry], folder: Path, i: in
         result.reason += f"; blocked by {result.blocked_by}"
 
 
-_OLD: dict[str, OldPatch] = {}   # old commit -> its patch, filled by build_old (same process)
-
-
 def _old_patch(cat: GitCat, plan: Plan, entries: list[Entry], folder: Path, i: int) -> OldPatch:
     """Patch i of the old series with its before/after files, read from the old commits."""
-    cached = _OLD.get(plan.old_commits[i])
+    cached = plan.old_patches.get(plan.old_commits[i])
     if cached is not None and cached.entry == entries[i]:
         return cached
     e = entries[i]
@@ -360,14 +359,18 @@ def _show_conflict(repo: Path, plan: Plan, changes: dict[str, Content]) -> None:
     write_tree_changes(repo, changes)
 
 
-def build_old(repo: Path, entries: list[Entry], folder: Path, old_base: str) -> list[str]:
+def build_old(repo: Path, entries: list[Entry], folder: Path, old_base: str,
+              cache: dict[str, OldPatch] | None = None) -> list[str]:
+    """The old series as commits on `old_base`; `cache` (a plan's old_patches) gets each
+    commit's patch with its before/after files, so the carry need not read them back."""
     with GitCat(repo) as cat:
         olds = apply_old(entries, folder, cat.reader(old_base))
     specs = [CommitSpec(old_base if k == 0 else k - 1, commit_message(o.data, o.entry.name), o.after)
              for k, o in enumerate(olds)]
     shas = fast_commits(repo, specs)
-    _OLD.clear()
-    _OLD.update(zip(shas, olds, strict=True))
+    if cache is not None:
+        cache.clear()
+        cache.update(zip(shas, olds, strict=True))
     return shas
 
 
@@ -412,9 +415,10 @@ def range_diff(repo: Path, plan: Plan) -> str:
     if not plan.old_commits or not plan.tip:
         return ""
     old_tip = plan.old_commits[-1]
-    cp = git(repo, "range-diff", "--no-color", f"{plan.old_base}..{old_tip}",
-             f"{plan.new_base}..{plan.tip}", check=False)
-    return cp.stdout.decode(errors="replace")
+    with repository(repo) as r:
+        out = r.git.range_diff("--no-color", f"{plan.old_base}..{old_tip}", f"{plan.new_base}..{plan.tip}",
+                               with_exceptions=False, strip_newline_in_stdout=False)
+    return str(out)
 
 
 def patch_json(r: Result) -> dict[str, object]:
@@ -516,9 +520,9 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
     t0 = time.monotonic()
     with clock("carry"):
         plan = Plan(series=str(series.resolve()), old_base=old_base, new_base=new_base,
-                    new_version=new_up.version, new_digest=new_up.digest,
-                    old_commits=build_old(ws.root, entries, series.parent, old_base),
+                    new_version=new_up.version, new_digest=new_up.digest, old_commits=[],
                     git_upstream=_git_range(old_src, new_src))
+        plan.old_commits = build_old(ws.root, entries, series.parent, old_base, plan.old_patches)
         run_carry(ws.root, plan, 0, stop_on_conflict=False, with_worktree=False)
     results = list(plan.results)
     with clock("export"):
@@ -643,7 +647,8 @@ class Rebase:
         self.ws.guard("rebase")   # not over a push or pop a killed run left half done
         repo = self.ws.root
         refs = _refs(repo)
-        head = git_out(repo, "rev-parse", "HEAD")
+        with repository(repo) as r:
+            head = r.head.commit.hexsha
         if self.ws.dirty():
             raise WorkspaceError("the workspace has unrefreshed changes: `fsbuild series refresh` first")
         new_base = self.ws.import_upstream(new_up)
@@ -663,7 +668,7 @@ class Rebase:
         entries = read_series(self.backup / manifest[str(self.target.series)])
         try:
             plan.old_commits = build_old(self.ws.root, entries, self.target.series.parent,
-                                         plan.old_base)
+                                         plan.old_base, plan.old_patches)
         except KeyboardInterrupt:
             raise RunInterruptedError("rebase interrupted; patches/ untouched: "
                                       "`fsbuild rebase --continue` resumes, `--abort` restores") from None
@@ -811,8 +816,9 @@ class Rebase:
 
 
 def _refs(repo: Path) -> dict[str, str]:
-    out = git_out(repo, "for-each-ref", "--format=%(refname) %(objectname)")
-    return {ref: sha for ref, _, sha in (line.partition(" ") for line in out.splitlines() if line)}
+    """Every ref and the object it names (what --abort puts back)."""
+    with repository(repo) as r:
+        return {ref.path: ref.object.hexsha for ref in r.references}
 
 
 def set_version(toml: Path, full_version: str) -> None:

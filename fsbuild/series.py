@@ -15,7 +15,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fsbuild import journal
@@ -27,6 +27,7 @@ from fsbuild.errors import (
     RunInterruptedError,
     UnsafePathError,
 )
+from fsbuild.fileio import atomic_write
 from fsbuild.patch import (
     FilePatch,
     Hunk,
@@ -607,3 +608,45 @@ def apply_series(series: Series, tree_dir: Path, fuzz: int = 0, dry_run: bool = 
     if not dry_run:
         commit(tree_dir, tree.changes(), hook, guard)
     return reports
+
+
+# ---------------------------------------------------------------- the workspace's view
+
+@dataclass(frozen=True)
+class Entry:
+    name: str      # relative to the series file's folder
+    strip: int = 1
+
+
+def read_series(series: Path) -> list[Entry]:
+    """Entries of a quilt series file (comments, blank lines, -pN). A `-R` entry has no
+    faithful commit form (refresh would write the reversed diff under a `-R` line), so
+    the workspace refuses it rather than apply it forward."""
+    entries = parse_series(series, check_files=False).entries
+    for e in entries:
+        if e.reverse:
+            raise PatchFormatError(f"{series}:{e.lineno}: {e.name} -R: reversed entries work with "
+                                   "`fsbuild apply` and `fsbuild rpm`, not in the git workspace "
+                                   "(store the patch inverted instead)")
+    return [Entry(e.name, e.strip) for e in entries]
+
+
+
+def update_series_file(series: Path, entries: list[Entry]) -> None:
+    """Write `entries` through fsbuild.series.write_series, the one series writer: entries
+    already in the file keep their line (comments, spacing) and place, dropped ones lose
+    only their own line, new ones go after the entry before them."""
+    if series.is_file():
+        parsed = parse_series(series, check_files=False)
+    else:
+        parsed = Series(series, [])
+    pool: dict[str, list[SeriesEntry]] = {}
+    for se in parsed.entries:
+        pool.setdefault(se.name, []).append(se)
+    chosen: list[SeriesEntry] = []
+    for e in entries:
+        same_name = pool.get(e.name)
+        se = same_name.pop(0) if same_name else SeriesEntry(e.name, e.strip)
+        chosen.append(se if se.strip == e.strip else replace(se, strip=e.strip))
+    parsed.entries = chosen
+    atomic_write(series, write_series(parsed).encode("utf-8", "surrogateescape"))

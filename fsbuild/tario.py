@@ -1,14 +1,28 @@
 """The one deterministic tar.gz writer: same entries -> same bytes (the order given, fixed
-owner and mtime, gzip header mtime 0). Upstream snapshots and the module tarball use it."""
+owner and mtime, gzip header mtime 0). Upstream snapshots (whose file streams may also feed
+the object store as they are read) and the module tarball use it."""
 
 from __future__ import annotations
 
 import gzip
 import tarfile
 from collections.abc import Iterable
+from types import TracebackType
 from typing import IO, Protocol
 
 _KINDS = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "file": tarfile.REGTYPE}
+
+
+class Readable(Protocol):
+    """A member's content: read in chunks by tarfile, closed once the member is written
+    (a plain file, or a stream that does more with the bytes it hands out)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def __enter__(self) -> Readable: ...
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None, /) -> object: ...
 
 
 class TarSource(Protocol):
@@ -21,7 +35,7 @@ class TarSource(Protocol):
 
     def size(self) -> int: ...
 
-    def open(self) -> IO[bytes]: ...
+    def open(self) -> Readable: ...
 
 
 def tar_info(name: str, kind: bytes, mode: int, mtime: int) -> tarfile.TarInfo:

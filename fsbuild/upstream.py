@@ -9,7 +9,6 @@ same content always yields the same digest."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -26,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import TracebackType
 from typing import IO, BinaryIO
 
 from fsbuild import paths, proc, progress
@@ -34,6 +34,7 @@ from fsbuild.fileio import atomic_write, sha256_file, walk_sorted
 from fsbuild.initramfs import iter_newc_headers
 from fsbuild.patch import resolves_inside, safe_relpath
 from fsbuild.target import Target
+from fsbuild.tario import Readable, write_tar_gz
 
 CHUNK = 1 << 20
 FIXED_MTIME = 1_000_000_000  # 2001-09-09: deterministic tarballs need *some* constant
@@ -832,52 +833,63 @@ def _from_entries(target: str, entries: list[_Entry], where: str) -> Upstream:
 
 def write_deterministic_tar(out: Path, topdir: str, entries: list[_Entry],
                             blobs: _Blobs | None = None) -> dict[str, tuple[int, str]]:
-    """Same entries -> same bytes: sorted names, fixed mtime/owner, gzip header mtime 0.
-    With `blobs`, every file and link also goes to the store: path -> (mode, blob ref)."""
+    """Same entries -> same bytes (tario's writer). With `blobs`, every file and link also
+    goes to the store as it is read: path -> (mode, blob ref)."""
     files: dict[str, tuple[int, str]] = {}
-    with open(out, "wb") as raw, \
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        tf.addfile(_info(topdir, tarfile.DIRTYPE, 0o755))
-        for e in entries:
-            name = f"{topdir}/{e.name}"
-            if e.kind == "dir":
-                tf.addfile(_info(name, tarfile.DIRTYPE, 0o755))
-            elif e.kind == "symlink":
-                info = _info(name, tarfile.SYMTYPE, 0o777)
-                info.linkname = e.link
-                tf.addfile(info)
-                if blobs is not None:
-                    files[e.name] = (0o120000, blobs.small(e.link.encode()))
-            else:
-                info = _info(name, tarfile.REGTYPE, e.mode)
-                info.size = e.size()
-                with e.open() as fh:
-                    if blobs is None:
-                        tf.addfile(info, fh)
-                    elif info.size <= SMALL:
-                        data = fh.read(info.size)
-                        if len(data) != info.size:
-                            raise UpstreamError(f"{e.name}: changed while it was read")
-                        tf.addfile(info, io.BytesIO(data))
-                        files[e.name] = (0o100000 | e.mode, blobs.small(data))
-                    else:
-                        tee = _Tee(fh, blobs, info.size)
-                        tf.addfile(info, tee)
-                        files[e.name] = (0o100000 | e.mode, tee.done())
+    sources = entries if blobs is None else (_StoreFeed(e, blobs, files) for e in entries)
+    with open(out, "wb") as raw:
+        write_tar_gz(raw, sources, mtime=FIXED_MTIME, topdir=topdir)
     return files
+
+
+class _StoreFeed:
+    """An entry whose bytes also go to the store while tario reads them: links and small
+    files as whole blobs, large files streamed (never held whole)."""
+
+    def __init__(self, e: _Entry, blobs: _Blobs, files: dict[str, tuple[int, str]]) -> None:
+        self.e, self.blobs, self.files = e, blobs, files
+        self.name, self.kind, self.mode, self.link = e.name, e.kind, e.mode, e.link
+        if e.kind == "symlink":
+            files[e.name] = (0o120000, blobs.small(e.link.encode()))
+
+    def size(self) -> int:
+        return self.e.size()
+
+    def open(self) -> Readable:
+        size = self.e.size()
+        fh = self.e.open()
+        if size > SMALL:
+            return _Tee(fh, self.blobs, size, lambda ref: self._add(ref))
+        with fh:
+            data = fh.read(size)
+        if len(data) != size:
+            raise UpstreamError(f"{self.e.name}: changed while it was read")
+        self._add(self.blobs.small(data))
+        return io.BytesIO(data)
+
+    def _add(self, ref: str) -> None:
+        self.files[self.e.name] = (0o100000 | self.e.mode, ref)
 
 
 class _Tee:
     """A large file read by tarfile.addfile whose bytes also stream to fast-import as one
-    blob (never held whole)."""
+    blob (never held whole); `added` hears the blob's ref once the file is read."""
 
-    def __init__(self, fh: IO[bytes], blobs: _Blobs, size: int) -> None:
-        self.fh, self.blobs, self.h, self.left = fh, blobs, hashlib.sha256(), size
+    def __init__(self, fh: IO[bytes], blobs: _Blobs, size: int, added: Callable[[str], None]) -> None:
+        self.fh, self.blobs, self.h, self.left, self.added = fh, blobs, hashlib.sha256(), size, added
         self.mark = len(blobs.fresh) + 1
         blobs.write(b"blob\nmark :%d\ndata %d\n" % (self.mark, size))
 
-    def read(self, n: int = -1) -> bytes:
+    def __enter__(self) -> _Tee:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None, /) -> None:
+        self.fh.close()
+        if t is None:
+            self.added(self.done())
+
+    def read(self, n: int = -1, /) -> bytes:
         chunk = self.fh.read(min(n, self.left) if n >= 0 else self.left)
         self.h.update(chunk)
         self.blobs.write(chunk)
@@ -889,14 +901,6 @@ class _Tee:
             raise UpstreamError("a file shrank while it was read")
         self.blobs.write(b"\n")
         return self.blobs._added(self.mark, self.h.digest())
-
-
-def _info(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.mode, info.mtime = kind, mode, FIXED_MTIME
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    return info
 
 
 # ---------------------------------------------------------------- the shared object store

@@ -10,25 +10,17 @@ from the work tree or from any git tree (GitReader), so push/check/rebase agree 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import signal
-import subprocess
-import tarfile
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fsbuild import lock, paths, proc, progress, upstream
+from fsbuild import lock, paths
 from fsbuild import patch as P
-from fsbuild import series as S
 from fsbuild.errors import (
-    FsbuildError,
-    LockHeldError,
     MissingFileError,
     PatchApplyError,
     PatchFormatError,
@@ -36,347 +28,25 @@ from fsbuild.errors import (
     WorkspaceError,
 )
 from fsbuild.fileio import atomic_write
+from fsbuild.gitio import (
+    GitCat,
+    Overlay,
+    clear_stale_git_locks,
+    commit_diff,
+    deferred_signals,
+    git,
+    git_out,
+    init_repo,
+    repository,
+    resolve,
+    tree_reader,
+    write_tree_changes,
+)
+from fsbuild.render import TRAILER, Applied, apply_patch, commit_message, rerender
+from fsbuild.series import Entry, read_series, update_series_file
 from fsbuild.target import Target
-from fsbuild.upstream import Upstream, check_member
-
-TRAILER = "Fsbuild-Patch"
-DIGEST_TRAILER = "Fsbuild-Upstream-Digest"
-IDENT = "fsbuild <fsbuild@localhost> 1000000000 +0000"
-GIT_ENV = {"GIT_AUTHOR_NAME": "fsbuild", "GIT_AUTHOR_EMAIL": "fsbuild@localhost",
-           "GIT_COMMITTER_NAME": "fsbuild", "GIT_COMMITTER_EMAIL": "fsbuild@localhost",
-           "GIT_AUTHOR_DATE": "@1000000000 +0000", "GIT_COMMITTER_DATE": "@1000000000 +0000",
-           "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}
-
-Content = tuple[bytes, int] | None   # (bytes, mode) or None for "absent"
-Reader = Callable[[str], Content]
-
-
-# ---------------------------------------------------------------- git plumbing
-
-def git(repo: Path, *args: str, input: bytes | None = None, check: bool = True,
-        error: type[FsbuildError] = WorkspaceError) -> subprocess.CompletedProcess[bytes]:
-    """git in `repo` with a fixed identity and dates (same content -> same commit ids)."""
-    env = {**os.environ, **GIT_ENV}
-    argv = ["git", "-C", str(repo), *args]
-    return proc.run(argv, env=env, input=input, error=error, check=check)
-
-
-def git_out(repo: Path, *args: str) -> str:
-    return git(repo, *args).stdout.decode().strip()
-
-
-class GitCat:
-    """One persistent `git cat-file --batch` per repository; GitReader views share it."""
-
-    def __init__(self, repo: Path) -> None:
-        self.repo = repo
-        self._proc = subprocess.Popen(["git", "-C", str(repo), "cat-file", "--batch"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self._dirs: dict[tuple[str, str], dict[str, tuple[int, str]]] = {}
-
-    def close(self) -> None:
-        if self._proc.poll() is None:
-            assert self._proc.stdin is not None
-            self._proc.stdin.close()
-            self._proc.wait()
-
-    def __enter__(self) -> GitCat:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def object(self, name: str) -> tuple[str, str, bytes] | None:
-        """(sha, type, data) of any object name git understands, None when missing."""
-        assert self._proc.stdin is not None and self._proc.stdout is not None
-        self._proc.stdin.write(name.encode() + b"\n")
-        self._proc.stdin.flush()
-        header = self._proc.stdout.readline().split()
-        if len(header) < 3 or header[1] == b"missing":
-            return None
-        data = self._proc.stdout.read(int(header[2]) + 1)[:-1]
-        return header[0].decode(), header[1].decode(), data
-
-    def reader(self, treeish: str) -> GitReader:
-        obj = self.object(f"{treeish}^{{tree}}")
-        if obj is None:
-            raise WorkspaceError(f"{treeish}: no such tree in {self.repo}")
-        return GitReader(self, obj[0])
-
-    def listing(self, tree: str, dirpath: str) -> dict[str, tuple[int, str]]:
-        key = (tree, dirpath)
-        if key not in self._dirs:
-            if dirpath:
-                parent, _, base = dirpath.rpartition("/")
-                entry = self.listing(tree, parent).get(base)
-                sha = entry[1] if entry and entry[0] == 0o40000 else None
-            else:
-                sha = tree
-            obj = self.object(sha) if sha else None
-            self._dirs[key] = _parse_tree(obj[2]) if obj and obj[1] == "tree" else {}
-        return self._dirs[key]
-
-
-class GitReader:
-    """Reads the files of one git tree (a Reader); modes come from the tree objects."""
-
-    def __init__(self, cat: GitCat, tree: str) -> None:
-        self.cat, self.tree = cat, tree
-
-    def isdir(self, path: str) -> bool:
-        parent, _, base = path.rpartition("/")
-        entry = self.cat.listing(self.tree, parent).get(base)
-        return entry is not None and entry[0] == 0o40000
-
-    def __call__(self, path: str) -> Content:
-        parent, _, base = path.rpartition("/")
-        entry = self.cat.listing(self.tree, parent).get(base)
-        if entry is None or entry[0] == 0o40000:
-            return None
-        obj = self.cat.object(entry[1])
-        return (obj[2], entry[0]) if obj else None
-
-
-def _parse_tree(data: bytes) -> dict[str, tuple[int, str]]:
-    out: dict[str, tuple[int, str]] = {}
-    i = 0
-    while i < len(data):
-        sp = data.index(b" ", i)
-        nul = data.index(b"\0", sp)
-        mode = int(data[i:sp], 8)
-        out[data[sp + 1:nul].decode(errors="surrogateescape")] = (mode, data[nul + 1:nul + 21].hex())
-        i = nul + 21
-    return out
-
-
-def tree_reader(root: Path) -> Reader:
-    """Reads files of a work tree, refusing paths that leave it through symlinks."""
-    real_root = root.resolve()
-
-    class _Read:
-        def isdir(self, path: str) -> bool:
-            return (root / path).is_dir() and not (root / path).is_symlink()
-
-        def __call__(self, path: str) -> Content:
-            return read(path)
-
-    def read(path: str) -> Content:
-        full = root / path
-        try:
-            if not full.resolve().is_relative_to(real_root):
-                raise UnsafePathError(f"{path}: leads outside the tree through a symlink")
-            st = full.lstat()
-        except FileNotFoundError:
-            return None
-        if not full.is_file():
-            return None
-        return full.read_bytes(), 0o100755 if st.st_mode & 0o100 else 0o100644
-
-    return _Read()
-
-
-def _fi_path(path: str) -> bytes:
-    """fast-import path: C-quote when it could be misread."""
-    if any(c in path for c in '"\n\\') or path.startswith(" "):
-        return json.dumps(path).encode()
-    return path.encode()
-
-
-def _fi_data(data: bytes) -> bytes:
-    return b"data %d\n" % len(data) + data + b"\n"
-
-
-@dataclass
-class CommitSpec:
-    """A commit for fast_commits: parent is a sha, or an int index into the batch."""
-
-    parent: str | int
-    message: str
-    changes: dict[str, Content] = field(default_factory=dict)
-
-
-def fast_commits(repo: Path, specs: list[CommitSpec]) -> list[str]:
-    """Create the commits in one `git fast-import` run; returns their shas."""
-    if not specs:
-        return []
-    marks = repo / ".git" / "fsbuild" / "fi.marks"
-    marks.parent.mkdir(parents=True, exist_ok=True)
-    chunks: list[bytes] = [b"feature done\n"]
-    for n, spec in enumerate(specs, 1):
-        parent = f":{spec.parent + 1}" if isinstance(spec.parent, int) else spec.parent
-        chunks.append(b"commit refs/fsbuild/fast-import\nmark :%d\n" % n)
-        chunks.append(f"author {IDENT}\ncommitter {IDENT}\n".encode())
-        chunks.append(_fi_data(spec.message.encode()))
-        chunks.append(f"from {parent}\n".encode())
-        for path, content in sorted(spec.changes.items()):
-            if content is None:
-                chunks.append(b"D " + _fi_path(path) + b"\n")
-            else:
-                chunks.append(b"M %o inline " % content[1] + _fi_path(path) + b"\n" + _fi_data(content[0]))
-        chunks.append(b"\n")
-    chunks.append(b"done\n")
-    # a Ctrl-C that kills git fast-import too surfaces as the interruption, not a git error
-    with deferred_signals():
-        git(repo, "fast-import", "--quiet", "--done", "--force", f"--export-marks={marks}",
-            input=b"".join(chunks))
-        git(repo, "update-ref", "-d", "refs/fsbuild/fast-import")
-    by_mark = dict(line.split() for line in marks.read_text().splitlines())
-    return [by_mark[f":{n}"] for n in range(1, len(specs) + 1)]
-
-
-class Overlay:
-    """A tree = a git tree + in-memory changes on top."""
-
-    def __init__(self, base: Reader) -> None:
-        self.base = base
-        self.changes: dict[str, Content] = {}
-
-    def __call__(self, path: str) -> Content:
-        return self.changes[path] if path in self.changes else self.base(path)
-
-    def update(self, changes: dict[str, Content]) -> None:
-        self.changes.update(changes)
-        self._dirs = {d for p, c in self.changes.items() if c is not None
-                      for d in _parents(p)}
-
-    def isdir(self, path: str) -> bool:
-        if path in getattr(self, "_dirs", ()):
-            return True
-        isdir = getattr(self.base, "isdir", None)
-        return bool(isdir(path)) if isdir else True
-
-
-def _parents(path: str) -> list[str]:
-    parts = path.split("/")[:-1]
-    return ["/".join(parts[:k]) for k in range(1, len(parts) + 1)]
-
-
-# ---------------------------------------------------------------- patches in memory
-
-@dataclass
-class Applied:
-    """The outcome of applying one patch in memory."""
-
-    changes: dict[str, Content]
-    offsets: list[tuple[str, int, int, int]]   # (file, hunk, offset, fuzz) when not exact
-
-    @property
-    def exact(self) -> bool:
-        return not self.offsets
-
-
-class _ReaderTree(S.Tree):
-    """The series engine's overlay (GNU file-name choice, create/delete rules) over a
-    Reader instead of a directory: files come from a git tree or another overlay."""
-
-    def __init__(self, read: Reader) -> None:
-        super().__init__(Path("/nonexistent"))
-        self._read = read
-
-    def _load(self, rel: str) -> S.FileState | None:
-        if rel not in self.orig:
-            content = self._read(rel)
-            self.orig[rel] = None if content is None else S.FileState(
-                content[0], content[1] & 0o777, link=content[1] & 0o170000 == S.LINK_TYPE)
-        return self.orig[rel]
-
-    def _check_dirs(self, rel: str) -> bool:
-        """GNU picks the file name needing the fewest new directories: ask the reader."""
-        isdir = getattr(self._read, "isdir", None)
-        if isdir is None:
-            return True
-        parts = rel.split("/")[:-1]
-        for k in range(1, len(parts) + 1):
-            d = "/".join(parts[:k])
-            if d not in self._dirs:
-                self._dirs[d] = bool(isdir(d))
-            if not self._dirs[d]:
-                return False
-        return True
-
-
-def apply_patch(data: bytes, name: str, strip: int, read: Reader, fuzz: int = 0,
-                reverse: bool = False) -> Applied:
-    """Apply (or reverse-apply) a patch to the files given by `read` with GNU patch
-    semantics; nothing is written. Raises PatchApplyError naming patch, file and hunk."""
-    parsed = P.parse_patch(data, name)
-    for fp in parsed.files:
-        if fp.binary:
-            raise PatchFormatError(f"{name}: binary diff for {fp.new_name or fp.old_name} is not supported")
-    tree = _ReaderTree(read)
-    report = S.apply_patch(tree, parsed, strip=strip, fuzz=fuzz, reverse=reverse)
-    changes: dict[str, Content] = {
-        path: None if st is None else (st.data, S.LINK_TYPE if st.link else
-                                       0o100755 if st.mode & 0o100 else 0o100644)
-        for path, st in tree.changes().items()}
-    offsets = [(r.file, r.hunk, r.offset, r.fuzz) for r in report.hunks if r.offset or r.fuzz]
-    return Applied(changes, offsets)
-
-
-def description(data: bytes, name: str = "<patch>") -> bytes:
-    return P.parse_patch(data, name).description
-
-
-def rerender(original: bytes, new_diff: bytes, name: str) -> bytes:
-    """The patch with the original description, per-file headers and trailer kept byte for
-    byte, and the hunks taken from `new_diff` (a git diff of the refreshed change)."""
-    old = P.parse_patch(original, name)
-    new = P.parse_patch(new_diff, name) if new_diff.strip() else P.Patch(name, b"", [])
-    by_path = {_key(fp): fp for fp in old.files}
-    files: list[P.FilePatch] = []
-    leading: list[bytes] = []
-    for fp in new.files:
-        orig = by_path.get(_key(fp))
-        if orig is not None and not (fp.binary or orig.binary):
-            fp = P.FilePatch(orig.old_name, orig.new_name, orig.lineno, header=orig.header,
-                             hunks=[_like(h, orig.hunks) for h in fp.hunks], git=orig.git)
-        files.append(fp)
-        idx = old.files.index(orig) if orig is not None else -1
-        leading.append(old.leading[idx] if 0 < idx < len(old.leading) else b"")
-    out = P.Patch(name, old.description, files, leading, old.trailer)
-    return P.format_patch(out)
-
-
-def _like(h: P.Hunk, olds: Sequence[P.Hunk]) -> P.Hunk:
-    """Give a regenerated hunk the `@@` section text the original tool wrote (GNU diff
-    without -p writes none; git adds a function name), so only line numbers churn."""
-    same = next((o for o in olds if o.lines == h.lines), None)
-    if same is not None:
-        section = same.section
-    elif all(not o.section.strip() for o in olds):
-        section = b""
-    else:
-        return h
-    if section != h.section:
-        h.section, h.raw = section, None
-    return h
-
-
-def _key(fp: P.FilePatch) -> str:
-    name = fp.new_name if fp.new_absent != 2 and fp.new_name else fp.old_name
-    return (P.strip_path(name or "", 1) or name or "")
-
-
-# ---------------------------------------------------------------- series files
-
-@dataclass(frozen=True)
-class Entry:
-    name: str      # relative to the series file's folder
-    strip: int = 1
-
-
-def read_series(series: Path) -> list[Entry]:
-    """Entries of a quilt series file (comments, blank lines, -pN). A `-R` entry has no
-    faithful commit form (refresh would write the reversed diff under a `-R` line), so
-    the workspace refuses it rather than apply it forward."""
-    entries = S.parse_series(series, check_files=False).entries
-    for e in entries:
-        if e.reverse:
-            raise PatchFormatError(f"{series}:{e.lineno}: {e.name} -R: reversed entries work with "
-                                   "`fsbuild apply` and `fsbuild rpm`, not in the git workspace "
-                                   "(store the patch inverted instead)")
-    return [Entry(e.name, e.strip) for e in entries]
-
+from fsbuild.upstream import Upstream
+from fsbuild.upstream_import import upstream_commit
 
 # ---------------------------------------------------------------- interrupted runs
 
@@ -399,89 +69,11 @@ class Intent:
 # the command that resolves an interrupted step (any other mutating command refuses)
 RESOLVED_BY = {"push": "pop", "pop": "pop", "refresh": "refresh"}
 READ_ONLY = ("list", "check", "export")
-CAUGHT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-_active: list[list[int]] = []   # the hits of the outermost deferred_signals in force
-
-
-@contextmanager
-def deferred_signals() -> Iterator[list[int]]:
-    """SIGINT/SIGTERM/SIGHUP only set a flag inside the body, so one step is never cut in
-    half by a signal we can catch; the interruption is raised when the outermost body ends
-    with the flag still set (a body that finished its work clears it). A git child killed
-    by the same Ctrl-C reads as the interruption too. Nested uses share the outer flag."""
-    if _active or threading.current_thread() is not threading.main_thread():
-        yield _active[0] if _active else []
-        return
-    hits: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: hits.append(signum))
-                for sig in CAUGHT_SIGNALS}
-    _active.append(hits)
-    try:
-        yield hits
-    except FsbuildError:
-        if hits:
-            raise KeyboardInterrupt from None
-        raise
-    finally:
-        _active.pop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if hits:
-        raise KeyboardInterrupt
-
-
-GIT_LOCKS = ("index.lock", "HEAD.lock", "ORIG_HEAD.lock", "packed-refs.lock", "config.lock")
-
-
-def clear_stale_git_locks(repo: Path) -> list[Path]:
-    """Remove the lock files a killed git left behind (git never removes another run's
-    lock) when no live process works on the repository; LockHeldError naming the pid when
-    one does. Callers hold the workspace lock, so no fsbuild of ours is that process."""
-    gitdir = repo / ".git"
-    found = [gitdir / n for n in GIT_LOCKS if (gitdir / n).exists()]
-    if (gitdir / "refs").is_dir():
-        found += sorted((gitdir / "refs").rglob("*.lock"))
-    if not found:
-        return []
-    users = repo_users(repo)
-    if users:
-        raise LockHeldError(f"{found[0].relative_to(repo)} in {repo}: a live process (pid "
-                            f"{users[0]}) is working on the repository; wait for it to finish")
-    for path in found:
-        path.unlink(missing_ok=True)
-    return found
-
-
-def repo_users(repo: Path) -> list[int]:
-    """Live processes other than this one that have a file open under repo/.git, or are a
-    git started in (or with -C on) the repository."""
-    root = str(repo.resolve())
-    names = {root.encode(), str(repo).encode()}
-    me = os.getpid()
-    users = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and int(entry.name) != me and _uses_repo(entry.path, root, names):
-            users.append(int(entry.name))
-    return users
-
-
-def _uses_repo(proc_dir: str, root: str, names: set[bytes]) -> bool:
-    try:
-        argv = Path(proc_dir, "cmdline").read_bytes().split(b"\0")
-        if os.path.basename(argv[0]).startswith(b"git"):
-            cwd = os.readlink(f"{proc_dir}/cwd")
-            if cwd == root or cwd.startswith(root + "/") or names & set(argv):
-                return True
-        gitdir = root + "/.git"
-        for fd in os.scandir(f"{proc_dir}/fd"):
-            target = os.readlink(fd.path)
-            if target == gitdir or target.startswith(gitdir + "/"):
-                return True
-    except OSError:   # gone meanwhile, or not ours to inspect
-        return False
-    return False
+def _text(message: str | bytes) -> str:
+    """A commit message as text (GitPython gives bytes for an undecodable one)."""
+    return message if isinstance(message, str) else message.decode(errors="replace")
 
 
 def _prune_empty_dirs(root: Path, d: Path) -> None:
@@ -631,10 +223,7 @@ class Workspace:
 
     def ensure_repo(self) -> None:
         if not self.exists:
-            self.root.mkdir(parents=True, exist_ok=True)
-            git(self.root, "init", "-q", "-b", "series")
-            git(self.root, "config", "gc.auto", "0")
-            git(self.root, "config", "core.autocrlf", "false")
+            init_repo(self.root, "series", {"gc.auto": "0", "core.autocrlf": "false"})
         self.meta_dir.mkdir(parents=True, exist_ok=True)
 
     def upstream_tag(self, up: Upstream) -> str:
@@ -644,94 +233,19 @@ class Workspace:
         """The commit of `up` (imported once; the digest trailer makes it cache-safe)."""
         self.ensure_repo()
         tag = self.upstream_tag(up)
-        existing = git(self.root, "rev-parse", "-q", "--verify", f"refs/tags/{tag}^{{commit}}", check=False)
-        if existing.returncode == 0:
-            commit = existing.stdout.decode().strip()
-            if up.digest in git_out(self.root, "log", "-1", "--format=%B", commit):
-                return commit
-            tag = f"{tag}+{up.digest[:12]}"   # same version, other bytes: keep both
-            again = git(self.root, "rev-parse", "-q", "--verify", f"refs/tags/{tag}", check=False)
-            if again.returncode == 0:
-                return again.stdout.decode().strip()
-        commit = self._from_store(up) or self._fast_import_tarball(up)
-        git(self.root, "tag", "-f", tag, commit)
+        with repository(self.root) as repo:
+            commit = resolve(repo, f"refs/tags/{tag}^{{commit}}")
+            if commit is not None:
+                if up.digest in _text(repo.commit(commit).message):
+                    return commit
+                tag = f"{tag}+{up.digest[:12]}"   # same version, other bytes: keep both
+                again = resolve(repo, f"refs/tags/{tag}^{{commit}}")
+                if again is not None:
+                    return again
+        commit = upstream_commit(self.root, self.meta_dir, up)
+        with repository(self.root) as repo:
+            repo.create_tag(tag, ref=commit, force=True)
         return commit
-
-    def _commit_message(self, up: Upstream) -> bytes:
-        return f"upstream {up.version}\n\n{DIGEST_TRAILER}: {up.digest}\n".encode()
-
-    def _from_store(self, up: Upstream) -> str | None:
-        """The upstream's commit made from its tree in the upstream cache's object store (its
-        packs linked in, nothing copied); None when the store does not hold it."""
-        if not upstream.store_has_tree(up.store_tree):
-            return None
-        upstream.link_packs(self.root / ".git")
-        return git(self.root, "commit-tree", up.store_tree, "-F", "-",
-                   input=self._commit_message(up)).stdout.decode().strip()
-
-    def _fast_import_tarball(self, up: Upstream) -> str:
-        msg = self._commit_message(up)
-        marks = self.meta_dir / "import.marks"
-        # zlib level 1 and no deltas: the import is CPU-bound on compression otherwise
-        fi = subprocess.Popen(["git", "-C", str(self.root), "-c", "core.compression=1",
-                               "-c", "pack.compression=1", "fast-import", "--quiet", "--done",
-                               "--depth=0",
-                               "--force", f"--export-marks={marks}"],
-                              stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, **GIT_ENV})
-        assert fi.stdin is not None
-        try:
-            files = self._stream_blobs(up, fi.stdin.write)
-            fi.stdin.write(b"commit refs/fsbuild/import\nmark :1\n")
-            fi.stdin.write(f"author {IDENT}\ncommitter {IDENT}\n".encode() + _fi_data(msg))
-            for path, (mode, mark) in sorted(files.items()):
-                fi.stdin.write(b"M %o :%d " % (mode, mark) + _fi_path(path) + b"\n")
-            fi.stdin.write(b"\ndone\n")
-            fi.stdin.close()
-        except BaseException:
-            fi.kill()
-            fi.wait()
-            raise
-        err = fi.stderr.read() if fi.stderr else b""
-        if fi.wait() != 0:
-            raise WorkspaceError(f"git fast-import of {up.tarball.name} failed: {err.decode()[-300:]}")
-        commit = git_out(self.root, "rev-parse", "refs/fsbuild/import")
-        git(self.root, "update-ref", "-d", "refs/fsbuild/import")
-        return commit
-
-    def _stream_blobs(self, up: Upstream, write: Callable[[bytes], object]) -> dict[str, tuple[int, int]]:
-        """Write every file of the tarball as a blob; returns path -> (mode, mark)."""
-        files: dict[str, tuple[int, int]] = {}
-        mark = 1
-        prefix = up.topdir + "/"
-        with upstream.open_tar(up.tarball) as tf, progress.bar(f"importing {up.version}") as bar:
-            for m in tf:
-                name = check_member(m, str(up.tarball))
-                if not name.startswith(prefix):
-                    continue
-                rel = name[len(prefix):]
-                if m.isfile():  # streamed: a member is never held whole in memory
-                    mark += 1
-                    write(b"blob\nmark :%d\ndata %d\n" % (mark, m.size))
-                    upstream.stream_member(tf.extractfile(m) or io.BytesIO(), write, m.size, rel)
-                    write(b"\n")
-                    files[rel] = (0o100755 if m.mode & 0o100 else 0o100644, mark)
-                    bar.advance()
-                    continue
-                if m.issym():
-                    data, mode = m.linkname.encode(), 0o120000
-                elif m.islnk():
-                    target = files.get(check_member(tarfile.TarInfo(m.linkname), "")[len(prefix):])
-                    if target:
-                        files[rel] = target
-                    continue
-                else:
-                    continue
-                mark += 1
-                write(b"blob\nmark :%d\n" % mark + _fi_data(data))
-                files[rel] = (mode, mark)
-                bar.advance()
-        return files
 
     def checkout(self, commit: str) -> None:
         """Make the work tree exactly `commit` on branch `series`."""
@@ -771,10 +285,10 @@ class Workspace:
     def applied(self, base: str | None = None) -> list[tuple[str, str]]:
         """(patch name, commit) from the upstream base (or `base`) to HEAD, bottom first."""
         base = base or self.require()["base"]
-        out = git_out(self.root, "log", "--reverse", "--format=%H%x00%B%x01", f"{base}..HEAD")
+        with repository(self.root) as repo:
+            commits = [(c.hexsha, _text(c.message)) for c in repo.iter_commits(f"{base}..HEAD", reverse=True)]
         stack = []
-        for record in filter(None, (r.strip() for r in out.split("\x01"))):
-            sha, _, body = record.partition("\x00")
+        for sha, body in commits:
             names = re.findall(rf"^{TRAILER}: (.+)$", body, re.M)
             if not names:
                 raise WorkspaceError(f"commit {sha[:12]} on the series branch names no patch "
@@ -971,48 +485,3 @@ class Workspace:
 def _offset_text(applied: Applied) -> str:
     return "; ".join(f"{f} hunk #{h} " + (f"offset {o:+d}" if o else "") + (f" fuzz {z}" if z else "")
                      for f, h, o, z in applied.offsets)
-
-
-def update_series_file(series: Path, entries: list[Entry]) -> None:
-    """Write `entries` through fsbuild.series.write_series, the one series writer: entries
-    already in the file keep their line (comments, spacing) and place, dropped ones lose
-    only their own line, new ones go after the entry before them."""
-    if series.is_file():
-        parsed = S.parse_series(series, check_files=False)
-    else:
-        parsed = S.Series(series, [])
-    pool: dict[str, list[S.SeriesEntry]] = {}
-    for se in parsed.entries:
-        pool.setdefault(se.name, []).append(se)
-    chosen: list[S.SeriesEntry] = []
-    for e in entries:
-        same_name = pool.get(e.name)
-        se = same_name.pop(0) if same_name else S.SeriesEntry(e.name, e.strip)
-        chosen.append(se if se.strip == e.strip else replace(se, strip=e.strip))
-    parsed.entries = chosen
-    atomic_write(series, S.write_series(parsed).encode("utf-8", "surrogateescape"))
-
-
-def write_tree_changes(root: Path, changes: dict[str, Content]) -> None:
-    for path, content in changes.items():
-        full = root / path
-        if content is None:
-            full.unlink(missing_ok=True)
-            continue
-        full.parent.mkdir(parents=True, exist_ok=True)
-        if full.is_symlink():
-            full.unlink()
-        full.write_bytes(content[0])
-        full.chmod(0o755 if content[1] & 0o100 else 0o644)
-
-
-def commit_message(patch_data: bytes, name: str) -> str:
-    desc = description(patch_data, name).decode(errors="replace").strip() if patch_data else ""
-    return f"{desc or name}\n\n{TRAILER}: {name}\n"
-
-
-def commit_diff(repo: Path, commit: str, strip: int = 1, parent: str | None = None) -> bytes:
-    """The change of `commit` as a git diff with a/ b/ prefixes (-p1)."""
-    args = ["diff", "--no-color", "--no-renames", "--no-ext-diff", "-U3",
-            parent or f"{commit}^", commit]
-    return git(repo, *args).stdout

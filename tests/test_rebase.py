@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,11 @@ from test_upstream import kernel_files, lines, make_tarball, makefile
 
 from fsbuild import rebase as R
 from fsbuild import upstream
+from fsbuild.gitio import Overlay, git_out, tree_reader
+from fsbuild.render import apply_patch
+from fsbuild.series import read_series
 from fsbuild.target import load
-from fsbuild.workspace import Overlay, Workspace, apply_patch, git_out, read_series, tree_reader
+from fsbuild.workspace import Workspace
 
 DESC = "From: Dev <dev@example.org>\nSubject: [PATCH] {name}\n\nWhy {name} exists.\n\nSigned-off-by: Dev <dev@example.org>\n---\n"
 
@@ -131,6 +135,34 @@ def test_plain_mode_each_outcome(tmp_path: Path) -> None:
         (kept / n).write_bytes((out / n).read_bytes())
     (kept / "series").write_text("".join(f"{n}\n" for n in names))
     assert_applies_exactly(kept / "series", tree)
+
+
+def test_old_series_cache_belongs_to_the_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each plan keeps the old patches build_old computed: a second plan built in the same
+    process (the old module-global cache was cleared by it) leaves the first one's intact,
+    so carrying the first reads no old patch back from git, and the results match."""
+    old_tb, new_tb, series, expected = build_case(tmp_path / "case")
+    make_target(tmp_path / "root", series)
+    monkeypatch.setenv("FSBUILD_ROOT", str(tmp_path / "root"))
+    target = load("t1")
+    ws = R.plain_workspace(target)
+    new_up = upstream.resolve(target, str(new_tb), "1.0.1-1")
+    old_base = ws.import_upstream(upstream.resolve(target, str(old_tb), strict=False))
+    new_base = ws.import_upstream(new_up)
+    entries = read_series(series)
+    plans = [R.Plan(series=str(series), old_base=old_base, new_base=new_base, new_version=new_up.version,
+                    new_digest=new_up.digest, old_commits=[]) for _ in range(2)]
+    for plan, subset in zip(plans, (entries, entries[:2]), strict=True):
+        plan.old_commits = R.build_old(ws.root, subset, series.parent, old_base, plan.old_patches)
+    assert len(plans[0].old_patches) == len(entries) and len(plans[1].old_patches) == 2
+    read_back: list[tuple[str, str]] = []
+    real = R._touched
+    monkeypatch.setattr(R, "_touched", lambda cat, a, b: read_back.append((a, b)) or real(cat, a, b))
+    R.run_carry(ws.root, plans[0], 0, stop_on_conflict=False, with_worktree=False)
+    assert {r.name: r.outcome for r in plans[0].results} == expected
+    pairs = list(zip([old_base, *plans[0].old_commits], plans[0].old_commits, strict=False))
+    assert not set(read_back) & set(pairs), "an old patch was read back from git: its plan lost the cache"
+    assert "old_patches" not in json.dumps(asdict(plans[0]))   # never written to rebase.json
 
 
 def test_plain_mode_no_conflict_exit_0(tmp_path: Path) -> None:
@@ -350,7 +382,7 @@ def _series_names(series: Path) -> list[str]:
 
 def _check_output_applies(real_state: Path, out: Path, names: list[str], new_version: str) -> None:
     """Every given output patch applies at fuzz 0, no offset, to the new upstream (git tree)."""
-    from fsbuild.workspace import GitCat
+    from fsbuild.gitio import GitCat
     repo = real_state / "rebase-plain"
     with GitCat(repo) as cat:
         tree = Overlay(cat.reader(f"upstream/{new_version}"))
@@ -413,7 +445,8 @@ def _bytes_diff(path: str, old: bytes, new: bytes, tmp: Path) -> bytes:
 def test_own_series_between_real_versions(debian, real_state: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Hand-made patches on real 6.1.170 files that 6.1.176 changed, one per outcome."""
     from fsbuild import patch as P
-    from fsbuild.workspace import GitCat, Workspace, git
+    from fsbuild.gitio import GitCat, git
+    from fsbuild.workspace import Workspace
     old, new = debian
     ws = Workspace(load("linux-6.1"), root=real_state / "rebase-plain")
     old_up = upstream.resolve(load("linux-6.1"), str(old.orig_tarball))

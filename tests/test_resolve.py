@@ -15,9 +15,10 @@ from test_rebase import DESC, extract, fsbuild, make_target, udiff
 from test_upstream import kernel_files, make_tarball, makefile
 
 from fsbuild import resolve as RS
+from fsbuild.gitio import Overlay, tree_reader
 from fsbuild.rebase import merge_file
+from fsbuild.render import apply_patch
 from fsbuild.target import load
-from fsbuild.workspace import Overlay, apply_patch, tree_reader
 
 BACKENDS = [pytest.param("wiggle", marks=pytest.mark.skipif(
     not shutil.which("wiggle"), reason="wiggle not installed (apt-get install wiggle)")), "words"]
@@ -309,7 +310,7 @@ def test_debian_rxrpc_patch_resolved_like_debian(how: str, tmp_path_factory: pyt
     import debsrc
 
     from fsbuild import rebase as R
-    from fsbuild.workspace import Entry
+    from fsbuild.series import Entry
     old, new = debsrc.fetch("6.1.170-3"), debsrc.fetch("6.1.176-1")
     cache = tmp_path_factory.getbasetemp() / "rxrpc"
     old_up = Overlay(_orig_files(old.orig_tarball, cache / "old", RXRPC_FILES))

@@ -476,13 +476,13 @@ def test_sparse_gigabyte_member_is_streamed(tmp_path: Path) -> None:
         import resource
         from fsbuild import upstream
         from fsbuild.target import load
-        from fsbuild.workspace import Workspace
+        from fsbuild.upstream_import import _stream_blobs
         up = upstream.resolve(load("linux-6.1"), {str(tb)!r})
         total = 0
         def sink(b):
             global total
             total += len(b)
-        Workspace(load("linux-6.1"))._stream_blobs(up, sink)
+        _stream_blobs(up, sink)
         print(total, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
@@ -624,3 +624,28 @@ def test_corrupt_srpm_payload_is_an_upstream_error(payload: bytes) -> None:
     its exit code), never as an internal error."""
     with pytest.raises(UpstreamError, match="corrupt cpio payload"):
         list(upstream.iter_cpio(io.BytesIO(payload), "x.src.rpm"))
+
+
+@pytest.mark.parametrize("small", [upstream.SMALL, 64], ids=["read-whole", "streamed"])
+def test_deterministic_tar_same_bytes_with_and_without_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  small: int) -> None:
+    """One tar writer (tario) for both: feeding the store while writing (whole blobs or a
+    streamed tee) changes no byte of the tarball, and the store gets every file and link."""
+    monkeypatch.setattr(upstream, "SMALL", small)
+    entries = [upstream._Entry("Makefile", "file", data=makefile("1.0.0").encode()),
+               upstream._Entry("scripts", "dir", mode=0o755),
+               upstream._Entry("scripts/run.sh", "file", mode=0o755, data=lines("run", 40).encode()),
+               upstream._Entry("scripts/link", "symlink", link="run.sh")]
+    plain, fed = tmp_path / "plain.tar.gz", tmp_path / "fed.tar.gz"
+    assert upstream.write_deterministic_tar(plain, "linux-1.0.0", entries) == {}
+    seen: dict[str, tuple[int, str]] = {}
+
+    def feed(blobs):  # type: ignore[no-untyped-def]
+        seen.update(upstream.write_deterministic_tar(fed, "linux-1.0.0", entries, blobs))
+        return seen
+
+    tree = upstream.store_import("test", feed)
+    assert fed.read_bytes() == plain.read_bytes()
+    assert {p: m for p, (m, _) in seen.items()} == {"Makefile": 0o100644, "scripts/run.sh": 0o100755,
+                                                     "scripts/link": 0o120000}
+    assert git(upstream.store_root(), "show", f"{tree}:scripts/run.sh") == lines("run", 40)

@@ -11,8 +11,10 @@ import pytest
 from test_rebase import build_case, fsbuild, make_target
 from test_upstream import kernel_files, make_tarball, write_tree
 
+from fsbuild.gitio import git_out
+from fsbuild.render import rerender
 from fsbuild.target import load
-from fsbuild.workspace import Workspace, git_out, rerender
+from fsbuild.workspace import Workspace
 
 
 @pytest.fixture
@@ -182,7 +184,7 @@ def test_rerender_keeps_headers_and_trailer() -> None:
 
 def test_reverse_series_entry_is_refused_not_applied_forward(tmp_path: Path) -> None:
     from fsbuild.errors import PatchFormatError
-    from fsbuild.workspace import read_series
+    from fsbuild.series import read_series
     (tmp_path / "a.patch").write_text("--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n")
     (tmp_path / "series").write_text("a.patch -p1\n")
     assert [(e.name, e.strip) for e in read_series(tmp_path / "series")] == [("a.patch", 1)]
@@ -403,7 +405,7 @@ def test_series_commands_while_a_rebase_is_stopped(ws: tuple[Workspace, Path, Pa
 # ---------------------------------------------------------------- one series writer (#18)
 
 def test_series_writer_keeps_comments_and_places(tmp_path: Path) -> None:
-    from fsbuild.workspace import Entry, update_series_file
+    from fsbuild.series import Entry, update_series_file
     series = tmp_path / "series"
     series.write_text("# head\n\n# section A\na.patch\nfix-p2-thing.patch   # keep me\n"
                       "# section B\nb.patch -p0 # zero\nc.patch\n")
@@ -431,7 +433,7 @@ def test_series_writer_on_debians_series(tmp_path: Path) -> None:
     import debsrc
 
     from fsbuild import series as S
-    from fsbuild.workspace import Entry, update_series_file
+    from fsbuild.series import Entry, update_series_file
     src = debsrc.fetch("6.1.176-1")
     text = src.series.read_text()
     series = tmp_path / "series"
@@ -462,10 +464,10 @@ def _dies_at_git(gitcmd: str, *args: str) -> subprocess.CompletedProcess[str]:
     SIGKILL does) when it is about to run `git GITCMD`."""
     import os
     import sys
-    code = ("import os, sys\nfrom fsbuild import workspace as W\nreal, die_at = W.git, sys.argv[1]\n"
+    code = ("import os, sys\nfrom fsbuild import gitio as G, workspace as W\nreal, die_at = G.git, sys.argv[1]\n"
             "def git(repo, *a, **kw):\n    if a and a[0] == die_at:\n        os._exit(137)\n"
             "    return real(repo, *a, **kw)\n"
-            "W.git = git\nfrom fsbuild.cli import main\nsys.argv = ['fsbuild', *sys.argv[2:]]\nmain()\n")
+            "G.git = W.git = git\nfrom fsbuild.cli import main\nsys.argv = ['fsbuild', *sys.argv[2:]]\nmain()\n")
     return subprocess.run([sys.executable, "-c", code, gitcmd, *args], capture_output=True, text=True,
                           env=os.environ.copy())
 

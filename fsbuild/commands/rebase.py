@@ -11,7 +11,7 @@ from fsbuild import rebase as R
 from fsbuild import target as targets
 from fsbuild.commands.common import complete_targets
 from fsbuild.errors import RebaseConflictError
-from fsbuild.workspace import clear_stale_git_locks
+from fsbuild.gitio import clear_stale_git_locks
 
 
 @click.command("rebase")
