@@ -14,6 +14,12 @@
  * (closed, its worker exited, CLOSE of the global) first hands its queued connections to
  * the global socket: worker churn loses none.
  *
+ * A worker re-pinned to another CPU keeps its local (and its epoll entry on it), so the
+ * SYNs of the CPU it left still reach that local and wake only that worker: ACCEPT and
+ * the global's poll take the caller's own locals of other CPUs (and locals whose owner
+ * is gone or whose CPU went offline) after the current CPU's and the global's queues.
+ * Nothing waits for an acceptor that no longer runs there, and nobody else is woken.
+ *
  * Locals are created, bound and put to listen with the credentials of whoever opened the
  * global socket (a root master, unprivileged workers) and inherit its options.
  *
@@ -34,6 +40,8 @@
 #include <linux/sockptr.h>
 #include <linux/wait.h>
 #include <linux/cred.h>
+#include <linux/pid.h>
+#include <linux/pid_namespace.h>
 #include <linux/tcp.h>
 #include <net/sock.h>
 #include <net/sock_reuseport.h>
@@ -56,6 +64,7 @@ struct fsock_ent {
 	struct socket *sock;
 	struct fsock_group *grp;
 	int cpu;
+	pid_t owner;		/* local: thread that last SPAWNed it (initial pid namespace) */
 	unsigned int turn;	/* local: next ACCEPT tries the global queue first */
 	struct rcu_head rcu;
 };
@@ -105,6 +114,15 @@ static const struct proto_ops *fsock_orig(const struct proto_ops *ops)
 
 /* ---- ops hooks ------------------------------------------------------------------- */
 
+/* A file reference to local `l` (RCU held), or NULL when its last fd is being closed. */
+static struct file *fsock_ent_file(struct fsock_ent *l)
+{
+	/* Its release (which unlinks it) runs only after f_count hit 0. */
+	struct file *file = READ_ONCE(l->sock->file);
+
+	return file && get_file_rcu(file) ? file : NULL;
+}
+
 /* The local socket of `cpu` for global socket `sk` with a file reference, or NULL. */
 static struct file *fsock_local_file(struct sock *sk, int cpu)
 {
@@ -115,15 +133,62 @@ static struct file *fsock_local_file(struct sock *sk, int cpu)
 	e = fsock_find(sk);
 	if (e && e->cpu < 0 && cpu < nr_cpu_ids) {
 		l = rcu_dereference(e->grp->local[cpu]);
-		if (l) {
-			/* Its release (which unlinks it) runs only after f_count hit 0. */
-			file = READ_ONCE(l->sock->file);
-			if (file && !get_file_rcu(file))
-				file = NULL;
-		}
+		if (l)
+			file = fsock_ent_file(l);
 	}
 	rcu_read_unlock();
 	return file;
+}
+
+/*
+ * Whether the owner of local `l` can no longer drain it where it is: the thread is gone
+ * (another process still holds the fd) or the local's CPU went offline. Such a local's
+ * connections are anybody's. RCU held (find_pid_ns).
+ */
+static bool fsock_abandoned(const struct fsock_ent *l)
+{
+	if (!cpu_online(l->cpu))
+		return true;
+	return !pid_task(find_pid_ns(READ_ONCE(l->owner), &init_pid_ns), PIDTYPE_PID);
+}
+
+/*
+ * The next local of the global's group after CPU `*cpu` that the caller may drain from
+ * another CPU (its own, e.g. after a re-pin, or an abandoned one), skipping `skip`
+ * (the caller's CPU) and, with `queued`, empty ones. A file reference, or NULL at the end.
+ */
+static struct file *fsock_next_adoptable(struct sock *gsk, int *cpu, int skip, bool queued)
+{
+	pid_t me = task_pid_nr(current);
+	struct file *file = NULL;
+	struct fsock_ent *e, *l;
+
+	rcu_read_lock();
+	e = fsock_find(gsk);
+	while (e && e->cpu < 0 && !file && ++*cpu < nr_cpu_ids) {
+		l = rcu_dereference(e->grp->local[*cpu]);
+		if (!l || *cpu == skip)
+			continue;
+		if (queued && reqsk_queue_empty(&inet_csk(l->sk)->icsk_accept_queue))
+			continue;
+		if (READ_ONCE(l->owner) == me || fsock_abandoned(l))
+			file = fsock_ent_file(l);
+	}
+	rcu_read_unlock();
+	return file;
+}
+
+/* Readiness (EPOLLIN) of a local's queue for a poll of the global. */
+static __poll_t fsock_local_poll(const struct proto_ops *orig, struct file *lfile,
+				 struct sock *gsk, poll_table *wait)
+{
+	struct socket *lsock = lfile->private_data;
+	__poll_t mask = 0;
+
+	if (lsock && lsock->sk != gsk)
+		mask = orig->poll(lfile, lsock, wait) & (EPOLLIN | EPOLLRDNORM);
+	fput(lfile);
+	return mask;
 }
 
 /*
@@ -131,20 +196,25 @@ static struct file *fsock_local_file(struct sock *sk, int cpu)
  * so poll/epoll on the global fd wake for connections steered to the local queue. The
  * local's poll is given the local file: poll(2) then holds it while waiting, and epoll
  * entries on the local wait queue are removed by POLLFREE when the local goes away.
+ * It also includes the locals the waiter may drain from here (fsock_next_adoptable):
+ * a re-pinned worker is still woken by its old CPU's local and must see why; a poll(2)
+ * of it waits on them too. Abandoned locals are waited on by every poller: rare (an
+ * owner gone while another process holds the fd), and better woken than stranded.
  */
 static __poll_t fsock_poll(struct file *file, struct socket *sock, poll_table *wait)
 {
 	const struct proto_ops *orig = fsock_orig(sock->ops);
 	__poll_t mask = orig->poll(file, sock, wait);
-	struct file *lfile = fsock_local_file(sock->sk, raw_smp_processor_id());
+	int here = raw_smp_processor_id(), cpu = -1;
+	struct file *lfile = fsock_local_file(sock->sk, here);
 
-	if (lfile) {
-		struct socket *lsock = lfile->private_data;
-
-		if (lsock && lsock->sk != sock->sk)
-			mask |= orig->poll(lfile, lsock, wait) & (EPOLLIN | EPOLLRDNORM);
-		fput(lfile);
-	}
+	if (lfile)
+		mask |= fsock_local_poll(orig, lfile, sock->sk, wait);
+	/* Already readable and nothing to register: no need to look further. */
+	if ((mask & EPOLLIN) && poll_does_not_wait(wait))
+		return mask;
+	while ((lfile = fsock_next_adoptable(sock->sk, &cpu, here, false)))
+		mask |= fsock_local_poll(orig, lfile, sock->sk, wait);
 	return mask;
 }
 
@@ -739,11 +809,11 @@ static int fsock_spawn_locked(struct socket *gsock, int cpu, struct file **out)
 		 * closed (f_count 0; its release waits for fsock_lock): then a fresh one.
 		 */
 		rcu_read_lock();
-		file = READ_ONCE(l->sock->file);
-		if (file && !get_file_rcu(file))
-			file = NULL;
+		file = fsock_ent_file(l);
 		rcu_read_unlock();
 		if (file) {
+			/* The latest spawner owns it: a reload's new worker, not the old one. */
+			WRITE_ONCE(l->owner, task_pid_nr(current));
 			*out = file;
 			return 0;
 		}
@@ -770,6 +840,7 @@ static int fsock_spawn_locked(struct socket *gsock, int cpu, struct file **out)
 	l->sock = lsock;
 	l->grp = g;
 	l->cpu = cpu;
+	l->owner = task_pid_nr(current);
 	hash_add_rcu(fsock_hash, &l->node, (unsigned long)l->sk);
 	rcu_assign_pointer(g->local[cpu], l);
 	g->nr_local++;
@@ -927,6 +998,29 @@ static int fsock_accept_one(struct socket *sock, int cpu, int flags,
 	return fd;
 }
 
+/*
+ * Both queues of this CPU empty: the caller's locals of other CPUs (it was re-pinned and
+ * is woken by them) and abandoned ones. Counted as global accepts: a fallback, not the
+ * CPU's own local. -EAGAIN when none has a connection.
+ */
+static int fsock_accept_adopted(struct socket *gsock, int cpu, int flags,
+				struct sockaddr __user *uaddr, int __user *uaddrlen)
+{
+	struct file *lfile;
+	int err = -EAGAIN, c = -1;
+
+	while (err == -EAGAIN && (lfile = fsock_next_adoptable(gsock->sk, &c, cpu, true))) {
+		fsock_stat_inc(FSOCK_STAT_GLOBAL_LOOKUP);
+		err = fsock_accept_one(lfile->private_data, cpu, flags, uaddr, uaddrlen);
+		if (err == -EINVAL)
+			err = -EAGAIN;	/* stopped listening meanwhile: its queue went to the global */
+		if (err >= 0)
+			fsock_stat_inc(FSOCK_STAT_GLOBAL_ACCEPT);
+		fput(lfile);
+	}
+	return err;
+}
+
 static int rp_accept(int fd, int cpu, int flags, struct sockaddr __user *uaddr,
 		     int __user *uaddrlen)
 {
@@ -979,6 +1073,8 @@ static int rp_accept(int fd, int cpu, int flags, struct sockaddr __user *uaddr,
 	}
 	if (lfile)
 		fput(lfile);
+	if (err == -EAGAIN)
+		err = fsock_accept_adopted(gsock, cpu, flags, uaddr, uaddrlen);
 	sockfd_put(gsock);
 	return err;
 }
