@@ -30,6 +30,9 @@
  *                again on its new cpu
  *   repin_queued connections queued on cpu 1 (reported there, not accepted) when the
  *                worker is re-pinned reach it on cpu 2 without any new connection
+ *   plainaccept  a worker with a local that accepts with plain accept4(2) on the global
+ *                (raw syscall, as the stress suite's mixed workers): what poll reports,
+ *                accept takes, also after a re-pin
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -737,6 +740,17 @@ static void reap(pid_t pid)
 	waitpid(pid, NULL, 0);
 }
 
+static int g_plain;	/* epoll_drain accepts with accept4(2), not ACCEPT */
+
+static int accept_next(int lfd)
+{
+	struct fsock_accept_args ac = { .fd = lfd, .flags = SOCK_CLOEXEC };
+
+	if (g_plain)
+		return accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	return ioctl(g_dev, FSOCK_IOC_ACCEPT, &ac) ? -1 : ac.new_fd;
+}
+
 /*
  * The worker's event loop for up to `ms`: on every event ACCEPT until EAGAIN (what
  * libsocket's accept does); an event that accepts nothing is a spurious wakeup. Stops
@@ -756,17 +770,17 @@ static int epoll_drain(int ep, int lfd, int want, int ms, int *spurious)
 			int got = 0;
 
 			for (;;) {
-				struct fsock_accept_args ac = { .fd = lfd, .flags = SOCK_CLOEXEC };
+				int a = accept_next(lfd);
 				char ch;
 
-				if (ioctl(g_dev, FSOCK_IOC_ACCEPT, &ac)) {
+				if (a < 0) {
 					if (errno != EAGAIN)
-						fail("ACCEPT");
+						fail("accept");
 					break;
 				}
-				if (read(ac.new_fd, &ch, 1) != 1)
+				if (read(a, &ch, 1) != 1)
 					fail("accepted connection %d was reset", accepts);
-				close(ac.new_fd);
+				close(a);
 				got++;
 			}
 			accepts += got;
@@ -900,6 +914,35 @@ static void repin_queued(int ncpu)
 	unpin(ncpu);
 }
 
+static void plainaccept(int ncpu)
+{
+	int port, lfd = fs_listener(0, NULL, &port), lo, ep, accepts, spurious, moved;
+	pid_t cl;
+
+	g_plain = 1;
+	fcntl(lfd, F_SETFL, O_NONBLOCK);
+	pin_to(1);
+	ep = epoll_create1(EPOLL_CLOEXEC);
+	ep_add(ep, lfd);
+	if (spawn(lfd, -1, &lo) != 1)
+		fail("SPAWN on cpu 1");
+	ep_add(ep, lo);
+	cl = clients_on(1, port, REPIN_CONNS);
+	accepts = epoll_drain(ep, lfd, REPIN_CONNS, 2000, &spurious);
+	reap(cl);
+	pin_to(2);
+	cl = clients_on(1, port, REPIN_CONNS);
+	moved = epoll_drain(ep, lfd, REPIN_CONNS, 2000, &spurious);
+	reap(cl);
+	if (accepts != REPIN_CONNS || moved != REPIN_CONNS)
+		fail("accept4 on the global took %d of %d of its cpu's connections, %d of %d after a re-pin",
+		     accepts, REPIN_CONNS, moved, REPIN_CONNS);
+	close(ep);
+	close(lo);
+	fs_close(lfd);
+	unpin(ncpu);
+}
+
 static void check_dmesg(void)
 {
 	static char buf[1 << 17];
@@ -924,7 +967,7 @@ static const struct {
 	{ "churn", churn }, { "steer", steer }, { "inherit", inherit },
 	{ "md5filter", md5filter }, { "efault", efault }, { "spawnrace", spawnrace },
 	{ "closedev", closedev }, { "repin", repin }, { "repin_spawn", repin_spawn },
-	{ "repin_queued", repin_queued },
+	{ "repin_queued", repin_queued }, { "plainaccept", plainaccept },
 };
 
 int main(int argc, char **argv)
