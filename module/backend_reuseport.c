@@ -381,6 +381,41 @@ static int fsock_shutdown_op(struct socket *sock, int how)
 	return err;
 }
 
+/* Non-blocking accept from local `lfile` into `newsock` (consumes the file reference). */
+static int fsock_accept_from(const struct proto_ops *orig, struct file *lfile,
+			     struct socket *newsock, int flags, bool kern)
+{
+	int err = orig->accept(lfile->private_data, newsock, flags | O_NONBLOCK, kern);
+
+	fput(lfile);
+	return err == -EINVAL ? -EAGAIN : err;	/* stopped listening: its queue went on */
+}
+
+/*
+ * accept(2) of a global by a process that bypasses ACCEPT (raw syscalls, an exec'd
+ * program): what the global's poll reports, accept takes. The global's queue, then this
+ * CPU's local and the caller's other locals, without blocking; only then the kernel's
+ * accept of the global as the caller asked (blocking or not).
+ */
+static int fsock_accept_op(struct socket *sock, struct socket *newsock, int flags, bool kern)
+{
+	const struct proto_ops *orig = fsock_orig(sock->ops);
+	int err = orig->accept(sock, newsock, flags | O_NONBLOCK, kern);
+	int here = raw_smp_processor_id(), cpu = -1;
+	struct file *lfile;
+
+	if (err != -EAGAIN)
+		return err;
+	lfile = fsock_local_file(sock->sk, here);
+	if (lfile)
+		err = fsock_accept_from(orig, lfile, newsock, flags, kern);
+	while (err == -EAGAIN && (lfile = fsock_next_adoptable(sock->sk, &cpu, here, true)))
+		err = fsock_accept_from(orig, lfile, newsock, flags, kern);
+	if (err == -EAGAIN && !(flags & O_NONBLOCK))
+		err = orig->accept(sock, newsock, flags, kern);
+	return err;
+}
+
 /* connect(AF_UNSPEC) on a listener disconnects it, i.e. unhashes it. */
 static int fsock_connect_op(struct socket *sock, struct sockaddr *addr, int len, int flags)
 {
@@ -408,6 +443,7 @@ static int fsock_take_ops(struct socket *sock)
 			o->ops.release = fsock_release;
 			o->ops.shutdown = fsock_shutdown_op;
 			o->ops.connect = fsock_connect_op;
+			o->ops.accept = fsock_accept_op;
 			o->orig = orig;
 		}
 		if (o->orig == orig) {
@@ -974,8 +1010,8 @@ static int fsock_accept_one(struct socket *sock, int cpu, int flags,
 	newsock->ops = fsock_is_ours(sock->ops) ? fsock_orig(sock->ops) : sock->ops;
 	__module_get(newsock->ops->owner);
 	err = fsock_sec_accept(sock, newsock);
-	if (!err)
-		err = sock->ops->accept(sock, newsock, O_NONBLOCK, false);
+	if (!err)	/* the kernel's accept: ACCEPT chooses the queue itself */
+		err = newsock->ops->accept(sock, newsock, O_NONBLOCK, false);
 	if (!err && uaddr)
 		err = fsock_put_addr(newsock, uaddr, uaddrlen);
 	if (err) {
