@@ -151,7 +151,7 @@ def test_guest_test_program_compiles(tmp_path: Path, program: str) -> None:
 # runs and the final unload; each prints FSOCK_REGRESS PASS <name>.
 REGRESSIONS = ["pin_own", "pin_narrow", "one_cpu", "addrinuse", "unpriv", "param", "churn",
                "steer", "inherit", "md5filter", "efault", "spawnrace", "closedev", "repin",
-               "repin_spawn", "repin_queued", "plainaccept"]
+               "repin_spawn", "repin_queued", "plainaccept", "reuseaddr"]
 
 
 def test_regression_scenarios_are_the_programs() -> None:

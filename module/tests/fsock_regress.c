@@ -33,6 +33,9 @@
  *   plainaccept  a worker with a local that accepts with plain accept4(2) on the global
  *                (raw syscall, as the stress suite's mixed workers): what poll reports,
  *                accept takes, also after a re-pin
+ *   reuseaddr    a SO_REUSEADDR server that closed its connections first (TIME_WAIT) is
+ *                restarted on the same port at once, as without Fastsocket (locals inherit
+ *                SO_REUSEADDR: the stress suite's "Address in use" cascade)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -943,6 +946,44 @@ static void plainaccept(int ncpu)
 	unpin(ncpu);
 }
 
+static void reuseaddr_setup(int fd)
+{
+	int one = 1;
+
+	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)))
+		fail("SO_REUSEADDR");
+}
+
+static void reuseaddr(int ncpu)
+{
+	int port, lfd = fs_listener(0, reuseaddr_setup, &port), lo, c, a, s2;
+	struct sockaddr_in sa;
+	unsigned long before;
+	char ch;
+
+	if (spawn(lfd, 1, &lo) != 1)
+		fail("SPAWN cpu 1");
+	before = stat_of(1, LOCAL_ACCEPTS);
+	c = connect_from(1, port);
+	a = fs_accept(lfd);
+	if (stat_of(1, LOCAL_ACCEPTS) != before + 1)
+		fail("not accepted from the cpu 1 local");
+	close(a);		/* the server closes first: its side goes to TIME_WAIT */
+	if (read(c, &ch, 1) != 0)
+		fail("no FIN from the server");
+	close(c);
+	close(lo);
+	fs_close(lfd);
+	usleep(100000);
+	sa = lo_addr(port);
+	s2 = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	reuseaddr_setup(s2);
+	if (bind(s2, (struct sockaddr *)&sa, sizeof(sa)))
+		fail("restarted SO_REUSEADDR server cannot bind port %d", port);
+	close(s2);
+	unpin(ncpu);
+}
+
 static void check_dmesg(void)
 {
 	static char buf[1 << 17];
@@ -968,6 +1009,7 @@ static const struct {
 	{ "md5filter", md5filter }, { "efault", efault }, { "spawnrace", spawnrace },
 	{ "closedev", closedev }, { "repin", repin }, { "repin_spawn", repin_spawn },
 	{ "repin_queued", repin_queued }, { "plainaccept", plainaccept },
+	{ "reuseaddr", reuseaddr },
 };
 
 int main(int argc, char **argv)
