@@ -739,6 +739,8 @@ static int fsock_inherit(struct sock *gsk, struct socket *lsock)
 	if (!err)
 		err = fsock_inherit_md5(gsk, lsk);
 	lsk->sk_bound_dev_if = gsk->sk_bound_dev_if;
+	/* SO_REUSEADDR: its children's TIME_WAIT must not block a restart on the port. */
+	lsk->sk_reuse = gsk->sk_reuse;
 	lsk->sk_priority = gsk->sk_priority;
 	lsk->sk_mark = gsk->sk_mark;
 	lsk->sk_rcvtimeo = gsk->sk_rcvtimeo;
