@@ -252,7 +252,7 @@ stress_hostile() {
 		&& echo +cpuset > /dev/cg2/cgroup.subtree_control 2>/dev/null && mkdir -p /dev/cg2/jail \
 		&& echo 0 > /dev/cg2/jail/cpuset.cpus 2>/dev/null; then _cs="cgroup v2 cpuset {0}"; _join=/dev/cg2/jail/cgroup.procs
 	fi
-	bg_run "$S_BOUND" $S_TMP/hostile.out sh -c "[ -n '$_join' ] && echo \$\$ > $_join; exec taskset 1 $S_BIN/fsstress hostile -u 65534"
+	bg_run "$S_BOUND" $S_TMP/hostile.out sh -c "[ -n '$_join' ] && echo \$\$ > '$_join'; exec taskset 1 $S_BIN/fsstress hostile -u 65534"
 	_r=$BRC; _o="$(cat $S_TMP/hostile.out)${HUNG:+ | $HUNG}"
 	_res=$(echo "$_o" | grep '^hostile:' | tail -n 1)
 	_d="${_cs:-no cpuset support: taskset to CPU 0}; $(echo "${_res:-$_o}" | oneline)"
