@@ -14,6 +14,12 @@
  * (closed, its worker exited, CLOSE of the global) first hands its queued connections to
  * the global socket: worker churn loses none.
  *
+ * A worker re-pinned to another CPU keeps its local (and its epoll entry on it), so the
+ * SYNs of the CPU it left still reach that local and wake only that worker: ACCEPT and
+ * the global's poll take the caller's own locals of other CPUs (and locals whose owner
+ * is gone or whose CPU went offline) after the current CPU's and the global's queues.
+ * Nothing waits for an acceptor that no longer runs there, and nobody else is woken.
+ *
  * Locals are created, bound and put to listen with the credentials of whoever opened the
  * global socket (a root master, unprivileged workers) and inherit its options.
  *
@@ -34,6 +40,8 @@
 #include <linux/sockptr.h>
 #include <linux/wait.h>
 #include <linux/cred.h>
+#include <linux/pid.h>
+#include <linux/pid_namespace.h>
 #include <linux/tcp.h>
 #include <net/sock.h>
 #include <net/sock_reuseport.h>
@@ -56,6 +64,7 @@ struct fsock_ent {
 	struct socket *sock;
 	struct fsock_group *grp;
 	int cpu;
+	pid_t owner;		/* local: thread that last SPAWNed it (initial pid namespace) */
 	unsigned int turn;	/* local: next ACCEPT tries the global queue first */
 	struct rcu_head rcu;
 };
@@ -105,6 +114,15 @@ static const struct proto_ops *fsock_orig(const struct proto_ops *ops)
 
 /* ---- ops hooks ------------------------------------------------------------------- */
 
+/* A file reference to local `l` (RCU held), or NULL when its last fd is being closed. */
+static struct file *fsock_ent_file(struct fsock_ent *l)
+{
+	/* Its release (which unlinks it) runs only after f_count hit 0. */
+	struct file *file = READ_ONCE(l->sock->file);
+
+	return file && get_file_rcu(file) ? file : NULL;
+}
+
 /* The local socket of `cpu` for global socket `sk` with a file reference, or NULL. */
 static struct file *fsock_local_file(struct sock *sk, int cpu)
 {
@@ -115,15 +133,62 @@ static struct file *fsock_local_file(struct sock *sk, int cpu)
 	e = fsock_find(sk);
 	if (e && e->cpu < 0 && cpu < nr_cpu_ids) {
 		l = rcu_dereference(e->grp->local[cpu]);
-		if (l) {
-			/* Its release (which unlinks it) runs only after f_count hit 0. */
-			file = READ_ONCE(l->sock->file);
-			if (file && !get_file_rcu(file))
-				file = NULL;
-		}
+		if (l)
+			file = fsock_ent_file(l);
 	}
 	rcu_read_unlock();
 	return file;
+}
+
+/*
+ * Whether the owner of local `l` can no longer drain it where it is: the thread is gone
+ * (another process still holds the fd) or the local's CPU went offline. Such a local's
+ * connections are anybody's. RCU held (find_pid_ns).
+ */
+static bool fsock_abandoned(const struct fsock_ent *l)
+{
+	if (!cpu_online(l->cpu))
+		return true;
+	return !pid_task(find_pid_ns(READ_ONCE(l->owner), &init_pid_ns), PIDTYPE_PID);
+}
+
+/*
+ * The next local of the global's group after CPU `*cpu` that the caller may drain from
+ * another CPU (its own, e.g. after a re-pin, or an abandoned one), skipping `skip`
+ * (the caller's CPU) and, with `queued`, empty ones. A file reference, or NULL at the end.
+ */
+static struct file *fsock_next_adoptable(struct sock *gsk, int *cpu, int skip, bool queued)
+{
+	pid_t me = task_pid_nr(current);
+	struct file *file = NULL;
+	struct fsock_ent *e, *l;
+
+	rcu_read_lock();
+	e = fsock_find(gsk);
+	while (e && e->cpu < 0 && !file && ++*cpu < nr_cpu_ids) {
+		l = rcu_dereference(e->grp->local[*cpu]);
+		if (!l || *cpu == skip)
+			continue;
+		if (queued && reqsk_queue_empty(&inet_csk(l->sk)->icsk_accept_queue))
+			continue;
+		if (READ_ONCE(l->owner) == me || fsock_abandoned(l))
+			file = fsock_ent_file(l);
+	}
+	rcu_read_unlock();
+	return file;
+}
+
+/* Readiness (EPOLLIN) of a local's queue for a poll of the global. */
+static __poll_t fsock_local_poll(const struct proto_ops *orig, struct file *lfile,
+				 struct sock *gsk, poll_table *wait)
+{
+	struct socket *lsock = lfile->private_data;
+	__poll_t mask = 0;
+
+	if (lsock && lsock->sk != gsk)
+		mask = orig->poll(lfile, lsock, wait) & (EPOLLIN | EPOLLRDNORM);
+	fput(lfile);
+	return mask;
 }
 
 /*
@@ -131,20 +196,25 @@ static struct file *fsock_local_file(struct sock *sk, int cpu)
  * so poll/epoll on the global fd wake for connections steered to the local queue. The
  * local's poll is given the local file: poll(2) then holds it while waiting, and epoll
  * entries on the local wait queue are removed by POLLFREE when the local goes away.
+ * It also includes the locals the waiter may drain from here (fsock_next_adoptable):
+ * a re-pinned worker is still woken by its old CPU's local and must see why; a poll(2)
+ * of it waits on them too. Abandoned locals are waited on by every poller: rare (an
+ * owner gone while another process holds the fd), and better woken than stranded.
  */
 static __poll_t fsock_poll(struct file *file, struct socket *sock, poll_table *wait)
 {
 	const struct proto_ops *orig = fsock_orig(sock->ops);
 	__poll_t mask = orig->poll(file, sock, wait);
-	struct file *lfile = fsock_local_file(sock->sk, raw_smp_processor_id());
+	int here = raw_smp_processor_id(), cpu = -1;
+	struct file *lfile = fsock_local_file(sock->sk, here);
 
-	if (lfile) {
-		struct socket *lsock = lfile->private_data;
-
-		if (lsock && lsock->sk != sock->sk)
-			mask |= orig->poll(lfile, lsock, wait) & (EPOLLIN | EPOLLRDNORM);
-		fput(lfile);
-	}
+	if (lfile)
+		mask |= fsock_local_poll(orig, lfile, sock->sk, wait);
+	/* Already readable and nothing to register: no need to look further. */
+	if ((mask & EPOLLIN) && poll_does_not_wait(wait))
+		return mask;
+	while ((lfile = fsock_next_adoptable(sock->sk, &cpu, here, false)))
+		mask |= fsock_local_poll(orig, lfile, sock->sk, wait);
 	return mask;
 }
 
@@ -311,6 +381,41 @@ static int fsock_shutdown_op(struct socket *sock, int how)
 	return err;
 }
 
+/* Non-blocking accept from local `lfile` into `newsock` (consumes the file reference). */
+static int fsock_accept_from(const struct proto_ops *orig, struct file *lfile,
+			     struct socket *newsock, int flags, bool kern)
+{
+	int err = orig->accept(lfile->private_data, newsock, flags | O_NONBLOCK, kern);
+
+	fput(lfile);
+	return err == -EINVAL ? -EAGAIN : err;	/* stopped listening: its queue went on */
+}
+
+/*
+ * accept(2) of a global by a process that bypasses ACCEPT (raw syscalls, an exec'd
+ * program): what the global's poll reports, accept takes. The global's queue, then this
+ * CPU's local and the caller's other locals, without blocking; only then the kernel's
+ * accept of the global as the caller asked (blocking or not).
+ */
+static int fsock_accept_op(struct socket *sock, struct socket *newsock, int flags, bool kern)
+{
+	const struct proto_ops *orig = fsock_orig(sock->ops);
+	int err = orig->accept(sock, newsock, flags | O_NONBLOCK, kern);
+	int here = raw_smp_processor_id(), cpu = -1;
+	struct file *lfile;
+
+	if (err != -EAGAIN)
+		return err;
+	lfile = fsock_local_file(sock->sk, here);
+	if (lfile)
+		err = fsock_accept_from(orig, lfile, newsock, flags, kern);
+	while (err == -EAGAIN && (lfile = fsock_next_adoptable(sock->sk, &cpu, here, true)))
+		err = fsock_accept_from(orig, lfile, newsock, flags, kern);
+	if (err == -EAGAIN && !(flags & O_NONBLOCK))
+		err = orig->accept(sock, newsock, flags, kern);
+	return err;
+}
+
 /* connect(AF_UNSPEC) on a listener disconnects it, i.e. unhashes it. */
 static int fsock_connect_op(struct socket *sock, struct sockaddr *addr, int len, int flags)
 {
@@ -338,6 +443,7 @@ static int fsock_take_ops(struct socket *sock)
 			o->ops.release = fsock_release;
 			o->ops.shutdown = fsock_shutdown_op;
 			o->ops.connect = fsock_connect_op;
+			o->ops.accept = fsock_accept_op;
 			o->orig = orig;
 		}
 		if (o->orig == orig) {
@@ -633,6 +739,8 @@ static int fsock_inherit(struct sock *gsk, struct socket *lsock)
 	if (!err)
 		err = fsock_inherit_md5(gsk, lsk);
 	lsk->sk_bound_dev_if = gsk->sk_bound_dev_if;
+	/* SO_REUSEADDR: its children's TIME_WAIT must not block a restart on the port. */
+	lsk->sk_reuse = gsk->sk_reuse;
 	lsk->sk_priority = gsk->sk_priority;
 	lsk->sk_mark = gsk->sk_mark;
 	lsk->sk_rcvtimeo = gsk->sk_rcvtimeo;
@@ -739,11 +847,11 @@ static int fsock_spawn_locked(struct socket *gsock, int cpu, struct file **out)
 		 * closed (f_count 0; its release waits for fsock_lock): then a fresh one.
 		 */
 		rcu_read_lock();
-		file = READ_ONCE(l->sock->file);
-		if (file && !get_file_rcu(file))
-			file = NULL;
+		file = fsock_ent_file(l);
 		rcu_read_unlock();
 		if (file) {
+			/* The latest spawner owns it: a reload's new worker, not the old one. */
+			WRITE_ONCE(l->owner, task_pid_nr(current));
 			*out = file;
 			return 0;
 		}
@@ -770,6 +878,7 @@ static int fsock_spawn_locked(struct socket *gsock, int cpu, struct file **out)
 	l->sock = lsock;
 	l->grp = g;
 	l->cpu = cpu;
+	l->owner = task_pid_nr(current);
 	hash_add_rcu(fsock_hash, &l->node, (unsigned long)l->sk);
 	rcu_assign_pointer(g->local[cpu], l);
 	g->nr_local++;
@@ -903,8 +1012,8 @@ static int fsock_accept_one(struct socket *sock, int cpu, int flags,
 	newsock->ops = fsock_is_ours(sock->ops) ? fsock_orig(sock->ops) : sock->ops;
 	__module_get(newsock->ops->owner);
 	err = fsock_sec_accept(sock, newsock);
-	if (!err)
-		err = sock->ops->accept(sock, newsock, O_NONBLOCK, false);
+	if (!err)	/* the kernel's accept: ACCEPT chooses the queue itself */
+		err = newsock->ops->accept(sock, newsock, O_NONBLOCK, false);
 	if (!err && uaddr)
 		err = fsock_put_addr(newsock, uaddr, uaddrlen);
 	if (err) {
@@ -925,6 +1034,29 @@ static int fsock_accept_one(struct socket *sock, int cpu, int flags,
 	}
 	fd_install(fd, file);
 	return fd;
+}
+
+/*
+ * Both queues of this CPU empty: the caller's locals of other CPUs (it was re-pinned and
+ * is woken by them) and abandoned ones. Counted as global accepts: a fallback, not the
+ * CPU's own local. -EAGAIN when none has a connection.
+ */
+static int fsock_accept_adopted(struct socket *gsock, int cpu, int flags,
+				struct sockaddr __user *uaddr, int __user *uaddrlen)
+{
+	struct file *lfile;
+	int err = -EAGAIN, c = -1;
+
+	while (err == -EAGAIN && (lfile = fsock_next_adoptable(gsock->sk, &c, cpu, true))) {
+		fsock_stat_inc(FSOCK_STAT_GLOBAL_LOOKUP);
+		err = fsock_accept_one(lfile->private_data, cpu, flags, uaddr, uaddrlen);
+		if (err == -EINVAL)
+			err = -EAGAIN;	/* stopped listening meanwhile: its queue went to the global */
+		if (err >= 0)
+			fsock_stat_inc(FSOCK_STAT_GLOBAL_ACCEPT);
+		fput(lfile);
+	}
+	return err;
 }
 
 static int rp_accept(int fd, int cpu, int flags, struct sockaddr __user *uaddr,
@@ -979,6 +1111,8 @@ static int rp_accept(int fd, int cpu, int flags, struct sockaddr __user *uaddr,
 	}
 	if (lfile)
 		fput(lfile);
+	if (err == -EAGAIN)
+		err = fsock_accept_adopted(gsock, cpu, flags, uaddr, uaddrlen);
 	sockfd_put(gsock);
 	return err;
 }

@@ -150,7 +150,8 @@ def test_guest_test_program_compiles(tmp_path: Path, program: str) -> None:
 # module/tests/fsock_regress.c scenarios (issue 10), run in the guest between the main
 # runs and the final unload; each prints FSOCK_REGRESS PASS <name>.
 REGRESSIONS = ["pin_own", "pin_narrow", "one_cpu", "addrinuse", "unpriv", "param", "churn",
-               "steer", "inherit", "md5filter", "efault", "spawnrace", "closedev"]
+               "steer", "inherit", "md5filter", "efault", "spawnrace", "closedev", "repin",
+               "repin_spawn", "repin_queued", "plainaccept", "reuseaddr"]
 
 
 def test_regression_scenarios_are_the_programs() -> None:

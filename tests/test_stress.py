@@ -220,6 +220,30 @@ verdict lost "" ""
     assert "refused=" in checks[0].detail
 
 
+def test_repin_scenario_passes_its_herd_check_on_a_plain_kernel(fsstress: Path, tmp_path: Path) -> None:
+    # The re-pin scenario as the guest runs it, with its spurious-wakeup check: a plain
+    # kernel (one queue) loses nothing and does not spin when a worker is re-pinned.
+    checks = _run_scenarios(fsstress, tmp_path, """
+scenario repin "-p $S_PORT -w 3" act_repin "" herd_check
+""")
+    assert [(c.name, c.status) for c in checks] == [("stress_repin", "pass")], checks
+    counts = _counts(checks[0].detail.split("|")[1])
+    assert counts["repins"] >= 1 and counts["spurious"] <= counts["accepted"]
+
+
+@pytest.mark.parametrize("spurious, status", [(3923, "fail"), (3, "pass")])
+def test_herd_check_fails_a_worker_spinning_on_an_undrainable_queue(
+        fsstress: Path, tmp_path: Path, spurious: int, status: str) -> None:
+    # Last 6.1 debug run before the fix: 295 accepted, 3,923 wakeups that found nothing.
+    checks = _run_scenarios(fsstress, tmp_path, f"""
+LOAD="load: requests=295 ok=295 errors=0 resets=0 timeouts=0 refused=0 bad=0"; LRC=0; ACT_FAIL=""
+SERVE="serve: accepted=295 wakeups=4028 spurious={spurious} repins=6"
+herd_check; verdict repin "$ACT_FAIL" ""
+""")
+    assert [(c.name, c.status) for c in checks] == [("stress_repin", status)]
+    assert ("spurious wakeups 3923 > accepted 295" in checks[0].detail) == (status == "fail")
+
+
 def test_guest_programs_build_with_musl(tmp_path: Path) -> None:
     require_tool("musl-gcc")
     progs = stress.guest_programs(tmp_path)

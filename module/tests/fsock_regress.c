@@ -24,6 +24,19 @@
  *   spawnrace    SPAWN races the close of the same CPU's local (KASAN/refcount splats)
  *   closedev     CLOSE of a non-socket fd (the device itself, a pipe): ENOTSOCK, fd kept;
  *                of a unix or UDP socket: EOPNOTSUPP, fd kept
+ *   repin        a worker (epoll on the global and its local fd, as libsocket.so does) is
+ *                re-pinned from cpu 1 to 2: cpu 1's new connections reach it, with no
+ *                spurious wakeup, and a worker on cpu 3 is never woken (no herd)
+ *   repin_spawn  the same with only the global fd in epoll, and the moved worker SPAWNs
+ *                again on its new cpu
+ *   repin_queued connections queued on cpu 1 (reported there, not accepted) when the
+ *                worker is re-pinned reach it on cpu 2 without any new connection
+ *   plainaccept  a worker with a local that accepts with plain accept4(2) on the global
+ *                (raw syscall, as the stress suite's mixed workers): what poll reports,
+ *                accept takes, also after a re-pin
+ *   reuseaddr    a SO_REUSEADDR server that closed its connections first (TIME_WAIT) is
+ *                restarted on the same port at once, as without Fastsocket (locals inherit
+ *                SO_REUSEADDR: the stress suite's "Address in use" cascade)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -47,6 +60,8 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <sys/epoll.h>
+#include <time.h>
 
 #include "../fastsocket_abi.h"
 
@@ -690,6 +705,294 @@ static void spawnrace(int ncpu)
 	unpin(ncpu);
 }
 
+/* ---- re-pinned workers (issue 10 item 8 on the reuseport backend) ---------------- */
+
+#define REPIN_CONNS 3
+
+static double now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static void ep_add(int ep, int fd)
+{
+	struct epoll_event ev = { .events = EPOLLIN, .data.fd = fd };
+
+	if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev))
+		fail("epoll_ctl add %d", fd);
+}
+
+/* A process on `cpu` making `n` connections to `port`, each sending "x"; it keeps them
+ * open until killed. */
+static pid_t clients_on(int cpu, int port, int n)
+{
+	pid_t pid = fork();
+
+	if (pid == 0) {
+		for (int i = 0; i < n; i++) {
+			int c = connect_from(cpu, port);
+
+			if (write(c, "x", 1) != 1)
+				fail("client write");
+		}
+		for (;;)
+			pause();
+	}
+	if (pid < 0)
+		fail("fork");
+	return pid;
+}
+
+static void reap(pid_t pid)
+{
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+}
+
+static int g_plain;	/* epoll_drain accepts with accept4(2), not ACCEPT */
+
+static int accept_next(int lfd)
+{
+	struct fsock_accept_args ac = { .fd = lfd, .flags = SOCK_CLOEXEC };
+
+	if (g_plain)
+		return accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	return ioctl(g_dev, FSOCK_IOC_ACCEPT, &ac) ? -1 : ac.new_fd;
+}
+
+/*
+ * The worker's event loop for up to `ms`: on every event ACCEPT until EAGAIN (what
+ * libsocket's accept does); an event that accepts nothing is a spurious wakeup. Stops
+ * once `want` connections were accepted, each with its byte.
+ */
+static int epoll_drain(int ep, int lfd, int want, int ms, int *spurious)
+{
+	struct epoll_event evs[4];
+	double end = now_ms() + ms;
+	int accepts = 0;
+
+	*spurious = 0;
+	while (accepts < want && now_ms() < end) {
+		int n = epoll_wait(ep, evs, 4, 50);
+
+		for (int i = 0; i < n; i++) {
+			int got = 0;
+
+			for (;;) {
+				int a = accept_next(lfd);
+				char ch;
+
+				if (a < 0) {
+					if (errno != EAGAIN)
+						fail("accept");
+					break;
+				}
+				if (read(a, &ch, 1) != 1)
+					fail("accepted connection %d was reset", accepts);
+				close(a);
+				got++;
+			}
+			accepts += got;
+			*spurious += !got;
+		}
+	}
+	return accepts;
+}
+
+/* A worker pinned to `cpu` (epoll on the global and its local): writes how many times
+ * it was woken in `ms` to `out`. */
+static pid_t idle_worker(int lfd, int cpu, int ms, int ready, int out)
+{
+	pid_t pid = fork();
+
+	if (pid == 0) {
+		struct epoll_event ev;
+		int ep = epoll_create1(EPOLL_CLOEXEC), lo, wakes = 0;
+		double end;
+
+		pin_to(cpu);
+		ep_add(ep, lfd);
+		if (spawn(lfd, -1, &lo) != cpu)
+			fail("idle worker SPAWN cpu %d", cpu);
+		ep_add(ep, lo);
+		(void)!write(ready, "r", 1);
+		for (end = now_ms() + ms; now_ms() < end;)
+			wakes += epoll_wait(ep, &ev, 1, 50) > 0;
+		(void)!write(out, &wakes, sizeof(wakes));
+		_exit(0);
+	}
+	if (pid < 0)
+		fail("fork");
+	return pid;
+}
+
+static void repin(int ncpu)
+{
+	int port, lfd = fs_listener(0, NULL, &port), lo, ep, accepts, spurious, wakes = -1;
+	int ready[2], out[2];
+	pid_t cl, other;
+	char ch;
+
+	if (ncpu < 4) {
+		printf("repin: %d cpus, the herd check needs 4: skipped\n", ncpu);
+		fs_close(lfd);
+		return;
+	}
+	if (pipe(ready) || pipe(out))
+		fail("pipe");
+	other = idle_worker(lfd, 3, 2500, ready[1], out[1]);
+	if (read(ready[0], &ch, 1) != 1)
+		fail("cpu 3 worker did not spawn");
+	pin_to(1);
+	ep = epoll_create1(EPOLL_CLOEXEC);
+	ep_add(ep, lfd);	/* libsocket's order: the global, SPAWN, then the local */
+	if (spawn(lfd, -1, &lo) != 1)
+		fail("SPAWN on cpu 1");
+	ep_add(ep, lo);
+	pin_to(2);		/* re-pinned, as a master's sched_setaffinity() does it */
+	cl = clients_on(1, port, REPIN_CONNS);
+	accepts = epoll_drain(ep, lfd, REPIN_CONNS, 2000, &spurious);
+	reap(cl);
+	if (read(out[0], &wakes, sizeof(wakes)) != sizeof(wakes))
+		fail("cpu 3 worker report");
+	waitpid(other, NULL, 0);
+	if (accepts != REPIN_CONNS)
+		fail("worker moved from cpu 1 to 2 accepted %d of %d cpu 1 connections (%d spurious wakeups)",
+		     accepts, REPIN_CONNS, spurious);
+	if (spurious > 1)
+		fail("%d spurious wakeups of the moved worker", spurious);
+	if (wakes)
+		fail("thundering herd: the cpu 3 worker was woken %d times", wakes);
+	printf("repin: accepted=%d spurious=%d cpu3_wakeups=%d\n", accepts, spurious, wakes);
+	close(ep);
+	close(lo);
+	fs_close(lfd);
+	unpin(ncpu);
+}
+
+static void repin_spawn(int ncpu)
+{
+	int port, lfd = fs_listener(0, NULL, &port), lo1, lo2, ep, accepts, spurious;
+	pid_t cl;
+
+	pin_to(1);
+	if (spawn(lfd, -1, &lo1) != 1)
+		fail("SPAWN on cpu 1");
+	ep = epoll_create1(EPOLL_CLOEXEC);
+	ep_add(ep, lfd);	/* the ABI's order: SPAWN, then the global in epoll */
+	pin_to(2);
+	if (spawn(lfd, -1, &lo2) != 2)
+		fail("SPAWN again on cpu 2");
+	cl = clients_on(1, port, REPIN_CONNS);
+	accepts = epoll_drain(ep, lfd, REPIN_CONNS, 2000, &spurious);
+	reap(cl);
+	if (accepts != REPIN_CONNS)
+		fail("worker moved from cpu 1 to 2 accepted %d of %d cpu 1 connections (%d spurious wakeups)",
+		     accepts, REPIN_CONNS, spurious);
+	close(ep);
+	close(lo1);
+	close(lo2);
+	fs_close(lfd);
+	unpin(ncpu);
+}
+
+static void repin_queued(int ncpu)
+{
+	int port, lfd = fs_listener(0, NULL, &port), lo, ep, accepts, spurious, early;
+	struct epoll_event ev;
+	pid_t cl;
+
+	pin_to(1);
+	ep = epoll_create1(EPOLL_CLOEXEC);
+	ep_add(ep, lfd);
+	if (spawn(lfd, -1, &lo) != 1)
+		fail("SPAWN on cpu 1");
+	ep_add(ep, lo);
+	cl = clients_on(1, port, REPIN_CONNS);
+	early = epoll_wait(ep, &ev, 1, 2000);	/* reported on cpu 1, not accepted */
+	usleep(200000);				/* all of them queued */
+	pin_to(2);
+	accepts = epoll_drain(ep, lfd, REPIN_CONNS, 2000, &spurious);
+	reap(cl);
+	if (early != 1 || accepts != REPIN_CONNS)
+		fail("reported on cpu 1: %d; accepted on cpu 2: %d of %d (%d spurious wakeups)",
+		     early, accepts, REPIN_CONNS, spurious);
+	close(ep);
+	close(lo);
+	fs_close(lfd);
+	unpin(ncpu);
+}
+
+static void plainaccept(int ncpu)
+{
+	int port, lfd = fs_listener(0, NULL, &port), lo, ep, accepts, spurious, moved;
+	pid_t cl;
+
+	g_plain = 1;
+	fcntl(lfd, F_SETFL, O_NONBLOCK);
+	pin_to(1);
+	ep = epoll_create1(EPOLL_CLOEXEC);
+	ep_add(ep, lfd);
+	if (spawn(lfd, -1, &lo) != 1)
+		fail("SPAWN on cpu 1");
+	ep_add(ep, lo);
+	cl = clients_on(1, port, REPIN_CONNS);
+	accepts = epoll_drain(ep, lfd, REPIN_CONNS, 2000, &spurious);
+	reap(cl);
+	pin_to(2);
+	cl = clients_on(1, port, REPIN_CONNS);
+	moved = epoll_drain(ep, lfd, REPIN_CONNS, 2000, &spurious);
+	reap(cl);
+	if (accepts != REPIN_CONNS || moved != REPIN_CONNS)
+		fail("accept4 on the global took %d of %d of its cpu's connections, %d of %d after a re-pin",
+		     accepts, REPIN_CONNS, moved, REPIN_CONNS);
+	close(ep);
+	close(lo);
+	fs_close(lfd);
+	unpin(ncpu);
+}
+
+static void reuseaddr_setup(int fd)
+{
+	int one = 1;
+
+	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)))
+		fail("SO_REUSEADDR");
+}
+
+static void reuseaddr(int ncpu)
+{
+	int port, lfd = fs_listener(0, reuseaddr_setup, &port), lo, c, a, s2;
+	struct sockaddr_in sa;
+	unsigned long before;
+	char ch;
+
+	if (spawn(lfd, 1, &lo) != 1)
+		fail("SPAWN cpu 1");
+	before = stat_of(1, LOCAL_ACCEPTS);
+	c = connect_from(1, port);
+	a = fs_accept(lfd);
+	if (stat_of(1, LOCAL_ACCEPTS) != before + 1)
+		fail("not accepted from the cpu 1 local");
+	close(a);		/* the server closes first: its side goes to TIME_WAIT */
+	if (read(c, &ch, 1) != 0)
+		fail("no FIN from the server");
+	close(c);
+	close(lo);
+	fs_close(lfd);
+	usleep(100000);
+	sa = lo_addr(port);
+	s2 = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	reuseaddr_setup(s2);
+	if (bind(s2, (struct sockaddr *)&sa, sizeof(sa)))
+		fail("restarted SO_REUSEADDR server cannot bind port %d", port);
+	close(s2);
+	unpin(ncpu);
+}
+
 static void check_dmesg(void)
 {
 	static char buf[1 << 17];
@@ -713,7 +1016,9 @@ static const struct {
 	{ "addrinuse", addrinuse }, { "unpriv", unpriv }, { "param", param },
 	{ "churn", churn }, { "steer", steer }, { "inherit", inherit },
 	{ "md5filter", md5filter }, { "efault", efault }, { "spawnrace", spawnrace },
-	{ "closedev", closedev },
+	{ "closedev", closedev }, { "repin", repin }, { "repin_spawn", repin_spawn },
+	{ "repin_queued", repin_queued }, { "plainaccept", plainaccept },
+	{ "reuseaddr", reuseaddr },
 };
 
 int main(int argc, char **argv)
