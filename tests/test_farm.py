@@ -172,6 +172,16 @@ def daemon_dir() -> Path:
     return d
 
 
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s: a daemon of the test never outlives it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Distccd:
     """A distccd of the test, with its own log."""
 
@@ -197,12 +207,7 @@ class Distccd:
         return re.findall(r"COMPILE_OK .* (\S+\.c)$", text, re.M)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _end(self.proc)
         for d in (self.dir, self.keep):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
@@ -410,12 +415,7 @@ class Daemon:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _end(self.proc)
 
 
 def _wait_listcs(host: str, name: str, timeout: float = 45.0) -> str:

@@ -40,29 +40,38 @@ static int list(const char *path)
 	return 0;
 }
 
-/* 1 when /proc/PID/stat names one of `names` and the process is not a zombie (a zombie
- * holds no files, so it cannot keep a module busy). */
-static int matches(const char *pid, char **names, int n)
+/* The command name of PID when /proc/PID/stat shows a live (not zombie) process, else NULL
+ * (a zombie holds no files, so it cannot keep a module busy or a port bound). `buf` holds it. */
+static const char *live_comm(const char *pid, char *buf, size_t size)
 {
-	char path[64], buf[256], *open, *close;
+	char path[64], *open, *close;
 	FILE *f;
 	size_t len;
-	int i;
 
 	snprintf(path, sizeof(path), "/proc/%s/stat", pid);
 	f = fopen(path, "r");
 	if (!f)
-		return 0;
-	len = fread(buf, 1, sizeof(buf) - 1, f);
+		return NULL;
+	len = fread(buf, 1, size - 1, f);
 	fclose(f);
 	buf[len] = '\0';
 	open = strchr(buf, '(');
 	close = strrchr(buf, ')');
 	if (!open || !close || close < open || close[1] != ' ' || close[2] == 'Z')
-		return 0;
+		return NULL;
 	*close = '\0';
-	for (i = 0; i < n; i++)
-		if (!strcmp(open + 1, names[i]))
+	return open + 1;
+}
+
+/* 1 when PID is live and named one of `names`. */
+static int matches(const char *pid, char **names, int n)
+{
+	char buf[256];
+	const char *comm = live_comm(pid, buf, sizeof(buf));
+	int i;
+
+	for (i = 0; comm && i < n; i++)
+		if (!strcmp(comm, names[i]))
 			return 1;
 	return 0;
 }
@@ -102,22 +111,11 @@ static int reap(char **names, int n)
 	return 1;
 }
 
-/* 1 when /proc/PID/stat shows a live (not zombie) process. */
 static int alive(const char *pid)
 {
-	char path[64], buf[256], *close;
-	FILE *f;
-	size_t len;
+	char buf[256];
 
-	snprintf(path, sizeof(path), "/proc/%s/stat", pid);
-	f = fopen(path, "r");
-	if (!f)
-		return 0;
-	len = fread(buf, 1, sizeof(buf) - 1, f);
-	fclose(f);
-	buf[len] = '\0';
-	close = strrchr(buf, ')');
-	return close && close[1] == ' ' && close[2] != 'Z';
+	return live_comm(pid, buf, sizeof(buf)) != NULL;
 }
 
 /* 1 when a line of the /proc/net/tcp-format file `path` is a LISTEN (state 0A) socket on `port`. */

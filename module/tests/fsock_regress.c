@@ -829,6 +829,20 @@ static pid_t idle_worker(int lfd, int cpu, int ms, int ready, int out)
 	return pid;
 }
 
+/* A worker on cpu 1 as libsocket.so sets it up: the global in epoll, SPAWN, then the local. */
+static int worker_on_cpu1(int lfd, int *lo)
+{
+	int ep;
+
+	pin_to(1);
+	ep = epoll_create1(EPOLL_CLOEXEC);
+	ep_add(ep, lfd);
+	if (spawn(lfd, -1, lo) != 1)
+		fail("SPAWN on cpu 1");
+	ep_add(ep, *lo);
+	return ep;
+}
+
 static void repin(int ncpu)
 {
 	int port, lfd = fs_listener(0, NULL, &port), lo, ep, accepts, spurious, wakes = -1;
@@ -846,12 +860,7 @@ static void repin(int ncpu)
 	other = idle_worker(lfd, 3, 2500, ready[1], out[1]);
 	if (read(ready[0], &ch, 1) != 1)
 		fail("cpu 3 worker did not spawn");
-	pin_to(1);
-	ep = epoll_create1(EPOLL_CLOEXEC);
-	ep_add(ep, lfd);	/* libsocket's order: the global, SPAWN, then the local */
-	if (spawn(lfd, -1, &lo) != 1)
-		fail("SPAWN on cpu 1");
-	ep_add(ep, lo);
+	ep = worker_on_cpu1(lfd, &lo);
 	pin_to(2);		/* re-pinned, as a master's sched_setaffinity() does it */
 	cl = clients_on(1, port, REPIN_CONNS);
 	accepts = epoll_drain(ep, lfd, REPIN_CONNS, 2000, &spurious);
@@ -905,12 +914,7 @@ static void repin_queued(int ncpu)
 	struct epoll_event ev;
 	pid_t cl;
 
-	pin_to(1);
-	ep = epoll_create1(EPOLL_CLOEXEC);
-	ep_add(ep, lfd);
-	if (spawn(lfd, -1, &lo) != 1)
-		fail("SPAWN on cpu 1");
-	ep_add(ep, lo);
+	ep = worker_on_cpu1(lfd, &lo);
 	cl = clients_on(1, port, REPIN_CONNS);
 	early = epoll_wait(ep, &ev, 1, 2000);	/* reported on cpu 1, not accepted */
 	usleep(200000);				/* all of them queued */
@@ -933,12 +937,7 @@ static void plainaccept(int ncpu)
 
 	g_plain = 1;
 	fcntl(lfd, F_SETFL, O_NONBLOCK);
-	pin_to(1);
-	ep = epoll_create1(EPOLL_CLOEXEC);
-	ep_add(ep, lfd);
-	if (spawn(lfd, -1, &lo) != 1)
-		fail("SPAWN on cpu 1");
-	ep_add(ep, lo);
+	ep = worker_on_cpu1(lfd, &lo);
 	cl = clients_on(1, port, REPIN_CONNS);
 	accepts = epoll_drain(ep, lfd, REPIN_CONNS, 2000, &spurious);
 	reap(cl);
