@@ -490,7 +490,10 @@ static int fsock_attach(struct fsock_group *g, struct sock **socks, int n, int m
 	u32 dflt = FSOCK_RET_HASH;
 	int i, cpu, len = 0, ours = 0, err;
 
-	insns = kcalloc(2 * nr_cpu_ids + 2, sizeof(*insns), GFP_KERNEL);
+	/* Two instructions per group member at most: a CPU can have a dying local beside its
+	 * fresh one in the group (SPAWN while the old file is in __fput), so not per CPU.
+	 */
+	insns = kcalloc(2 * min(n, max) + 2, sizeof(*insns), GFP_KERNEL);
 	if (!insns)
 		return -ENOMEM;
 	insns[len++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
@@ -510,6 +513,8 @@ static int fsock_attach(struct fsock_group *g, struct sock **socks, int n, int m
 		if (!fsock_steer)
 			continue;	/* listen spawn off: everything to the global */
 		cpu = e->cpu;
+		if (rcu_access_pointer(g->local[cpu]) != e)
+			continue;	/* a dying local of this CPU: steer to its successor */
 		insns[len++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, cpu, 0, 1);
 		insns[len++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, i);
 	}

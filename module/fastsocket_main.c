@@ -458,25 +458,33 @@ static bool fsock_is_tcp(const struct socket *sock)
 	       sk->sk_type == SOCK_STREAM && sk->sk_protocol == IPPROTO_TCP;
 }
 
-static long fsock_do_close(void __user *uarg)
+/*
+ * CLOSE and SHUTDOWN stand in for close(2)/shutdown(2) on the TCP sockets the library hands
+ * them: any other fd (the device itself, a pipe) is refused, so a stray CLOSE cannot pull the
+ * device out from under the caller's next ioctl, and so is any other socket (unix, UDP),
+ * which no Fastsocket path makes (the library then calls close(2)/shutdown(2) itself).
+ */
+static int fsock_tcp_fd(int fd)
 {
-	struct fsock_close_args a;
 	struct socket *sock;
 	int err;
 
-	if (copy_from_user(&a, uarg, sizeof(a)))
-		return -EFAULT;
-	/*
-	 * CLOSE stands in for close(2) on the TCP sockets the library hands it: any other fd
-	 * (the device itself, a pipe) is refused, so a stray CLOSE cannot pull the device out
-	 * from under the caller's next ioctl, and so is any other socket (unix, UDP), which no
-	 * Fastsocket path makes (the library then calls close(2) itself).
-	 */
-	sock = sockfd_lookup(a.fd, &err);
+	sock = sockfd_lookup(fd, &err);
 	if (!sock)
 		return err;
 	err = fsock_is_tcp(sock) ? 0 : -EOPNOTSUPP;
 	sockfd_put(sock);
+	return err;
+}
+
+static long fsock_do_close(void __user *uarg)
+{
+	struct fsock_close_args a;
+	int err;
+
+	if (copy_from_user(&a, uarg, sizeof(a)))
+		return -EFAULT;
+	err = fsock_tcp_fd(a.fd);
 	if (err)
 		return err;
 	return fsock_backend.close(a.fd);
@@ -485,11 +493,15 @@ static long fsock_do_close(void __user *uarg)
 static long fsock_do_shutdown(void __user *uarg)
 {
 	struct fsock_shutdown_args a;
+	int err;
 
 	if (copy_from_user(&a, uarg, sizeof(a)))
 		return -EFAULT;
 	if (a.how < SHUT_RD || a.how > SHUT_RDWR)
 		return -EINVAL;
+	err = fsock_tcp_fd(a.fd);
+	if (err)
+		return err;
 	return fsock_backend.shutdown(a.fd, a.how);
 }
 

@@ -23,7 +23,7 @@
  *   efault       SOCKET/SPAWN answering to read-only memory: EFAULT, no fd, no local
  *   spawnrace    SPAWN races the close of the same CPU's local (KASAN/refcount splats)
  *   closedev     CLOSE of a non-socket fd (the device itself, a pipe): ENOTSOCK, fd kept;
- *                of a unix or UDP socket: EOPNOTSUPP, fd kept
+ *                of a unix or UDP socket: EOPNOTSUPP, fd kept; SHUTDOWN likewise
  *   repin        a worker (epoll on the global and its local fd, as libsocket.so does) is
  *                re-pinned from cpu 1 to 2: cpu 1's new connections reach it, with no
  *                spurious wakeup, and a worker on cpu 3 is never woken (no herd)
@@ -640,6 +640,26 @@ static void efault(int ncpu)
 	unpin(ncpu);
 }
 
+/* SHUTDOWN takes what CLOSE takes: TCP sockets only (the library falls back to shutdown(2)). */
+static void shutdown_kinds(void)
+{
+	struct fsock_shutdown_args a = { .how = SHUT_RDWR };
+	int sv[2];
+
+	if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv))
+		fail("socketpair");
+	a.fd = sv[0];
+	if (!ioctl(g_dev, FSOCK_IOC_SHUTDOWN, &a) || errno != EOPNOTSUPP)
+		fail("SHUTDOWN of a unix socket did not fail with EOPNOTSUPP");
+	if (write(sv[0], "x", 1) != 1)
+		fail("a refused SHUTDOWN shut the unix socket down");
+	close(sv[0]);
+	close(sv[1]);
+	a.fd = g_dev;
+	if (!ioctl(g_dev, FSOCK_IOC_SHUTDOWN, &a) || errno != ENOTSOCK)
+		fail("SHUTDOWN of the device fd did not fail with ENOTSOCK");
+}
+
 static void closedev(int ncpu)
 {
 	struct fsock_close_args c = { .fd = g_dev };
@@ -668,6 +688,7 @@ static void closedev(int ncpu)
 	if (!ioctl(g_dev, FSOCK_IOC_CLOSE, &c) || errno != EOPNOTSUPP || fcntl(c.fd, F_GETFD) < 0)
 		fail("CLOSE of a UDP socket did not fail with EOPNOTSUPP, fd kept");
 	close(c.fd);
+	shutdown_kinds();
 }
 
 struct race {
