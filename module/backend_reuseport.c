@@ -381,12 +381,17 @@ static int fsock_shutdown_op(struct socket *sock, int how)
 	return err;
 }
 
-/* Non-blocking accept from local `lfile` into `newsock` (consumes the file reference). */
+/*
+ * Non-blocking accept from local `lfile` into `newsock` (consumes the file reference). The
+ * syscall checked the global; the local is another socket, so the LSM sees it too.
+ */
 static int fsock_accept_from(const struct proto_ops *orig, struct file *lfile,
 			     struct socket *newsock, int flags, bool kern)
 {
-	int err = orig->accept(lfile->private_data, newsock, flags | O_NONBLOCK, kern);
+	int err = fsock_sec_accept(lfile->private_data, newsock);
 
+	if (!err)
+		err = orig->accept(lfile->private_data, newsock, flags | O_NONBLOCK, kern);
 	fput(lfile);
 	return err == -EINVAL ? -EAGAIN : err;	/* stopped listening: its queue went on */
 }
