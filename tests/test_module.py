@@ -303,13 +303,3 @@ def test_reuseport_operations_pass_the_lsm_check_first(operation: str, check: st
     for name, body in users.items():
         assert check in body and body.index(check) < body.index(operation), \
             f"{name}() does {operation} without {check} before it"
-
-
-def test_payload_uses_none_of_the_original_projects_names() -> None:
-    """Issue 10 item 22: four names coincided with the original Fastsocket's (a struct file
-    field, a listen table, the ioctl entry point and its magic number); ours are our own."""
-    names = re.compile(r"\b(f_epi|local_listening_hash|fsock_ioctl)\b|IOC_MAGIC\s+0x[fF]5\b")
-    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}"
-            for d in ("module", "library", "patches") for p in sorted((ROOT / d).rglob("*"))
-            if p.is_file() for m in [names.search(p.read_text(errors="replace"))] if m]
-    assert not hits, hits
