@@ -190,3 +190,17 @@ def test_config_check_script_flags_dropped_options(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "CONFIG_B=m" in out.stderr and "CONFIG_C=n" in out.stderr
     assert "2 option(s)" in out.stderr
+
+
+def test_config_check_script_passes_an_empty_fragment(tmp_path: Path) -> None:
+    """--config full ships an empty fragment: nothing is asked for, so nothing can be dropped
+    (awk's FNR == NR idiom read the config itself as the fragment and failed every full build)."""
+    require_tool("awk")
+    script = tmp_path / "check.sh"
+    script.write_text(spec.render_config_check())
+    frag = tmp_path / "frag"
+    frag.write_bytes(b"")
+    conf = tmp_path / "conf"
+    conf.write_text("CONFIG_64BIT=y\n# CONFIG_X is not set\n")
+    out = subprocess.run(["sh", str(script), str(frag), str(conf)], capture_output=True, text=True)
+    assert (out.returncode, out.stderr) == (0, "")
