@@ -390,20 +390,26 @@ def test_module_through_a_distcc_farm_is_bit_identical(farmnet: Farmnet, servers
     servers.extend(daemons)
     f = farm.resolve(" ".join(f"{d.addr}/1" for d in daemons), False)
     assert f is not None and f.jobs == 2
-    kos = {}
-    # One source directory for both: WARN_ON/BUG records carry the source path.
-    src = tmp_path / "module"
-    shutil.copytree(ROOT / "module", src, ignore=shutil.ignore_patterns("tests"))
-    for label, cc in (("local", []), ("farm", [f"CC={f.cc}"])):
-        env = {**os.environ, **(f.env if cc else {}), "LC_ALL": "C"}
-        make = ["make", "-C", str(linux61_kernel_devel), f"M={src}", *cc]
-        subprocess.run([*make, "clean"], env=env, check=True, capture_output=True)
-        subprocess.run([*make, f"-j{f.jobs}", "modules"], env=env, check=True, capture_output=True)
-        kos[label] = (src / "fastsocket.ko").read_bytes()
+    kos = _module_local_and_farm(f, linux61_kernel_devel, tmp_path)
     assert kos["farm"] == kos["local"]
     ran = [job for d in daemons for job in d.jobs() if job != "fsbuild_probe.c"]
     assert "fastsocket_main.c" in " ".join(ran), ran
     assert all(d.jobs() for d in daemons)  # every host of the farm compiled
+
+
+def _module_local_and_farm(f: farm.Farm, kdir: Path, tmp_path: Path) -> dict[str, bytes]:
+    """fastsocket.ko built locally and through the farm, from one source directory (WARN_ON/BUG
+    records carry the source path, so two directories would differ for that alone)."""
+    src = tmp_path / "module"
+    shutil.copytree(ROOT / "module", src, ignore=shutil.ignore_patterns("tests"))
+    kos = {}
+    for label, cc in (("local", []), ("farm", [f"CC={f.cc}"])):
+        env = {**os.environ, **(f.env if cc else {}), "LC_ALL": "C"}
+        make = ["make", "-C", str(kdir), f"M={src}", *cc]
+        subprocess.run([*make, "clean"], env=env, check=True, capture_output=True)
+        subprocess.run([*make, f"-j{f.jobs}", "modules"], env=env, check=True, capture_output=True)
+        kos[label] = (src / "fastsocket.ko").read_bytes()
+    return kos
 
 
 class Daemon:
@@ -470,15 +476,7 @@ def test_module_through_an_icecream_farm_is_bit_identical(farmnet: Farmnet, serv
         assert f.jobs == 2 and f.cc == "icecc gcc" and f.env["ICECC_TEST_SOCKET"] == str(local_sock)
         probe_jobs = _remote_jobs(work)
         assert probe_jobs >= 1  # the probe compiled on the farm
-        src = tmp_path / "module"
-        shutil.copytree(ROOT / "module", src, ignore=shutil.ignore_patterns("tests"))
-        kos = {}
-        for label, cc in (("local", []), ("farm", [f"CC={f.cc}"])):
-            env = {**os.environ, **(f.env if cc else {}), "LC_ALL": "C"}
-            make = ["make", "-C", str(linux61_kernel_devel), f"M={src}", *cc]
-            subprocess.run([*make, "clean"], env=env, check=True, capture_output=True)
-            subprocess.run([*make, f"-j{f.jobs}", "modules"], env=env, check=True, capture_output=True)
-            kos[label] = (src / "fastsocket.ko").read_bytes()
+        kos = _module_local_and_farm(f, linux61_kernel_devel, tmp_path)
         assert kos["farm"] == kos["local"]
         assert _remote_jobs(work) >= probe_jobs + 2  # fastsocket_main.c, the backend, the .mod.c
     finally:
