@@ -487,3 +487,51 @@ def _remote_jobs(work: Path) -> int:
     """Compilations the compile server ran for others (its own log)."""
     log = work / "cs.log"
     return log.read_text(errors="replace").count("Remote compilation completed with exit code 0") if log.exists() else 0
+
+
+# The header fields of `rpm -qp --dump` that say what a package installs: path, size, digest,
+# mode, owner, group, config/doc flags, rdev, link target (the mtime is the build's).
+_DUMP_FIELDS = (0, 1, 3, 4, 5, 6, 7, 8, 9, 10)
+
+
+def _dump(rpm: Path) -> dict[str, tuple[str, ...]]:
+    out = subprocess.run(["rpm", "-qp", "--dump", str(rpm)], check=True, capture_output=True, text=True)
+    rows = [line.split(" ") for line in out.stdout.splitlines() if line]
+    return {r[0]: tuple(r[i] for i in _DUMP_FIELDS) for r in rows}
+
+
+def _package_key(rpm: Path) -> str:
+    """kernel / kernel-devel / kernel-firmware: the name without version and arch."""
+    return re.sub(r"-\d.*$", "", rpm.name)
+
+
+@pytest.mark.slow
+def test_kernel_rpms_through_a_distcc_farm_install_what_the_local_build_does(
+        farmnet: Farmnet, servers: list[object], linux61_rpms: Path, tmp_path: Path) -> None:
+    """Issue 13: RPM contents must not depend on where objects were compiled. The linux-6.1
+    mini kernel built through two distccd hosts (own namespaces) gives the same packages as
+    the pipeline's local build: `rpm -qp --dump` equal in every file's path, size, digest,
+    mode, owner and flags (build host, user and time are pinned by the spec), and the
+    daemons' logs show that they compiled the kernel."""
+    daemons = []
+    for n in (31, 32):
+        ns, addr = farmnet.host(n)
+        daemons.append(Distccd(addr, netns=ns))
+    servers.extend(daemons)
+    hosts = " ".join(f"{d.addr}/2" for d in daemons)
+    env = {**os.environ, "FSBUILD_OUT": str(tmp_path / "out"), "FSBUILD_STATE": str(ROOT / ".fsbuild")}
+    proc = subprocess.run([sys.executable, "-m", "fsbuild", "rpm", "--target", "linux-6.1", "--config",
+                           "mini", "--distcc", hosts, "--force"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    local = {_package_key(p): p for p in linux61_rpms.glob("kernel*.rpm") if ".src." not in p.name}
+    farmed = {_package_key(p): p for p in (tmp_path / "out" / "linux-6.1" / "rpms").glob("kernel*.rpm")
+              if ".src." not in p.name}
+    assert sorted(farmed) == sorted(local) and len(local) == 3, (local, farmed)
+    for name, rpm in local.items():
+        want, got = _dump(rpm), _dump(farmed[name])
+        assert sorted(got) == sorted(want), f"{name}: file lists differ"
+        differ = sorted(path for path in want if got[path] != want[path])
+        assert not differ, f"{name}: {len(differ)} file(s) differ, first: {differ[:5]}"
+    remote = [job for d in daemons for job in d.jobs() if job != "fsbuild_probe.c"]
+    assert len(remote) > 500 and all(d.jobs() for d in daemons), len(remote)
