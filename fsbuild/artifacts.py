@@ -199,10 +199,31 @@ def check_kernel(pkg: Package, has_fastsocket: bool) -> None:
         c.append(Check("image version", found == kver,
                        f"bzImage says {found!r}, package {kver!r}" if found != kver
                        else f"bzImage version {found}"))
+    c.append(_modules_complete(pkg, kver))
     if has_fastsocket:
         ko = [f for f in pkg.files if f.startswith(f"/lib/modules/{kver}/") and f.endswith("/fastsocket.ko")]
         c.append(Check("fastsocket.ko", bool(ko), ko[0] if ko else "no fastsocket.ko under "
                        f"/lib/modules/{kver}"))
+
+
+_MODULE_SUFFIXES = ("", ".xz", ".gz", ".zst")
+
+
+def _modules_complete(pkg: Package, kver: str) -> Check:
+    """Every module kbuild built for the config (its modules.order) is in the package: a
+    spec step that loses one fails here, not on an operator's server at modprobe time."""
+    order = f"/lib/modules/{kver}/modules.order"
+    try:
+        text = read_member(pkg.path, order, limit=64 * 1024 * 1024).decode(errors="replace")
+    except KeyError:
+        return Check("modules complete", False, f"{order} missing")
+    want = [line.strip() for line in text.splitlines() if line.strip()]
+    missing = [m for m in want
+               if not any(f"/lib/modules/{kver}/{m}{z}" in pkg.files for z in _MODULE_SUFFIXES)]
+    if missing:
+        return Check("modules complete", False, f"{len(missing)} of the {len(want)} modules in "
+                     f"modules.order missing: {', '.join(missing[:3])}")
+    return Check("modules complete", True, f"{len(want)} modules of modules.order present")
 
 
 def check_devel(pkg: Package) -> None:

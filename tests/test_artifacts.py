@@ -62,7 +62,8 @@ def fake_bzimage(version_string: str) -> bytes:
 
 
 def build_rpms(tmp: Path, image_version: str = KVER, with_ko: bool = True,
-               devel_skip: tuple[str, ...] = (), moddir: str = KVER) -> list[Path]:
+               devel_skip: tuple[str, ...] = (), moddir: str = KVER,
+               extra_order: tuple[str, ...] = ()) -> list[Path]:
     require_tool("rpmbuild")
     pay = tmp / "payload"
     files = {
@@ -70,7 +71,9 @@ def build_rpms(tmp: Path, image_version: str = KVER, with_ko: bool = True,
         f"boot/System.map-{KVER}": b"ffffffff81000000 T _text\n",
         f"boot/config-{KVER}": b"CONFIG_FASTSOCKET=m\n",
         f"boot/symvers-{KVER}.gz": b"\x1f\x8b",
-        f"lib/modules/{moddir}/modules.order": b"",
+        f"lib/modules/{moddir}/modules.order": "".join(
+            f"{m}\n" for m in (*(["kernel/net/fastsocket/fastsocket.ko"] if with_ko else []),
+                               *extra_order)).encode(),
         "lib/firmware/test.bin": b"\0\1",
     }
     if with_ko:
@@ -128,7 +131,7 @@ def test_image_version_mismatch_fails(tmp_path: Path) -> None:
 
 def test_modules_dir_mismatch_and_missing_fastsocket_fail(tmp_path: Path) -> None:
     report = artifacts.verify(build_rpms(tmp_path, with_ko=False, moddir="6.1.9"), lint=False)
-    assert _failed(_by_name(report)["kernel"]) == {"modules dir", "fastsocket.ko"}
+    assert _failed(_by_name(report)["kernel"]) == {"modules dir", "modules complete", "fastsocket.ko"}
     # A target without Fastsocket does not want the module.
     report = artifacts.verify([p for p in build_rpms(tmp_path / "b", with_ko=False)],
                               has_fastsocket=False, lint=False)
@@ -204,3 +207,12 @@ def test_cli_verify_json_and_exit_codes(tmp_path: Path) -> None:
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == VerifyError.exit_code
     assert out.stderr.startswith("fsbuild: error:") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_module_of_modules_order_missing_from_the_package_fails(tmp_path: Path) -> None:
+    """Every module kbuild built for the config (modules.order) must be in the kernel RPM."""
+    report = artifacts.verify(build_rpms(tmp_path, extra_order=("kernel/drivers/scsi/lpfc/lpfc.ko",)),
+                              lint=False)
+    assert _failed(_by_name(report)["kernel"]) == {"modules complete"}
+    check = next(c for c in _by_name(report)["kernel"].checks if c.name == "modules complete")
+    assert "1 of the 2 modules" in check.detail and "lpfc.ko" in check.detail
