@@ -301,6 +301,27 @@ def test_phases_split_the_run_and_the_guest_steps(tmp_path: Path) -> None:
     clock.split_vm(w, qemu.VmResult("done", False, 0, 0.9))
     assert (clock.phases["boot_to_init"], clock.phases["checks"], clock.phases["qemu"]) == (0.25, 0.5, 0.9)
     assert 0.2 <= clock.phases["shutdown"] <= 0.5
+    assert "qemu_cpu_boot" not in clock.phases            # no QEMU process was watched
+
+
+def test_watcher_takes_qemu_cpu_at_fsboot_and_fsdone(tmp_path: Path) -> None:
+    """QEMU's CPU seconds split at FSBOOT/FSDONE (qemu_cpu_boot, qemu_cpu_checks): the
+    phases a loaded host's wall clock cannot compare (here: this process stands in)."""
+    cfg = qemu.VmConfig(kernel=tmp_path, initrd=tmp_path, workdir=tmp_path, serial_log=tmp_path / "s",
+                        checks_log=tmp_path / "c", accel=qemu.Accel("tcg", ""), net=qemu.user_net(""),
+                        pid=os.getpid())
+    w = smoke._Watcher(cfg, lambda _m: None)
+    cfg.checks_log.write_text("FSBOOT 6.1\n")
+    assert w.poll() is None and w.cpu_init is not None
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    cfg.checks_log.write_text("FSBOOT 6.1\nFSDONE\n")
+    assert w.poll() == "done"
+    clock = smoke._Clock()
+    clock.split_vm(w, qemu.VmResult("done", False, 0, 1.0))
+    assert clock.phases["qemu_cpu_boot"] == round(w.cpu_init, 3)
+    assert 0.2 <= clock.phases["qemu_cpu_checks"] < 5
 
 
 def test_guest_programs_are_built_once_for_every_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
