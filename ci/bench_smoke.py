@@ -112,26 +112,26 @@ GROUPS = (("init", "kernel_boot"), ("kernel_version", "version"), ("nic_module",
           ("fastsocket_demo", "demo_load"), ("demo_plain", "demo_load"),
           ("fastsocket_stats", "fs_stats"), ("fastsocket_unload", "rmmod"),
           ("nic_wait", "nic_wait"), ("dmesg_clean", "dmesg"), ("done", "dmesg"))
-# Steps of the init's background NIC job (from its `nic_job` step on): timed on their own
-# clock, since the job runs beside the fastsocket checks and the demo load. g:nic_wait is
-# how long the init then still waited for it.
-NIC_JOB = ("nic_module", "igb_", "virtio_net")
+# Steps of the init's background NIC lanes (each from its `nic_job:<lane>` step on): timed
+# on their own clocks, since the lanes run beside the fastsocket checks and the demo load.
+# g:nic_wait is how long the init then still waited for them.
+NIC_LANES = (("nic_module:virtio", "virtio"), ("virtio_net", "virtio"), ("nic_module", "igb"), ("igb_", "igb"))
 
 
 def guest_phases(steps: list[tuple[str, float]]) -> dict[str, float]:
-    """Guest uptime deltas between FSSTEP lines, summed per group ('g:' prefix); the NIC
-    job's steps count from the job's previous step, the others from the init's."""
+    """Guest uptime deltas between FSSTEP lines, summed per group ('g:' prefix); a NIC
+    lane's steps count from the lane's previous step, the others from the init's."""
     out: dict[str, float] = {}
-    prev = {"init": 0.0, "nic": 0.0}
+    prev = {"init": 0.0, "igb": 0.0, "virtio": 0.0}
     for name, t in steps:
-        if name == "nic_job":
-            prev["nic"] = t
+        if name.startswith("nic_job:"):
+            prev[name.removeprefix("nic_job:")] = t
             continue
         if name.startswith(("fastsocket_demo:", "demo_plain:")):
             continue
-        lane = "nic" if name.startswith(NIC_JOB) else "init"
+        lane = next((ln for p, ln in NIC_LANES if name.startswith(p)), "init")
         group = next((g for p, g in GROUPS if name.startswith(p)), name.split(":")[0])
-        out[f"g:{group}"] = round(out.get(f"g:{group}", 0.0) + t - prev[lane], 3)
+        out[f"g:{group}"] = round(out.get(f"g:{group}", 0.0) + t - prev.get(lane, 0.0), 3)
         prev[lane] = t
     return out
 

@@ -27,7 +27,7 @@ TRAILER = "TRAILER!!!"
 NIC_MODULES = ("igb", "e1000e", "virtio_pci", "virtio_net")
 MUSL_LOADER = "/lib/ld-musl-x86_64.so.1"
 # Bump when the archive layout changes: a cached image built by older code is not reused.
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"
 # The image's first entry: the hash of its inputs. Inside the archive, so the key and the
 # bytes it vouches for are replaced together (two smokes in one out dir cannot mix them).
 KEY_ENTRY = "fsbuild-image.key"
@@ -215,6 +215,15 @@ def _plain(path: str) -> str:
     return path
 
 
+def lanes_disjoint(deps: Mapping[str, list[str]], wanted: list[str]) -> bool:
+    """Whether the init may load the virtio modules beside the others (its two NIC lanes):
+    only when their modules.dep closures share no module, since two modprobes racing for
+    one dependency can fail (2.6.32 refuses a user of a module still initialising)."""
+    virtio = [m for m in wanted if m.startswith("virtio")]
+    other = [m for m in wanted if not m.startswith("virtio")]
+    return not set(closure(deps, virtio)) & set(closure(deps, other))
+
+
 # ---------------------------------------------------------------- guest assembly
 
 @dataclass
@@ -339,6 +348,7 @@ def _write(spec: GuestSpec, out: Path, key: str, deps: Mapping[str, list[str]], 
     conf = dict(spec.config, KVER=spec.kver,
                 NIC_MODULES=" ".join(module_name(m) for m in wanted),
                 FASTSOCKET_KO="1" if fs_mod else "0")
+    conf["NIC_PARALLEL"] = "1" if lanes_disjoint(deps, wanted) else "0"
     # Per-module insmod chains (deps first): the init's fallback when busybox modprobe
     # misbehaves on an old kernel.
     for name in wanted + (["fastsocket"] if fs_mod else []):

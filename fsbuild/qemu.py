@@ -66,6 +66,7 @@ class VmConfig:
     pvpanic: bool = True
     qemu: str = QEMU
     qmp_path: Path | None = None   # default workdir/qmp.sock; run() picks a short one
+    pid: int | None = None         # QEMU's, set by run() while it runs (cpu_seconds)
 
 
 @dataclass
@@ -272,6 +273,19 @@ def network(name: str) -> Iterator[Net]:
 
 # ---------------------------------------------------------------- run loop
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a live process, all its threads (/proc/PID/stat): what a
+    TCG guest really cost, which a loaded host's wall clock blurs. None when it is gone."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _kill_group(proc: subprocess.Popen[bytes] | asyncio.subprocess.Process) -> None:
     if proc.returncode is not None:
         return
@@ -315,6 +329,7 @@ async def _run(cfg: VmConfig, timeout: float, stop_when: StopPredicate, status: 
         stderr=open(cfg.workdir / "qemu.stderr", "wb"),  # noqa: SIM115 - the child keeps its copy; ours is dropped at once
         start_new_session=True)
     result = VmResult(None, False, None, 0.0)
+    cfg.pid = proc.pid  # `ip netns exec` execs QEMU: the same pid
     qmp = QMPClient("fsbuild-smoke")
     # QMP comes up in the background: the guest is watched (and the deadline kept) from
     # the first moment, even if the monitor never answers.
@@ -352,6 +367,7 @@ async def _run(cfg: VmConfig, timeout: float, stop_when: StopPredicate, status: 
         with contextlib.suppress(Exception):
             await asyncio.wait_for(qmp.disconnect(), 2)
         qmp_socket(cfg).unlink(missing_ok=True)
+    cfg.pid = None
     result.returncode = proc.returncode
     result.duration_s = time.monotonic() - start
     return result

@@ -74,7 +74,8 @@ class Verdict:
     error: type[FsbuildError] | None = None
     message: str = ""
     # seconds per phase (host: stage, userspace, accel, network, initramfs, boot_to_init,
-    # checks, shutdown, teardown): where the time beyond the boot goes; not in smoke.json
+    # checks, shutdown, teardown; QEMU's CPU: qemu_cpu_boot, qemu_cpu_checks): where the time
+    # beyond the boot goes; not in smoke.json
     phases: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, object]:
@@ -465,6 +466,11 @@ class _Clock:
         self.last = done
         self.lap("shutdown")
         self.phases["qemu"] = round(vm.duration_s, 3)
+        # QEMU's CPU seconds to FSBOOT and from there to FSDONE: comparable on a loaded host
+        if watcher.cpu_init is not None:
+            self.phases["qemu_cpu_boot"] = round(watcher.cpu_init, 3)
+            if watcher.cpu_done is not None:
+                self.phases["qemu_cpu_checks"] = round(watcher.cpu_done - watcher.cpu_init, 3)
 
 
 class _Watcher:
@@ -474,13 +480,18 @@ class _Watcher:
         self.cfg, self.status, self.seen = cfg, status, 0
         self.t_init: float | None = None    # when FSBOOT / FSDONE were first seen
         self.t_done: float | None = None
+        self.cpu_init: float | None = None  # QEMU's CPU seconds then (qemu.cpu_seconds)
+        self.cpu_done: float | None = None
 
     def poll(self) -> str | None:
         rep = _guest_report(self.cfg)
         if rep.booted and self.t_init is None:
             self.t_init = time.monotonic()
+            self.cpu_init = qemu.cpu_seconds(self.cfg.pid)
         if rep.done:
-            self.t_done = self.t_done or time.monotonic()
+            if self.t_done is None:
+                self.t_done = time.monotonic()
+                self.cpu_done = qemu.cpu_seconds(self.cfg.pid)
             return "done"
         if find_panic(_read(self.cfg.serial_log)):
             return "panic"

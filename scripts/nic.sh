@@ -20,12 +20,24 @@ set -u
 ROOT=${NIC_SH_ROOT:-}
 SYS=$ROOT/sys
 PROC=$ROOT/proc
+# The effective uid from /proc/self/status (the shell's own: a builtin's redirection),
+# `id -u` only without /proc.
+euid() {
+	EUID_NOW=
+	while read -r k _ e _; do
+		[ "$k" = Uid: ] && EUID_NOW=$e && break
+	done 2>/dev/null </proc/self/status
+	is_num "$EUID_NOW" || EUID_NOW=$(id -u)
+}
+is_num() { case $1 in '' | *[!0-9]*) return 1 ;; esac; return 0; }
 if [ -n "$ROOT" ]; then
 	ETHTOOL=${NIC_SH_ETHTOOL:-}
-	UID_NOW=${NIC_SH_UID:-$(id -u)}
+	[ -n "${NIC_SH_UID:-}" ] || euid
+	UID_NOW=${NIC_SH_UID:-$EUID_NOW}
 else
 	ETHTOOL=ethtool
-	UID_NOW=$(id -u)
+	euid
+	UID_NOW=$EUID_NOW
 fi
 SUPPORTED="igb ixgbe e1000e virtio_net bnx2 tg3"
 IFACE=
@@ -40,7 +52,6 @@ usage() {
 }
 die() { code=$1; shift; echo "nic.sh: $*" >&2; exit "$code"; }
 warn() { echo "nic.sh: warning: $*" >&2; }
-is_num() { case $1 in '' | *[!0-9]*) return 1 ;; esac; return 0; }
 
 while [ $# -gt 0 ]; do
 	case $1 in
@@ -154,7 +165,8 @@ if [ -z "$DRIVER" ] && [ -r "$NET/device/uevent" ]; then # DRIVER=igb, read by t
 	while IFS== read -r k v; do [ "$k" = DRIVER ] && DRIVER=$v; done <"$NET/device/uevent"
 fi
 if [ -z "$DRIVER" ] && [ -L "$NET/device/driver" ]; then
-	DRIVER=$(basename "$(readlink "$NET/device/driver")")
+	DRIVER=$(readlink "$NET/device/driver")
+	DRIVER=${DRIVER##*/}
 fi
 [ -n "$DRIVER" ] || DRIVER=unknown
 case " $SUPPORTED " in
@@ -174,19 +186,39 @@ count_queues() { # rx|tx -> NQ
 	for q in "$NET"/queues/"$1"-*; do [ -d "$q" ] && NQ=$((NQ + 1)); done
 }
 
-# IRQs of the NIC from /proc/interrupts, one "IRQ NAME" per line.  virtio names its
+# IRQS <- the NIC's IRQs from /proc/interrupts, one "IRQ NAME" per line.  virtio names its
 # vectors after the virtio device (virtio0-input.0), found through the sysfs device link.
+# Builtins only (no awk, no subshell): the name is a line's last field.
 list_irqs() {
+	IRQS=
+	vdev=
 	if [ "$DRIVER" = virtio_net ] && [ -L "$NET/device" ]; then
-		vdev=$(basename "$(readlink "$NET/device")")
-		pat="^$vdev-(input|output)[.][0-9]+\$"
-	else
-		pat="^$IFACE-"
+		vdev=$(readlink "$NET/device")
+		vdev=${vdev##*/}
 	fi
-	awk -v pat="$pat" -v ifc="$IFACE" '
-		$1 ~ /^[0-9]+:$/ { irq = substr($1, 1, length($1) - 1); n = $NF
-			if (n ~ pat) { print irq, n; found++ } else if (n == ifc) single = irq " " n }
-		END { if (!found && single != "") print single }' "$PROC/interrupts" 2>/dev/null
+	single=
+	while read -r irq rest; do
+		case $irq in *:) irq=${irq%:} ;; *) continue ;; esac
+		is_num "$irq" || continue
+		n=${rest##*[ 	]}
+		if [ -n "$vdev" ]; then
+			case $n in
+			"$vdev"-input.*) is_num "${n#"$vdev"-input.}" || continue ;;
+			"$vdev"-output.*) is_num "${n#"$vdev"-output.}" || continue ;;
+			"$IFACE") single="$irq $n"; continue ;;
+			*) continue ;;
+			esac
+		else
+			case $n in
+			"$IFACE"-*) ;;
+			"$IFACE") single="$irq $n"; continue ;;
+			*) continue ;;
+			esac
+		fi
+		IRQS="${IRQS:+$IRQS
+}$irq $n"
+	done 2>/dev/null <"$PROC/interrupts"
+	[ -n "$IRQS" ] || IRQS=$single
 }
 
 # ---- plan and apply ----
@@ -208,7 +240,7 @@ count_queues rx
 NRX=$NQ
 count_queues tx
 NTX=$NQ
-IRQS=$(list_irqs)
+list_irqs
 NIRQ=0
 old_ifs=$IFS
 IFS='

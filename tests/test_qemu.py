@@ -190,3 +190,21 @@ def test_forced_user_networking(monkeypatch: pytest.MonkeyPatch) -> None:
     assert net.mode == "user" and net.netns is None and "FSBUILD_SMOKE_NET" in net.reason
     assert shutil.which("ip") is None or "unused" not in subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_cpu_seconds_of_a_process_and_of_none() -> None:
+    """The smoke's phases carry QEMU's CPU seconds (utime + stime of all its threads): a
+    loaded host stretches the wall clock 2-4x, the CPU a TCG guest costs much less."""
+    before = qemu.cpu_seconds(os.getpid())
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    after = qemu.cpu_seconds(os.getpid())
+    assert before is not None and after is not None and 0.2 <= after - before < 5
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        assert qemu.cpu_seconds(sleeper.pid) == pytest.approx(0.0, abs=0.05)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert qemu.cpu_seconds(sleeper.pid) is None and qemu.cpu_seconds(None) is None

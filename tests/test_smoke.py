@@ -301,6 +301,27 @@ def test_phases_split_the_run_and_the_guest_steps(tmp_path: Path) -> None:
     clock.split_vm(w, qemu.VmResult("done", False, 0, 0.9))
     assert (clock.phases["boot_to_init"], clock.phases["checks"], clock.phases["qemu"]) == (0.25, 0.5, 0.9)
     assert 0.2 <= clock.phases["shutdown"] <= 0.5
+    assert "qemu_cpu_boot" not in clock.phases            # no QEMU process was watched
+
+
+def test_watcher_takes_qemu_cpu_at_fsboot_and_fsdone(tmp_path: Path) -> None:
+    """QEMU's CPU seconds split at FSBOOT/FSDONE (qemu_cpu_boot, qemu_cpu_checks): the
+    phases a loaded host's wall clock cannot compare (here: this process stands in)."""
+    cfg = qemu.VmConfig(kernel=tmp_path, initrd=tmp_path, workdir=tmp_path, serial_log=tmp_path / "s",
+                        checks_log=tmp_path / "c", accel=qemu.Accel("tcg", ""), net=qemu.user_net(""),
+                        pid=os.getpid())
+    w = smoke._Watcher(cfg, lambda _m: None)
+    cfg.checks_log.write_text("FSBOOT 6.1\n")
+    assert w.poll() is None and w.cpu_init is not None
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    cfg.checks_log.write_text("FSBOOT 6.1\nFSDONE\n")
+    assert w.poll() == "done"
+    clock = smoke._Clock()
+    clock.split_vm(w, qemu.VmResult("done", False, 0, 1.0))
+    assert clock.phases["qemu_cpu_boot"] == round(w.cpu_init, 3)
+    assert 0.2 <= clock.phases["qemu_cpu_checks"] < 5
 
 
 def test_guest_programs_are_built_once_for_every_out_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -402,3 +423,53 @@ def test_fsguest_listen_polls_until_the_port_listens(tmp_path: Path) -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_fsguest_reap_terms_children_before_their_parents(tmp_path: Path) -> None:
+    """The demo server's master sleeps 100 ms when its workers are still alive right after
+    it told them to stop: reap stops the workers first, then the master finds them gone."""
+    require_tool("musl-gcc")
+    helper = smoke.guest_helper(tmp_path / "build")
+    name = f"fsrtree{os.getpid() % 100000}"
+    prog, seen = tmp_path / name, tmp_path / "seen"
+    # The child takes 0.3 s to stop; the parent records whether it was gone (exited or a
+    # zombie) when the parent's own SIGTERM arrived.
+    prog.write_text(f"""#!/bin/sh
+if [ "$1" = child ]; then trap 'sleep 0.3; exit 0' TERM; while :; do sleep 0.05; done; fi
+"$0" child & c=$!
+gone() {{ read -r _ _ st _ < /proc/$c/stat 2>/dev/null || return 0; [ "$st" = Z ]; }}
+trap 'if gone; then echo gone > {seen}; else echo alive > {seen}; fi; exit 0' TERM
+while :; do sleep 0.05; done
+""")
+    prog.chmod(0o755)
+    parent = subprocess.Popen([str(prog)])
+    try:
+        time.sleep(0.3)
+        r = subprocess.run([str(helper), "reap", name], capture_output=True, timeout=10, check=False)
+        assert r.returncode == 1, r
+        assert parent.wait(timeout=5) == 0 and seen.read_text().strip() == "gone"
+    finally:
+        parent.kill()
+        parent.wait()
+        subprocess.run([str(helper), "reap", name], timeout=10, check=False)
+
+
+def test_fsguest_klog_is_the_dmesg_grep_pipeline(tmp_path: Path) -> None:
+    """dmesg_clean scans the kernel log in one process (dmesg, grep and grep were three
+    execs under TCG): same lines as `dmesg | grep -E '\\b(BUG|WARNING|Oops)\\b|[Pp]anic' |
+    grep -vi 'command line'`, the "<level>" prefix dropped as dmesg does."""
+    require_tool("musl-gcc", "grep")
+    helper = str(smoke.guest_helper(tmp_path / "build"))
+    log = tmp_path / "klog"
+    lines = ["<6>[    0.0] Kernel command line: console=ttyS0 panic=1", "<5>[ 0.1] KERNEL COMMAND LINE BUG",
+             "<4>[ 0.2] WARNING: CPU: 1 PID: 7 at net/core/dev.c:1 x", "<6>[ 0.3] DEBUG_BUGS and BUG_ON are fine",
+             "<0>[ 0.4] Kernel panic - not syncing: x", "<6>[ 0.5] pvpanic: ok", "<1>[ 0.6] BUG: unable to handle",
+             "<6>[ 0.7] (Oops) 1", "<6>[ 0.8] xOops WARNINGS PANIC", "[ 0.9] no level BUG", "<6>", "<12>[1.0] Oops"]
+    log.write_text("\n".join(lines) + "\n")
+    r = subprocess.run([helper, "klog", str(log)], capture_output=True, text=True, timeout=10, check=False)
+    plain = "".join(re.sub(r"^<[0-9]+>", "", ln) + "\n" for ln in lines)
+    grep = subprocess.run("grep -E '\\b(BUG|WARNING|Oops)\\b|[Pp]anic' | grep -v -i 'command line'", shell=True,
+                          input=plain, capture_output=True, text=True, timeout=10, check=False)
+    assert r.returncode == 0 and r.stdout == grep.stdout and len(r.stdout.splitlines()) == 7, (r, grep.stdout)
+    missing = subprocess.run([helper, "klog", str(tmp_path / "none")], capture_output=True, timeout=10, check=False)
+    assert missing.returncode == 1
