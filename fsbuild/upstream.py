@@ -1137,11 +1137,11 @@ def _tar_stream(path: Path) -> Iterator[tarfile.TarFile]:
         with open_tar(path) as tf:
             yield tf
         return
-    dec = subprocess.Popen([*argv, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dec = subprocess.Popen([*argv, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           bufsize=CHUNK)
     assert dec.stdout is not None and dec.stderr is not None
     try:
-        # a large buffer: members a partial import skips are read past in few calls
-        with tarfile.open(fileobj=dec.stdout, mode="r|", tarinfo=_BoundedInfo, bufsize=CHUNK) as tf:
+        with tarfile.TarFile(fileobj=_Forward(dec.stdout), mode="r", tarinfo=_BoundedInfo) as tf:
             yield tf
         while dec.stdout.read(CHUNK):   # the tail after the end-of-archive blocks: the tool
             pass                        # checks the whole stream's integrity
@@ -1155,6 +1155,38 @@ def _tar_stream(path: Path) -> Iterator[tarfile.TarFile]:
     dec.stderr.close()
     if dec.wait() != 0:
         raise UpstreamError(f"{path}: corrupt tarball ({argv[0]}: {err[-200:] or 'failed'})")
+
+
+class _Forward:
+    """A pipe as the seekable file tarfile's random-access mode wants, seeking forward
+    only: skipping a member reads past its data in large pieces. (Stream mode, "r|",
+    copies its whole buffer on every header read: seconds per kernel tarball.)"""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self.pipe, self.pos = pipe, 0
+        self.scratch = bytearray(CHUNK)
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self.pipe.read() if n is None or n < 0 else self.pipe.read(n)
+        self.pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0, /) -> int:
+        if whence != 0 or pos < self.pos:
+            raise OSError(f"cannot seek back in a pipe (at {self.pos}, asked {pos})")
+        view = memoryview(self.scratch)
+        while self.pos < pos:
+            got = self.pipe.readinto(view[:min(CHUNK, pos - self.pos)])  # type: ignore[attr-defined]
+            if not got:
+                break   # end of data: the next read says so
+            self.pos += got
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
 
 
 @dataclass
