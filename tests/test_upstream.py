@@ -651,3 +651,104 @@ def test_deterministic_tar_same_bytes_with_and_without_the_store(tmp_path: Path,
     assert {p: m for p, (m, _) in seen.items()} == {"Makefile": 0o100644, "scripts/run.sh": 0o100755,
                                                      "scripts/link": 0o120000}
     assert git(upstream.store_root(), "show", f"{tree}:scripts/run.sh") == lines("run", 40)
+
+
+# ---------------------------------------------------------------- partial imports (#14.3)
+
+PARTIAL_FILES = {**kernel_files("1.0.0"), "kernel/fork.c": lines("fork", 9), "drivers/a/b.c": lines("b", 3),
+                 "drivers/a/c.c": lines("c", 3), "fs/x.c": lines("fs", 7)}
+
+
+def _partial_tarball(tmp: Path, name: str = "linux-1.0.0.tar.xz") -> Path:
+    link = tarfile.TarInfo("linux-1.0.0/scripts/dtc")   # a directory symlink
+    link.type, link.linkname = tarfile.SYMTYPE, "../fs"
+    return make_tarball(tmp / name, "linux-1.0.0", PARTIAL_FILES, "w:xz", extra=[(link, b"")])
+
+
+def _listing(tree: str) -> list[str]:
+    return git(upstream.store_root(), "ls-tree", "-r", "--name-only", tree).split()
+
+
+def _no_import(*args: object, **kw: object) -> object:
+    raise AssertionError("imported again")
+
+
+def test_partial_tree_answers_every_question_on_its_paths_as_the_whole_tree(tmp_path: Path) -> None:
+    """What a rebase's applier asks (a named file's content and mode, whether each parent
+    directory exists) comes out as on the whole tree: a parent directory holding no named
+    file is kept by one file under it; a named directory brings its subtree."""
+    from fsbuild.gitio import GitCat
+    tb = _partial_tarball(tmp_path)
+    paths = upstream.PathSet({"net/Kconfig", "net/Kconfig/sub.c", "kernel", "drivers/a/new.c",
+                              "include/net/x.h", "scripts/dtc/x.c", "scripts/dtc"})
+    part = upstream.resolve(load("linux-6.1"), str(tb), paths=paths)
+    assert part.partial_tree and not part.store_tree
+    whole = upstream.resolve(load("linux-6.1"), str(tb))
+    assert whole.store_tree and not whole.partial_tree
+    assert "fs/x.c" not in _listing(part.partial_tree) and "fs/x.c" in _listing(whole.store_tree)
+    with GitCat(upstream.store_root()) as cat:
+        p, w = cat.reader(part.partial_tree), cat.reader(whole.store_tree)
+        assert [p(x) for x in sorted(paths.paths)] == [w(x) for x in sorted(paths.paths)]
+        asked = sorted(paths.dirs | paths.paths)
+        assert [p.isdir(d) for d in asked] == [w.isdir(d) for d in asked]
+        assert p.isdir("drivers/a") and not p.isdir("include") and not p.isdir("scripts/dtc")
+
+
+def test_partial_import_keyed_by_path_set_never_serves_a_whole_import(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    tb = _partial_tarball(tmp_path)
+    a, b = upstream.PathSet({"net/Kconfig"}), upstream.PathSet({"kernel/sched.c"})
+    ua = upstream.resolve(load("linux-6.1"), str(tb), paths=a)
+    ub = upstream.resolve(load("linux-6.1"), str(tb), paths=b)
+    assert "kernel/sched.c" in _listing(ub.partial_tree) and "kernel/sched.c" not in _listing(ua.partial_tree)
+    record = ua.tarball.parent / upstream.PARTIAL / f"{a.key}.json"
+    with monkeypatch.context() as m:
+        m.setattr(upstream, "scan_import", _no_import)
+        assert upstream.resolve(load("linux-6.1"), str(tb), paths=a).partial_tree == ua.partial_tree
+        # a record listing other paths than its key says is not trusted
+        record.write_text(json.dumps({"tree": ub.partial_tree, "paths": sorted(b.paths)}))
+        with pytest.raises(AssertionError, match="imported again"):
+            upstream.resolve(load("linux-6.1"), str(tb), paths=a)
+    full = upstream.resolve(load("linux-6.1"), str(tb))   # no path set: a whole import
+    assert not full.partial_tree and _listing(full.store_tree) == sorted([*PARTIAL_FILES, "scripts/dtc"])
+    with monkeypatch.context() as m:   # from now on the whole tree serves every path set
+        m.setattr(upstream, "scan_import", _no_import)
+        again = upstream.resolve(load("linux-6.1"), str(tb), paths=upstream.PathSet({"fs/x.c"}))
+        assert again.store_tree == full.store_tree and not again.partial_tree
+
+
+def test_interrupted_partial_import_leaves_no_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12 for partial trees: killed after every member was read, before the commit."""
+    tb = _partial_tarball(tmp_path)
+    paths = upstream.PathSet({"net/Kconfig"})
+    with monkeypatch.context() as m:
+        def stop(self: upstream.ArchiveGuard) -> None:
+            raise KeyboardInterrupt
+        m.setattr(upstream.ArchiveGuard, "finish", stop)
+        with pytest.raises(KeyboardInterrupt):
+            upstream.resolve(load("linux-6.1"), str(tb), paths=paths)
+    assert store_trees() == [] and [e for e in cache_entries() if e != "index.json"] == []
+    up = upstream.resolve(load("linux-6.1"), str(tb), paths=paths)
+    assert store_trees() == [f"refs/fsbuild/trees/{up.partial_tree}"]
+    assert (up.tarball.parent / upstream.PARTIAL / f"{paths.key}.json").is_file()
+
+
+def test_partial_import_of_a_hardlink_to_a_skipped_file_imports_whole(tmp_path: Path) -> None:
+    """A hard link is stored as its target's blob; a target the partial import skipped
+    cannot be, so the archive is imported whole rather than the link left out."""
+    hard = tarfile.TarInfo("linux-1.0.0/kernel/k.lnk")
+    hard.type, hard.linkname = tarfile.LNKTYPE, "linux-1.0.0/fs/x.c"
+    tb = make_tarball(tmp_path / "linux-1.0.0.tar.gz", "linux-1.0.0", PARTIAL_FILES, extra=[(hard, b"")])
+    up = upstream.resolve(load("linux-6.1"), str(tb), paths=upstream.PathSet({"kernel/k.lnk"}))
+    assert up.store_tree and not up.partial_tree
+    assert git(upstream.store_root(), "show", f"{up.store_tree}:kernel/k.lnk") == PARTIAL_FILES["fs/x.c"]
+
+
+def test_partial_import_refuses_hostile_members_it_does_not_store(tmp_path: Path) -> None:
+    """Every member is still checked: an escaping link outside the path set is refused."""
+    bad = tarfile.TarInfo("linux-1.0.0/fs/evil")
+    bad.type, bad.linkname = tarfile.SYMTYPE, "../../../etc/passwd"
+    tb = make_tarball(tmp_path / "linux-1.0.0.tar.gz", "linux-1.0.0", PARTIAL_FILES, extra=[(bad, b"")])
+    with pytest.raises(UnsafePathError):
+        upstream.resolve(load("linux-6.1"), str(tb), paths=upstream.PathSet({"net/Kconfig"}))
+    assert store_trees() == []
