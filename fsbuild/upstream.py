@@ -504,7 +504,16 @@ def scan_tarball(path: Path | None = None, fileobj: IO[bytes] | None = None) -> 
 
 class _BoundedInfo(tarfile.TarInfo):
     """tarfile reads pax and GNU long-name headers into memory whole: refuse huge ones
-    before it does."""
+    before it does. Headers are parsed by _fast_header where it can (see there)."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        try:
+            fast = _fast_header(cls, buf, encoding, errors)
+        except ValueError:   # a malformed field: tarfile's own parser names the error
+            fast = None
+        info: tarfile.TarInfo = fast if fast is not None else super().frombuf(buf, encoding, errors)
+        return info
 
     def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         _meta_size(self)
@@ -515,6 +524,49 @@ class _BoundedInfo(tarfile.TarInfo):
         _meta_size(self)
         info: tarfile.TarInfo = super()._proc_pax(tf)  # type: ignore[misc]  # private in typeshed
         return info
+
+
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+
+
+def _fast_header(cls: type[tarfile.TarInfo], buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo | None:
+    """tarfile.TarInfo.frombuf for the common header (plain octal numbers, unsigned
+    checksum, not GNU sparse) in about half its time: its header parsing was most of a
+    partial import's own CPU (84k members). Anything else (None): tarfile's parser."""
+    if len(buf) != tarfile.BLOCKSIZE or buf == _ZERO_BLOCK or buf[156:157] == tarfile.GNUTYPE_SPARSE:
+        return None
+    chksum = _octal(buf[148:156])
+    if chksum != 256 + sum(buf) - sum(buf[148:156]):
+        return None
+    obj = cls()
+    obj.name = _nts(buf[0:100], encoding, errors)
+    obj.mode, obj.uid, obj.gid = _octal(buf[100:108]), _octal(buf[108:116]), _octal(buf[116:124])
+    obj.size, obj.mtime, obj.chksum = _octal(buf[124:136]), _octal(buf[136:148]), chksum
+    obj.type = buf[156:157]
+    obj.linkname = _nts(buf[157:257], encoding, errors)
+    obj.uname, obj.gname = _nts(buf[265:297], encoding, errors), _nts(buf[297:329], encoding, errors)
+    obj.devmajor, obj.devminor = _octal(buf[329:337]), _octal(buf[337:345])
+    prefix = _nts(buf[345:500], encoding, errors)
+    if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):   # V7 directory
+        obj.type = tarfile.DIRTYPE
+    if obj.isdir():
+        obj.name = obj.name.rstrip("/")
+    if prefix and obj.type not in tarfile.GNU_TYPES:
+        obj.name = prefix + "/" + obj.name
+    return obj
+
+
+def _nts(field: bytes, encoding: str, errors: str) -> str:
+    end = field.find(0)
+    return (field if end < 0 else field[:end]).decode(encoding, errors)
+
+
+def _octal(field: bytes) -> int:
+    """tarfile's nti for an octal field; a base-256 one raises ValueError (slow path)."""
+    if field[0] in (0o200, 0o377):
+        raise ValueError("base-256 number")
+    end = field.find(0)
+    return int((field if end < 0 else field[:end]).decode("ascii").strip() or "0", 8)
 
 
 def _meta_size(info: tarfile.TarInfo) -> None:

@@ -752,3 +752,50 @@ def test_partial_import_refuses_hostile_members_it_does_not_store(tmp_path: Path
     with pytest.raises(UnsafePathError):
         upstream.resolve(load("linux-6.1"), str(tb), paths=upstream.PathSet({"net/Kconfig"}))
     assert store_trees() == []
+
+
+def _header_fields(info: tarfile.TarInfo) -> tuple[object, ...]:
+    return (info.name, info.mode, info.uid, info.gid, info.size, info.mtime, info.chksum, info.type,
+            info.linkname, info.uname, info.gname, info.devmajor, info.devminor, type(info))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_fast_header_parse_is_tarfiles_own(tmp_path: Path, fmt: int) -> None:
+    """Every block the fast header parser accepts, tarfile's parser reads the same way
+    (headers of every kind, data blocks, and headers with random bytes flipped); the rest
+    goes to tarfile's parser."""
+    import random
+    tb = tmp_path / "t.tar"
+    with tarfile.open(tb, "w", format=fmt) as tf:
+        def add(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **kw: object) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data)
+            for k, v in kw.items():
+                setattr(info, k, v)
+            tf.addfile(info, io.BytesIO(data) if data else None)
+        add("linux/Makefile", data=makefile("1.0.0").encode(), mode=0o755, uname="dev", gname="dev")
+        add("linux/" + "d" * 90 + "/" + "f" * 60 + ".c", data=b"x\n")           # ustar prefix / long name
+        add("linux/dir", tarfile.DIRTYPE)
+        add("linux/link", tarfile.SYMTYPE, linkname="Makefile")
+        add("linux/hard", tarfile.LNKTYPE, linkname="linux/Makefile")
+        add("linux/caf\u00e9.c", data=b"\xff" * 700, mtime=2**33 if fmt != tarfile.USTAR_FORMAT else 7)
+        if fmt != tarfile.USTAR_FORMAT:
+            add("linux/big-uid", uid=2**40)                                  # base-256 / pax number
+    raw = tb.read_bytes()
+    blocks = [raw[i:i + 512] for i in range(0, len(raw), 512)]
+    rng = random.Random(14)
+    for k in range(3000):
+        b = bytearray(blocks[k % 8])
+        for _ in range(rng.randint(1, 3)):
+            b[rng.randrange(512)] = rng.randrange(256)
+        blocks.append(bytes(b))
+    accepted = 0
+    for blk in blocks:
+        try:
+            fast = upstream._fast_header(tarfile.TarInfo, blk, "utf-8", "surrogateescape")
+        except ValueError:
+            fast = None
+        if fast is not None:
+            accepted += 1
+            assert _header_fields(fast) == _header_fields(tarfile.TarInfo.frombuf(blk, "utf-8", "surrogateescape"))
+    assert accepted >= 8
