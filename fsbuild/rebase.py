@@ -23,13 +23,17 @@ after Ctrl-C) restores patches/ and target.toml byte for byte."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from fsbuild import patch as P
@@ -43,6 +47,7 @@ from fsbuild.errors import (
     RebaseConflictError,
     RunInterruptedError,
     UnsafePathError,
+    UpstreamError,
     WorkspaceError,
 )
 from fsbuild.fileio import atomic_write
@@ -513,10 +518,19 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
     entries = read_series(series)
     clock = PhaseClock()
     wanted = series_paths(entries, series.parent)
-    with clock("import_new"):
-        new_up = U.resolve(target, new_src, new_version, paths=wanted)   # first: a refusal changes nothing
+    # partial imports of two tarballs run side by side (a whole import runs after the other:
+    # the second one then sends git only the files that changed)
+    aside = _Aside(U.resolve, target, old_src, None, False, wanted) \
+        if wanted is not None and _both_tarballs(old_src, new_src) else None
+    try:
+        with clock("import_new"):
+            new_up = U.resolve(target, new_src, new_version, paths=wanted)   # first: a refusal changes nothing
+        with clock("import_old"):
+            old_up = aside.result() if aside else U.resolve(target, old_src, strict=False, paths=wanted)
+    finally:
+        if aside:
+            aside.stop()
     with clock("import_old"):
-        old_up = U.resolve(target, old_src, strict=False, paths=wanted)
         ws = plain_workspace(target)
         ws.ensure_repo()
         # regenerated `index` lines abbreviate blob ids as the kernel does (12), not by the
@@ -573,6 +587,56 @@ def series_paths(entries: list[Entry], folder: Path) -> U.PathSet | None:
                 except UnsafePathError:
                     return None
     return U.PathSet(found)
+
+
+def _both_tarballs(old_src: str, new_src: str) -> bool:
+    """Both sources are tarballs (errors in either are left for resolve(), in its order)."""
+    try:
+        return U.classify(new_src)[0] == U.classify(old_src)[0] == "tarball"
+    except (MissingFileError, UpstreamError):
+        return False
+
+
+class _Aside:
+    """fn(*args) in a forked child while this process goes on: OLD's decompressor and tar
+    parser get the other core while NEW is imported here. Its result or its error comes
+    back pickled; stop() interrupts it (SIGINT: its import cleans up as on Ctrl-C)."""
+
+    def __init__(self, fn: Callable[..., U.Upstream], *args: object) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.recv, send = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_aside_child, args=(send, fn, args), daemon=True)
+        self.proc.start()
+        send.close()
+
+    def result(self) -> U.Upstream:
+        try:
+            ok, value = self.recv.recv()
+        except EOFError:
+            self.proc.join()
+            raise UpstreamError(f"the import of the old upstream died (exit {self.proc.exitcode})") from None
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.proc.is_alive() and self.proc.pid is not None:
+            os.kill(self.proc.pid, signal.SIGINT)
+            self.proc.join(30)
+            if self.proc.is_alive():
+                self.proc.kill()
+        self.proc.join()
+        self.recv.close()
+
+
+def _aside_child(send: Connection, fn: Callable[..., U.Upstream], args: tuple[object, ...]) -> None:
+    progress.set_quiet(True)   # one live progress display: the parent's
+    try:
+        send.send((True, fn(*args)))
+    except BaseException as exc:   # the parent raises it
+        send.send((False, exc))
+    finally:
+        send.close()
 
 
 def _plain_base(ws: Workspace, up: U.Upstream) -> str:

@@ -9,6 +9,7 @@ same content always yields the same digest."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -281,12 +282,21 @@ def _index_get(key: str) -> str | None:
 
 
 def _index_put(key: str, digest: str) -> None:
+    # locked: two imports side by side (a plain rebase's OLD and NEW) must not drop each
+    # other's key, or the next warm run hashes a whole tarball again
+    # (the lock is on the cache directory itself: index.json is replaced, not rewritten)
+    cache_root().mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_root(), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        index = json.loads(_index_path().read_text())
-    except (OSError, ValueError):
-        index = {}
-    index[key] = digest
-    atomic_write(_index_path(), json.dumps(index, indent=1, sort_keys=True).encode())
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            index = json.loads(_index_path().read_text())
+        except (OSError, ValueError):
+            index = {}
+        index[key] = digest
+        atomic_write(_index_path(), json.dumps(index, indent=1, sort_keys=True).encode())
+    finally:
+        os.close(fd)
 
 
 def _entry_key(kind: str, digest: str) -> str:

@@ -713,3 +713,27 @@ def test_series_paths_names_every_file_the_applier_may_read(tmp_path: Path) -> N
     assert R.series_paths(read_series(series), series.parent) is None
     (series.parent / "0011-link.patch").unlink()
     assert R.series_paths(read_series(series), series.parent) is None
+
+
+def test_plain_mode_old_import_aside_reports_its_error_and_never_outlives_a_refusal(
+        tmp_path: Path) -> None:
+    """OLD is imported in a forked child beside NEW: its failure is the run's one error,
+    and NEW's refusal stops it (no child left behind, nothing imported from OLD named)."""
+    import multiprocessing
+
+    from fsbuild.errors import UpstreamError, UpstreamIdentityError
+    old_tb, new_tb, series = _varied_case(tmp_path / "case")
+    bad = tmp_path / "linux-1.0.0.tar.xz"
+    good = old_tb.read_bytes()
+    make_tarball(bad, "linux-1.0.0", kernel_files("1.0.0"), "w:xz")
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UpstreamError):
+        R.plain(series, str(bad), str(new_tb), tmp_path / "o1", load("linux-6.1"), None, "1.0.1-1")
+    assert multiprocessing.active_children() == []
+    assert good == old_tb.read_bytes()
+    with pytest.raises(UpstreamIdentityError):
+        R.plain(series, str(old_tb), str(new_tb), tmp_path / "o2", load("linux-6.1"), None, "1.0.2-1")
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "o2").exists()

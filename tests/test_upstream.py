@@ -799,3 +799,24 @@ def test_fast_header_parse_is_tarfiles_own(tmp_path: Path, fmt: int) -> None:
             accepted += 1
             assert _header_fields(fast) == _header_fields(tarfile.TarInfo.frombuf(blk, "utf-8", "surrogateescape"))
     assert accepted >= 8
+
+
+def _put_keys(n: int) -> None:
+    for k in range(20):
+        upstream._index_put(f"key-{n}-{k}", f"tarball-{n}")
+
+
+def test_index_puts_side_by_side_keep_every_key() -> None:
+    """A plain rebase imports OLD and NEW in two processes: the fingerprint index is read,
+    changed and replaced by both, and an unlocked pair dropped keys (the next warm run
+    then hashed a whole tarball again)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_put_keys, args=(n,)) for n in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    index = json.loads((upstream.cache_root() / "index.json").read_text())
+    assert sorted(index) == sorted(f"key-{n}-{k}" for n in range(6) for k in range(20))
