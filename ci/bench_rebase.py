@@ -3,8 +3,8 @@
 onto orig 6.1.176 with `fsbuild rebase` (plain mode).
 
 Cold and warm, as a user runs it (the CLI; cold: an empty state, both 1.3 GB upstreams
-imported; warm: the same state again), with the per-phase seconds of its --json report,
-beside baselines on the same inputs in the same run: `tar -xJf` of both orig tarballs (what
+read, only the files the series names imported; warm: the same state again), with the
+per-phase seconds of its --json report and the load average, beside baselines on the same inputs in the same run: `tar -xJf` of both orig tarballs (what
 any tool reading both trees pays at least) and `quilt push -a` of the series on the
 extracted old tree. Wall seconds are the min over FSBUILD_BENCH_RUNS runs (2); CPU seconds
 (user+sys, children included) are printed too: on a shared, loaded machine they move less.
@@ -133,10 +133,15 @@ def _phases(report: dict) -> str:  # type: ignore[type-arg]
     return ", ".join(f"{k} {v:.1f}" for k, v in report.get("phase_seconds", {}).items())
 
 
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def bench_cold_warm(old, new, runs: int) -> None:  # type: ignore[no-untyped-def]
     """Cold (fresh state) and warm (same state again) plain-mode rebases, beside tar -xJf of
     both tarballs and quilt push -a, all in this run."""
     scratch = Path(tempfile.mkdtemp(prefix="bench-cold-"))
+    print(f"load average at start: {_load()} (on {os.cpu_count()} cores)")
     try:
         base: list[tuple[float, float]] = []
         quilt_wall, applied = [], 0
@@ -172,8 +177,11 @@ def bench_cold_warm(old, new, runs: int) -> None:  # type: ignore[no-untyped-def
               f"{cold[1]:.1f} s cpu  [{_phases(cold[2])}]  (runs: " + ", ".join(f"{r[0]:.1f}" for r in colds) + ")")
         print(f"fsbuild rebase warm: {warm[0]:.1f} s wall, {warm[1]:.1f} s cpu  [{_phases(warm[2])}]  (runs: "
               + ", ".join(f"{r[0]:.1f}" for r in warms) + ")")
+        print(f"min cpu: cold {min(r[1] for r in colds):.1f} s, warm {min(r[1] for r in warms):.1f} s, "
+              f"tar -xJf {min(b[1] for b in base):.1f} s")
         print(f"ratio cold/tar -xJf: {cold[0] / b_wall:.2f}x wall, {cold[1] / b_cpu:.2f}x cpu "
               "(goal: cold <= 30 s, warm <= 5 s wall on an idle 2-core machine)")
+        print(f"load average at end: {_load()}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
