@@ -4,8 +4,9 @@ onto orig 6.1.176 with `fsbuild rebase` (plain mode).
 
 Cold and warm, as a user runs it (the CLI; cold: an empty state, both 1.3 GB upstreams
 read, only the files the series names imported; warm: the same state again), with the
-per-phase seconds of its --json report and the load average, beside baselines on the same inputs in the same run: `tar -xJf` of both orig tarballs (what
-any tool reading both trees pays at least) and `quilt push -a` of the series on the
+per-phase seconds of its --json report and the load average, beside baselines on the
+same inputs in the same run: `tar -xJf` of both orig tarballs (what any tool reading both
+trees pays at least) and `quilt push -a` of the series on the
 extracted old tree. Wall seconds are the min over FSBUILD_BENCH_RUNS runs (2); CPU seconds
 (user+sys, children included) are printed too: on a shared, loaded machine they move less.
 `--cold` stops there. Then the rebase alone (upstreams imported, cached in

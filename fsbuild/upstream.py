@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, Self, TypeVar
 
 from fsbuild import paths, proc, progress
 from fsbuild.errors import ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError, UpstreamIdentityError
@@ -517,13 +517,12 @@ class _BoundedInfo(tarfile.TarInfo):
     before it does. Headers are parsed by _fast_header where it can (see there)."""
 
     @classmethod
-    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
         try:
             fast = _fast_header(cls, buf, encoding, errors)
         except ValueError:   # a malformed field: tarfile's own parser names the error
             fast = None
-        info: tarfile.TarInfo = fast if fast is not None else super().frombuf(buf, encoding, errors)
-        return info
+        return fast if fast is not None else super().frombuf(buf, encoding, errors)
 
     def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         _meta_size(self)
@@ -537,9 +536,10 @@ class _BoundedInfo(tarfile.TarInfo):
 
 
 _ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+_Info = TypeVar("_Info", bound=tarfile.TarInfo)
 
 
-def _fast_header(cls: type[tarfile.TarInfo], buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo | None:
+def _fast_header(cls: type[_Info], buf: bytes | bytearray, encoding: str, errors: str) -> _Info | None:
     """tarfile.TarInfo.frombuf for the common header (plain octal numbers, unsigned
     checksum, not GNU sparse) in about half its time: its header parsing was most of a
     partial import's own CPU (84k members). Anything else (None): tarfile's parser."""
@@ -552,7 +552,7 @@ def _fast_header(cls: type[tarfile.TarInfo], buf: bytes, encoding: str, errors: 
     obj.name = _nts(buf[0:100], encoding, errors)
     obj.mode, obj.uid, obj.gid = _octal(buf[100:108]), _octal(buf[108:116]), _octal(buf[116:124])
     obj.size, obj.mtime, obj.chksum = _octal(buf[124:136]), _octal(buf[136:148]), chksum
-    obj.type = buf[156:157]
+    obj.type = bytes(buf[156:157])
     obj.linkname = _nts(buf[157:257], encoding, errors)
     obj.uname, obj.gname = _nts(buf[265:297], encoding, errors), _nts(buf[297:329], encoding, errors)
     obj.devmajor, obj.devminor = _octal(buf[329:337]), _octal(buf[337:345])
@@ -566,12 +566,12 @@ def _fast_header(cls: type[tarfile.TarInfo], buf: bytes, encoding: str, errors: 
     return obj
 
 
-def _nts(field: bytes, encoding: str, errors: str) -> str:
+def _nts(field: bytes | bytearray, encoding: str, errors: str) -> str:
     end = field.find(0)
     return (field if end < 0 else field[:end]).decode(encoding, errors)
 
 
-def _octal(field: bytes) -> int:
+def _octal(field: bytes | bytearray) -> int:
     """tarfile's nti for an octal field; a base-256 one raises ValueError (slow path)."""
     if field[0] in (0o200, 0o377):
         raise ValueError("base-256 number")
@@ -1249,6 +1249,12 @@ class _Forward:
 
     def seekable(self) -> bool:
         return True
+
+    def write(self, data: bytes, /) -> int:
+        raise OSError("a decompressor's pipe is read-only")
+
+    def close(self) -> None:
+        """The pipe is the caller's to close."""
 
 
 @dataclass

@@ -5,8 +5,8 @@ upstream versions (slow)."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import tarfile
