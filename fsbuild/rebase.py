@@ -608,10 +608,12 @@ class _Aside:
         self.proc = ctx.Process(target=_aside_child, args=(send, fn, args), daemon=True)
         self.proc.start()
         send.close()
+        self.answered = False
 
     def result(self) -> U.Upstream:
         try:
             ok, value = self.recv.recv()
+            self.answered = True   # the child only exits now: no signal for it
         except EOFError:
             self.proc.join()
             raise UpstreamError(f"the import of the old upstream died (exit {self.proc.exitcode})") from None
@@ -620,7 +622,7 @@ class _Aside:
         return value  # type: ignore[no-any-return]
 
     def stop(self) -> None:
-        if self.proc.is_alive() and self.proc.pid is not None:
+        if not self.answered and self.proc.is_alive() and self.proc.pid is not None:
             os.kill(self.proc.pid, signal.SIGINT)
             self.proc.join(30)
             if self.proc.is_alive():
