@@ -174,7 +174,7 @@ def bench_cold_warm(old, new, runs: int) -> None:  # type: ignore[no-untyped-def
         cold, warm = min(colds, key=lambda r: r[0]), min(warms, key=lambda r: r[0])
         print(f"baseline tar -xJf of both orig tarballs: {b_wall:.1f} s wall, {b_cpu:.1f} s cpu (min of {runs})")
         print(f"baseline quilt push -a ({applied} patches on the extracted 6.1.170): {min(quilt_wall):.1f} s")
-        print(f"fsbuild rebase cold, {n} patches, both upstreams imported: {cold[0]:.1f} s wall, "
+        print(f"fsbuild rebase cold, {n} patches, both upstreams read: {cold[0]:.1f} s wall, "
               f"{cold[1]:.1f} s cpu  [{_phases(cold[2])}]  (runs: " + ", ".join(f"{r[0]:.1f}" for r in colds) + ")")
         print(f"fsbuild rebase warm: {warm[0]:.1f} s wall, {warm[1]:.1f} s cpu  [{_phases(warm[2])}]  (runs: "
               + ", ".join(f"{r[0]:.1f}" for r in warms) + ")")
