@@ -3,9 +3,10 @@
 onto orig 6.1.176 with `fsbuild rebase` (plain mode).
 
 Cold and warm, as a user runs it (the CLI; cold: an empty state, both 1.3 GB upstreams
-imported; warm: the same state again), with the per-phase seconds of its --json report,
-beside baselines on the same inputs in the same run: `tar -xJf` of both orig tarballs (what
-any tool reading both trees pays at least) and `quilt push -a` of the series on the
+read, only the files the series names imported; warm: the same state again), with the
+per-phase seconds of its --json report and the load average, beside baselines on the
+same inputs in the same run: `tar -xJf` of both orig tarballs (what any tool reading both
+trees pays at least) and `quilt push -a` of the series on the
 extracted old tree. Wall seconds are the min over FSBUILD_BENCH_RUNS runs (2); CPU seconds
 (user+sys, children included) are printed too: on a shared, loaded machine they move less.
 `--cold` stops there. Then the rebase alone (upstreams imported, cached in
@@ -133,10 +134,15 @@ def _phases(report: dict) -> str:  # type: ignore[type-arg]
     return ", ".join(f"{k} {v:.1f}" for k, v in report.get("phase_seconds", {}).items())
 
 
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def bench_cold_warm(old, new, runs: int) -> None:  # type: ignore[no-untyped-def]
     """Cold (fresh state) and warm (same state again) plain-mode rebases, beside tar -xJf of
     both tarballs and quilt push -a, all in this run."""
     scratch = Path(tempfile.mkdtemp(prefix="bench-cold-"))
+    print(f"load average at start: {_load()} (on {os.cpu_count()} cores)")
     try:
         base: list[tuple[float, float]] = []
         quilt_wall, applied = [], 0
@@ -168,12 +174,15 @@ def bench_cold_warm(old, new, runs: int) -> None:  # type: ignore[no-untyped-def
         cold, warm = min(colds, key=lambda r: r[0]), min(warms, key=lambda r: r[0])
         print(f"baseline tar -xJf of both orig tarballs: {b_wall:.1f} s wall, {b_cpu:.1f} s cpu (min of {runs})")
         print(f"baseline quilt push -a ({applied} patches on the extracted 6.1.170): {min(quilt_wall):.1f} s")
-        print(f"fsbuild rebase cold, {n} patches, both upstreams imported: {cold[0]:.1f} s wall, "
+        print(f"fsbuild rebase cold, {n} patches, both upstreams read: {cold[0]:.1f} s wall, "
               f"{cold[1]:.1f} s cpu  [{_phases(cold[2])}]  (runs: " + ", ".join(f"{r[0]:.1f}" for r in colds) + ")")
         print(f"fsbuild rebase warm: {warm[0]:.1f} s wall, {warm[1]:.1f} s cpu  [{_phases(warm[2])}]  (runs: "
               + ", ".join(f"{r[0]:.1f}" for r in warms) + ")")
+        print(f"min cpu: cold {min(r[1] for r in colds):.1f} s, warm {min(r[1] for r in warms):.1f} s, "
+              f"tar -xJf {min(b[1] for b in base):.1f} s")
         print(f"ratio cold/tar -xJf: {cold[0] / b_wall:.2f}x wall, {cold[1] / b_cpu:.2f}x cpu "
               "(goal: cold <= 30 s, warm <= 5 s wall on an idle 2-core machine)")
+        print(f"load average at end: {_load()}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

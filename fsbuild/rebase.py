@@ -23,15 +23,20 @@ after Ctrl-C) restores patches/ and target.toml byte for byte."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
+from fsbuild import patch as P
 from fsbuild import paths, proc, progress
 from fsbuild import resolve as RS
 from fsbuild import upstream as U
@@ -41,6 +46,8 @@ from fsbuild.errors import (
     PatchFormatError,
     RebaseConflictError,
     RunInterruptedError,
+    UnsafePathError,
+    UpstreamError,
     WorkspaceError,
 )
 from fsbuild.fileio import atomic_write
@@ -61,6 +68,7 @@ from fsbuild.gitio import (
 from fsbuild.render import apply_patch, commit_message, rerender
 from fsbuild.series import Entry, read_series, update_series_file
 from fsbuild.target import Target
+from fsbuild.upstream_import import partial_commit
 from fsbuild.workspace import Workspace
 
 OUTCOMES = ("clean", "offset", "merged", "upstream", "conflict")
@@ -509,14 +517,28 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
         raise MissingFileError(f"series file {series} does not exist")
     entries = read_series(series)
     clock = PhaseClock()
-    with clock("import_new"):
-        new_up = U.resolve(target, new_src, new_version)   # first: a refusal changes nothing
+    wanted = series_paths(entries, series.parent)
+    # partial imports of two tarballs run side by side (a whole import runs after the other:
+    # the second one then sends git only the files that changed)
+    aside = _Aside(U.resolve, target, old_src, None, False, wanted) \
+        if wanted is not None and _both_tarballs(old_src, new_src) else None
+    try:
+        with clock("import_new"):
+            new_up = U.resolve(target, new_src, new_version, paths=wanted)   # first: a refusal changes nothing
+        with clock("import_old"):
+            old_up = aside.result() if aside else U.resolve(target, old_src, strict=False, paths=wanted)
+    finally:
+        if aside:
+            aside.stop()
     with clock("import_old"):
-        old_up = U.resolve(target, old_src, strict=False)
         ws = plain_workspace(target)
-        old_base = ws.import_upstream(old_up)
+        ws.ensure_repo()
+        # regenerated `index` lines abbreviate blob ids as the kernel does (12), not by the
+        # repository's object count (auto): a partial and a whole tree export the same bytes
+        git(ws.root, "config", "core.abbrev", str(ABBREV))
+        old_base = _plain_base(ws, old_up)
     with clock("import_new"):
-        new_base = ws.import_upstream(new_up)
+        new_base = _plain_base(ws, new_up)
     t0 = time.monotonic()
     with clock("carry"):
         plan = Plan(series=str(series.resolve()), old_base=old_base, new_base=new_base,
@@ -541,6 +563,90 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
 
 
 PLAIN_PHASES = ("import_old", "import_new", "carry", "export")
+ABBREV = 12   # hex digits of a blob id in a regenerated diff's `index` line (the kernel's)
+
+
+def series_paths(entries: list[Entry], folder: Path) -> U.PathSet | None:
+    """Every path the series' patches name (old and new names, at each entry's strip
+    level: the names the applier may read or ask about), or None when the applier could
+    read others (a symlink diff resolves its target through the tree) or a patch is
+    unreadable (its error then comes from the run on the whole tree)."""
+    found: set[str] = set()
+    for e in entries:
+        try:
+            parsed = P.parse_patch((folder / e.name).read_bytes(), e.name)
+        except (OSError, PatchFormatError):
+            return None
+        for fp in parsed.files:
+            if any((m or 0) & 0o170000 == 0o120000 for m in (fp.old_mode, fp.new_mode)):
+                return None
+            for name in (fp.old_name, fp.new_name):
+                stripped = P.strip_path(name, e.strip) if name else None
+                try:
+                    found.update([P.safe_relpath(stripped, e.name)] if stripped else [])
+                except UnsafePathError:
+                    return None
+    return U.PathSet(found)
+
+
+def _both_tarballs(old_src: str, new_src: str) -> bool:
+    """Both sources are tarballs (errors in either are left for resolve(), in its order)."""
+    try:
+        return U.classify(new_src)[0] == U.classify(old_src)[0] == "tarball"
+    except (MissingFileError, UpstreamError):
+        return False
+
+
+class _Aside:
+    """fn(*args) in a forked child while this process goes on: OLD's decompressor and tar
+    parser get the other core while NEW is imported here. Its result or its error comes
+    back pickled; stop() interrupts it (SIGINT: its import cleans up as on Ctrl-C)."""
+
+    def __init__(self, fn: Callable[..., U.Upstream], *args: object) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.recv, send = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_aside_child, args=(send, fn, args), daemon=True)
+        self.proc.start()
+        send.close()
+        self.answered = False
+
+    def result(self) -> U.Upstream:
+        try:
+            ok, value = self.recv.recv()
+            self.answered = True   # the child only exits now: no signal for it
+        except EOFError:
+            self.proc.join()
+            raise UpstreamError(f"the import of the old upstream died (exit {self.proc.exitcode})") from None
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if not self.answered and self.proc.is_alive() and self.proc.pid is not None:
+            os.kill(self.proc.pid, signal.SIGINT)
+            self.proc.join(30)
+            if self.proc.is_alive():
+                self.proc.kill()
+        self.proc.join()
+        self.recv.close()
+
+
+def _aside_child(send: Connection, fn: Callable[..., U.Upstream], args: tuple[object, ...]) -> None:
+    progress.set_quiet(True)   # one live progress display: the parent's
+    try:
+        send.send((True, fn(*args)))
+    except BaseException as exc:   # the parent raises it
+        send.send((False, exc))
+    finally:
+        send.close()
+
+
+def _plain_base(ws: Workspace, up: U.Upstream) -> str:
+    """The upstream's commit in plain mode's repository: a partial tree's commit is never
+    tagged (a tag is what later imports reuse as the whole tree)."""
+    if up.partial_tree:
+        return partial_commit(ws.root, up)
+    return ws.import_upstream(up)
 
 
 class PhaseClock:

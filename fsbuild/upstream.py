@@ -9,6 +9,7 @@ same content always yields the same digest."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, Self, TypeVar
 
 from fsbuild import paths, proc, progress
 from fsbuild.errors import ArchiveLimitError, MissingFileError, UnsafePathError, UpstreamError, UpstreamIdentityError
@@ -60,16 +61,22 @@ class Upstream:
     configs: dict[str, Path] = field(default_factory=dict)
     spec: Path | None = None
     store_tree: str = ""  # its git tree in the shared object store ("" when not imported there)
+    # a tree of only some paths (see PathSet), for plain-mode rebases; never a full tree
+    partial_tree: str = ""
 
 
 # ---------------------------------------------------------------- public entry point
 
 def resolve(target: Target, src: str | None = None, version: str | None = None,
-            strict: bool = True) -> Upstream:
+            strict: bool = True, paths: PathSet | None = None) -> Upstream:
     """Resolve `src` (default: the target's default source) into a cached Upstream whose
     `version` is the identity the source states (see `identify`); `version` is the user's
     --upstream-version, required when the source states none. strict=False (the old side
-    of a rebase, only reported) settles for the Makefile version instead."""
+    of a rebase, only reported) settles for the Makefile version instead.
+
+    `paths`: the caller reads only these paths (a plain-mode rebase): a tarball not yet in
+    the store is then imported as `partial_tree` only (every member still checked), which
+    skips hashing and storing the rest. A full tree, when stored, always serves."""
     src = src or target.default_source()
     kind, path, ref = classify(src)
     if kind == "git":
@@ -79,7 +86,7 @@ def resolve(target: Target, src: str | None = None, version: str | None = None,
     elif kind == "srpm":
         up = _from_srpm(target.name, path)
     else:
-        up = _from_tarball(target.name, path)
+        up = _from_tarball(target.name, path, paths)
     return replace(up, version=identify(target, up, kind, path, ref, version, strict))
 
 
@@ -275,12 +282,21 @@ def _index_get(key: str) -> str | None:
 
 
 def _index_put(key: str, digest: str) -> None:
+    # locked: two imports side by side (a plain rebase's OLD and NEW) must not drop each
+    # other's key, or the next warm run hashes a whole tarball again
+    # (the lock is on the cache directory itself: index.json is replaced, not rewritten)
+    cache_root().mkdir(parents=True, exist_ok=True)
+    fd = os.open(cache_root(), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        index = json.loads(_index_path().read_text())
-    except (OSError, ValueError):
-        index = {}
-    index[key] = digest
-    atomic_write(_index_path(), json.dumps(index, indent=1, sort_keys=True).encode())
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            index = json.loads(_index_path().read_text())
+        except (OSError, ValueError):
+            index = {}
+        index[key] = digest
+        atomic_write(_index_path(), json.dumps(index, indent=1, sort_keys=True).encode())
+    finally:
+        os.close(fd)
 
 
 def _entry_key(kind: str, digest: str) -> str:
@@ -334,28 +350,145 @@ def _commit_entry(stage: Path, key: str, meta: dict[str, object]) -> Path:
 
 # ---------------------------------------------------------------- tarball sources
 
-def _from_tarball(target: str, path: Path) -> Upstream:
+def _from_tarball(target: str, path: Path, paths: PathSet | None = None) -> Upstream:
     key = _fingerprint(path)
     entry = _index_get(key)
-    if entry and (up := _cached(target, entry)):
+    up = _cached(target, entry) if entry else None
+    if up is None:
+        entry = _entry_key("tarball", sha256_file(path))
+        up = _cached(target, entry)
+        if up is not None:
+            _index_put(key, entry)
+    if up is not None and store_has_tree(up.store_tree):
         return up
-    digest = sha256_file(path)
-    entry = _entry_key("tarball", digest)
-    if up := _cached(target, entry):
-        _index_put(key, entry)
-        return up
-    topdir, version, tree = scan_import(path)
+    if up is not None and paths is not None and (tree := _partial_get(up, paths)):
+        return replace(up, partial_tree=tree)
+    assert entry is not None   # set above whenever up is None
+    topdir, version, tree, partial = _import_tarball(path, paths)
+    if up is None:
+        up = _new_tarball_entry(target, path, key, entry, topdir, version, "" if partial else tree)
+    elif not partial:   # an entry made by partial imports becomes a full one
+        _set_store_tree(up, tree)
+        up = replace(up, store_tree=tree)
+    if partial:
+        _partial_put(up, paths, tree)   # type: ignore[arg-type]  # partial implies paths
+        return replace(up, partial_tree=tree)
+    return up
+
+
+def _import_tarball(path: Path, paths: PathSet | None) -> tuple[str, str, str, bool]:
+    """(topdir, version, tree, partial): only `paths` when given and the archive allows it."""
+    if paths is not None:
+        try:
+            return (*scan_import(path, paths), True)
+        except _NotPartial:
+            pass
+    return (*scan_import(path), False)
+
+
+def _new_tarball_entry(target: str, path: Path, key: str, entry: str, topdir: str, version: str,
+                       tree: str) -> Upstream:
     stage = _staging()
     try:
         _link_or_copy(path, stage / path.name)
-        _commit_entry(stage, entry, {"kind": "tarball", "digest": digest, "version": version,
-                                     "topdir": topdir, "tarball": path.name, "source": str(path),
-                                     "store_tree": tree})
+        _commit_entry(stage, entry, {"kind": "tarball", "digest": entry.partition("-")[2],
+                                     "version": version, "topdir": topdir, "tarball": path.name,
+                                     "source": str(path), "store_tree": tree})
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     _index_put(key, entry)
     return _committed(target, entry)
+
+
+def _set_store_tree(up: Upstream, tree: str) -> None:
+    """Record the full tree in an existing entry (one atomic rewrite of its meta)."""
+    meta_path = up.tarball.parent / META
+    meta = json.loads(meta_path.read_text())
+    meta["store_tree"] = tree
+    atomic_write(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
+# ---------------------------------------------------------------- partial trees
+#
+# A plain-mode rebase reads only the paths its patches name. Importing just those (plus
+# what makes every directory question come out as on the whole tree) skips the hashing,
+# compressing and storing of ~80k other files: the decompressor's work is what remains.
+
+PARTIAL = "partial"   # in a cache entry: one record per path set
+
+
+class PathSet:
+    """The paths a reader will ask about. Its partial tree holds, from the whole tree:
+    every member at one of `paths` or below one (a path that is a directory brings its
+    subtree), every file or link at one of their parent directories, and one file or link
+    under each existing parent directory, so that "is D a directory" is answered as the
+    whole tree would. The top Makefile is always in (the version comes from it)."""
+
+    def __init__(self, paths: set[str] | frozenset[str]) -> None:
+        self.paths = frozenset(paths) | {"Makefile"}
+        self.dirs = frozenset(d for p in self.paths for d in _ancestors(p))
+        body = "\0".join(sorted(self.paths)).encode(errors="surrogateescape")
+        self.key = hashlib.sha256(body).hexdigest()
+
+    def wanted(self, rel: str) -> bool:
+        """A member of the partial tree by its own name (not as a witness)."""
+        return rel in self.paths or rel in self.dirs or any(a in self.paths for a in _ancestors(rel))
+
+
+def _ancestors(rel: str) -> Iterator[str]:
+    """Every proper parent directory of `rel`, deepest first."""
+    while "/" in rel:
+        rel = rel.rpartition("/")[0]
+        yield rel
+
+
+class _Selection:
+    """One import's choice of members for a PathSet: wanted ones, and the first file or
+    link under each parent directory not yet witnessed."""
+
+    def __init__(self, paths: PathSet) -> None:
+        self.paths = paths
+        self.unwitnessed = set(paths.dirs)
+
+    def take(self, rel: str) -> bool:
+        witness = False
+        if self.unwitnessed:
+            for d in _ancestors(rel):
+                if d in self.unwitnessed:
+                    self.unwitnessed.discard(d)
+                    witness = True
+        return self.paths.wanted(rel) or witness
+
+
+class _NotPartial(Exception):
+    """Internal: the archive has a hard link the partial tree would need the target of
+    (which was skipped): the import is done whole instead."""
+
+
+def _partial_dir(up: Upstream) -> Path:
+    return up.tarball.parent / PARTIAL
+
+
+def _partial_get(up: Upstream, paths: PathSet) -> str:
+    """The stored partial tree of exactly this path set, or "" (absent, unreadable, for
+    another path set, or its tree missing from the store)."""
+    try:
+        rec = json.loads((_partial_dir(up) / f"{paths.key}.json").read_text())
+        tree, listed = _stored_tree(rec.get("tree")), rec.get("paths")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if listed != sorted(paths.paths) or not store_has_tree(tree):
+        return ""
+    return tree
+
+
+def _partial_put(up: Upstream, paths: PathSet, tree: str) -> None:
+    """Written after the tree is in the store (under its ref): a record never names a tree
+    that is not complete."""
+    _partial_dir(up).mkdir(exist_ok=True)
+    atomic_write(_partial_dir(up) / f"{paths.key}.json",
+                 json.dumps({"tree": tree, "paths": sorted(paths.paths)}, indent=1).encode())
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -381,7 +514,15 @@ def scan_tarball(path: Path | None = None, fileobj: IO[bytes] | None = None) -> 
 
 class _BoundedInfo(tarfile.TarInfo):
     """tarfile reads pax and GNU long-name headers into memory whole: refuse huge ones
-    before it does."""
+    before it does. Headers are parsed by _fast_header where it can (see there)."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
+        try:
+            fast = _fast_header(cls, buf, encoding, errors)
+        except ValueError:   # a malformed field: tarfile's own parser names the error
+            fast = None
+        return fast if fast is not None else super().frombuf(buf, encoding, errors)
 
     def _proc_gnulong(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
         _meta_size(self)
@@ -392,6 +533,50 @@ class _BoundedInfo(tarfile.TarInfo):
         _meta_size(self)
         info: tarfile.TarInfo = super()._proc_pax(tf)  # type: ignore[misc]  # private in typeshed
         return info
+
+
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+_Info = TypeVar("_Info", bound=tarfile.TarInfo)
+
+
+def _fast_header(cls: type[_Info], buf: bytes | bytearray, encoding: str, errors: str) -> _Info | None:
+    """tarfile.TarInfo.frombuf for the common header (plain octal numbers, unsigned
+    checksum, not GNU sparse) in about half its time: its header parsing was most of a
+    partial import's own CPU (84k members). Anything else (None): tarfile's parser."""
+    if len(buf) != tarfile.BLOCKSIZE or buf == _ZERO_BLOCK or buf[156:157] == tarfile.GNUTYPE_SPARSE:
+        return None
+    chksum = _octal(buf[148:156])
+    if chksum != 256 + sum(buf) - sum(buf[148:156]):
+        return None
+    obj = cls()
+    obj.name = _nts(buf[0:100], encoding, errors)
+    obj.mode, obj.uid, obj.gid = _octal(buf[100:108]), _octal(buf[108:116]), _octal(buf[116:124])
+    obj.size, obj.mtime, obj.chksum = _octal(buf[124:136]), _octal(buf[136:148]), chksum
+    obj.type = bytes(buf[156:157])
+    obj.linkname = _nts(buf[157:257], encoding, errors)
+    obj.uname, obj.gname = _nts(buf[265:297], encoding, errors), _nts(buf[297:329], encoding, errors)
+    obj.devmajor, obj.devminor = _octal(buf[329:337]), _octal(buf[337:345])
+    prefix = _nts(buf[345:500], encoding, errors)
+    if obj.type == tarfile.AREGTYPE and obj.name.endswith("/"):   # V7 directory
+        obj.type = tarfile.DIRTYPE
+    if obj.isdir():
+        obj.name = obj.name.rstrip("/")
+    if prefix and obj.type not in tarfile.GNU_TYPES:
+        obj.name = prefix + "/" + obj.name
+    return obj
+
+
+def _nts(field: bytes | bytearray, encoding: str, errors: str) -> str:
+    end = field.find(0)
+    return (field if end < 0 else field[:end]).decode(encoding, errors)
+
+
+def _octal(field: bytes | bytearray) -> int:
+    """tarfile's nti for an octal field; a base-256 one raises ValueError (slow path)."""
+    if field[0] in (0o200, 0o377):
+        raise ValueError("base-256 number")
+    end = field.find(0)
+    return int((field if end < 0 else field[:end]).decode("ascii").strip() or "0", 8)
 
 
 def _meta_size(info: tarfile.TarInfo) -> None:
@@ -1014,10 +1199,11 @@ def _tar_stream(path: Path) -> Iterator[tarfile.TarFile]:
         with open_tar(path) as tf:
             yield tf
         return
-    dec = subprocess.Popen([*argv, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dec = subprocess.Popen([*argv, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           bufsize=CHUNK)
     assert dec.stdout is not None and dec.stderr is not None
     try:
-        with tarfile.open(fileobj=dec.stdout, mode="r|", tarinfo=_BoundedInfo) as tf:
+        with tarfile.TarFile(fileobj=_Forward(dec.stdout), mode="r", tarinfo=_BoundedInfo) as tf:
             yield tf
         while dec.stdout.read(CHUNK):   # the tail after the end-of-archive blocks: the tool
             pass                        # checks the whole stream's integrity
@@ -1031,6 +1217,44 @@ def _tar_stream(path: Path) -> Iterator[tarfile.TarFile]:
     dec.stderr.close()
     if dec.wait() != 0:
         raise UpstreamError(f"{path}: corrupt tarball ({argv[0]}: {err[-200:] or 'failed'})")
+
+
+class _Forward:
+    """A pipe as the seekable file tarfile's random-access mode wants, seeking forward
+    only: skipping a member reads past its data in large pieces. (Stream mode, "r|",
+    copies its whole buffer on every header read: seconds per kernel tarball.)"""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self.pipe, self.pos = pipe, 0
+        self.scratch = bytearray(CHUNK)
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self.pipe.read() if n is None or n < 0 else self.pipe.read(n)
+        self.pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0, /) -> int:
+        if whence != 0 or pos < self.pos:
+            raise OSError(f"cannot seek back in a pipe (at {self.pos}, asked {pos})")
+        view = memoryview(self.scratch)
+        while self.pos < pos:
+            got = self.pipe.readinto(view[:min(CHUNK, pos - self.pos)])  # type: ignore[attr-defined]
+            if not got:
+                break   # end of data: the next read says so
+            self.pos += got
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: bytes, /) -> int:
+        raise OSError("a decompressor's pipe is read-only")
+
+    def close(self) -> None:
+        """The pipe is the caller's to close."""
 
 
 @dataclass
@@ -1095,14 +1319,15 @@ def _kernel_makefile(makefile: bytes | None, where: str, topdir: str) -> bytes:
     return makefile
 
 
-def scan_import(path: Path) -> tuple[str, str, str]:
-    """scan_tarball and the import into the store in one pass: (topdir, version, tree)."""
+def scan_import(path: Path, paths: PathSet | None = None) -> tuple[str, str, str]:
+    """scan_tarball and the import into the store in one pass: (topdir, version, tree).
+    With `paths`, every member is checked but only the PathSet's part is stored."""
     where = str(path)
     found: dict[str, str] = {}
 
     def feed(blobs: _Blobs) -> dict[str, tuple[int, str]]:
         with _tar_errors(where), _tar_stream(path) as tf:
-            topdir, makefile, files = _feed(tf, where, blobs)
+            topdir, makefile, files = _feed(tf, where, blobs, _Selection(paths) if paths else None)
         found.update(topdir=topdir, version=makefile_version(_kernel_makefile(makefile, where, topdir)))
         return files
 
@@ -1178,17 +1403,23 @@ def _store_import(what: str, feed: Feed, known: dict[bytes, str]) -> str:
     return tree
 
 
-def _feed(tf: tarfile.TarFile, where: str, blobs: _Blobs) -> tuple[str, bytes | None, dict[str, tuple[int, str]]]:
-    """Check every member (ArchiveGuard, as scan_tarball) while sending its content:
+def _feed(tf: tarfile.TarFile, where: str, blobs: _Blobs,
+          select: _Selection | None = None) -> tuple[str, bytes | None, dict[str, tuple[int, str]]]:
+    """Check every member (ArchiveGuard, as scan_tarball) while sending its content (only
+    the members `select` takes, when given; the others' data is skipped unread by us):
     (topdir, head of the top Makefile, path -> (mode, blob ref))."""
     guard = ArchiveGuard(where, single_top=True)
     files: dict[str, tuple[int, str]] = {}
     makefile: bytes | None = None
+    seen = 0
     with progress.bar(f"importing {Path(where).name}") as bar:
         for m in tf:
             name = guard.member(m)
             rel = name.partition("/")[2]
-            if not rel:
+            seen += 1
+            if seen % 512 == 0:   # a live bar redrawn per member costs seconds
+                bar.advance(512)
+            if not rel or m.isdir() or (select is not None and not _selected(select, m, rel, files)):
                 continue
             if m.isfile():
                 src = tf.extractfile(m) or io.BytesIO()
@@ -1208,12 +1439,20 @@ def _feed(tf: tarfile.TarFile, where: str, blobs: _Blobs) -> tuple[str, bytes | 
                 target = files.get(safe_relpath(m.linkname, where).partition("/")[2])
                 if target is not None:
                     files[rel] = target
-            if len(files) % 512 == 0:   # a live bar redrawn per member costs seconds
-                bar.advance(512)
     guard.finish()
     if guard.topdir is None:
         raise UpstreamError(f"{where}: empty tarball")
     return guard.topdir, makefile, files
+
+
+def _selected(select: _Selection, m: tarfile.TarInfo, rel: str, files: dict[str, tuple[int, str]]) -> bool:
+    """Whether a partial import stores member `rel`. A hard link is stored as its target's
+    blob: a skipped target cannot be, so such an archive is imported whole."""
+    if not select.take(rel):
+        return False
+    if m.islnk() and safe_relpath(m.linkname, "").partition("/")[2] not in files:
+        raise _NotPartial()
+    return True
 
 
 def _fi_path(path: str) -> bytes:

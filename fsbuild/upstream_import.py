@@ -16,6 +16,7 @@ from fsbuild.gitio import IDENT, Started, fi_data, fi_path, git, git_out
 from fsbuild.upstream import Upstream, check_member
 
 DIGEST_TRAILER = "Fsbuild-Upstream-Digest"
+PARTIAL_TRAILER = "Fsbuild-Upstream-Partial"
 
 
 def upstream_commit(root: Path, meta_dir: Path, up: Upstream) -> str:
@@ -35,6 +36,16 @@ def from_store(root: Path, up: Upstream) -> str | None:
     upstream.link_packs(root / ".git")
     return git(root, "commit-tree", up.store_tree, "-F", "-",
                input=commit_message(up)).stdout.decode().strip()
+
+
+def partial_commit(root: Path, up: Upstream) -> str:
+    """A commit of the upstream's partial tree (only some paths: a plain-mode rebase's);
+    its message says so, and no tag names it."""
+    if not upstream.store_has_tree(up.partial_tree):
+        raise WorkspaceError(f"{up.tarball}: its partial tree {up.partial_tree} is not in the store")
+    upstream.link_packs(root / ".git")
+    msg = commit_message(up) + f"{PARTIAL_TRAILER}: {up.partial_tree}\n".encode()
+    return git(root, "commit-tree", up.partial_tree, "-F", "-", input=msg).stdout.decode().strip()
 
 
 def fast_import_tarball(root: Path, meta_dir: Path, up: Upstream) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -380,12 +381,14 @@ def _series_names(series: Path) -> list[str]:
     return [e.name for e in read_series(series)]
 
 
-def _check_output_applies(real_state: Path, out: Path, names: list[str], new_version: str) -> None:
-    """Every given output patch applies at fuzz 0, no offset, to the new upstream (git tree)."""
+def _check_output_applies(real_state: Path, out: Path, names: list[str], new_tarball: Path) -> None:
+    """Every given output patch applies at fuzz 0, no offset, to the new upstream's whole
+    tree (plain mode imported only the paths its series names)."""
     from fsbuild.gitio import GitCat
-    repo = real_state / "rebase-plain"
-    with GitCat(repo) as cat:
-        tree = Overlay(cat.reader(f"upstream/{new_version}"))
+    ws = Workspace(load("linux-6.1"), root=real_state / "check")
+    base = ws.import_upstream(upstream.resolve(load("linux-6.1"), str(new_tarball)))
+    with GitCat(ws.root) as cat:
+        tree = Overlay(cat.reader(base))
         for n in names:
             applied = apply_patch((out / n).read_bytes(), n, 1, tree)
             assert applied.exact, (n, applied.offsets)
@@ -428,7 +431,7 @@ def test_debian_series_rebase_matches_debian(debian, real_state: Path, tmp_path:
         if r.outcome in ("clean", "conflict"):
             assert now == orig
     # every kept, non-conflicting patch applies exactly to 6.1.176
-    _check_output_applies(real_state, out, [r.name for r in kept if r.outcome != "conflict"], "6.1.176")
+    _check_output_applies(real_state, out, [r.name for r in kept if r.outcome != "conflict"], new.orig_tarball)
 
 
 def _bytes_diff(path: str, old: bytes, new: bytes, tmp: Path) -> bytes:
@@ -505,7 +508,7 @@ def test_own_series_between_real_versions(debian, real_state: Path, tmp_path: Pa
                       load("linux-6.1"), report)
     assert {r.name: r.outcome for r in results} == expected, [(r.name, r.outcome, r.reason) for r in results]
     _check_output_applies(real_state, out, ["0001-offset.patch", "0002-merged.patch", "0005-clean.patch"],
-                          "6.1.176")
+                          new.orig_tarball)
 
 
 def test_rebase_without_workspace_imports_target_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -627,3 +630,110 @@ def test_rebase_killed_at_random_points_aborts_or_continues(ws_case: tuple) -> N
         assert not ws.dirty() and not list((ws.root / ".git").glob("*.lock"))
     print(f"rebase kills with a rebase in progress: {started}/8")
     assert started >= 3
+
+
+# ---------------------------------------------------------------- partial imports (#14.3)
+
+def _varied_case(tmp: Path) -> tuple[Path, Path, Path]:
+    """build_case plus files no patch names, a rename into a new directory (exported as a
+    regenerated diff: the patch also has an offset hunk), a new file, a deletion and a
+    -p0 entry. Returns (old tarball, new tarball, series)."""
+    old_tb, new_tb, series, _ = build_case(tmp)
+    extra = {"drivers/net/mana/gdma.h": lines("gdma", 12), "include/linux/x.h": lines("x", 5),
+             "kernel/old.c": lines("old", 4), "fs/x.c": lines("fs", 50), "drivers/other/y.c": lines("y", 9)}
+    for tb in (old_tb, new_tb):
+        with tarfile.open(tb) as tf:
+            top = tf.getnames()[0].split("/")[0]
+            files = {m.name.partition("/")[2]: tf.extractfile(m).read().decode()  # type: ignore[union-attr]
+                     for m in tf.getmembers() if m.isfile()}
+        make_tarball(tb, top, {**files, **extra})
+    pdir = series.parent
+    sched = kernel_files("1.0.0")["kernel/sched.c"].replace("sched line 60\n", "sched line 60 patched\n")
+    rename = (DESC.format(name="0007") + udiff("kernel/sched.c", sched, replace_line(sched, "sched line 80\n", "x\n"))
+              + "diff --git a/drivers/net/mana/gdma.h b/include/net/mana/gdma.h\nsimilarity index 100%\n"
+              "rename from drivers/net/mana/gdma.h\nrename to include/net/mana/gdma.h\n")
+    (pdir / "0007-rename.patch").write_text(rename)
+    (pdir / "0008-new.patch").write_text(DESC.format(name="0008") + udiff("net/fastsocket/fs.c", "", "fs\n")
+                                          .replace("--- a/net/fastsocket/fs.c", "--- /dev/null"))
+    (pdir / "0009-delete.patch").write_text(DESC.format(name="0009") + udiff("kernel/old.c", lines("old", 4), "")
+                                             .replace("+++ b/kernel/old.c", "+++ /dev/null"))
+    (pdir / "0010-p0.patch").write_text(DESC.format(name="0010") + udiff("net/Kconfig", lines("kconfig", 40),
+                                        replace_line(lines("kconfig", 40), "kconfig line 5\n", "k5\n"))
+                                        .replace("a/net/Kconfig", "net/Kconfig").replace("b/net/Kconfig", "net/Kconfig"))
+    with series.open("a") as fh:
+        fh.write("0007-rename.patch\n0008-new.patch\n0009-delete.patch\n0010-p0.patch -p0\n")
+    return old_tb, new_tb, series
+
+
+def _plain_run(tmp: Path, tag: str, old_tb: Path, new_tb: Path, series: Path,
+               monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict[str, bytes]]:  # type: ignore[type-arg]
+    monkeypatch.setenv("FSBUILD_STATE", str(tmp / f"state-{tag}"))
+    out, report = tmp / f"out-{tag}", tmp / f"{tag}.json"
+    R.plain(series, str(old_tb), str(new_tb), out, load("linux-6.1"), report, "1.0.1-1")
+    data = json.loads(report.read_text())
+    del data["seconds"], data["phase_seconds"]
+    return data, snapshot(out)
+
+
+def test_plain_mode_partial_import_reports_and_exports_what_the_whole_tree_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing only the paths the series names changes no outcome, reason, explanation
+    and no byte of the exported series; the regenerated `index` lines abbreviate blob ids
+    to 12 digits whatever the repository's size (they followed its object count: 7 in a
+    small repository, 9 with two whole kernels, so a partial import exported other bytes)."""
+    old_tb, new_tb, series = _varied_case(tmp_path / "case")
+    partial = _plain_run(tmp_path, "partial", old_tb, new_tb, series, monkeypatch)
+    trees = git_out(upstream.store_root(), "for-each-ref", "--format=%(refname:strip=3)", "refs/fsbuild/trees/")
+    for tree in trees.split():   # only partial trees were stored: fs/x.c was never imported
+        assert "fs/x.c" not in git_out(upstream.store_root(), "ls-tree", "-r", "--name-only", tree).split()
+    with monkeypatch.context() as m:
+        m.setattr(R, "series_paths", lambda entries, folder: None)
+        whole = _plain_run(tmp_path, "whole", old_tb, new_tb, series, monkeypatch)
+    assert partial == whole
+    outcomes = {p["name"]: p["outcome"] for p in partial[0]["patches"]}
+    assert outcomes["0007-rename.patch"] == "offset" and outcomes["0010-p0.patch"] == "clean", outcomes
+    regenerated = partial[1]["0007-rename.patch"].decode()
+    assert re.search(r"^index [0-9a-f]{12}\.\.0{12}$", regenerated, re.M), regenerated
+
+
+def test_series_paths_names_every_file_the_applier_may_read(tmp_path: Path) -> None:
+    """Old and new names at each entry's strip level (a rename's both sides, /dev/null
+    left out); a symlink diff (its target is resolved through the tree) means the whole
+    tree, as does a patch that cannot be read."""
+    _, _, series = _varied_case(tmp_path)
+    paths = R.series_paths(read_series(series), series.parent)
+    assert paths is not None
+    assert paths.paths == {"Makefile", "net/Makefile", "kernel/sched.c", "net/Kconfig", "kernel/old.c",
+                           "drivers/net/mana/gdma.h", "include/net/mana/gdma.h", "net/fastsocket/fs.c"}
+    (series.parent / "0011-link.patch").write_text(
+        "diff --git a/lnk b/lnk\nnew file mode 120000\n--- /dev/null\n+++ b/lnk\n@@ -0,0 +1 @@\n+Makefile\n"
+        "\\ No newline at end of file\n")
+    with series.open("a") as fh:
+        fh.write("0011-link.patch\n")
+    assert R.series_paths(read_series(series), series.parent) is None
+    (series.parent / "0011-link.patch").unlink()
+    assert R.series_paths(read_series(series), series.parent) is None
+
+
+def test_plain_mode_old_import_aside_reports_its_error_and_never_outlives_a_refusal(
+        tmp_path: Path) -> None:
+    """OLD is imported in a forked child beside NEW: its failure is the run's one error,
+    and NEW's refusal stops it (no child left behind, nothing imported from OLD named)."""
+    import multiprocessing
+
+    from fsbuild.errors import UpstreamError, UpstreamIdentityError
+    old_tb, new_tb, series = _varied_case(tmp_path / "case")
+    bad = tmp_path / "linux-1.0.0.tar.xz"
+    good = old_tb.read_bytes()
+    make_tarball(bad, "linux-1.0.0", kernel_files("1.0.0"), "w:xz")
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UpstreamError):
+        R.plain(series, str(bad), str(new_tb), tmp_path / "o1", load("linux-6.1"), None, "1.0.1-1")
+    assert multiprocessing.active_children() == []
+    assert good == old_tb.read_bytes()
+    with pytest.raises(UpstreamIdentityError):
+        R.plain(series, str(old_tb), str(new_tb), tmp_path / "o2", load("linux-6.1"), None, "1.0.2-1")
+    assert multiprocessing.active_children() == []
+    assert not (tmp_path / "o2").exists()

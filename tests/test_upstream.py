@@ -651,3 +651,172 @@ def test_deterministic_tar_same_bytes_with_and_without_the_store(tmp_path: Path,
     assert {p: m for p, (m, _) in seen.items()} == {"Makefile": 0o100644, "scripts/run.sh": 0o100755,
                                                      "scripts/link": 0o120000}
     assert git(upstream.store_root(), "show", f"{tree}:scripts/run.sh") == lines("run", 40)
+
+
+# ---------------------------------------------------------------- partial imports (#14.3)
+
+PARTIAL_FILES = {**kernel_files("1.0.0"), "kernel/fork.c": lines("fork", 9), "drivers/a/b.c": lines("b", 3),
+                 "drivers/a/c.c": lines("c", 3), "fs/x.c": lines("fs", 7)}
+
+
+def _partial_tarball(tmp: Path, name: str = "linux-1.0.0.tar.xz") -> Path:
+    link = tarfile.TarInfo("linux-1.0.0/scripts/dtc")   # a directory symlink
+    link.type, link.linkname = tarfile.SYMTYPE, "../fs"
+    return make_tarball(tmp / name, "linux-1.0.0", PARTIAL_FILES, "w:xz", extra=[(link, b"")])
+
+
+def _listing(tree: str) -> list[str]:
+    return git(upstream.store_root(), "ls-tree", "-r", "--name-only", tree).split()
+
+
+def _no_import(*args: object, **kw: object) -> object:
+    raise AssertionError("imported again")
+
+
+def test_partial_tree_answers_every_question_on_its_paths_as_the_whole_tree(tmp_path: Path) -> None:
+    """What a rebase's applier asks (a named file's content and mode, whether each parent
+    directory exists) comes out as on the whole tree: a parent directory holding no named
+    file is kept by one file under it; a named directory brings its subtree."""
+    from fsbuild.gitio import GitCat
+    tb = _partial_tarball(tmp_path)
+    paths = upstream.PathSet({"net/Kconfig", "net/Kconfig/sub.c", "kernel", "drivers/a/new.c",
+                              "include/net/x.h", "scripts/dtc/x.c", "scripts/dtc"})
+    part = upstream.resolve(load("linux-6.1"), str(tb), paths=paths)
+    assert part.partial_tree and not part.store_tree
+    whole = upstream.resolve(load("linux-6.1"), str(tb))
+    assert whole.store_tree and not whole.partial_tree
+    assert "fs/x.c" not in _listing(part.partial_tree) and "fs/x.c" in _listing(whole.store_tree)
+    with GitCat(upstream.store_root()) as cat:
+        p, w = cat.reader(part.partial_tree), cat.reader(whole.store_tree)
+        assert [p(x) for x in sorted(paths.paths)] == [w(x) for x in sorted(paths.paths)]
+        asked = sorted(paths.dirs | paths.paths)
+        assert [p.isdir(d) for d in asked] == [w.isdir(d) for d in asked]
+        assert p.isdir("drivers/a") and not p.isdir("include") and not p.isdir("scripts/dtc")
+
+
+def test_partial_import_keyed_by_path_set_never_serves_a_whole_import(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    tb = _partial_tarball(tmp_path)
+    a, b = upstream.PathSet({"net/Kconfig"}), upstream.PathSet({"kernel/sched.c"})
+    ua = upstream.resolve(load("linux-6.1"), str(tb), paths=a)
+    ub = upstream.resolve(load("linux-6.1"), str(tb), paths=b)
+    assert "kernel/sched.c" in _listing(ub.partial_tree) and "kernel/sched.c" not in _listing(ua.partial_tree)
+    record = ua.tarball.parent / upstream.PARTIAL / f"{a.key}.json"
+    with monkeypatch.context() as m:
+        m.setattr(upstream, "scan_import", _no_import)
+        assert upstream.resolve(load("linux-6.1"), str(tb), paths=a).partial_tree == ua.partial_tree
+        # a record listing other paths than its key says is not trusted
+        record.write_text(json.dumps({"tree": ub.partial_tree, "paths": sorted(b.paths)}))
+        with pytest.raises(AssertionError, match="imported again"):
+            upstream.resolve(load("linux-6.1"), str(tb), paths=a)
+    full = upstream.resolve(load("linux-6.1"), str(tb))   # no path set: a whole import
+    assert not full.partial_tree and _listing(full.store_tree) == sorted([*PARTIAL_FILES, "scripts/dtc"])
+    with monkeypatch.context() as m:   # from now on the whole tree serves every path set
+        m.setattr(upstream, "scan_import", _no_import)
+        again = upstream.resolve(load("linux-6.1"), str(tb), paths=upstream.PathSet({"fs/x.c"}))
+        assert again.store_tree == full.store_tree and not again.partial_tree
+
+
+def test_interrupted_partial_import_leaves_no_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12 for partial trees: killed after every member was read, before the commit."""
+    tb = _partial_tarball(tmp_path)
+    paths = upstream.PathSet({"net/Kconfig"})
+    with monkeypatch.context() as m:
+        def stop(self: upstream.ArchiveGuard) -> None:
+            raise KeyboardInterrupt
+        m.setattr(upstream.ArchiveGuard, "finish", stop)
+        with pytest.raises(KeyboardInterrupt):
+            upstream.resolve(load("linux-6.1"), str(tb), paths=paths)
+    assert store_trees() == [] and [e for e in cache_entries() if e != "index.json"] == []
+    up = upstream.resolve(load("linux-6.1"), str(tb), paths=paths)
+    assert store_trees() == [f"refs/fsbuild/trees/{up.partial_tree}"]
+    assert (up.tarball.parent / upstream.PARTIAL / f"{paths.key}.json").is_file()
+
+
+def test_partial_import_of_a_hardlink_to_a_skipped_file_imports_whole(tmp_path: Path) -> None:
+    """A hard link is stored as its target's blob; a target the partial import skipped
+    cannot be, so the archive is imported whole rather than the link left out."""
+    hard = tarfile.TarInfo("linux-1.0.0/kernel/k.lnk")
+    hard.type, hard.linkname = tarfile.LNKTYPE, "linux-1.0.0/fs/x.c"
+    tb = make_tarball(tmp_path / "linux-1.0.0.tar.gz", "linux-1.0.0", PARTIAL_FILES, extra=[(hard, b"")])
+    up = upstream.resolve(load("linux-6.1"), str(tb), paths=upstream.PathSet({"kernel/k.lnk"}))
+    assert up.store_tree and not up.partial_tree
+    assert git(upstream.store_root(), "show", f"{up.store_tree}:kernel/k.lnk") == PARTIAL_FILES["fs/x.c"]
+
+
+def test_partial_import_refuses_hostile_members_it_does_not_store(tmp_path: Path) -> None:
+    """Every member is still checked: an escaping link outside the path set is refused."""
+    bad = tarfile.TarInfo("linux-1.0.0/fs/evil")
+    bad.type, bad.linkname = tarfile.SYMTYPE, "../../../etc/passwd"
+    tb = make_tarball(tmp_path / "linux-1.0.0.tar.gz", "linux-1.0.0", PARTIAL_FILES, extra=[(bad, b"")])
+    with pytest.raises(UnsafePathError):
+        upstream.resolve(load("linux-6.1"), str(tb), paths=upstream.PathSet({"net/Kconfig"}))
+    assert store_trees() == []
+
+
+def _header_fields(info: tarfile.TarInfo) -> tuple[object, ...]:
+    return (info.name, info.mode, info.uid, info.gid, info.size, info.mtime, info.chksum, info.type,
+            info.linkname, info.uname, info.gname, info.devmajor, info.devminor, type(info))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_fast_header_parse_is_tarfiles_own(tmp_path: Path, fmt: int) -> None:
+    """Every block the fast header parser accepts, tarfile's parser reads the same way
+    (headers of every kind, data blocks, and headers with random bytes flipped); the rest
+    goes to tarfile's parser."""
+    import random
+    tb = tmp_path / "t.tar"
+    with tarfile.open(tb, "w", format=fmt) as tf:
+        def add(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", **kw: object) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data)
+            for k, v in kw.items():
+                setattr(info, k, v)
+            tf.addfile(info, io.BytesIO(data) if data else None)
+        add("linux/Makefile", data=makefile("1.0.0").encode(), mode=0o755, uname="dev", gname="dev")
+        add("linux/" + "d" * 90 + "/" + "f" * 60 + ".c", data=b"x\n")           # ustar prefix / long name
+        add("linux/dir", tarfile.DIRTYPE)
+        add("linux/link", tarfile.SYMTYPE, linkname="Makefile")
+        add("linux/hard", tarfile.LNKTYPE, linkname="linux/Makefile")
+        add("linux/caf\u00e9.c", data=b"\xff" * 700, mtime=2**33 if fmt != tarfile.USTAR_FORMAT else 7)
+        if fmt != tarfile.USTAR_FORMAT:
+            add("linux/big-uid", uid=2**40)                                  # base-256 / pax number
+    raw = tb.read_bytes()
+    blocks = [raw[i:i + 512] for i in range(0, len(raw), 512)]
+    rng = random.Random(14)
+    for k in range(3000):
+        b = bytearray(blocks[k % 8])
+        for _ in range(rng.randint(1, 3)):
+            b[rng.randrange(512)] = rng.randrange(256)
+        blocks.append(bytes(b))
+    accepted = 0
+    for blk in blocks:
+        try:
+            fast = upstream._fast_header(tarfile.TarInfo, blk, "utf-8", "surrogateescape")
+        except ValueError:
+            fast = None
+        if fast is not None:
+            accepted += 1
+            assert _header_fields(fast) == _header_fields(tarfile.TarInfo.frombuf(blk, "utf-8", "surrogateescape"))
+    assert accepted >= 8
+
+
+def _put_keys(n: int) -> None:
+    for k in range(20):
+        upstream._index_put(f"key-{n}-{k}", f"tarball-{n}")
+
+
+def test_index_puts_side_by_side_keep_every_key() -> None:
+    """A plain rebase imports OLD and NEW in two processes: the fingerprint index is read,
+    changed and replaced by both, and an unlocked pair dropped keys (the next warm run
+    then hashed a whole tarball again)."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_put_keys, args=(n,)) for n in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    index = json.loads((upstream.cache_root() / "index.json").read_text())
+    assert sorted(index) == sorted(f"key-{n}-{k}" for n in range(6) for k in range(20))
