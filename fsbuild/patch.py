@@ -10,7 +10,10 @@ the bytes it produces are the ones `quilt push` (patch -p1 -f) would write.
 from __future__ import annotations
 
 import io
+import os
 import re
+import weakref
+import zlib
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from itertools import accumulate, chain, islice, repeat
 from operator import add, itemgetter, sub
+from pathlib import Path
 from typing import overload
 
 from fsbuild.errors import PatchFormatError, UnsafePathError
@@ -94,6 +98,7 @@ class Hunks(MutableSequence[Hunk]):
 
     def __init__(self, buf: bytes, cr: bool, lineno: int) -> None:
         self._buf = buf
+        self._file: PatchFile | None = None  # set when the text is read back (read_patch)
         self._cr = cr  # the lines lose their CRs (GNU's CRLF rule)
         # Where each hunk's header begins (hunk k ends where k+1 begins); 4 bytes each when
         # the patch is under 4 GiB.
@@ -113,12 +118,27 @@ class Hunks(MutableSequence[Hunk]):
         end = self._starts[k + 1] if k + 1 < len(self._starts) else self._end
         return self._starts[k], end
 
+    def text(self, start: int, end: int) -> bytes:
+        """The patch's bytes [start, end) (offsets as in _starts)."""
+        if self._file is not None:
+            return self._file.read(start, end)
+        return self._buf[start:end]
+
+    def _newlines(self, start: int, end: int) -> int:
+        if self._file is not None:
+            return self._file.newlines(start, end)
+        return self._buf.count(b"\n", start, end)
+
+    def _detach(self, source: PatchFile) -> None:
+        """Read the text back from the patch file from now on: the whole patch's bytes
+        need not stay in memory while the tree is patched."""
+        self._file, self._buf = source, b""
+
     def _lineno(self, k: int) -> int:
         at, lineno = self._cursor
         if k < at:
-            at, lineno = 0, self._cursor[1] - self._buf.count(b"\n", self._starts[0],
-                                                                self._starts[at])
-        lineno += self._buf.count(b"\n", self._starts[at], self._starts[k])
+            at, lineno = 0, self._cursor[1] - self._newlines(self._starts[0], self._starts[at])
+        lineno += self._newlines(self._starts[at], self._starts[k])
         self._cursor = (k, lineno)
         return lineno
 
@@ -129,7 +149,8 @@ class Hunks(MutableSequence[Hunk]):
             return self._list[k]
         made = self._made.get(k)
         if made is None:
-            made = _hunk_at(self._buf, self._starts[k], self._lineno(k), "<hunk>", self._cr)[0]
+            lineno = self._lineno(k)
+            made = _hunk_at(self.text(*self._span(k)), 0, lineno, "<hunk>", self._cr)[0]
         return made
 
     def plain_body(self, k: int) -> tuple[int, int] | None:
@@ -142,24 +163,19 @@ class Hunks(MutableSequence[Hunk]):
         """Whether every hunk may be applied straight from the patch bytes."""
         return self._list is None and not self._made and not self._slow
 
-    @property
-    def buf(self) -> bytes:
-        return self._buf
-
     def render(self) -> bytes:
         """The hunks' bytes: the original slice when no hunk was handed out."""
         if self._list is not None:
             return b"".join(h.render() for h in self._list)
         if not self._made:
-            return self._buf[self._starts[0]:self._end] if self._starts else b""
+            return self.text(self._starts[0], self._end) if self._starts else b""
         out = []
         for k in range(len(self._starts)):
             made = self._made.get(k)
             if made is not None:
                 out.append(made.render())
             else:
-                start, end = self._span(k)
-                out.append(self._buf[start:end])
+                out.append(self.text(*self._span(k)))
         return b"".join(out)
 
     def __len__(self) -> int:
@@ -421,6 +437,78 @@ def parse_patch(data: bytes, name: str = "<patch>") -> Patch:
         description, trailer = trailer, b""
     _check_names(files, name)
     return Patch(name=name, description=description, files=files, leading=leading, trailer=trailer)
+
+
+# Patches from this size on are read back from their file while applied (read_patch).
+_DETACH_AT = 8 << 20
+_BLOCK = 1 << 20  # the unit read back and checked
+
+
+class PatchFile:
+    """A patch file's bytes read back in blocks, each checked against the CRC taken when
+    the patch was parsed: a patch changed on disk meanwhile is an error, never a tree
+    patched with bytes that were not validated. The file stays open (a rename or unlink
+    does not matter); the last two blocks are kept."""
+
+    def __init__(self, fd: int, name: str, data: bytes) -> None:
+        self._fd, self.name, self._size, self._unit = fd, name, len(data), _BLOCK
+        view = memoryview(data)
+        self._crcs = [zlib.crc32(view[at:at + _BLOCK]) for at in range(0, len(data), _BLOCK)]
+        view.release()
+        self._cache: dict[int, bytes] = {}
+        weakref.finalize(self, os.close, fd)
+
+    def _block(self, i: int) -> bytes:
+        got = self._cache.get(i)
+        if got is None:
+            want = min(self._unit, self._size - i * self._unit)
+            got = os.pread(self._fd, want, i * self._unit) if want > 0 else b""
+            if want <= 0 or len(got) != want or zlib.crc32(got) != self._crcs[i]:
+                raise PatchFormatError(f"{self.name}: the patch file changed on disk while it "
+                                       "was being applied; nothing was written")
+            if len(self._cache) >= 2:
+                del self._cache[next(iter(self._cache))]
+            self._cache[i] = got
+        return got
+
+    def _pieces(self, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+        """(block, from, to) covering [start, end)."""
+        at = start
+        while at < end:
+            i = at // self._unit
+            base = i * self._unit
+            stop = min(end, base + self._unit)
+            yield self._block(i), at - base, stop - base
+            at = stop
+
+    def read(self, start: int, end: int) -> bytes:
+        parts = [block[a:b] for block, a, b in self._pieces(start, end)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def newlines(self, start: int, end: int) -> int:
+        return sum(block.count(b"\n", a, b) for block, a, b in self._pieces(start, end))
+
+
+def read_patch(path: Path | str, name: str) -> Patch:
+    """parse_patch of a file. The hunks of a big one (issue 12.14) read their text back
+    from the file when applied, so the patch is not held whole in memory beside the files
+    it patches."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with open(fd, "rb", closefd=False) as fh:
+            data = fh.read()
+        patch = parse_patch(data, name)
+    except BaseException:
+        os.close(fd)
+        raise
+    if len(data) < _DETACH_AT:
+        os.close(fd)
+        return patch
+    source = PatchFile(fd, name, data)
+    for fp in patch.files:
+        if isinstance(fp.hunks, Hunks):
+            fp.hunks._detach(source)
+    return patch
 
 
 def _header_start(data: bytes, recent: list[int], pos: int) -> int:
@@ -1130,7 +1218,7 @@ class _Plain:
         Only hunks whose shape makes GNU try their own line first come here."""
         hunks, data, pos = self.hunks, self.data, self.frozen_at
         end = hunks._starts[j] if j < len(hunks._starts) else hunks._end
-        both = _sides(hunks.buf[hunks._starts[k]:end], j - k)
+        both = _sides(hunks.text(hunks._starts[k], end), j - k)
         if both is None or pos == 0:  # pos 0: no newline before the first line to find
             return self._undo(k, k, [], [], [])
         olds, news = both  # each b"\n" + the side
@@ -1194,15 +1282,15 @@ class _Plain:
         a hunk that moved or needs fuzz indexes the file's lines (once) for GNU's search."""
         self.last = None
         hunks, data = self.hunks, self.data
-        start, end = hunks._span(k)
-        m = _SIMPLE_RE.fullmatch(hunks.buf, start, end)
+        text = hunks.text(*hunks._span(k))
+        m = _SIMPLE_RE.fullmatch(text)
         if m:  # context, removed, added, context: each part loses its tags at once
             first_b, old_len, lead, dels, adds, trail = m.groups()
             first = int(first_b) + (old_len is not None and int(old_len) == 0)
             lead, trail = lead[1:].replace(b"\n ", b"\n"), trail[1:].replace(b"\n ", b"\n")
             dels, adds = dels[1:].replace(b"\n-", b"\n"), adds[1:].replace(b"\n+", b"\n")
         else:
-            first, lead, dels, adds, trail = _plain_parts(hunks.buf, start, end)
+            first, lead, dels, adds, trail = _plain_parts(text, 0, len(text))
         pattern = lead + dels + trail
         prefix = lead.count(b"\n")
         suffix = trail.count(b"\n") if dels or adds else prefix
