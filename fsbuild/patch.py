@@ -1168,18 +1168,19 @@ _CHUNK = 1024  # hunks stripped in bulk at once: bounded temporary memory
 # A side of a hunk from its text: drop the other side's lines, then every line's tag.
 _PLUS_LINE_RE = re.compile(rb"\n\+[^\n]*")
 _MINUS_LINE_RE = re.compile(rb"\n-[^\n]*")
-_HEADER_LINE_RE = re.compile(rb"\n@[^\n]*")  # in plain hunks only headers start with '@'
 
 
 def _sides(region: bytes, count: int) -> tuple[list[bytes], list[bytes]] | None:
     """The old and new sides of each of the `count` plain hunks making up region, as
     b"\n" + the side's lines without tags; None when a content line holds a NUL (the
-    separator put in place of the headers: such hunks take the careful path)."""
-    marked = _HEADER_LINE_RE.sub(b"\n\0", b"\n" + region)
+    separator put in place of the headers: such hunks take the careful path). Each
+    header becomes a NUL line plus a line of the other side, dropped with that side's
+    lines by the one regex pass per side (only headers start a line with "@@ -" here)."""
+    text = b"\n" + region
     sides = []
-    for drop in (_PLUS_LINE_RE, _MINUS_LINE_RE):
-        text = drop.sub(b"", marked).replace(b"\n-", b"\n ").replace(b"\n+", b"\n ")
-        pieces = text.replace(b"\n ", b"\n").split(b"\0")  # one tag per line goes
+    for tag, drop, keep in ((b"+", _PLUS_LINE_RE, b"\n-"), (b"-", _MINUS_LINE_RE, b"\n+")):
+        marked = text.replace(b"\n@@ -", b"\n\0\n" + tag)
+        pieces = drop.sub(b"", marked).replace(keep, b"\n ").replace(b"\n ", b"\n").split(b"\0")
         if len(pieces) != count + 1:
             return None
         del pieces[0]
@@ -1226,36 +1227,36 @@ class _Plain:
             self.run = (self.in_offset, 0)
             self.results.mark(k, self.in_offset, 0)
         firsts = hunks._first[k:j]
-        ends = list(map(add, firsts, map(bytes.count, olds, repeat(b"\n"))))  # + 1 each
         base = self.in_offset - 1
-        # Lines between one hunk's old side and the next one's (the offset cancels out);
-        # none (adjacent or overlapping hunks) is left to careful, as the emit below needs
-        # a line in between.
-        gaps = [firsts[0] + base - self.frozen]
-        gaps.extend(map(sub, map(add, islice(firsts, 1, None), repeat(1)), ends))
-        gaps = [g or -1 for g in gaps]
+        # Newlines from the one before a hunk's first line to the next hunk's: the
+        # distance of their first lines (the offset cancels out); for the first hunk, its
+        # gap from the frozen input.
+        want = [firsts[0] + base - self.frozen]
+        want.extend(map(sub, islice(firsts, 1, None), firsts))
         index, sizes = data.index, list(map(len, olds))
         ats: list[int] = []
         found = ats.append
         try:  # the hot loop: where each old side is next found; checked in bulk below
+            # Searching from the end of the previous old side (not the newline ending it)
+            # needs a line in between: adjacent or overlapping hunks go to careful, as the
+            # emit below needs one.
             for old, size in zip(olds, sizes, strict=True):
-                at = index(old, pos - 1)  # the newline ending the line before the hunk
+                at = index(old, pos)
                 found(at)
                 pos = at + size
         except ValueError:  # not found
             pass
-        # Each hunk's gap (from the end of the previous one) must be exactly `gap` lines.
-        froms = [self.frozen_at, *map(add, ats, sizes)]
-        lines = list(map(data.count, repeat(b"\n"), map(sub, froms, repeat(1)), ats))
         done = len(ats)
-        if lines != gaps[:done]:
-            done = next(i for i, (a, b) in enumerate(zip(lines, gaps, strict=False)) if a != b)
+        got = list(map(data.count, repeat(b"\n"), [self.frozen_at - 1, *ats], ats))
+        if got != want[:done]:
+            done = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
         # The gaps but their last newline (each new side starts with it) and the new sides.
+        froms = [self.frozen_at, *map(add, ats, sizes)]
         gap_text = map(data.__getitem__, map(slice, froms, ats[:done]))
         self.out.write(b"".join(chain.from_iterable(zip(gap_text, news[:done], strict=False))))
         self.frozen_at = froms[done]
-        if done:
-            self.frozen = ends[done - 1] + base - 1
+        if done:  # the last applied hunk's old lines end here
+            self.frozen = firsts[done - 1] + base + olds[done - 1].count(b"\n") - 1
         if k + done == j:
             self.last = (firsts[-1], olds[-1], news[-1])
             return j, j - 1
