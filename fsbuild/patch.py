@@ -10,7 +10,10 @@ the bytes it produces are the ones `quilt push` (patch -p1 -f) would write.
 from __future__ import annotations
 
 import io
+import os
 import re
+import weakref
+import zlib
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from itertools import accumulate, chain, islice, repeat
 from operator import add, itemgetter, sub
+from pathlib import Path
 from typing import overload
 
 from fsbuild.errors import PatchFormatError, UnsafePathError
@@ -94,6 +98,7 @@ class Hunks(MutableSequence[Hunk]):
 
     def __init__(self, buf: bytes, cr: bool, lineno: int) -> None:
         self._buf = buf
+        self._file: PatchFile | None = None  # set when the text is read back (read_patch)
         self._cr = cr  # the lines lose their CRs (GNU's CRLF rule)
         # Where each hunk's header begins (hunk k ends where k+1 begins); 4 bytes each when
         # the patch is under 4 GiB.
@@ -113,12 +118,27 @@ class Hunks(MutableSequence[Hunk]):
         end = self._starts[k + 1] if k + 1 < len(self._starts) else self._end
         return self._starts[k], end
 
+    def text(self, start: int, end: int) -> bytes:
+        """The patch's bytes [start, end) (offsets as in _starts)."""
+        if self._file is not None:
+            return self._file.read(start, end)
+        return self._buf[start:end]
+
+    def _newlines(self, start: int, end: int) -> int:
+        if self._file is not None:
+            return self._file.newlines(start, end)
+        return self._buf.count(b"\n", start, end)
+
+    def _detach(self, source: PatchFile) -> None:
+        """Read the text back from the patch file from now on: the whole patch's bytes
+        need not stay in memory while the tree is patched."""
+        self._file, self._buf = source, b""
+
     def _lineno(self, k: int) -> int:
         at, lineno = self._cursor
         if k < at:
-            at, lineno = 0, self._cursor[1] - self._buf.count(b"\n", self._starts[0],
-                                                                self._starts[at])
-        lineno += self._buf.count(b"\n", self._starts[at], self._starts[k])
+            at, lineno = 0, self._cursor[1] - self._newlines(self._starts[0], self._starts[at])
+        lineno += self._newlines(self._starts[at], self._starts[k])
         self._cursor = (k, lineno)
         return lineno
 
@@ -129,7 +149,8 @@ class Hunks(MutableSequence[Hunk]):
             return self._list[k]
         made = self._made.get(k)
         if made is None:
-            made = _hunk_at(self._buf, self._starts[k], self._lineno(k), "<hunk>", self._cr)[0]
+            lineno = self._lineno(k)
+            made = _hunk_at(self.text(*self._span(k)), 0, lineno, "<hunk>", self._cr)[0]
         return made
 
     def plain_body(self, k: int) -> tuple[int, int] | None:
@@ -142,24 +163,19 @@ class Hunks(MutableSequence[Hunk]):
         """Whether every hunk may be applied straight from the patch bytes."""
         return self._list is None and not self._made and not self._slow
 
-    @property
-    def buf(self) -> bytes:
-        return self._buf
-
     def render(self) -> bytes:
         """The hunks' bytes: the original slice when no hunk was handed out."""
         if self._list is not None:
             return b"".join(h.render() for h in self._list)
         if not self._made:
-            return self._buf[self._starts[0]:self._end] if self._starts else b""
+            return self.text(self._starts[0], self._end) if self._starts else b""
         out = []
         for k in range(len(self._starts)):
             made = self._made.get(k)
             if made is not None:
                 out.append(made.render())
             else:
-                start, end = self._span(k)
-                out.append(self._buf[start:end])
+                out.append(self.text(*self._span(k)))
         return b"".join(out)
 
     def __len__(self) -> int:
@@ -421,6 +437,78 @@ def parse_patch(data: bytes, name: str = "<patch>") -> Patch:
         description, trailer = trailer, b""
     _check_names(files, name)
     return Patch(name=name, description=description, files=files, leading=leading, trailer=trailer)
+
+
+# Patches from this size on are read back from their file while applied (read_patch).
+_DETACH_AT = 8 << 20
+_BLOCK = 1 << 20  # the unit read back and checked
+
+
+class PatchFile:
+    """A patch file's bytes read back in blocks, each checked against the CRC taken when
+    the patch was parsed: a patch changed on disk meanwhile is an error, never a tree
+    patched with bytes that were not validated. The file stays open (a rename or unlink
+    does not matter); the last two blocks are kept."""
+
+    def __init__(self, fd: int, name: str, data: bytes) -> None:
+        self._fd, self.name, self._size, self._unit = fd, name, len(data), _BLOCK
+        view = memoryview(data)
+        self._crcs = [zlib.crc32(view[at:at + _BLOCK]) for at in range(0, len(data), _BLOCK)]
+        view.release()
+        self._cache: dict[int, bytes] = {}
+        weakref.finalize(self, os.close, fd)
+
+    def _block(self, i: int) -> bytes:
+        got = self._cache.get(i)
+        if got is None:
+            want = min(self._unit, self._size - i * self._unit)
+            got = os.pread(self._fd, want, i * self._unit) if want > 0 else b""
+            if want <= 0 or len(got) != want or zlib.crc32(got) != self._crcs[i]:
+                raise PatchFormatError(f"{self.name}: the patch file changed on disk while it "
+                                       "was being applied; nothing was written")
+            if len(self._cache) >= 2:
+                del self._cache[next(iter(self._cache))]
+            self._cache[i] = got
+        return got
+
+    def _pieces(self, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+        """(block, from, to) covering [start, end)."""
+        at = start
+        while at < end:
+            i = at // self._unit
+            base = i * self._unit
+            stop = min(end, base + self._unit)
+            yield self._block(i), at - base, stop - base
+            at = stop
+
+    def read(self, start: int, end: int) -> bytes:
+        parts = [block[a:b] for block, a, b in self._pieces(start, end)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def newlines(self, start: int, end: int) -> int:
+        return sum(block.count(b"\n", a, b) for block, a, b in self._pieces(start, end))
+
+
+def read_patch(path: Path | str, name: str) -> Patch:
+    """parse_patch of a file. The hunks of a big one (issue 12.14) read their text back
+    from the file when applied, so the patch is not held whole in memory beside the files
+    it patches."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with open(fd, "rb", closefd=False) as fh:
+            data = fh.read()
+        patch = parse_patch(data, name)
+    except BaseException:
+        os.close(fd)
+        raise
+    if len(data) < _DETACH_AT:
+        os.close(fd)
+        return patch
+    source = PatchFile(fd, name, data)
+    for fp in patch.files:
+        if isinstance(fp.hunks, Hunks):
+            fp.hunks._detach(source)
+    return patch
 
 
 def _header_start(data: bytes, recent: list[int], pos: int) -> int:
@@ -1080,18 +1168,19 @@ _CHUNK = 1024  # hunks stripped in bulk at once: bounded temporary memory
 # A side of a hunk from its text: drop the other side's lines, then every line's tag.
 _PLUS_LINE_RE = re.compile(rb"\n\+[^\n]*")
 _MINUS_LINE_RE = re.compile(rb"\n-[^\n]*")
-_HEADER_LINE_RE = re.compile(rb"\n@[^\n]*")  # in plain hunks only headers start with '@'
 
 
 def _sides(region: bytes, count: int) -> tuple[list[bytes], list[bytes]] | None:
     """The old and new sides of each of the `count` plain hunks making up region, as
     b"\n" + the side's lines without tags; None when a content line holds a NUL (the
-    separator put in place of the headers: such hunks take the careful path)."""
-    marked = _HEADER_LINE_RE.sub(b"\n\0", b"\n" + region)
+    separator put in place of the headers: such hunks take the careful path). Each
+    header becomes a NUL line plus a line of the other side, dropped with that side's
+    lines by the one regex pass per side (only headers start a line with "@@ -" here)."""
+    text = b"\n" + region
     sides = []
-    for drop in (_PLUS_LINE_RE, _MINUS_LINE_RE):
-        text = drop.sub(b"", marked).replace(b"\n-", b"\n ").replace(b"\n+", b"\n ")
-        pieces = text.replace(b"\n ", b"\n").split(b"\0")  # one tag per line goes
+    for tag, drop, keep in ((b"+", _PLUS_LINE_RE, b"\n-"), (b"-", _MINUS_LINE_RE, b"\n+")):
+        marked = text.replace(b"\n@@ -", b"\n\0\n" + tag)
+        pieces = drop.sub(b"", marked).replace(keep, b"\n ").replace(b"\n ", b"\n").split(b"\0")
         if len(pieces) != count + 1:
             return None
         del pieces[0]
@@ -1130,7 +1219,7 @@ class _Plain:
         Only hunks whose shape makes GNU try their own line first come here."""
         hunks, data, pos = self.hunks, self.data, self.frozen_at
         end = hunks._starts[j] if j < len(hunks._starts) else hunks._end
-        both = _sides(hunks.buf[hunks._starts[k]:end], j - k)
+        both = _sides(hunks.text(hunks._starts[k], end), j - k)
         if both is None or pos == 0:  # pos 0: no newline before the first line to find
             return self._undo(k, k, [], [], [])
         olds, news = both  # each b"\n" + the side
@@ -1138,36 +1227,36 @@ class _Plain:
             self.run = (self.in_offset, 0)
             self.results.mark(k, self.in_offset, 0)
         firsts = hunks._first[k:j]
-        ends = list(map(add, firsts, map(bytes.count, olds, repeat(b"\n"))))  # + 1 each
         base = self.in_offset - 1
-        # Lines between one hunk's old side and the next one's (the offset cancels out);
-        # none (adjacent or overlapping hunks) is left to careful, as the emit below needs
-        # a line in between.
-        gaps = [firsts[0] + base - self.frozen]
-        gaps.extend(map(sub, map(add, islice(firsts, 1, None), repeat(1)), ends))
-        gaps = [g or -1 for g in gaps]
+        # Newlines from the one before a hunk's first line to the next hunk's: the
+        # distance of their first lines (the offset cancels out); for the first hunk, its
+        # gap from the frozen input.
+        want = [firsts[0] + base - self.frozen]
+        want.extend(map(sub, islice(firsts, 1, None), firsts))
         index, sizes = data.index, list(map(len, olds))
         ats: list[int] = []
         found = ats.append
         try:  # the hot loop: where each old side is next found; checked in bulk below
+            # Searching from the end of the previous old side (not the newline ending it)
+            # needs a line in between: adjacent or overlapping hunks go to careful, as the
+            # emit below needs one.
             for old, size in zip(olds, sizes, strict=True):
-                at = index(old, pos - 1)  # the newline ending the line before the hunk
+                at = index(old, pos)
                 found(at)
                 pos = at + size
         except ValueError:  # not found
             pass
-        # Each hunk's gap (from the end of the previous one) must be exactly `gap` lines.
-        froms = [self.frozen_at, *map(add, ats, sizes)]
-        lines = list(map(data.count, repeat(b"\n"), map(sub, froms, repeat(1)), ats))
         done = len(ats)
-        if lines != gaps[:done]:
-            done = next(i for i, (a, b) in enumerate(zip(lines, gaps, strict=False)) if a != b)
+        got = list(map(data.count, repeat(b"\n"), [self.frozen_at - 1, *ats], ats))
+        if got != want[:done]:
+            done = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
         # The gaps but their last newline (each new side starts with it) and the new sides.
+        froms = [self.frozen_at, *map(add, ats, sizes)]
         gap_text = map(data.__getitem__, map(slice, froms, ats[:done]))
         self.out.write(b"".join(chain.from_iterable(zip(gap_text, news[:done], strict=False))))
         self.frozen_at = froms[done]
-        if done:
-            self.frozen = ends[done - 1] + base - 1
+        if done:  # the last applied hunk's old lines end here
+            self.frozen = firsts[done - 1] + base + olds[done - 1].count(b"\n") - 1
         if k + done == j:
             self.last = (firsts[-1], olds[-1], news[-1])
             return j, j - 1
@@ -1194,15 +1283,15 @@ class _Plain:
         a hunk that moved or needs fuzz indexes the file's lines (once) for GNU's search."""
         self.last = None
         hunks, data = self.hunks, self.data
-        start, end = hunks._span(k)
-        m = _SIMPLE_RE.fullmatch(hunks.buf, start, end)
+        text = hunks.text(*hunks._span(k))
+        m = _SIMPLE_RE.fullmatch(text)
         if m:  # context, removed, added, context: each part loses its tags at once
             first_b, old_len, lead, dels, adds, trail = m.groups()
             first = int(first_b) + (old_len is not None and int(old_len) == 0)
             lead, trail = lead[1:].replace(b"\n ", b"\n"), trail[1:].replace(b"\n ", b"\n")
             dels, adds = dels[1:].replace(b"\n-", b"\n"), adds[1:].replace(b"\n+", b"\n")
         else:
-            first, lead, dels, adds, trail = _plain_parts(hunks.buf, start, end)
+            first, lead, dels, adds, trail = _plain_parts(text, 0, len(text))
         pattern = lead + dels + trail
         prefix = lead.count(b"\n")
         suffix = trail.count(b"\n") if dels or adds else prefix

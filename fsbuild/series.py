@@ -35,7 +35,7 @@ from fsbuild.patch import (
     HunkLog,
     Patch,
     apply_hunks,
-    parse_patch,
+    read_patch,
     resolves_inside,
     safe_relpath,
     strip_path,
@@ -583,8 +583,7 @@ def _remove_empty_parents(root: Path, d: Path) -> None:
 def load_patches(series: Series) -> list[tuple[SeriesEntry, Patch]]:
     out = []
     for e in series.entries:
-        data = series.patch_path(e).read_bytes()
-        out.append((e, parse_patch(data, e.name)))
+        out.append((e, read_patch(series.patch_path(e), e.name)))
     return out
 
 
