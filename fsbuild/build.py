@@ -357,6 +357,7 @@ def spec_inputs(plan: Plan) -> spec.SpecInputs:
         with_firmware=bool(rpm.get("with_firmware", True)),
         firmware_noarch=bool(rpm.get("firmware_noarch", True)),
         firmware_install=bool(rpm.get("firmware_install", False)),
+        host_cflags=str(rpm.get("host_cflags", "")),
         has_fastsocket=bool(rpm.get("has_fastsocket", True)),
         build_requires=[str(r) for r in rpm.get("build_requires", DEFAULT_REQUIRES)],
         patches=spec.spec_patches(plan.series),

@@ -69,6 +69,7 @@ class SpecInputs:
     with_firmware: bool = True
     firmware_noarch: bool = True
     firmware_install: bool = False
+    host_cflags: str = ""                 # HOSTCFLAGS/EXTRA_CFLAGS of the build (6.1: additive)
     has_fastsocket: bool = True
     build_requires: list[str] = field(default_factory=list)
     patches: list[SpecPatch] = field(default_factory=list)
@@ -166,7 +167,7 @@ def render(inputs: SpecInputs, upstream_desc: str) -> str:
         config_base_file=inputs.config_base_file, config_base_make=inputs.config_base_make,
         oldconfig=inputs.oldconfig, with_firmware=inputs.with_firmware,
         firmware_noarch=inputs.firmware_noarch, firmware_install=inputs.firmware_install,
-        has_fastsocket=inputs.has_fastsocket, build_requires=inputs.build_requires,
+        host_cflags=inputs.host_cflags, has_fastsocket=inputs.has_fastsocket, build_requires=inputs.build_requires,
         patches=inputs.patches, packager=inputs.author,
         changelog=changelog(inputs, upstream_desc))
 

@@ -204,3 +204,19 @@ def test_config_check_script_passes_an_empty_fragment(tmp_path: Path) -> None:
     conf.write_text("CONFIG_64BIT=y\n# CONFIG_X is not set\n")
     out = subprocess.run(["sh", str(script), str(frag), str(conf)], capture_output=True, text=True)
     assert (out.returncode, out.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("name", ["linux-6.1", "el6"])
+def test_host_programs_do_not_record_the_build_directory(name: str) -> None:
+    """kernel-devel ships objtool (built with -g, libsubcmd too): the build directory (a random
+    tmpfs name) in its debug info made every build's kernel-devel differ (found by the farm
+    dump comparison). 6.1 maps it away; 2.6.32 builds no objtool and its HOSTCFLAGS on the
+    command line would replace the defaults (-O2), so el6 passes none."""
+    flags = str(target.load(name).section("rpm").get("host_cflags", ""))
+    text = spec.render(_inputs(name, [], host_cflags=flags), "x")
+    make = next(line for line in text.splitlines() if line.startswith("make ") and "bzImage modules" in line)
+    if name == "linux-6.1":
+        for var in ("HOSTCFLAGS", "EXTRA_CFLAGS"):
+            assert f'{var}="-ffile-prefix-map=$PWD=."' in make
+    else:
+        assert "HOSTCFLAGS" not in make and "EXTRA_CFLAGS" not in make
