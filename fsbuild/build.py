@@ -39,6 +39,8 @@ MODULE_TARBALL = "fastsocket-module.tar.gz"
 FRAGMENT = "fsbuild-fragment.config"
 BASE_CONFIG = "fsbuild-base.config"
 CHECK_SCRIPT = "config-check.sh"
+FIRMWARE_SCRIPT = "firmware-check.sh"
+DROPPED_FIRMWARE = "fsbuild-firmware-dropped: "   # firmware-check.sh drop mode, one per blob
 MANIFEST = "build.json"
 # --config profiles by name (anything else is a FILE). debug: mini + the debug fragment;
 # its outputs live under out/<target>/debug/ and its release ends in DEBUG_RELEASE, so a
@@ -77,6 +79,7 @@ class Request:
     distcc: str | None = None     # DISTCC_HOSTS of a distcc farm
     icecc: bool = False           # an icecream farm (scheduler: ICECC_SCHEDULER or broadcast)
     farm_fallback: bool = False   # a farm failing its checks means a local build
+    allow_missing_firmware: bool = False   # blobs the source lacks are left out, not an error
 
 
 @dataclass
@@ -114,12 +117,14 @@ class Result:
     # seconds per step (inputs, srpm, prep, config, make, install, package, write, clean, collect):
     # where the time beyond `make` goes
     phases: dict[str, float] = field(default_factory=dict)
+    firmware_dropped: list[str] = field(default_factory=list)   # --allow-missing-firmware
 
     def as_dict(self) -> dict[str, object]:
         return {"target": self.target, "kver": self.kver, "rpms": [str(p) for p in self.rpms],
                 "srpm": str(self.srpm), "log": str(self.log), "builder": self.builder,
                 "config": self.config, "inputs": self.inputs_hash, "cached": self.cached,
-                "duration_s": round(self.duration_s, 2), "phases": self.phases}
+                "duration_s": round(self.duration_s, 2), "phases": self.phases,
+                "firmware_dropped": self.firmware_dropped}
 
 
 # ------------------------------------------------------------------ inputs
@@ -305,6 +310,8 @@ def make_plan(req: Request, upstream: Upstream | None = None) -> Plan:
                 module_tarball(paths.repo_root() / "module", epoch), epoch)
     if req.builder == "mock":
         plan.extra["mock_baseurl"] = mock_baseurl(req.target, req.mock_baseurl)
+    if req.allow_missing_firmware:
+        plan.extra["missing_firmware"] = "drop"
     plan.inputs_hash = inputs_hash(plan)
     return plan
 
@@ -357,6 +364,7 @@ def spec_inputs(plan: Plan) -> spec.SpecInputs:
         with_firmware=bool(rpm.get("with_firmware", True)),
         firmware_noarch=bool(rpm.get("firmware_noarch", True)),
         firmware_install=bool(rpm.get("firmware_install", False)),
+        missing_firmware="drop" if plan.req.allow_missing_firmware else "fail",
         host_cflags=str(rpm.get("host_cflags", "")),
         has_fastsocket=bool(rpm.get("has_fastsocket", True)),
         build_requires=[str(r) for r in rpm.get("build_requires", DEFAULT_REQUIRES)],
@@ -388,6 +396,7 @@ def write_sources(plan: Plan, srcdir: Path) -> Path:
     if plan.config.base_file:
         shutil.copyfile(plan.config.base_file, srcdir / BASE_CONFIG)
     (srcdir / CHECK_SCRIPT).write_text(spec.render_config_check())
+    (srcdir / FIRMWARE_SCRIPT).write_text(spec.render_firmware_check())
     for sp, p in zip(inputs.patches, plan.series, strict=True):
         shutil.copyfile(p.path, srcdir / sp.file)
     spec_path = srcdir / "kernel.spec"
@@ -736,7 +745,8 @@ def cached_result(plan: Plan) -> Result | None:
     if data.get("inputs") != plan.inputs_hash or not rpms or not all(p.is_file() for p in [*rpms, srpm]):
         return None
     return Result(plan.req.target.name, data["kver"], rpms, srpm, lay["log"], data["builder"],
-                  data["config"], plan.inputs_hash, True, 0.0)
+                  data["config"], plan.inputs_hash, True, 0.0,
+                  firmware_dropped=[str(n) for n in data.get("firmware_dropped", [])])
 
 
 def build(req: Request, upstream: Upstream | None = None) -> Result:
@@ -775,9 +785,17 @@ def _build(req: Request, upstream: Upstream | None = None) -> Result:
     progress.info(f"rpm: SRPM {srpm}")
     rpms = _run_builder(plan, srpm, lay, phases)
     result = Result(req.target.name, plan.kver, rpms, srpm, lay["log"], req.builder,
-                    plan.config.label, plan.inputs_hash, False, time.monotonic() - start, phases)
+                    plan.config.label, plan.inputs_hash, False, time.monotonic() - start, phases,
+                    dropped_firmware(lay["log"]))
     atomic_write(lay["manifest"], (json.dumps(result.as_dict(), indent=2) + "\n").encode())
     return result
+
+
+def dropped_firmware(log: Path) -> list[str]:
+    """The blobs firmware-check.sh left out (--allow-missing-firmware), from the build log."""
+    with open(log, "rb") as fh:
+        return sorted({line[len(DROPPED_FIRMWARE):].decode(errors="replace").strip()
+                       for line in fh if line.startswith(DROPPED_FIRMWARE.encode())})
 
 
 def _run_builder(plan: Plan, srpm: Path, lay: dict[str, Path], phases: dict[str, float]) -> list[Path]:

@@ -17,6 +17,7 @@ from fsbuild.series import parse_series
 
 TEMPLATE = "kernel.spec.j2"
 CHECK_TEMPLATE = "config-check.sh.j2"
+FIRMWARE_TEMPLATE = "firmware-check.sh.j2"
 DEFAULT_AUTHOR = "fsbuild <fsbuild@localhost>"
 
 # RPM >= 4.9-only constructs the el6 toolchain (rpm 4.8) rejects or misreads.
@@ -69,6 +70,7 @@ class SpecInputs:
     with_firmware: bool = True
     firmware_noarch: bool = True
     firmware_install: bool = False
+    missing_firmware: str = "fail"        # or "drop" (--allow-missing-firmware): firmware-check.sh
     host_cflags: str = ""                 # HOSTCFLAGS/EXTRA_CFLAGS of the build (6.1: additive)
     has_fastsocket: bool = True
     build_requires: list[str] = field(default_factory=list)
@@ -167,6 +169,7 @@ def render(inputs: SpecInputs, upstream_desc: str) -> str:
         config_base_file=inputs.config_base_file, config_base_make=inputs.config_base_make,
         oldconfig=inputs.oldconfig, with_firmware=inputs.with_firmware,
         firmware_noarch=inputs.firmware_noarch, firmware_install=inputs.firmware_install,
+        missing_firmware=inputs.missing_firmware,
         host_cflags=inputs.host_cflags, has_fastsocket=inputs.has_fastsocket, build_requires=inputs.build_requires,
         patches=inputs.patches, packager=inputs.author,
         changelog=changelog(inputs, upstream_desc))
@@ -174,6 +177,10 @@ def render(inputs: SpecInputs, upstream_desc: str) -> str:
 
 def render_config_check() -> str:
     return _env().get_template(CHECK_TEMPLATE).render()
+
+
+def render_firmware_check() -> str:
+    return _env().get_template(FIRMWARE_TEMPLATE).render()
 
 
 def forbidden_syntax(spec_text: str) -> list[str]:

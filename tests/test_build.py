@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, require_tool
 
-from fsbuild import build, target
+from fsbuild import build, spec, target
 from fsbuild.errors import MissingFileError, TargetError, ToolMissingError
 from fsbuild.upstream import Upstream, _Entry, write_deterministic_tar
 
@@ -162,6 +162,7 @@ def test_inputs_hash_tracks_every_input(tiny_upstream: Upstream, tmp_path: Path,
     assert build.make_plan(_req(jobs=7), tiny_upstream).inputs_hash == base  # -j is not an input
     assert build.make_plan(_req(config="full"), tiny_upstream).inputs_hash != base
     assert build.make_plan(_req(release_suffix=".x"), tiny_upstream).inputs_hash != base
+    assert build.make_plan(_req(allow_missing_firmware=True), tiny_upstream).inputs_hash != base
     other = Upstream(**{**tiny_upstream.__dict__, "digest": "0" * 64})
     assert build.make_plan(_req(), other).inputs_hash != base
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000001")
@@ -208,7 +209,8 @@ def test_srpm_reproducible_and_self_contained(tiny_upstream: Upstream, tmp_path:
     assert a.read_bytes() == b.read_bytes()
     files = subprocess.run(["rpm", "-qpl", str(a)], capture_output=True, text=True, check=True).stdout.split()
     assert sorted(files) == sorted(["0001-x.patch", "config-check.sh", "fastsocket-module.tar.gz",
-                                    "fsbuild-fragment.config", "kernel.spec", "linux-6.1.192.tar.gz"])
+                                    "firmware-check.sh", "fsbuild-fragment.config", "kernel.spec",
+                                    "linux-6.1.192.tar.gz"])
     # Source0 is the pristine tarball, byte for byte.
     extract = tmp_path / "x"
     extract.mkdir()
@@ -548,3 +550,24 @@ def test_epoch_follows_only_commits_that_touch_build_inputs(tmp_path: Path,
     assert build.source_date_epoch() == 1_700_000_000
     commit("module/fastsocket_main.c", 1_700_001_000)
     assert build.source_date_epoch() == 1_700_001_000
+
+
+def test_missing_firmware_is_an_error_unless_allowed(tiny_upstream: Upstream, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spec runs firmware-check.sh after the config: `fail` by default (a tarball without
+    some blobs stops before the compile, not an hour into it), `drop` only when asked."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    for allow, mode in ((False, "fail"), (True, "drop")):
+        inputs = build.spec_inputs(build.make_plan(_req(allow_missing_firmware=allow), tiny_upstream))
+        text = spec.render(inputs, "test")
+        assert f'firmware-check.sh" {mode} .config' in text
+        assert "Source5: firmware-check.sh" in text
+
+
+def test_dropped_firmware_is_read_from_the_build_log(tmp_path: Path) -> None:
+    log = tmp_path / "build.log"
+    log.write_bytes(b"+ sh /x/firmware-check.sh drop .config\nfsbuild-firmware-dropped: phanfw-4.0.550.bin\n"
+                    b"  CC      init/main.o\nfsbuild-firmware-dropped: a/b.fw\n")
+    assert build.dropped_firmware(log) == ["a/b.fw", "phanfw-4.0.550.bin"]
+    log.write_bytes(b"  CC      init/main.o\n")
+    assert build.dropped_firmware(log) == []

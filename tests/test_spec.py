@@ -220,3 +220,75 @@ def test_host_programs_do_not_record_the_build_directory(name: str) -> None:
             assert f'{var}="-ffile-prefix-map=$PWD=."' in make
     else:
         assert "HOSTCFLAGS" not in make and "EXTRA_CFLAGS" not in make
+
+
+_FW_MAKEFILE = """\
+ifdef CONFIG_D_OMIT_ONE
+d-objs := d/two.bin
+else
+d-objs := d/one.bin d/two.bin
+endif
+fw-shipped-$(CONFIG_A) += a/one.bin \\
+\t\t\t  two.bin
+fw-shipped-$(CONFIG_B) += b.fw
+fw-shipped-$(CONFIG_C) += c.bin
+fw-shipped-$(CONFIG_D) += $(d-objs)
+"""
+
+
+def _fw_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A tree whose firmware/Makefile (continuations, a variable, ifdef) builds blobs for
+    CONFIG_A (=m), CONFIG_B and CONFIG_D (=y); two.bin and d/one.bin have no source."""
+    tree = tmp_path / "tree"
+    (tree / "firmware" / "a").mkdir(parents=True)
+    (tree / "firmware" / "d").mkdir()
+    (tree / "firmware" / "Makefile").write_text(_FW_MAKEFILE)
+    for src in ("a/one.bin.ihex", "b.HEX", "d/two.bin.ihex"):
+        (tree / "firmware" / src).write_text(":00000001FF\n")
+    conf = tmp_path / "conf"
+    conf.write_text("CONFIG_A=m\nCONFIG_B=y\n# CONFIG_C is not set\nCONFIG_D=y\n")
+    script = tmp_path / "firmware-check.sh"
+    script.write_text(spec.render_firmware_check())
+    return tree, conf
+
+
+def _fw_run(tree: Path, mode: str, conf: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(tree.parent / "firmware-check.sh"), mode, str(conf)], cwd=tree,
+                          capture_output=True, text=True)
+
+
+def test_firmware_check_stops_on_blobs_the_source_lacks(tmp_path: Path) -> None:
+    """The full el6 build compiled for an hour, then `make modules` stopped at
+    firmware/phanfw-4.0.550.bin (CONFIG_NETXEN_NIC=m, the tarball lacks the .ihex): found now."""
+    require_tool("make", "sed")
+    tree, conf = _fw_tree(tmp_path)
+    before = (tree / "firmware" / "Makefile").read_bytes()
+    out = _fw_run(tree, "fail", conf)
+    assert out.returncode == 1 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fsbuild: firmware: ")
+    assert "2 blob(s)" in lines[0] and "d/one.bin two.bin" in lines[0] and "--allow-missing-firmware" in lines[0]
+    assert "c.bin" not in lines[0]   # CONFIG_C is off: its blob is not built
+    assert (tree / "firmware" / "Makefile").read_bytes() == before
+    conf.write_text("CONFIG_A=m\n# CONFIG_D is not set\n")
+    assert "two.bin" in _fw_run(tree, "fail", conf).stderr
+    conf.write_text("CONFIG_B=m\n")
+    assert _fw_run(tree, "fail", conf).returncode == 0
+
+
+def test_firmware_check_drop_leaves_out_only_the_missing_blobs(tmp_path: Path) -> None:
+    require_tool("make", "sed")
+    tree, conf = _fw_tree(tmp_path)
+    out = _fw_run(tree, "drop", conf)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["fsbuild-firmware-dropped: d/one.bin", "fsbuild-firmware-dropped: two.bin"]
+    mk = (tree / "firmware" / "Makefile").read_text()
+    assert "a/one.bin" in mk and "b.fw" in mk and "d/two.bin" in mk and "c.bin" in mk
+    assert " two.bin" not in mk and "d/one.bin" not in mk
+    assert _fw_run(tree, "fail", conf).returncode == 0   # nothing missing any more
+
+
+def test_firmware_check_passes_trees_without_firmware(tmp_path: Path) -> None:
+    tree, conf = _fw_tree(tmp_path)
+    (tree / "firmware" / "Makefile").unlink()
+    assert (_fw_run(tree, "fail", conf).returncode, _fw_run(tree, "bogus", conf).returncode) == (0, 2)

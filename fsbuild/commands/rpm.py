@@ -31,11 +31,15 @@ from fsbuild.commands.common import complete_targets
               "from $ICECC_SCHEDULER or found by broadcast); -j becomes the farm's slots.")
 @click.option("--farm-fallback", is_flag=True, help="Build locally when the farm fails its checks "
               "(unreachable host, different compiler) instead of stopping.")
+@click.option("--allow-missing-firmware", is_flag=True, help="Leave out firmware blobs the config "
+              "builds but the source lacks (a tarball other than the SRPM's), naming them, instead "
+              "of stopping; their drivers then load them from /lib/firmware.")
 @click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def cmd(target_name: str | None, source: str | None, config: str, builder: str,
         release_suffix: str | None, jobs: int, mock_baseurl: str | None, tmpfs: bool | None,
-        distcc: str | None, icecc: bool, farm_fallback: bool, force: bool, as_json: bool) -> int:
+        distcc: str | None, icecc: bool, farm_fallback: bool, allow_missing_firmware: bool, force: bool,
+        as_json: bool) -> int:
     """Build kernel, kernel-devel and kernel-firmware RPMs (and the SRPM) into out/<target>/."""
     from fsbuild import build  # lazy: keeps `fsbuild --help` fast
 
@@ -44,7 +48,8 @@ def cmd(target_name: str | None, source: str | None, config: str, builder: str,
     result = build.build(build.Request(tgt, source=source, config=config, builder=builder,
                                        release_suffix=release_suffix, jobs=jobs, force=force,
                                        mock_baseurl=mock_baseurl, tmpfs=tmpfs, distcc=distcc,
-                                       icecc=icecc, farm_fallback=farm_fallback))
+                                       icecc=icecc, farm_fallback=farm_fallback,
+                                       allow_missing_firmware=allow_missing_firmware))
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return 0
@@ -54,4 +59,6 @@ def cmd(target_name: str | None, source: str | None, config: str, builder: str,
     for p in result.rpms:
         click.echo(f"  RPM:  {p}")
     click.echo(f"  log:  {result.log}")
+    if result.firmware_dropped:
+        click.echo(f"  firmware left out (not in the source): {' '.join(result.firmware_dropped)}")
     return 0
