@@ -1,6 +1,7 @@
 # fsbuild — the two quick-start commands are `make demo` and `make test`; both run `make deps`.
 TARGET ?= linux-6.1
 CONFIG ?= mini
+RPM_ARGS ?=
 PYTHON ?= python3
 PYTEST_ARGS ?=
 
@@ -35,8 +36,9 @@ fuzz:
 
 # End to end: RPMs for $(TARGET) with rpmbuild, verified, installed into an empty root,
 # then smoke-booted in QEMU. el6: make demo TARGET=el6 FSBUILD_EL6_SRC=/path/to/src
+# (RPM_ARGS: more `fsbuild rpm` options, e.g. CONFIG=full RPM_ARGS=--allow-missing-firmware)
 demo: deps
-	bash ci/e2e.sh $(TARGET) $(CONFIG)
+	FSBUILD_RPM_ARGS="$(RPM_ARGS)" bash ci/e2e.sh $(TARGET) $(CONFIG)
 
 # Debug kernel (KASAN, lockdep, ...) for $(TARGET) + the guest stress suite; verdict and RPMs
 # in out/$(TARGET)/debug/ (never the production ones). Then the static checks.

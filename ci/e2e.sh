@@ -13,7 +13,8 @@ step "host check"
 python3 -m fsbuild doctor
 
 step "RPMs for $TARGET ($CONFIG config, rpmbuild)"
-python3 -m fsbuild rpm --target "$TARGET" --config "$CONFIG" --builder rpmbuild
+# shellcheck disable=SC2086  # FSBUILD_RPM_ARGS: options, split on purpose
+python3 -m fsbuild rpm --target "$TARGET" --config "$CONFIG" --builder rpmbuild ${FSBUILD_RPM_ARGS:-}
 
 step "verify"
 python3 -m fsbuild verify --target "$TARGET"
