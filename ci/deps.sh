@@ -3,7 +3,7 @@
 set -euo pipefail
 SOURCES=/etc/apt/sources.list.d/debian.sources
 APT_PKGS=(
-  git quilt patch rpm rpm2cpio cpio xz-utils bzip2 lbzip2 pigz zstd
+  git quilt patch rpm rpm2cpio cpio xz-utils bzip2 lbzip2 pigz zstd lz4
   build-essential bc bison flex libelf-dev libssl-dev perl rsync kmod dwarves
   busybox-static musl-tools ethtool iproute2 wrk apache2-utils nginx-light
   dpkg-dev linux-source-6.1 rpmlint python3-rpm wiggle time sparse linux-headers-amd64

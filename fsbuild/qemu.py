@@ -207,12 +207,17 @@ def _ip(*args: str) -> subprocess.CompletedProcess[bytes]:
                     timeout_message="the host's `ip` hangs; FSBUILD_SMOKE_NET=user avoids it")
 
 
+# The NICs' option ROMs (iPXE) would run in the firmware on every boot: -kernel never
+# network-boots, so the smoke skips them.
+NO_ROM = ",romfile="
+
+
 def user_net(reason: str) -> Net:
     # restrict=on: the guest reaches nothing outside itself.
     args = ("-netdev", "user,id=n0,restrict=on",
-            "-device", f"igb,netdev=n0,mac={GUEST_MAC[0]}",
+            "-device", f"igb,netdev=n0,mac={GUEST_MAC[0]}{NO_ROM}",
             "-netdev", "user,id=n1,restrict=on",
-            "-device", f"virtio-net-pci,netdev=n1,mac={GUEST_MAC[1]}")
+            "-device", f"virtio-net-pci,netdev=n1,mac={GUEST_MAC[1]}{NO_ROM}")
     return Net("user", reason, None, args)
 
 
@@ -241,9 +246,9 @@ def setup_net(name: str) -> Net:
             teardown_net(Net("tap-netns", "", name))
             return user_net(f"`ip {' '.join(step)}` failed ({r.stderr.decode().strip()}): user networking")
     args = ("-netdev", "tap,id=n0,ifname=fsigb0,script=no,downscript=no",
-            "-device", f"igb,netdev=n0,mac={GUEST_MAC[0]}",
+            "-device", f"igb,netdev=n0,mac={GUEST_MAC[0]}{NO_ROM}",
             "-netdev", f"tap,id=n1,ifname=fsvnet0,script=no,downscript=no,queues={TAP_QUEUES},vhost=off",
-            "-device", f"virtio-net-pci,netdev=n1,mq=on,vectors={2 * TAP_QUEUES + 2},mac={GUEST_MAC[1]}")
+            "-device", f"virtio-net-pci,netdev=n1,mq=on,vectors={2 * TAP_QUEUES + 2},mac={GUEST_MAC[1]}{NO_ROM}")
     return Net("tap-netns", f"multi_queue tap ({TAP_QUEUES} queues) in netns {name}", name, args)
 
 

@@ -43,6 +43,8 @@ def test_argv_renders_the_smoke_machine(tmp_path: Path) -> None:
     devices = _value(argv, "-device")
     assert any(d.startswith("igb,netdev=n0") for d in devices)
     assert any(d.startswith("virtio-net-pci,netdev=n1") for d in devices)
+    # -kernel boots never network-boot: the firmware runs no NIC option ROM (iPXE)
+    assert all(d.endswith(",romfile=") for d in devices if d.startswith(("igb", "virtio-net")))
     # board devices no check uses stay off: the PS/2 mouse probe alone cost ~1 s of TCG boot
     assert _value(argv, "-M") == ["q35,i8042=off,sata=off,smbus=off"]
     assert all("restrict=on" in n for n in _value(argv, "-netdev"))   # user net reaches nothing
