@@ -292,3 +292,17 @@ def test_firmware_check_passes_trees_without_firmware(tmp_path: Path) -> None:
     tree, conf = _fw_tree(tmp_path)
     (tree / "firmware" / "Makefile").unlink()
     assert (_fw_run(tree, "fail", conf).returncode, _fw_run(tree, "bogus", conf).returncode) == (0, 2)
+
+
+def test_modules_of_a_debug_info_config_are_stripped(tmp_path: Path) -> None:
+    """RHEL's full config has DEBUG_INFO=y: its modules go into the package --strip-debug
+    (as RHEL's own), only then; the mini profiles' modules are installed as built."""
+    text = spec.render(_inputs("el6", []), "test")
+    install = text[text.index("%install"):text.index("%clean")]
+    snippet = install[install.index("MOD_STRIP="):install.index("modules_install")]
+    assert "INSTALL_MOD_STRIP=1" in snippet and "$MOD_STRIP modules_install" in install
+    cond = snippet[:snippet.index("make -s")]
+    for config, want in (("CONFIG_DEBUG_INFO=y\n", "INSTALL_MOD_STRIP=1"), ("# CONFIG_DEBUG_INFO is not set\n", "")):
+        (tmp_path / ".config").write_text(config)
+        out = subprocess.run(["sh", "-c", cond + 'printf %s "$MOD_STRIP"'], cwd=tmp_path, capture_output=True, text=True)
+        assert out.stdout == want
