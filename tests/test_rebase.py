@@ -666,10 +666,11 @@ def _varied_case(tmp: Path) -> tuple[Path, Path, Path]:
 
 
 def _plain_run(tmp: Path, tag: str, old_tb: Path, new_tb: Path, series: Path,
-               monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict[str, bytes]]:  # type: ignore[type-arg]
+               monkeypatch: pytest.MonkeyPatch,
+               new_version: str | None = "1.0.1-1") -> tuple[dict, dict[str, bytes]]:  # type: ignore[type-arg]
     monkeypatch.setenv("FSBUILD_STATE", str(tmp / f"state-{tag}"))
     out, report = tmp / f"out-{tag}", tmp / f"{tag}.json"
-    R.plain(series, str(old_tb), str(new_tb), out, load("linux-6.1"), report, "1.0.1-1")
+    R.plain(series, str(old_tb), str(new_tb), out, load("linux-6.1"), report, new_version)
     data = json.loads(report.read_text())
     del data["seconds"], data["phase_seconds"]
     return data, snapshot(out)
@@ -694,6 +695,29 @@ def test_plain_mode_partial_import_reports_and_exports_what_the_whole_tree_does(
     assert outcomes["0007-rename.patch"] == "offset" and outcomes["0010-p0.patch"] == "clean", outcomes
     regenerated = partial[1]["0007-rename.patch"].decode()
     assert re.search(r"^index [0-9a-f]{12}\.\.0{12}$", regenerated, re.M), regenerated
+
+
+def test_plain_mode_partial_directory_import_reports_and_exports_what_the_whole_tree_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Directories as OLD and NEW: only the paths the series names are stored (no
+    whole-tree tarball written), and the report and the exported series are those of a
+    whole-directory import, byte for byte."""
+    old_tb, new_tb, series = _varied_case(tmp_path / "case")
+    old_dir, new_dir = extract(old_tb, tmp_path / "old"), extract(new_tb, tmp_path / "new")
+    partial = _plain_run(tmp_path, "partial", old_dir, new_dir, series, monkeypatch, None)
+    trees = git_out(upstream.store_root(), "for-each-ref", "--format=%(refname:strip=3)", "refs/fsbuild/trees/")
+    assert len(trees.split()) == 2
+    for tree in trees.split():
+        assert "fs/x.c" not in git_out(upstream.store_root(), "ls-tree", "-r", "--name-only", tree).split()
+    assert not list(upstream.cache_root().glob("tree-*"))
+    with monkeypatch.context() as m:
+        m.setattr(R, "series_paths", lambda entries, folder: None)
+        whole = _plain_run(tmp_path, "whole", old_dir, new_dir, series, monkeypatch, None)
+    assert list(upstream.cache_root().glob("tree-*"))   # the whole run did import whole trees
+    assert partial == whole
+    assert (partial[0]["from"], partial[0]["onto"]) == ("1.0.0", "1.0.1")
+    outcomes = {p["name"]: p["outcome"] for p in partial[0]["patches"]}
+    assert set(outcomes.values()) == {"clean", "offset", "merged", "upstream", "conflict"}, outcomes
 
 
 def test_series_paths_names_every_file_the_applier_may_read(tmp_path: Path) -> None:
