@@ -890,7 +890,7 @@ class _Entry:
     kind: str            # file | dir | symlink
     mode: int = 0o644
     data: bytes | None = None   # file content ...
-    path: Path | None = None    # ... or where to read it (dir) ...
+    path: Path | str | None = None   # ... or where to read it (dir; a str: no Path per file) ...
     member: tuple[tarfile.TarFile, tarfile.TarInfo] | None = None  # ... or a tar member (git)
     link: str = ""
     stamp: tuple[int, ...] = ()  # (size, mtime_ns, ctime_ns, inode) of a dir source's file
@@ -939,12 +939,11 @@ def _from_dir(target: str, root: Path, paths: PathSet | None = None, given: bool
 
 
 def _dir_key(root: Path, entries: list[_Entry]) -> tuple[str, bool]:
-    h = hashlib.sha256()
-    newest = 0
-    for e in entries:
-        newest = max([newest, *e.stamp[1:3]])
-        h.update(f"{e.name}\0{e.kind}\0{e.mode:o}\0{e.stamp}\0{e.link}\n".encode(errors="surrogateescape"))
-    return f"dir-stat:{root.resolve()}:{h.hexdigest()}", newest < time.time_ns() - RACY_NS
+    # one line per entry, hashed in one call (per-entry updates cost 0.3 s a tree)
+    text = "".join([f"{e.name}\0{e.kind}\0{e.mode:o}\0{e.stamp}\0{e.link}\n" for e in entries])
+    digest = hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()
+    newest = max((t for e in entries for t in e.stamp[1:3]), default=0)
+    return f"dir-stat:{root.resolve()}:{digest}", newest < time.time_ns() - RACY_NS
 
 
 def _walk_dir(root: Path) -> Iterator[_Entry]:
@@ -958,7 +957,7 @@ def _walk_dir(root: Path) -> Iterator[_Entry]:
             yield _Entry(rel, "dir", mode=0o755)
         elif stat.S_ISREG(st.st_mode):
             guard.size(rel, st.st_size)
-            yield _Entry(rel, "file", mode=0o755 if st.st_mode & 0o100 else 0o644, path=Path(full),
+            yield _Entry(rel, "file", mode=0o755 if st.st_mode & 0o100 else 0o644, path=full,
                          stamp=(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         else:
             raise UnsafePathError(f"{root}: {rel} is a device node, fifo or socket")
