@@ -81,7 +81,7 @@ def resolve(target: Target, src: str | None = None, version: str | None = None,
     src = src or target.default_source()
     kind, path, ref = classify(src)
     if kind == "git":
-        up = _from_git(target.name, path, ref or "HEAD")
+        up = _from_git(target.name, path, ref or "HEAD", paths, _remembers(version))
     elif kind == "dir":
         up = _from_dir(target.name, path, paths, _remembers(version))
     elif kind == "srpm":
@@ -930,7 +930,8 @@ def _from_dir(target: str, root: Path, paths: PathSet | None = None, given: bool
     entry = _index_get(key)
     if entry and (up := _cached(target, entry)):
         return up
-    if paths is not None and not given and not _identity_by_digest(root, entries):
+    if paths is not None and not given and not _identity_by_digest(bool(_named(root.name)),
+                                                                   lambda: _dir_makefile(entries, "")):
         return _dir_partial(target, root, entries, key if settled else "", paths)
     up = _from_entries(target, entries, f"dir:{root}")
     if settled:
@@ -990,25 +991,25 @@ def _scan_sorted(root: Path) -> Iterator[tuple[str, str, os.stat_result]]:
         stack.extend(reversed(subdirs))
 
 
-# ---------------------------------------------------------------- partial directory trees
+# ---------------------------------------------------------------- partial directory and git trees
 #
-# A directory's partial tree is a tarball's (PathSet/_Selection): every entry is still
-# walked and checked, only the selected files are read. No deterministic tarball is
-# written, so no digest exists: the record is keyed by the stat signature (a changed tree
-# is re-read) and the path set, under a cache directory of its own that no whole-tree
-# lookup (`_cached`, the index) ever reads.
+# A directory's or git tree's partial tree is a tarball's (PathSet/_Selection): every
+# entry is still listed and checked, only the selected files are read. No deterministic
+# tarball is written, so no digest exists: the record is keyed by the stat signature (a
+# changed directory is re-read) or the git tree id, and the path set, under a cache
+# directory of its own that no whole-tree lookup (`_cached`, the index) ever reads.
 
-DIR_PARTIAL = "dir-partial-"   # + sha256 of the stat signature
+DIR_PARTIAL = "dir-partial-"   # + sha256 of the stat signature or "git-tree:ID"
 
 
-def _identity_by_digest(root: Path, entries: list[_Entry]) -> bool:
+def _identity_by_digest(named: bool, makefile: Callable[[], bytes]) -> bool:
     """Whether identify() could answer from an identity remembered for the whole tree's
-    digest (which only a whole import knows): the directory's name states none and some
+    digest (which only a whole import knows): the source's name states none and some
     tree entry of the same Makefile version remembers one."""
-    if _named(root.name):
+    if named:
         return False
     try:
-        mk = makefile_version(_dir_makefile(entries, f"dir:{root}"))
+        mk = makefile_version(makefile())
     except UpstreamError:
         return True   # not a kernel tree: the whole import says so, as before
     for ident in cache_root().glob("tree-*/identity"):
@@ -1034,11 +1035,7 @@ def _dir_partial(target: str, root: Path, entries: list[_Entry], key: str, paths
     racy: imported, never recorded). The Upstream has no tarball (`tarball` names where
     none is) and its `digest` is the signature's: it only ever serves a plain rebase."""
     where = f"dir:{root}"
-    version = makefile_version(_dir_makefile(entries, where))
-    sig = hashlib.sha256(key.encode(errors="surrogateescape")).hexdigest()
-    home = cache_root() / f"{DIR_PARTIAL}{sig}"
-    up = Upstream(target=target, version=version, tarball=home / f"linux-{version}.tar.gz",
-                  topdir=f"linux-{version}", digest=sig)
+    up = _partial_upstream(target, key, makefile_version(_dir_makefile(entries, where)))
     if key and (tree := _partial_get(up, paths)):
         return replace(up, partial_tree=tree)
     select = _Selection(paths)
@@ -1047,6 +1044,101 @@ def _dir_partial(target: str, root: Path, entries: list[_Entry], key: str, paths
     if key:
         _partial_put(up, paths, tree)
     return replace(up, partial_tree=tree)
+
+
+def _partial_upstream(target: str, key: str, version: str) -> Upstream:
+    sig = hashlib.sha256(key.encode(errors="surrogateescape")).hexdigest()
+    home = cache_root() / f"{DIR_PARTIAL}{sig}"
+    return Upstream(target=target, version=version, tarball=home / f"linux-{version}.tar.gz",
+                    topdir=f"linux-{version}", digest=sig)
+
+
+# `git archive TREE -- PATH...` takes the selected paths as arguments: past this many bytes
+# of them (a series naming whole subsystems) the tree is imported whole instead
+MAX_PATHSPEC = 256 << 10
+
+
+def _git_partial(target: str, repo: Path, ref: str, tree: str, paths: PathSet) -> Upstream | None:
+    """The git tree as a partial tree of `paths`: every entry listed (`ls-tree`) and
+    checked, the selected ones read by `git archive` (the same attributes and conversions
+    as the whole import's archive). None: import it whole (no Makefile blob, too many
+    paths, or an identity remembered for a whole tree's digest may apply)."""
+    where = f"{repo}@{ref}"
+    listing = _git_listing(repo, tree, where)
+    if listing.get("Makefile") != "file":
+        return None
+    makefile = proc.run(["git", "-C", repo, "cat-file", "blob", f"{tree}:Makefile"],
+                        error=UpstreamError).stdout
+    if _identity_by_digest(False, lambda: makefile):
+        return None
+    up = _partial_upstream(target, f"git-tree:{tree}", makefile_version(makefile))
+    if stored := _partial_get(up, paths):
+        return replace(up, partial_tree=stored)
+    select = _Selection(paths)
+    chosen = [n for n, kind in listing.items() if kind != "commit" and select.take(n)]
+    if sum(len(n) + 1 for n in chosen) > MAX_PATHSPEC:
+        return None
+    stage = _staging()
+    try:
+        archive = stage / "part.tar"
+        proc.run(["git", "--literal-pathspecs", "-C", repo, "archive", "--format=tar",
+                  f"--prefix={up.topdir}/", "-o", archive, tree, "--", *chosen], error=UpstreamError)
+
+        def feed(blobs: _Blobs) -> dict[str, tuple[int, str]]:
+            with _tar_errors(where), open_tar(archive) as tf:
+                return _feed(tf, where, blobs)[2]
+        stored = store_import(where, feed)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    _partial_put(up, paths, stored)
+    return replace(up, partial_tree=stored)
+
+
+_LS_KIND = {b"100644": "file", b"100755": "file", b"120000": "symlink", b"160000": "commit"}
+
+
+def _git_listing(repo: Path, tree: str, where: str) -> dict[str, str]:
+    """Every entry of the tree (path -> file | symlink | commit), in git's order, checked as
+    the whole import's archive members are (ArchiveGuard: names, link targets, sizes)."""
+    out = proc.run(["git", "-C", repo, "ls-tree", "-r", "-l", "-z", "--full-tree", tree],
+                   error=UpstreamError).stdout
+    rows = []
+    for rec in out.split(b"\0"):
+        if rec:
+            meta, _, raw = rec.partition(b"\t")
+            mode, _, blob, size = meta.split()
+            if mode not in _LS_KIND:
+                raise UpstreamError(f"{where}: {raw!r} has git mode {mode.decode()}: not a file, link or submodule")
+            rows.append((raw.decode(errors="surrogateescape"), _LS_KIND[mode], blob.decode(), size))
+    targets = _git_blobs(repo, [oid for _, kind, oid, _ in rows if kind == "symlink"])
+    guard = ArchiveGuard(where)
+    listing: dict[str, str] = {}
+    for name, kind, oid, size in rows:
+        info = tarfile.TarInfo(name)
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, targets[oid].decode(errors="surrogateescape")
+        elif kind == "commit":   # a submodule: an empty directory in the archive
+            info.type = tarfile.DIRTYPE
+        else:
+            info.size = int(size)
+        listing[guard.member(info)] = kind
+    guard.finish()
+    return listing
+
+
+def _git_blobs(repo: Path, oids: list[str]) -> dict[str, bytes]:
+    """The content of each (small) blob: symlink targets, in one `cat-file --batch`."""
+    if not oids:
+        return {}
+    out = proc.run(["git", "-C", repo, "cat-file", "--batch"], input="".join(f"{o}\n" for o in oids).encode(),
+                   error=UpstreamError).stdout
+    found, pos = {}, 0
+    while pos < len(out):
+        end = out.index(b"\n", pos)
+        oid, _, size = out[pos:end].split()
+        found[oid.decode()] = out[end + 1:end + 1 + int(size)]
+        pos = end + 2 + int(size)
+    return found
 
 
 def _feed_entries(entries: list[_Entry], blobs: _Blobs) -> dict[str, tuple[int, str]]:
@@ -1070,14 +1162,18 @@ def _feed_entries(entries: list[_Entry], blobs: _Blobs) -> dict[str, tuple[int, 
     return files
 
 
-def _from_git(target: str, repo: Path, ref: str) -> Upstream:
-    """A git ref: its tree id keys the cache, so an unchanged ref costs one rev-parse."""
+def _from_git(target: str, repo: Path, ref: str, paths: PathSet | None = None, given: bool = False) -> Upstream:
+    """A git ref: its tree id keys the cache, so an unchanged ref costs one rev-parse.
+    With `paths` and no whole tree cached: a partial tree when it can be (`_git_partial`;
+    `given`, a release remembered by the whole tree's digest, means whole)."""
     tree = proc.run(["git", "-C", repo, "rev-parse", "--verify", f"{ref}^{{tree}}"],
                     error=UpstreamError).stdout.decode().strip()
     key = f"git-tree:{tree}"
     entry = _index_get(key)
     if entry and (up := _cached(target, entry)):
         return up
+    if paths is not None and not given and (part := _git_partial(target, repo, ref, tree, paths)):
+        return part
     stage = _staging()
     try:  # the archive goes to a file, not into memory: a kernel tree is ~1.5 GiB
         archive = stage / "tree.tar"

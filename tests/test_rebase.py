@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil as sh
 import subprocess
 import sys
 import tarfile
@@ -14,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from test_upstream import git as tgit
 from test_upstream import kernel_files, lines, make_tarball, makefile
 
 from fsbuild import rebase as R
@@ -665,7 +667,7 @@ def _varied_case(tmp: Path) -> tuple[Path, Path, Path]:
     return old_tb, new_tb, series
 
 
-def _plain_run(tmp: Path, tag: str, old_tb: Path, new_tb: Path, series: Path,
+def _plain_run(tmp: Path, tag: str, old_tb: Path | str, new_tb: Path | str, series: Path,
                monkeypatch: pytest.MonkeyPatch,
                new_version: str | None = "1.0.1-1") -> tuple[dict, dict[str, bytes]]:  # type: ignore[type-arg]
     monkeypatch.setenv("FSBUILD_STATE", str(tmp / f"state-{tag}"))
@@ -697,13 +699,30 @@ def test_plain_mode_partial_import_reports_and_exports_what_the_whole_tree_does(
     assert re.search(r"^index [0-9a-f]{12}\.\.0{12}$", regenerated, re.M), regenerated
 
 
+def _as_git_refs(old_dir: Path, new_dir: Path, repo: Path) -> tuple[str, str]:
+    """OLD and NEW as two commits of one repository: (repo@old, repo@HEAD)."""
+    sh.copytree(old_dir, repo, symlinks=True)
+    tgit(repo, "init", "-q")
+    tgit(repo, "add", "-A")
+    tgit(repo, "commit", "-qm", "old")
+    tgit(repo, "tag", "old")
+    tgit(repo, "rm", "-rq", ".")
+    sh.copytree(new_dir, repo, symlinks=True, dirs_exist_ok=True)
+    tgit(repo, "add", "-A")
+    tgit(repo, "commit", "-qm", "new")
+    return f"{repo}@old", f"{repo}@HEAD"
+
+
+@pytest.mark.parametrize("kind", ["dir", "git"])
 def test_plain_mode_partial_directory_import_reports_and_exports_what_the_whole_tree_does(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Directories as OLD and NEW: only the paths the series names are stored (no
-    whole-tree tarball written), and the report and the exported series are those of a
-    whole-directory import, byte for byte."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Directories (or git refs) as OLD and NEW: only the paths the series names are
+    stored (no whole-tree tarball written), and the report and the exported series are
+    those of a whole import, byte for byte."""
     old_tb, new_tb, series = _varied_case(tmp_path / "case")
     old_dir, new_dir = extract(old_tb, tmp_path / "old"), extract(new_tb, tmp_path / "new")
+    if kind == "git":
+        old_dir, new_dir = _as_git_refs(old_dir, new_dir, tmp_path / "repo")  # type: ignore[assignment]
     partial = _plain_run(tmp_path, "partial", old_dir, new_dir, series, monkeypatch, None)
     trees = git_out(upstream.store_root(), "for-each-ref", "--format=%(refname:strip=3)", "refs/fsbuild/trees/")
     assert len(trees.split()) == 2

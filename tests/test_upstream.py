@@ -943,3 +943,56 @@ def test_partial_directory_keeps_every_identity_rule(tmp_path: Path) -> None:
     other = write_tree(tmp_path / "other", kernel_files("1.0.1"))
     up = upstream.resolve(t, str(other), paths=paths, strict=False)
     assert up.version == "1.0.1" and up.partial_tree
+
+
+def _partial_repo(tmp: Path) -> Path:
+    """PARTIAL_FILES committed, with the directory symlink and an export-ignored file
+    (git archive, whole or partial, leaves it out)."""
+    root = git_repo(tmp / "repo", {**PARTIAL_FILES, ".gitattributes": "net/Makefile export-ignore\n"})
+    (root / "scripts").mkdir()
+    (root / "scripts" / "dtc").symlink_to("../fs")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "link")
+    return root
+
+
+def test_partial_git_ref_answers_as_the_whole_tree_keyed_by_tree_and_path_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A git ref with a path set: `git archive` of the selected paths (same attributes as
+    the whole archive), the same answers as the whole tree, a record per tree id and path
+    set, never serving a whole import; once the whole tree is cached it serves."""
+    from fsbuild.gitio import GitCat
+    repo = _partial_repo(tmp_path)
+    t = load("linux-6.1")
+    paths = upstream.PathSet({"net/Kconfig", "net/Makefile", "kernel", "drivers/a/new.c", "include/net/x.h",
+                              "scripts/dtc/x.c", "scripts/dtc"})
+    part = upstream.resolve(t, f"{repo}@HEAD", paths=paths)
+    assert part.partial_tree and not part.store_tree and part.version == "1.0.0"
+    assert "fs/x.c" not in _listing(part.partial_tree) and not list(upstream.cache_root().glob("tree-*"))
+    with monkeypatch.context() as m:
+        m.setattr(upstream, "store_import", _no_import)
+        assert upstream.resolve(t, f"{repo}@HEAD", paths=paths).partial_tree == part.partial_tree
+        with pytest.raises(AssertionError, match="imported again"):
+            upstream.resolve(t, f"{repo}@HEAD", paths=upstream.PathSet({"fs/x.c"}))
+    whole = upstream.resolve(t, f"{repo}@HEAD")
+    assert whole.store_tree and not whole.partial_tree
+    with GitCat(upstream.store_root()) as cat:
+        p, w = cat.reader(part.partial_tree), cat.reader(whole.store_tree)
+        assert [p(x) for x in sorted(paths.paths)] == [w(x) for x in sorted(paths.paths)]
+        assert p("net/Makefile") is None and p("net/Kconfig") is not None
+        asked = sorted(paths.dirs | paths.paths)
+        assert [p.isdir(d) for d in asked] == [w.isdir(d) for d in asked]
+    with monkeypatch.context() as m:
+        m.setattr(upstream, "store_import", _no_import)
+        again = upstream.resolve(t, f"{repo}@HEAD", paths=upstream.PathSet({"fs/x.c"}))
+        assert again.store_tree == whole.store_tree and not again.partial_tree
+
+
+def test_partial_git_ref_refuses_hostile_entries_it_does_not_store(tmp_path: Path) -> None:
+    repo = _partial_repo(tmp_path)
+    (repo / "fs" / "evil").symlink_to("../../../etc/passwd")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "evil")
+    with pytest.raises(UnsafePathError):
+        upstream.resolve(load("linux-6.1"), f"{repo}@HEAD", paths=upstream.PathSet({"net/Kconfig"}))
+    assert store_trees() == []
