@@ -81,9 +81,9 @@ def resolve(target: Target, src: str | None = None, version: str | None = None,
     src = src or target.default_source()
     kind, path, ref = classify(src)
     if kind == "git":
-        up = _from_git(target.name, path, ref or "HEAD", paths, _remembers(version))
+        up = _from_git(target.name, path, ref or "HEAD", paths, given_release(version))
     elif kind == "dir":
-        up = _from_dir(target.name, path, paths, _remembers(version))
+        up = _from_dir(target.name, path, paths, given_release(version))
     elif kind == "srpm":
         up = _from_srpm(target.name, path)
     else:
@@ -188,8 +188,9 @@ def _accept_given(target: Target, up: Upstream, path: Path, mk: str, idents: lis
     return given
 
 
-def _remembers(given: str | None) -> bool:
-    """Whether `_accept_given` would remember `given` for the source's bytes."""
+def given_release(given: str | None) -> bool:
+    """Whether `_accept_given` would remember `given` (it names a release) for the source's
+    bytes: a directory or git ref is then imported whole, its digest known."""
     m = _GIVEN.match(given) if given is not None else None
     return bool(m and m.group(2))
 

@@ -739,6 +739,33 @@ def test_plain_mode_partial_directory_import_reports_and_exports_what_the_whole_
     assert set(outcomes.values()) == {"clean", "offset", "merged", "upstream", "conflict"}, outcomes
 
 
+def test_plain_mode_imports_two_directories_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OLD's directory is walked and imported in the forked child while NEW's is here (the
+    walks are CPU-bound: one core each); NEW named by a release it imports whole, so OLD
+    then waits (two whole imports side by side would each send git every file); OLD's
+    error from the child is the run's one error."""
+    import multiprocessing
+
+    from fsbuild.errors import UnsafePathError
+    old_tb, new_tb, series = _varied_case(tmp_path / "case")
+    old_dir, new_dir = extract(old_tb, tmp_path / "old"), extract(new_tb, tmp_path / "new")
+    asides: list[object] = []
+    real = R._Aside
+
+    def recording(*args: object) -> object:
+        asides.append(args[2])
+        return real(*args)  # type: ignore[arg-type]
+    monkeypatch.setattr(R, "_Aside", recording)
+    R.plain(series, str(old_dir), str(new_dir), tmp_path / "o1", load("linux-6.1"), None, None)
+    assert asides == [str(old_dir)]
+    R.plain(series, str(old_dir), str(new_dir), tmp_path / "o2", load("linux-6.1"), None, "1.0.1-1")
+    assert asides == [str(old_dir)]
+    (old_dir / "fs" / "evil").symlink_to("../../../etc/passwd")
+    with pytest.raises(UnsafePathError):
+        R.plain(series, str(old_dir), str(new_dir), tmp_path / "o3", load("linux-6.1"), None, None)
+    assert len(asides) == 2 and multiprocessing.active_children() == []
+
+
 def test_series_paths_names_every_file_the_applier_may_read(tmp_path: Path) -> None:
     """Old and new names at each entry's strip level (a rename's both sides, /dev/null
     left out); a symlink diff (its target is resolved through the tree) means the whole
