@@ -74,10 +74,10 @@ def resolve(target: Target, src: str | None = None, version: str | None = None,
     --upstream-version, required when the source states none. strict=False (the old side
     of a rebase, only reported) settles for the Makefile version instead.
 
-    `paths`: the caller reads only these paths (a plain-mode rebase): a tarball or directory
-    not yet in the store is then imported as `partial_tree` only (every member still
-    checked), which skips hashing and storing the rest. A full tree, when stored, always
-    serves."""
+    `paths`: the caller reads only these paths (a plain-mode rebase): a tarball, directory
+    or git ref not yet in the store is then imported as `partial_tree` only (every member
+    still checked), which skips hashing and storing the rest. A full tree, when stored,
+    always serves."""
     src = src or target.default_source()
     kind, path, ref = classify(src)
     if kind == "git":
@@ -1136,9 +1136,12 @@ def _git_blobs(repo: Path, oids: list[str]) -> dict[str, bytes]:
     found, pos = {}, 0
     while pos < len(out):
         end = out.index(b"\n", pos)
-        oid, _, size = out[pos:end].split()
-        found[oid.decode()] = out[end + 1:end + 1 + int(size)]
-        pos = end + 2 + int(size)
+        header = out[pos:end].split()
+        if len(header) != 3:   # "<oid> missing": a partial clone or a broken repository
+            raise UpstreamError(f"{repo}: git cat-file: {out[pos:end].decode(errors='replace')}")
+        size = int(header[2])
+        found[header[0].decode()] = out[end + 1:end + 1 + size]
+        pos = end + 2 + size
     return found
 
 
