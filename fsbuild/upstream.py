@@ -1065,16 +1065,16 @@ def _git_partial(target: str, repo: Path, ref: str, tree: str, paths: PathSet) -
     as the whole import's archive). None: import it whole (no Makefile blob, too many
     paths, or an identity remembered for a whole tree's digest may apply)."""
     where = f"{repo}@{ref}"
+    cp = proc.run(["git", "-C", repo, "cat-file", "blob", f"{tree}:Makefile"], check=False)
+    if cp.returncode != 0 or _identity_by_digest(False, lambda: cp.stdout):
+        return None
+    up = _partial_upstream(target, f"git-tree:{tree}", makefile_version(cp.stdout))
+    # a record names this very tree id: its entries were listed and checked when it was made
+    if stored := _partial_get(up, paths):
+        return replace(up, partial_tree=stored)
     listing = _git_listing(repo, tree, where)
     if listing.get("Makefile") != "file":
         return None
-    makefile = proc.run(["git", "-C", repo, "cat-file", "blob", f"{tree}:Makefile"],
-                        error=UpstreamError).stdout
-    if _identity_by_digest(False, lambda: makefile):
-        return None
-    up = _partial_upstream(target, f"git-tree:{tree}", makefile_version(makefile))
-    if stored := _partial_get(up, paths):
-        return replace(up, partial_tree=stored)
     select = _Selection(paths)
     chosen = [n for n, kind in listing.items() if kind != "commit" and select.take(n)]
     if sum(len(n) + 1 for n in chosen) > MAX_PATHSPEC:

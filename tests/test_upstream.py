@@ -969,8 +969,9 @@ def test_partial_git_ref_answers_as_the_whole_tree_keyed_by_tree_and_path_set(
     part = upstream.resolve(t, f"{repo}@HEAD", paths=paths)
     assert part.partial_tree and not part.store_tree and part.version == "1.0.0"
     assert "fs/x.c" not in _listing(part.partial_tree) and not list(upstream.cache_root().glob("tree-*"))
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m:   # the record of this tree id: not even listed again
         m.setattr(upstream, "store_import", _no_import)
+        m.setattr(upstream, "_git_listing", _no_import)
         assert upstream.resolve(t, f"{repo}@HEAD", paths=paths).partial_tree == part.partial_tree
         with pytest.raises(AssertionError, match="imported again"):
             upstream.resolve(t, f"{repo}@HEAD", paths=upstream.PathSet({"fs/x.c"}))
