@@ -518,10 +518,10 @@ def plain(series: Path, old_src: str, new_src: str, out: Path, target: Target,
     entries = read_series(series)
     clock = PhaseClock()
     wanted = series_paths(entries, series.parent)
-    # partial imports of two tarballs run side by side (a whole import runs after the other:
-    # the second one then sends git only the files that changed)
+    # partial imports of two tarballs or directories run side by side (a whole import runs
+    # after the other: the second one then sends git only the files that changed)
     aside = _Aside(U.resolve, target, old_src, None, False, wanted) \
-        if wanted is not None and _both_tarballs(old_src, new_src) else None
+        if wanted is not None and _side_by_side(old_src, new_src, new_version) else None
     try:
         with clock("import_new"):
             new_up = U.resolve(target, new_src, new_version, paths=wanted)   # first: a refusal changes nothing
@@ -589,12 +589,14 @@ def series_paths(entries: list[Entry], folder: Path) -> U.PathSet | None:
     return U.PathSet(found)
 
 
-def _both_tarballs(old_src: str, new_src: str) -> bool:
-    """Both sources are tarballs (errors in either are left for resolve(), in its order)."""
+def _side_by_side(old_src: str, new_src: str, new_version: str | None) -> bool:
+    """Both sources are tarballs or directories, NEW not a directory imported whole for a
+    release given (errors in either are left for resolve(), in its order)."""
     try:
-        return U.classify(new_src)[0] == U.classify(old_src)[0] == "tarball"
+        kinds = U.classify(old_src)[0], U.classify(new_src)[0]
     except (MissingFileError, UpstreamError):
         return False
+    return set(kinds) <= {"tarball", "dir"} and not (kinds[1] == "dir" and U.given_release(new_version))
 
 
 class _Aside:

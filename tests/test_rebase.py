@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil as sh
 import subprocess
 import sys
 import tarfile
@@ -14,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from test_upstream import git as tgit
 from test_upstream import kernel_files, lines, make_tarball, makefile
 
 from fsbuild import rebase as R
@@ -665,11 +667,12 @@ def _varied_case(tmp: Path) -> tuple[Path, Path, Path]:
     return old_tb, new_tb, series
 
 
-def _plain_run(tmp: Path, tag: str, old_tb: Path, new_tb: Path, series: Path,
-               monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict[str, bytes]]:  # type: ignore[type-arg]
+def _plain_run(tmp: Path, tag: str, old_tb: Path | str, new_tb: Path | str, series: Path,
+               monkeypatch: pytest.MonkeyPatch,
+               new_version: str | None = "1.0.1-1") -> tuple[dict, dict[str, bytes]]:  # type: ignore[type-arg]
     monkeypatch.setenv("FSBUILD_STATE", str(tmp / f"state-{tag}"))
     out, report = tmp / f"out-{tag}", tmp / f"{tag}.json"
-    R.plain(series, str(old_tb), str(new_tb), out, load("linux-6.1"), report, "1.0.1-1")
+    R.plain(series, str(old_tb), str(new_tb), out, load("linux-6.1"), report, new_version)
     data = json.loads(report.read_text())
     del data["seconds"], data["phase_seconds"]
     return data, snapshot(out)
@@ -694,6 +697,73 @@ def test_plain_mode_partial_import_reports_and_exports_what_the_whole_tree_does(
     assert outcomes["0007-rename.patch"] == "offset" and outcomes["0010-p0.patch"] == "clean", outcomes
     regenerated = partial[1]["0007-rename.patch"].decode()
     assert re.search(r"^index [0-9a-f]{12}\.\.0{12}$", regenerated, re.M), regenerated
+
+
+def _as_git_refs(old_dir: Path, new_dir: Path, repo: Path) -> tuple[str, str]:
+    """OLD and NEW as two commits of one repository: (repo@old, repo@HEAD)."""
+    sh.copytree(old_dir, repo, symlinks=True)
+    tgit(repo, "init", "-q")
+    tgit(repo, "add", "-A")
+    tgit(repo, "commit", "-qm", "old")
+    tgit(repo, "tag", "old")
+    tgit(repo, "rm", "-rq", ".")
+    sh.copytree(new_dir, repo, symlinks=True, dirs_exist_ok=True)
+    tgit(repo, "add", "-A")
+    tgit(repo, "commit", "-qm", "new")
+    return f"{repo}@old", f"{repo}@HEAD"
+
+
+@pytest.mark.parametrize("kind", ["dir", "git"])
+def test_plain_mode_partial_directory_import_reports_and_exports_what_the_whole_tree_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """Directories (or git refs) as OLD and NEW: only the paths the series names are
+    stored (no whole-tree tarball written), and the report and the exported series are
+    those of a whole import, byte for byte."""
+    old_tb, new_tb, series = _varied_case(tmp_path / "case")
+    old_dir, new_dir = extract(old_tb, tmp_path / "old"), extract(new_tb, tmp_path / "new")
+    if kind == "git":
+        old_dir, new_dir = _as_git_refs(old_dir, new_dir, tmp_path / "repo")  # type: ignore[assignment]
+    partial = _plain_run(tmp_path, "partial", old_dir, new_dir, series, monkeypatch, None)
+    trees = git_out(upstream.store_root(), "for-each-ref", "--format=%(refname:strip=3)", "refs/fsbuild/trees/")
+    assert len(trees.split()) == 2
+    for tree in trees.split():
+        assert "fs/x.c" not in git_out(upstream.store_root(), "ls-tree", "-r", "--name-only", tree).split()
+    assert not list(upstream.cache_root().glob("tree-*"))
+    with monkeypatch.context() as m:
+        m.setattr(R, "series_paths", lambda entries, folder: None)
+        whole = _plain_run(tmp_path, "whole", old_dir, new_dir, series, monkeypatch, None)
+    assert list(upstream.cache_root().glob("tree-*"))   # the whole run did import whole trees
+    assert partial == whole
+    assert (partial[0]["from"], partial[0]["onto"]) == ("1.0.0", "1.0.1")
+    outcomes = {p["name"]: p["outcome"] for p in partial[0]["patches"]}
+    assert set(outcomes.values()) == {"clean", "offset", "merged", "upstream", "conflict"}, outcomes
+
+
+def test_plain_mode_imports_two_directories_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OLD's directory is walked and imported in the forked child while NEW's is here (the
+    walks are CPU-bound: one core each); NEW named by a release it imports whole, so OLD
+    then waits (two whole imports side by side would each send git every file); OLD's
+    error from the child is the run's one error."""
+    import multiprocessing
+
+    from fsbuild.errors import UnsafePathError
+    old_tb, new_tb, series = _varied_case(tmp_path / "case")
+    old_dir, new_dir = extract(old_tb, tmp_path / "old"), extract(new_tb, tmp_path / "new")
+    asides: list[object] = []
+    real = R._Aside
+
+    def recording(*args: object) -> object:
+        asides.append(args[2])
+        return real(*args)  # type: ignore[arg-type]
+    monkeypatch.setattr(R, "_Aside", recording)
+    R.plain(series, str(old_dir), str(new_dir), tmp_path / "o1", load("linux-6.1"), None, None)
+    assert asides == [str(old_dir)]
+    R.plain(series, str(old_dir), str(new_dir), tmp_path / "o2", load("linux-6.1"), None, "1.0.1-1")
+    assert asides == [str(old_dir)]
+    (old_dir / "fs" / "evil").symlink_to("../../../etc/passwd")
+    with pytest.raises(UnsafePathError):
+        R.plain(series, str(old_dir), str(new_dir), tmp_path / "o3", load("linux-6.1"), None, None)
+    assert len(asides) == 2 and multiprocessing.active_children() == []
 
 
 def test_series_paths_names_every_file_the_applier_may_read(tmp_path: Path) -> None:

@@ -820,3 +820,180 @@ def test_index_puts_side_by_side_keep_every_key() -> None:
     assert all(p.exitcode == 0 for p in procs)
     index = json.loads((upstream.cache_root() / "index.json").read_text())
     assert sorted(index) == sorted(f"key-{n}-{k}" for n in range(6) for k in range(20))
+
+
+# ---------------------------------------------------------------- partial directory imports (#14.3)
+
+def _partial_dir(tmp: Path, name: str = "tree") -> Path:
+    """PARTIAL_FILES as a directory, with the same directory symlink as _partial_tarball."""
+    root = write_tree(tmp / name, PARTIAL_FILES)
+    (root / "scripts").mkdir()
+    (root / "scripts" / "dtc").symlink_to("../fs")
+    return root
+
+
+def _dir_partial_records() -> list[Path]:
+    return sorted(upstream.cache_root().glob(f"{upstream.DIR_PARTIAL}*/{upstream.PARTIAL}/*.json"))
+
+
+def test_partial_directory_answers_every_question_on_its_paths_as_the_whole_tree(tmp_path: Path) -> None:
+    """A directory with a path set is stored as a partial tree, as a tarball is: the same
+    answers for every named path and parent directory, and no whole-tree tarball written."""
+    from fsbuild.gitio import GitCat
+    root = _partial_dir(tmp_path)
+    paths = upstream.PathSet({"net/Kconfig", "net/Kconfig/sub.c", "kernel", "drivers/a/new.c",
+                              "include/net/x.h", "scripts/dtc/x.c", "scripts/dtc"})
+    part = upstream.resolve(load("linux-6.1"), str(root), paths=paths)
+    assert part.partial_tree and not part.store_tree and part.version == "1.0.0"
+    assert not part.tarball.exists() and not list(upstream.cache_root().glob("tree-*"))
+    assert "fs/x.c" not in _listing(part.partial_tree)
+    whole = upstream.resolve(load("linux-6.1"), str(root))
+    assert whole.store_tree and not whole.partial_tree and whole.tarball.is_file()
+    with GitCat(upstream.store_root()) as cat:
+        p, w = cat.reader(part.partial_tree), cat.reader(whole.store_tree)
+        assert [p(x) for x in sorted(paths.paths)] == [w(x) for x in sorted(paths.paths)]
+        asked = sorted(paths.dirs | paths.paths)
+        assert [p.isdir(d) for d in asked] == [w.isdir(d) for d in asked]
+        assert p.isdir("drivers/a") and not p.isdir("include") and not p.isdir("scripts/dtc")
+
+
+def test_partial_directory_keyed_by_stat_signature_and_path_set(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record serves only the same path set of the unchanged directory; a racy tree is
+    imported but not recorded; a changed tree is re-read; a partial tree never serves a
+    whole import, and once the whole tree is indexed it serves every path set."""
+    root = _partial_dir(tmp_path)
+    a, b = upstream.PathSet({"net/Kconfig"}), upstream.PathSet({"kernel/sched.c"})
+    upstream.resolve(load("linux-6.1"), str(root), paths=a)   # files just written: racy
+    assert _dir_partial_records() == []
+    monkeypatch.setattr(upstream, "RACY_NS", 0)
+    ua = upstream.resolve(load("linux-6.1"), str(root), paths=a)
+    assert len(_dir_partial_records()) == 1
+    with monkeypatch.context() as m:
+        m.setattr(upstream, "store_import", _no_import)
+        assert upstream.resolve(load("linux-6.1"), str(root), paths=a).partial_tree == ua.partial_tree
+        with pytest.raises(AssertionError, match="imported again"):
+            upstream.resolve(load("linux-6.1"), str(root), paths=b)
+        (root / "net" / "Kconfig").write_text("changed\n")
+        with pytest.raises(AssertionError, match="imported again"):
+            upstream.resolve(load("linux-6.1"), str(root), paths=a)
+    changed = upstream.resolve(load("linux-6.1"), str(root), paths=a)
+    assert git(upstream.store_root(), "show", f"{changed.partial_tree}:net/Kconfig") == "changed\n"
+    full = upstream.resolve(load("linux-6.1"), str(root))   # no path set: a whole import
+    assert not full.partial_tree and "fs/x.c" in _listing(full.store_tree)
+    with monkeypatch.context() as m:
+        m.setattr(upstream, "store_import", _no_import)
+        again = upstream.resolve(load("linux-6.1"), str(root), paths=b)
+        assert again.store_tree == full.store_tree and not again.partial_tree
+
+
+def test_interrupted_partial_directory_import_leaves_no_record(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after every selected file was sent, before the commit: nothing names it."""
+    root = _partial_dir(tmp_path)
+    paths = upstream.PathSet({"net/Kconfig"})
+    monkeypatch.setattr(upstream, "RACY_NS", 0)
+    real = upstream._feed_entries
+
+    def killed(entries: list[upstream._Entry], blobs: upstream._Blobs) -> dict[str, tuple[int, str]]:
+        real(entries, blobs)
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(upstream, "_feed_entries", killed)
+        with pytest.raises(KeyboardInterrupt):
+            upstream.resolve(load("linux-6.1"), str(root), paths=paths)
+    assert store_trees() == [] and _dir_partial_records() == []
+    up = upstream.resolve(load("linux-6.1"), str(root), paths=paths)
+    assert store_trees() == [f"refs/fsbuild/trees/{up.partial_tree}"] and len(_dir_partial_records()) == 1
+
+
+def test_partial_directory_refuses_hostile_entries_it_does_not_store(tmp_path: Path) -> None:
+    """Every entry is still walked and checked: an escaping link or a fifo outside the path
+    set is refused before anything is stored."""
+    paths = upstream.PathSet({"net/Kconfig"})
+    root = _partial_dir(tmp_path, "a")
+    (root / "fs" / "evil").symlink_to("../../../etc/passwd")
+    with pytest.raises(UnsafePathError):
+        upstream.resolve(load("linux-6.1"), str(root), paths=paths)
+    fifo = _partial_dir(tmp_path, "b")
+    os.mkfifo(fifo / "fs" / "pipe")
+    with pytest.raises(UnsafePathError):
+        upstream.resolve(load("linux-6.1"), str(fifo), paths=paths)
+    assert store_trees() == []
+
+
+def test_partial_directory_keeps_every_identity_rule(tmp_path: Path) -> None:
+    """identify() answers as after a whole import: a release given is remembered for the
+    whole tree's bytes (so that import is whole), a copy of those bytes finds it (its
+    digest is needed: whole again), a name stating the release or an unrelated Makefile
+    version needs no digest (partial)."""
+    paths = upstream.PathSet({"net/Kconfig"})
+    t = load("linux-6.1")
+    a = _partial_dir(tmp_path, "a")
+    given = upstream.resolve(t, str(a), "1.0.0-7", paths=paths)
+    assert given.version == "1.0.0-7" and given.store_tree and not given.partial_tree
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(a), str(copy)], check=True)
+    found = upstream.resolve(t, str(copy), paths=paths, strict=False)
+    assert found.version == "1.0.0-7" and found.store_tree == given.store_tree
+    named = tmp_path / "linux-1.0.0-9"
+    subprocess.run(["cp", "-a", str(a), str(named)], check=True)
+    up = upstream.resolve(t, str(named), paths=paths)
+    assert up.version == "1.0.0-9" and up.partial_tree and not up.store_tree
+    other = write_tree(tmp_path / "other", kernel_files("1.0.1"))
+    up = upstream.resolve(t, str(other), paths=paths, strict=False)
+    assert up.version == "1.0.1" and up.partial_tree
+
+
+def _partial_repo(tmp: Path) -> Path:
+    """PARTIAL_FILES committed, with the directory symlink and an export-ignored file
+    (git archive, whole or partial, leaves it out)."""
+    root = git_repo(tmp / "repo", {**PARTIAL_FILES, ".gitattributes": "net/Makefile export-ignore\n"})
+    (root / "scripts").mkdir()
+    (root / "scripts" / "dtc").symlink_to("../fs")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "link")
+    return root
+
+
+def test_partial_git_ref_answers_as_the_whole_tree_keyed_by_tree_and_path_set(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A git ref with a path set: `git archive` of the selected paths (same attributes as
+    the whole archive), the same answers as the whole tree, a record per tree id and path
+    set, never serving a whole import; once the whole tree is cached it serves."""
+    from fsbuild.gitio import GitCat
+    repo = _partial_repo(tmp_path)
+    t = load("linux-6.1")
+    paths = upstream.PathSet({"net/Kconfig", "net/Makefile", "kernel", "drivers/a/new.c", "include/net/x.h",
+                              "scripts/dtc/x.c", "scripts/dtc"})
+    part = upstream.resolve(t, f"{repo}@HEAD", paths=paths)
+    assert part.partial_tree and not part.store_tree and part.version == "1.0.0"
+    assert "fs/x.c" not in _listing(part.partial_tree) and not list(upstream.cache_root().glob("tree-*"))
+    with monkeypatch.context() as m:   # the record of this tree id: not even listed again
+        m.setattr(upstream, "store_import", _no_import)
+        m.setattr(upstream, "_git_listing", _no_import)
+        assert upstream.resolve(t, f"{repo}@HEAD", paths=paths).partial_tree == part.partial_tree
+        with pytest.raises(AssertionError, match="imported again"):
+            upstream.resolve(t, f"{repo}@HEAD", paths=upstream.PathSet({"fs/x.c"}))
+    whole = upstream.resolve(t, f"{repo}@HEAD")
+    assert whole.store_tree and not whole.partial_tree
+    with GitCat(upstream.store_root()) as cat:
+        p, w = cat.reader(part.partial_tree), cat.reader(whole.store_tree)
+        assert [p(x) for x in sorted(paths.paths)] == [w(x) for x in sorted(paths.paths)]
+        assert p("net/Makefile") is None and p("net/Kconfig") is not None
+        asked = sorted(paths.dirs | paths.paths)
+        assert [p.isdir(d) for d in asked] == [w.isdir(d) for d in asked]
+    with monkeypatch.context() as m:
+        m.setattr(upstream, "store_import", _no_import)
+        again = upstream.resolve(t, f"{repo}@HEAD", paths=upstream.PathSet({"fs/x.c"}))
+        assert again.store_tree == whole.store_tree and not again.partial_tree
+
+
+def test_partial_git_ref_refuses_hostile_entries_it_does_not_store(tmp_path: Path) -> None:
+    repo = _partial_repo(tmp_path)
+    (repo / "fs" / "evil").symlink_to("../../../etc/passwd")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "evil")
+    with pytest.raises(UnsafePathError):
+        upstream.resolve(load("linux-6.1"), f"{repo}@HEAD", paths=upstream.PathSet({"net/Kconfig"}))
+    assert store_trees() == []
