@@ -235,16 +235,24 @@ def run_carry(repo: Path, plan: Plan, start: int, stop_on_conflict: bool,
     """Carry patches from `start`; returns the index of a conflicting patch when stopping."""
     entries = _entries_of(Path(plan.series))
     folder = Path(plan.series).parent
-    committed = len(plan.results)
+    committed, tip = len(plan.results), plan.tip
     try:
         with GitCat(repo) as cat:
             return _carry_loop(repo, plan, cat, entries, folder, start, stop_on_conflict, with_worktree)
     except BaseException:
         # Ctrl-C or error: forget results whose commits were not written, so --continue
-        # redoes exactly those patches
+        # redoes exactly those patches on the tip of the ones kept; a conflict stop stays
+        # only when it was recorded whole (its result is the last one kept)
         del plan.results[max(committed, plan.flushed):]
-        plan.stopped = -1
+        plan.tip = _last_commit(plan) or tip
+        if not (0 <= plan.stopped == len(plan.results) - 1 and plan.results[-1].outcome == "conflict"):
+            plan.stopped = -1
         raise
+
+
+def _last_commit(plan: Plan) -> str:
+    """The commit of the last kept result that has one ("" when none has)."""
+    return next((plan.new_commits[r.name] for r in reversed(plan.results) if r.name in plan.new_commits), "")
 
 
 def _carry_loop(repo: Path, plan: Plan, cat: GitCat, entries: list[Entry], folder: Path,
@@ -269,12 +277,15 @@ def _carry_loop(repo: Path, plan: Plan, cat: GitCat, entries: list[Entry], folde
                 _annotate(cat, plan, entries, folder, i, old, tree, result)
             bar.advance(description=f"{result.outcome:8} {old.entry.name}")
             if result.outcome == "conflict" and stop_on_conflict:
+                # the order matters for an interruption in between (see run_carry): the
+                # work tree shows the conflict before the plan records the stop
                 _flush(repo, plan, pending)
-                plan.results.append(result)
                 plan.flushed = len(plan.results)
-                plan.stopped = i
                 if with_worktree:
                     _show_conflict(repo, plan, changes)
+                plan.stopped = i
+                plan.results.append(result)
+                plan.flushed = len(plan.results)
                 return i
             plan.results.append(result)
             if result.outcome in ("clean", "offset", "merged"):

@@ -319,6 +319,45 @@ def test_ctrl_c_during_carry_is_resumable(ws_case: tuple, monkeypatch: pytest.Mo
     assert snapshot(tdir) == before
 
 
+def _interrupt_once(monkeypatch: pytest.MonkeyPatch, name: str, after: bool) -> None:
+    """R.<name> raises KeyboardInterrupt at its first call: before its work, or after it."""
+    real = getattr(R, name)
+    fired = {"done": False}
+
+    def once(*args: object, **kw: object) -> object:
+        if fired["done"]:
+            return real(*args, **kw)
+        fired["done"] = True
+        if after:
+            real(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, name, once)
+
+
+@pytest.mark.parametrize(("name", "after"), [("_show_conflict", False), ("_show_conflict", True), ("_flush", True)])
+def test_ctrl_c_at_the_conflict_stop_resumes_to_the_same_stop(ws_case: tuple, monkeypatch: pytest.MonkeyPatch,
+                                                              name: str, after: bool) -> None:
+    """Ctrl-C while the conflict is put in the work tree, or just after the commits before it
+    were written: --continue stops at the same conflict with the same outcomes. (The plan
+    kept the conflict's result but no stop, so --continue carried on and the export hit a
+    KeyError on its missing commit; or kept a tip past its results, so patches were carried
+    twice. Found by the random-kill test.)"""
+    tdir, _, new_tb, expected = ws_case
+    before = snapshot(tdir)
+    with monkeypatch.context() as m:
+        _interrupt_once(m, name, after)
+        with pytest.raises(R.RunInterruptedError):
+            R.Rebase(load("t1")).start(str(new_tb))
+    with pytest.raises(R.RebaseConflictError):
+        R.Rebase(load("t1")).resume()
+    plan = R.Rebase(load("t1"))._load()
+    assert {r.name: r.outcome for r in plan.results} == dict(list(expected.items())[:5])
+    assert plan.stopped == 4
+    R.Rebase(load("t1")).abort()
+    assert snapshot(tdir) == before
+
+
 def test_ctrl_c_during_export_abort_restores(ws_case: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     tdir, _, new_tb, _ = ws_case
     before = snapshot(tdir)
