@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableSequence, Seque
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from itertools import accumulate, chain, islice, repeat
-from operator import add, itemgetter, sub
+from operator import add, itemgetter, le, sub
 from pathlib import Path
 from typing import overload
 
@@ -1233,27 +1233,28 @@ class _Plain:
         # gap from the frozen input.
         want = [firsts[0] + base - self.frozen]
         want.extend(map(sub, islice(firsts, 1, None), firsts))
-        index, sizes = data.index, list(map(len, olds))
-        ats: list[int] = []
-        found = ats.append
-        try:  # the hot loop: where each old side is next found; checked in bulk below
-            # Searching from the end of the previous old side (not the newline ending it)
-            # needs a line in between: adjacent or overlapping hunks go to careful, as the
-            # emit below needs one.
-            for old, size in zip(olds, sizes, strict=True):
-                at = index(old, pos)
-                found(at)
-                pos = at + size
-        except ValueError:  # not found
-            pass
-        done = len(ats)
-        got = list(map(data.count, repeat(b"\n"), [self.frozen_at - 1, *ats], ats))
-        if got != want[:done]:
-            done = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
-        # The gaps but their last newline (each new side starts with it) and the new sides.
+        # The hot loop: where each old side is next found, from just after the previous
+        # one's first newline; a miss (-1) makes every later search start at the end. The
+        # places are checked in bulk below: the right line, and not overlapping the
+        # previous old side (adjacent or overlapping hunks go to careful: the emit below
+        # needs a line in between).
+        find, n = data.find, len(data)
+        pos -= 1
+        ats = [pos := find(old, pos + 1 or n) for old in olds]
+        done = ats.index(-1) if ats[-1] < 0 else len(ats)
+        del ats[done:]
+        sizes = list(map(len, islice(olds, done)))
         froms = [self.frozen_at, *map(add, ats, sizes)]
-        gap_text = map(data.__getitem__, map(slice, froms, ats[:done]))
-        self.out.write(b"".join(chain.from_iterable(zip(gap_text, news[:done], strict=False))))
+        got = list(map(data.count, repeat(b"\n"), [self.frozen_at - 1, *ats], ats))
+        if got != want[:done] or not all(map(le, froms, ats)):
+            done = next(i for i, (a, b, f, t) in enumerate(zip(got, want, froms, ats,
+                                                                strict=False))
+                        if a != b or f > t)
+        # The gaps but their last newline (each new side starts with it) and the new sides.
+        parts = [b""] * (2 * done)
+        parts[::2] = map(data.__getitem__, map(slice, froms, ats[:done]))
+        parts[1::2] = islice(news, done)
+        self.out.write(b"".join(parts))
         self.frozen_at = froms[done]
         if done:  # the last applied hunk's old lines end here
             self.frozen = firsts[done - 1] + base + olds[done - 1].count(b"\n") - 1
