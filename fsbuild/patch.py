@@ -674,17 +674,17 @@ def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int
     if b"" in firsts:  # a line starting with '@' that is no hunk header
         del shapes[firsts.index(b""):], heads[len(shapes):]
     table = {s: _shape(s) for s in set(shapes)}  # a few distinct shapes
-    rows = list(map(table.__getitem__, shapes))
+    spelled = {s: row[3] for s, row in table.items()}
     # The headers' lengths as diff spells them (the common case: compared as text), else
     # as numbers.
-    if list(map(itemgetter(1, 2), heads)) != list(map(itemgetter(3), rows)):
+    if list(map(itemgetter(1, 2), heads)) != list(map(spelled.__getitem__, shapes)):
         olds, news = list(map(itemgetter(1), heads)), list(map(itemgetter(2), heads))
         want = list(zip(map(int, map(_length, olds, olds)), map(int, map(_length, news, news)),
                         strict=True))
-        got = list(map(itemgetter(0, 1), rows))
+        got = [table[s][:2] for s in shapes]
         if got != want:
             k = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
-            del rows[k:], shapes[k:]
+            del shapes[k:]
     if not shapes:
         return None
     count = len(shapes)
@@ -693,8 +693,9 @@ def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int
     # hunk k + 1 starts after pieces 0..k and k separators "\n@" (the first '@' is kept)
     hunks._starts.append(pos)
     hunks._starts.extend(map(add, islice(size, count - 1), range(pos + 1, n + 2 * count, 2)))
-    hunks._fast.extend(map(itemgetter(2), rows))
-    hunks._first.extend(map(int, islice(firsts, count)))
+    fast = {s: row[2] for s, row in table.items()}
+    hunks._fast.extend(map(fast.__getitem__, shapes))
+    hunks._first.fromlist(list(map(int, islice(firsts, count))))  # faster than extend(map)
     return pos + size[-1] + 2 * count - 1, sum(map(len, shapes)) + count
 
 
