@@ -106,13 +106,34 @@ class Hunks(MutableSequence[Hunk]):
         self._end = 0  # where the last hunk ends
         # Hunks with more than ' '/'-'/'+' lines (markers, CRLF rule): not applied from bytes.
         self._slow: set[int] = set()
-        # 1 per hunk validated in bulk whose shape lets the applier place it with one search
-        # (see _plain_window); 0 sends the hunk through the per-hunk applier.
+        # Per hunk: 0 sends it through the per-hunk applier; otherwise it was validated in
+        # bulk and its shape lets the applier place it with one search (see _plain_window):
+        # 1, or 2 + the index of its line tags in _shape_tags (runs of one shape are split
+        # into sides by list slicing, see _same_shape_sides).
         self._fast = bytearray()
+        self._shape_tags: list[bytes] = []
+        self._shape_ids: dict[bytes, int] = {}
         self._first = array("q")  # each hunk's old start line (the applier's fast path)
         self._cursor = (0, lineno)  # (hunk, its line number): sequential access stays O(n)
         self._made: dict[int, Hunk] = {}
         self._list: list[Hunk] | None = None
+
+    def _shape_id(self, tags: bytes) -> int:
+        """The _fast value of a fast hunk whose body's line tags are `tags`."""
+        got = self._shape_ids.get(tags)
+        if got is None:
+            if len(self._shape_tags) >= 254:
+                return 1  # a byte per hunk: further shapes are not recorded
+            got = self._shape_ids[tags] = len(self._shape_tags) + 2
+            self._shape_tags.append(tags)
+        return got
+
+    def same_shape(self, k: int, j: int) -> bytes | None:
+        """The line tags shared by fast hunks k..j-1 when they all have one recorded shape."""
+        first = self._fast[k]
+        if first < 2 or self._fast.count(first, k, j) != j - k:
+            return None
+        return self._shape_tags[first - 2]
 
     def _span(self, k: int) -> tuple[int, int]:
         end = self._starts[k + 1] if k + 1 < len(self._starts) else self._end
@@ -693,7 +714,7 @@ def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int
     # hunk k + 1 starts after pieces 0..k and k separators "\n@" (the first '@' is kept)
     hunks._starts.append(pos)
     hunks._starts.extend(map(add, islice(size, count - 1), range(pos + 1, n + 2 * count, 2)))
-    fast = {s: row[2] for s, row in table.items()}
+    fast = {s: hunks._shape_id(s) if row[2] else 0 for s, row in table.items()}
     hunks._fast.extend(map(fast.__getitem__, shapes))
     hunks._first.fromlist(list(map(int, islice(firsts, count))))  # faster than extend(map)
     return pos + size[-1] + 2 * count - 1, sum(map(len, shapes)) + count
@@ -1189,6 +1210,28 @@ def _sides(region: bytes, count: int) -> tuple[list[bytes], list[bytes]] | None:
     return sides[0], sides[1]
 
 
+def _same_shape_sides(region: bytes, tags: bytes, count: int) -> tuple[list[bytes], list[bytes]] | None:
+    """_sides of `count` plain hunks whose bodies all have the line tags `tags`: line i of
+    every hunk is every (len(tags) + 1)-th line, so each side is gathered by list slicing
+    (no per-line regex match), NUL lines in place of the headers."""
+    lines = region.split(b"\n")
+    step = len(tags) + 1  # the header and the body
+    if len(lines) != step * count + 1 or lines[-1]:
+        return None
+    sides = []
+    for drop, keep in ((0x2B, b"\n-"), (0x2D, b"\n+")):
+        picked = [i for i, tag in enumerate(tags, 1) if tag != drop]
+        width = len(picked) + 1
+        out: list[bytes] = [b"\0"] * (width * count + 1)
+        for slot, i in enumerate(picked, 1):
+            out[slot::width] = lines[i::step]
+        pieces = b"\n".join(out).replace(keep, b"\n ").replace(b"\n ", b"\n").split(b"\0")
+        if len(pieces) != count + 2:  # a content line holds a NUL
+            return None
+        sides.append(pieces[1:-1])
+    return sides[0], sides[1]
+
+
 class _Plain:
     """The state of one file's forward pass: output so far, input consumed (GNU's
     last_frozen_line and its byte offset), the running offset, result runs."""
@@ -1220,7 +1263,8 @@ class _Plain:
         Only hunks whose shape makes GNU try their own line first come here."""
         hunks, data, pos = self.hunks, self.data, self.frozen_at
         end = hunks._starts[j] if j < len(hunks._starts) else hunks._end
-        both = _sides(hunks.text(hunks._starts[k], end), j - k)
+        text, tags = hunks.text(hunks._starts[k], end), hunks.same_shape(k, j)
+        both = _sides(text, j - k) if tags is None else _same_shape_sides(text, tags, j - k)
         if both is None or pos == 0:  # pos 0: no newline before the first line to find
             return self._undo(k, k, [], [], [])
         olds, news = both  # each b"\n" + the side

@@ -658,6 +658,50 @@ def test_big_patch_makes_few_python_calls_per_hunk() -> None:
                            for k in range(n * 5 + 5))
 
 
+@st.composite
+def same_shape_runs(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
+    """(region, tags, count): plain hunks that all have one body shape (old lines exist),
+    contents that look like tags, headers or separators, or hold a NUL."""
+    tags = draw(st.text(alphabet=" -+", min_size=1, max_size=6).filter(lambda t: "+" in t.replace(
+        "+", "", 1) or t.strip("+")))
+    count = draw(st.integers(1, 6))
+    out = []
+    for h in range(count):
+        body = [t.encode() + draw(st.sampled_from(_ODD_CONTENT)) + b"\n" for t in tags]
+        old, new = sum(t in " -" for t in tags), sum(t in " +" for t in tags)
+        out.append(b"@@ -%d,%d +%d,%d @@ f()\n" % (h * 9 + 2, old, h * 9 + 2, new) + b"".join(body))
+    return b"".join(out), tags.encode(), count
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(same_shape_runs())
+def test_same_shape_sides_equal_the_regex_sides(run: tuple[bytes, bytes, int]) -> None:
+    """A run of one shape is split into sides by list slicing: the same sides (or the same
+    refusal, for a NUL in a line) as the per-line regex pass."""
+    region, tags, count = run
+    assert P._same_shape_sides(region, tags, count) == P._sides(region, count)
+
+
+def test_big_patch_runs_of_one_shape_are_known_to_the_applier() -> None:
+    """The parser records each fast hunk's shape, so the applier splits a run of one shape
+    (the benchmark's 640k hunks are all alike) without a regex match per line."""
+    n = 3000
+    data, patch = _big_case(n)
+    hunks = parse_patch(patch, "big.patch").files[0].hunks
+    half = n // 2  # the first few hundred hunks and the last are parsed one by one
+    assert isinstance(hunks, P.Hunks) and hunks.same_shape(half, n - 1) == b" -+ "
+    f = 5 * (n - 10) + 2  # one hunk near the end gets another (fast) shape
+    other = patch.replace(b"@@ -%d,3 +%d,3 @@\n %07x\n-%07x\n+%07X\n %07x\n"
+                          % (f, f, f - 1, f, f, f + 1), b"@@ -%d +%d @@\n-%07x\n+%07X\n"
+                          % (f + 1, f + 1, f, f))
+    mixed = parse_patch(other, "p").files[0].hunks
+    assert isinstance(mixed, P.Hunks) and mixed.same_shape(half, n - 1) is None
+    assert mixed.same_shape(half, n - 10) == b" -+ " and mixed.same_shape(n - 10, n - 9) == b"-+"
+    assert apply_hunks(data, mixed, 0, "big.txt")[0] == apply_hunks(data, list(mixed), 0, "b")[0]
+    assert apply_hunks(data, hunks, 0, "big.txt")[0] == b"".join(
+        (b"%07X\n" if k % 5 == 2 and k < n * 5 else b"%07x\n") % k for k in range(n * 5 + 5))
+
+
 def _python_calls(fn):  # type: ignore[no-untyped-def]
     calls = 0
 
