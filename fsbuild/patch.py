@@ -674,6 +674,9 @@ def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int
     before the first other one. Returns (offset after them, lines consumed), None when none."""
     n = len(data)
     end = data.find(b"\n@@ -", pos + window) + 1 or n
+    got = _same_shape_window(data, pos, end, hunks)
+    if got:
+        return got
     cut = data.find(b"\n\n", pos, end)  # an empty line: GNU reads it as context
     if cut >= 0:
         end = cut + 1
@@ -718,6 +721,62 @@ def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int
     hunks._fast.extend(map(fast.__getitem__, shapes))
     hunks._first.fromlist(list(map(int, islice(firsts, count))))  # faster than extend(map)
     return pos + size[-1] + 2 * count - 1, sum(map(len, shapes)) + count
+
+
+# A run of hunks of one shape is validated by one regex match (no object per line or per
+# hunk): worth it from this many hunks on, else the window is left to _plain_window's lists.
+_SAME_SHAPE_MIN = 32
+_RUN_FIRSTS_RE = re.compile(rb"\n@@ -(\d{1,18})")
+
+
+def _same_shape_window(data: bytes, pos: int, end: int, hunks: Hunks) -> tuple[int, int] | None:
+    """_plain_window for a run of hunks from pos on whose bodies all have the first one's
+    line tags and whose headers spell the lengths as diff does: each hunk is followed by a
+    next header (so no marker or other line belongs to it) and lies before end (plus that
+    header). Returns None when fewer than _SAME_SHAPE_MIN hunks qualify."""
+    region = data[pos:end + 4]
+    shape = _leading_shape(region)
+    if shape is None:
+        return None
+    _, _, fast, spelled = _shape(shape)
+    run = _run_re(shape, *spelled).match(region)
+    stop = run.end() if run else 0
+    firsts = _RUN_FIRSTS_RE.findall(b"\n" + region[:stop])
+    count = len(firsts)
+    if count < _SAME_SHAPE_MIN:
+        return None
+    pieces = region.split(b"\n@", count)  # hunk k's text is pieces[k] (its '@' gone)
+    size = list(accumulate(map(len, islice(pieces, count))))
+    hunks._starts.append(pos)
+    hunks._starts.extend(map(add, islice(size, count - 1), range(pos + 1, pos + 2 * count, 2)))
+    hunks._fast.extend(bytes([hunks._shape_id(shape) if fast else 0]) * count)
+    hunks._first.fromlist(list(map(int, firsts)))
+    return pos + stop, count * (len(shape) + 1)
+
+
+def _leading_shape(region: bytes) -> bytes | None:
+    """The line tags of the first hunk's body in region (up to the next line starting with
+    '@'), None unless all are ' ', '-' or '+'."""
+    start = region.find(b"\n") + 1
+    stop = region.find(b"\n@", start - 1)
+    if start == 0 or stop < start:
+        return None
+    lines = region[start:stop].split(b"\n")
+    if not all(lines):
+        return None
+    shape = bytes(line[0] for line in lines)
+    return None if shape.strip(b" -+") else shape
+
+
+@lru_cache(maxsize=64)
+def _run_re(shape: bytes, old: bytes, new: bytes) -> re.Pattern[bytes]:
+    """Matches a run of hunks with body line tags `shape` and header lengths spelled
+    `old`/`new` (digits, b"" when omitted), each followed by a next header."""
+    def length(digits: bytes) -> bytes:  # b"" for an omitted length of 1
+        return b"," + digits if digits else b""
+    body = b"".join(re.escape(bytes([tag])) + rb"[^\n]*\n" for tag in shape)
+    return re.compile(rb"(?:@@ -\d{1,18}" + length(old) + rb" \+\d{1,18}" + length(new)
+                      + rb" @@[^\n]*\n" + body + rb"(?=@@ -))*+")
 
 
 def _hunk_at(data: bytes, pos: int, lineno: int, name: str,
