@@ -19,7 +19,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
-from itertools import accumulate, chain, islice, repeat
+from itertools import accumulate, islice, repeat
 from operator import add, itemgetter, le, sub
 from pathlib import Path
 from typing import overload
@@ -674,9 +674,9 @@ def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int
     before the first other one. Returns (offset after them, lines consumed), None when none."""
     n = len(data)
     end = data.find(b"\n@@ -", pos + window) + 1 or n
-    got = _same_shape_window(data, pos, end, hunks)
-    if got:
-        return got
+    same = _same_shape_window(data, pos, end, hunks)
+    if same:
+        return same
     cut = data.find(b"\n\n", pos, end)  # an empty line: GNU reads it as context
     if cut >= 0:
         end = cut + 1
