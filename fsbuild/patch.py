@@ -1347,8 +1347,7 @@ class _Plain:
         ats = [pos := find(old, pos + 1 or n) for old in olds]
         done = ats.index(-1) if ats[-1] < 0 else len(ats)
         del ats[done:]
-        sizes = list(map(len, islice(olds, done)))
-        froms = [self.frozen_at, *map(add, ats, sizes)]
+        froms = [self.frozen_at, *map(add, ats, map(len, olds))]  # where each gap starts
         got = list(map(data.count, repeat(b"\n"), [self.frozen_at - 1, *ats], ats))
         if got != want[:done] or not all(map(le, froms, ats)):
             done = next(i for i, (a, b, f, t) in enumerate(zip(got, want, froms, ats,
