@@ -724,8 +724,10 @@ def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int
 
 
 # A run of hunks of one shape is validated by one regex match (no object per line or per
-# hunk): worth it from this many hunks on, else the window is left to _plain_window's lists.
+# hunk): worth it from this many hunks on, else the window is left to _plain_window's lists;
+# only for shapes of up to _SAME_SHAPE_LINES lines (a regex is compiled per shape).
 _SAME_SHAPE_MIN = 32
+_SAME_SHAPE_LINES = 64
 _RUN_FIRSTS_RE = re.compile(rb"\n@@ -(\d{1,18})")
 
 
@@ -736,7 +738,7 @@ def _same_shape_window(data: bytes, pos: int, end: int, hunks: Hunks) -> tuple[i
     header). Returns None when fewer than _SAME_SHAPE_MIN hunks qualify."""
     region = data[pos:end + 4]
     shape = _leading_shape(region)
-    if shape is None:
+    if shape is None or len(shape) > _SAME_SHAPE_LINES:
         return None
     _, _, fast, spelled = _shape(shape)
     run = _run_re(shape, *spelled).match(region)

@@ -713,6 +713,9 @@ def test_same_shape_runs_are_parsed_by_one_match_and_recorded_alike() -> None:
     end = patch.index(b"@@ -", pos + 20000)
     got = P._same_shape_window(patch, pos, end, P.Hunks(patch, False, 3))
     assert got is not None and got[0] == end and got[1] == 5 * (1 + patch.count(b"\n@@ -", pos, end))
+    long = b"".join(b"@@ -%d,99 +%d,99 @@\n" % (k * 200 + 1, k * 200 + 1) + b" x\n" * 99
+                    for k in range(40))  # a regex per shape is compiled only for short ones
+    assert P._same_shape_window(long, 0, len(long), P.Hunks(long, False, 1)) is None
 
     def recorded(same_min: int) -> tuple[object, ...]:
         saved = P._SAME_SHAPE_MIN
