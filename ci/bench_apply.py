@@ -10,7 +10,7 @@ Then one large patch (issue 12.14: 640k hunks, ~41 MB; FSBUILD_BENCH_HUNKS) on o
 time, CPU time and peak RSS of each, the ratios (target: within 2x of GNU patch) and whether
 the results are identical; then the floor any CPython run pays (interpreter + imports, one
 bare loop over the lines, the file and its result held), measured the same way, against
-GNU's figures.
+GNU's figures, and the CPU time of apply's two phases in this process (parse, place/build).
 Usage: python3 ci/bench_apply.py [VERSION]"""
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ def large_patch() -> bool:
           f"memory {m_ours / max(m_gnu, 1):5.1f}x of GNU patch (target <= 2x)")
     print(f"identical     : {'yes' if same else 'NO'}")
     _floors(c_gnu, m_gnu, hunks)
+    _phases(hunks, rounds)
     return same
 
 
@@ -141,6 +142,26 @@ def _floors(c_gnu: float, m_gnu: int, hunks: int) -> None:
     print(f"floor (memory): {m_imp / 1024:5.0f} MiB interpreter + imports, + {held / 2**20:4.0f} MiB "
           f"file and result held at once = {(m_imp * 1024 + held) / 2**20 / max(m_gnu / 1024, 1):4.1f}x "
           "GNU's peak RSS")
+
+
+def _phases(hunks: int, rounds: int) -> None:
+    """CPU seconds (best of rounds) of reading + parsing the patch and of applying its hunks
+    to the file in memory: where apply's time goes, without interpreter start or writing."""
+    from fsbuild.patch import apply_hunks, read_patch
+    best = [float("inf"), float("inf")]
+    with tempfile.TemporaryDirectory(dir=os.environ.get("FSBUILD_BENCH_TMP")) as tmp:
+        tree, series = write_large_case(Path(tmp), hunks)
+        data = (tree / "big.txt").read_bytes()
+        for _ in range(rounds):
+            start = time.process_time()
+            patch = read_patch(series.parent / "big.patch", "big.patch")
+            parsed = time.process_time()
+            apply_hunks(data, patch.files[0].hunks, 0, "big.txt")
+            done = time.process_time()
+            best = [min(best[0], parsed - start), min(best[1], done - parsed)]
+            del patch
+    print(f"phases (CPU)  : {best[0]:6.2f} s read + parse, {best[1]:6.2f} s place hunks + build "
+          "the result (in process, best of each)")
 
 
 def main() -> int:

@@ -19,8 +19,8 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
-from itertools import accumulate, chain, islice, repeat
-from operator import add, itemgetter, sub
+from itertools import accumulate, islice, repeat
+from operator import add, itemgetter, le, sub
 from pathlib import Path
 from typing import overload
 
@@ -106,13 +106,34 @@ class Hunks(MutableSequence[Hunk]):
         self._end = 0  # where the last hunk ends
         # Hunks with more than ' '/'-'/'+' lines (markers, CRLF rule): not applied from bytes.
         self._slow: set[int] = set()
-        # 1 per hunk validated in bulk whose shape lets the applier place it with one search
-        # (see _plain_window); 0 sends the hunk through the per-hunk applier.
+        # Per hunk: 0 sends it through the per-hunk applier; otherwise it was validated in
+        # bulk and its shape lets the applier place it with one search (see _plain_window):
+        # 1, or 2 + the index of its line tags in _shape_tags (runs of one shape are split
+        # into sides by list slicing, see _same_shape_sides).
         self._fast = bytearray()
+        self._shape_tags: list[bytes] = []
+        self._shape_ids: dict[bytes, int] = {}
         self._first = array("q")  # each hunk's old start line (the applier's fast path)
         self._cursor = (0, lineno)  # (hunk, its line number): sequential access stays O(n)
         self._made: dict[int, Hunk] = {}
         self._list: list[Hunk] | None = None
+
+    def _shape_id(self, tags: bytes) -> int:
+        """The _fast value of a fast hunk whose body's line tags are `tags`."""
+        got = self._shape_ids.get(tags)
+        if got is None:
+            if len(self._shape_tags) >= 254:
+                return 1  # a byte per hunk: further shapes are not recorded
+            got = self._shape_ids[tags] = len(self._shape_tags) + 2
+            self._shape_tags.append(tags)
+        return got
+
+    def same_shape(self, k: int, j: int) -> bytes | None:
+        """The line tags shared by fast hunks k..j-1 when they all have one recorded shape."""
+        first = self._fast[k]
+        if first < 2 or self._fast.count(first, k, j) != j - k:
+            return None
+        return self._shape_tags[first - 2]
 
     def _span(self, k: int) -> tuple[int, int]:
         end = self._starts[k + 1] if k + 1 < len(self._starts) else self._end
@@ -653,6 +674,9 @@ def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int
     before the first other one. Returns (offset after them, lines consumed), None when none."""
     n = len(data)
     end = data.find(b"\n@@ -", pos + window) + 1 or n
+    same = _same_shape_window(data, pos, end, hunks)
+    if same:
+        return same
     cut = data.find(b"\n\n", pos, end)  # an empty line: GNU reads it as context
     if cut >= 0:
         end = cut + 1
@@ -674,17 +698,17 @@ def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int
     if b"" in firsts:  # a line starting with '@' that is no hunk header
         del shapes[firsts.index(b""):], heads[len(shapes):]
     table = {s: _shape(s) for s in set(shapes)}  # a few distinct shapes
-    rows = list(map(table.__getitem__, shapes))
+    spelled = {s: row[3] for s, row in table.items()}
     # The headers' lengths as diff spells them (the common case: compared as text), else
     # as numbers.
-    if list(map(itemgetter(1, 2), heads)) != list(map(itemgetter(3), rows)):
+    if list(map(itemgetter(1, 2), heads)) != list(map(spelled.__getitem__, shapes)):
         olds, news = list(map(itemgetter(1), heads)), list(map(itemgetter(2), heads))
         want = list(zip(map(int, map(_length, olds, olds)), map(int, map(_length, news, news)),
                         strict=True))
-        got = list(map(itemgetter(0, 1), rows))
+        got = [table[s][:2] for s in shapes]
         if got != want:
             k = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
-            del rows[k:], shapes[k:]
+            del shapes[k:]
     if not shapes:
         return None
     count = len(shapes)
@@ -693,9 +717,68 @@ def _plain_window(data: bytes, pos: int, window: int, hunks: Hunks) -> tuple[int
     # hunk k + 1 starts after pieces 0..k and k separators "\n@" (the first '@' is kept)
     hunks._starts.append(pos)
     hunks._starts.extend(map(add, islice(size, count - 1), range(pos + 1, n + 2 * count, 2)))
-    hunks._fast.extend(map(itemgetter(2), rows))
-    hunks._first.extend(map(int, islice(firsts, count)))
+    fast = {s: hunks._shape_id(s) if row[2] else 0 for s, row in table.items()}
+    hunks._fast.extend(map(fast.__getitem__, shapes))
+    hunks._first.fromlist(list(map(int, islice(firsts, count))))  # faster than extend(map)
     return pos + size[-1] + 2 * count - 1, sum(map(len, shapes)) + count
+
+
+# A run of hunks of one shape is validated by one regex match (no object per line or per
+# hunk): worth it from this many hunks on, else the window is left to _plain_window's lists;
+# only for shapes of up to _SAME_SHAPE_LINES lines (a regex is compiled per shape).
+_SAME_SHAPE_MIN = 32
+_SAME_SHAPE_LINES = 64
+_RUN_FIRSTS_RE = re.compile(rb"\n@@ -(\d{1,18})")
+
+
+def _same_shape_window(data: bytes, pos: int, end: int, hunks: Hunks) -> tuple[int, int] | None:
+    """_plain_window for a run of hunks from pos on whose bodies all have the first one's
+    line tags and whose headers spell the lengths as diff does: each hunk is followed by a
+    next header (so no marker or other line belongs to it) and lies before end (plus that
+    header). Returns None when fewer than _SAME_SHAPE_MIN hunks qualify."""
+    region = data[pos:end + 4]
+    shape = _leading_shape(region)
+    if shape is None or len(shape) > _SAME_SHAPE_LINES:
+        return None
+    _, _, fast, spelled = _shape(shape)
+    run = _run_re(shape, *spelled).match(region)
+    stop = run.end() if run else 0
+    firsts = _RUN_FIRSTS_RE.findall(b"\n" + region[:stop])
+    count = len(firsts)
+    if count < _SAME_SHAPE_MIN:
+        return None
+    pieces = region.split(b"\n@", count)  # hunk k's text is pieces[k] (its '@' gone)
+    size = list(accumulate(map(len, islice(pieces, count))))
+    hunks._starts.append(pos)
+    hunks._starts.extend(map(add, islice(size, count - 1), range(pos + 1, pos + 2 * count, 2)))
+    hunks._fast.extend(bytes([hunks._shape_id(shape) if fast else 0]) * count)
+    hunks._first.fromlist(list(map(int, firsts)))
+    return pos + stop, count * (len(shape) + 1)
+
+
+def _leading_shape(region: bytes) -> bytes | None:
+    """The line tags of the first hunk's body in region (up to the next line starting with
+    '@'), None unless all are ' ', '-' or '+'."""
+    start = region.find(b"\n") + 1
+    stop = region.find(b"\n@", start - 1)
+    if start == 0 or stop < start:
+        return None
+    lines = region[start:stop].split(b"\n")
+    if not all(lines):
+        return None
+    shape = bytes(line[0] for line in lines)
+    return None if shape.strip(b" -+") else shape
+
+
+@lru_cache(maxsize=64)
+def _run_re(shape: bytes, old: bytes, new: bytes) -> re.Pattern[bytes]:
+    """Matches a run of hunks with body line tags `shape` and header lengths spelled
+    `old`/`new` (digits, b"" when omitted), each followed by a next header."""
+    def length(digits: bytes) -> bytes:  # b"" for an omitted length of 1
+        return b"," + digits if digits else b""
+    body = b"".join(re.escape(bytes([tag])) + rb"[^\n]*\n" for tag in shape)
+    return re.compile(rb"(?:@@ -\d{1,18}" + length(old) + rb" \+\d{1,18}" + length(new)
+                      + rb" @@[^\n]*\n" + body + rb"(?=@@ -))*+")
 
 
 def _hunk_at(data: bytes, pos: int, lineno: int, name: str,
@@ -1188,6 +1271,28 @@ def _sides(region: bytes, count: int) -> tuple[list[bytes], list[bytes]] | None:
     return sides[0], sides[1]
 
 
+def _same_shape_sides(region: bytes, tags: bytes, count: int) -> tuple[list[bytes], list[bytes]] | None:
+    """_sides of `count` plain hunks whose bodies all have the line tags `tags`: line i of
+    every hunk is every (len(tags) + 1)-th line, so each side is gathered by list slicing
+    (no per-line regex match), NUL lines in place of the headers."""
+    lines = region.split(b"\n")
+    step = len(tags) + 1  # the header and the body
+    if len(lines) != step * count + 1 or lines[-1]:
+        return None
+    sides = []
+    for drop, keep in ((0x2B, b"\n-"), (0x2D, b"\n+")):
+        picked = [i for i, tag in enumerate(tags, 1) if tag != drop]
+        width = len(picked) + 1
+        out: list[bytes] = [b"\0"] * (width * count + 1)
+        for slot, i in enumerate(picked, 1):
+            out[slot::width] = lines[i::step]
+        pieces = b"\n".join(out).replace(keep, b"\n ").replace(b"\n ", b"\n").split(b"\0")
+        if len(pieces) != count + 2:  # a content line holds a NUL
+            return None
+        sides.append(pieces[1:-1])
+    return sides[0], sides[1]
+
+
 class _Plain:
     """The state of one file's forward pass: output so far, input consumed (GNU's
     last_frozen_line and its byte offset), the running offset, result runs."""
@@ -1219,7 +1324,8 @@ class _Plain:
         Only hunks whose shape makes GNU try their own line first come here."""
         hunks, data, pos = self.hunks, self.data, self.frozen_at
         end = hunks._starts[j] if j < len(hunks._starts) else hunks._end
-        both = _sides(hunks.text(hunks._starts[k], end), j - k)
+        text, tags = hunks.text(hunks._starts[k], end), hunks.same_shape(k, j)
+        both = _sides(text, j - k) if tags is None else _same_shape_sides(text, tags, j - k)
         if both is None or pos == 0:  # pos 0: no newline before the first line to find
             return self._undo(k, k, [], [], [])
         olds, news = both  # each b"\n" + the side
@@ -1233,27 +1339,27 @@ class _Plain:
         # gap from the frozen input.
         want = [firsts[0] + base - self.frozen]
         want.extend(map(sub, islice(firsts, 1, None), firsts))
-        index, sizes = data.index, list(map(len, olds))
-        ats: list[int] = []
-        found = ats.append
-        try:  # the hot loop: where each old side is next found; checked in bulk below
-            # Searching from the end of the previous old side (not the newline ending it)
-            # needs a line in between: adjacent or overlapping hunks go to careful, as the
-            # emit below needs one.
-            for old, size in zip(olds, sizes, strict=True):
-                at = index(old, pos)
-                found(at)
-                pos = at + size
-        except ValueError:  # not found
-            pass
-        done = len(ats)
+        # The hot loop: where each old side is next found, from just after the previous
+        # one's first newline; a miss (-1) makes every later search start at the end. The
+        # places are checked in bulk below: the right line, and not overlapping the
+        # previous old side (adjacent or overlapping hunks go to careful: the emit below
+        # needs a line in between).
+        find, n = data.find, len(data)
+        pos -= 1
+        ats = [pos := find(old, pos + 1 or n) for old in olds]
+        done = ats.index(-1) if ats[-1] < 0 else len(ats)
+        del ats[done:]
+        froms = [self.frozen_at, *map(add, ats, map(len, olds))]  # where each gap starts
         got = list(map(data.count, repeat(b"\n"), [self.frozen_at - 1, *ats], ats))
-        if got != want[:done]:
-            done = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
+        if got != want[:done] or not all(map(le, froms, ats)):
+            done = next(i for i, (a, b, f, t) in enumerate(zip(got, want, froms, ats,
+                                                                strict=False))
+                        if a != b or f > t)
         # The gaps but their last newline (each new side starts with it) and the new sides.
-        froms = [self.frozen_at, *map(add, ats, sizes)]
-        gap_text = map(data.__getitem__, map(slice, froms, ats[:done]))
-        self.out.write(b"".join(chain.from_iterable(zip(gap_text, news[:done], strict=False))))
+        parts = [b""] * (2 * done)
+        parts[::2] = map(data.__getitem__, map(slice, froms, ats[:done]))
+        parts[1::2] = islice(news, done)
+        self.out.write(b"".join(parts))
         self.frozen_at = froms[done]
         if done:  # the last applied hunk's old lines end here
             self.frozen = firsts[done - 1] + base + olds[done - 1].count(b"\n") - 1

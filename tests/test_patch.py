@@ -566,12 +566,12 @@ def test_hunk_results_runs_and_counts() -> None:
 def _bulk_everywhere() -> Iterator[None]:
     """The bulk parser and the lean applier engage from a file's second hunk on, a few
     hunks at a time (normally only in long runs), so small generated cases reach them."""
-    saved = P._BULK_AFTER, P._WINDOW_MIN, P._WINDOW_MAX, P._CHUNK
-    P._BULK_AFTER, P._WINDOW_MIN, P._WINDOW_MAX, P._CHUNK = 1, 8, 96, 3
+    saved = P._BULK_AFTER, P._WINDOW_MIN, P._WINDOW_MAX, P._CHUNK, P._SAME_SHAPE_MIN
+    P._BULK_AFTER, P._WINDOW_MIN, P._WINDOW_MAX, P._CHUNK, P._SAME_SHAPE_MIN = 1, 8, 96, 3, 1
     try:
         yield
     finally:
-        P._BULK_AFTER, P._WINDOW_MIN, P._WINDOW_MAX, P._CHUNK = saved
+        P._BULK_AFTER, P._WINDOW_MIN, P._WINDOW_MAX, P._CHUNK, P._SAME_SHAPE_MIN = saved
 
 
 _ODD_CONTENT = [b"a", b"a", b"b", b"-x", b"+y", b"@@ -1 +1 @@", b"@x", b"n\0l", b" ", b""]
@@ -586,8 +586,9 @@ def hunk_runs(draw: st.DrawFn) -> bytes:
     content that looks like a header or holds a NUL, omitted lengths, a cut last line."""
     out = [b"--- a/f\n+++ b/f\n"]
     line = 1
+    shared = draw(st.one_of(st.none(), st.text(alphabet=" -+", max_size=6)))  # one shape
     for _ in range(draw(st.integers(1, 9))):
-        tags = draw(st.text(alphabet=" -+", max_size=6))
+        tags = shared if shared is not None else draw(st.text(alphabet=" -+", max_size=6))
         body = [t.encode() + draw(st.sampled_from(_ODD_CONTENT)) + b"\n" for t in tags]
         old = sum(t in " -" for t in tags) + draw(st.sampled_from([0, 0, 0, 0, 0, 1, -1]))
         new = sum(t in " +" for t in tags)
@@ -656,6 +657,76 @@ def test_big_patch_makes_few_python_calls_per_hunk() -> None:
     assert apply_calls < 4 * n, f"apply made {apply_calls / n:.1f} calls per hunk"
     assert out == b"".join((b"%07X\n" if k % 5 == 2 and k < n * 5 else b"%07x\n") % k
                            for k in range(n * 5 + 5))
+
+
+@st.composite
+def same_shape_runs(draw: st.DrawFn) -> tuple[bytes, bytes, int]:
+    """(region, tags, count): plain hunks that all have one body shape (old lines exist),
+    contents that look like tags, headers or separators, or hold a NUL."""
+    tags = draw(st.text(alphabet=" -+", min_size=1, max_size=6).filter(lambda t: "+" in t.replace(
+        "+", "", 1) or t.strip("+")))
+    count = draw(st.integers(1, 6))
+    out = []
+    for h in range(count):
+        body = [t.encode() + draw(st.sampled_from(_ODD_CONTENT)) + b"\n" for t in tags]
+        old, new = sum(t in " -" for t in tags), sum(t in " +" for t in tags)
+        out.append(b"@@ -%d,%d +%d,%d @@ f()\n" % (h * 9 + 2, old, h * 9 + 2, new) + b"".join(body))
+    return b"".join(out), tags.encode(), count
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(same_shape_runs())
+def test_same_shape_sides_equal_the_regex_sides(run: tuple[bytes, bytes, int]) -> None:
+    """A run of one shape is split into sides by list slicing: the same sides (or the same
+    refusal, for a NUL in a line) as the per-line regex pass."""
+    region, tags, count = run
+    assert P._same_shape_sides(region, tags, count) == P._sides(region, count)
+
+
+def test_big_patch_runs_of_one_shape_are_known_to_the_applier() -> None:
+    """The parser records each fast hunk's shape, so the applier splits a run of one shape
+    (the benchmark's 640k hunks are all alike) without a regex match per line."""
+    n = 3000
+    data, patch = _big_case(n)
+    hunks = parse_patch(patch, "big.patch").files[0].hunks
+    half = n // 2  # the first few hundred hunks and the last are parsed one by one
+    assert isinstance(hunks, P.Hunks) and hunks.same_shape(half, n - 1) == b" -+ "
+    f = 5 * (n - 10) + 2  # one hunk near the end gets another (fast) shape
+    other = patch.replace(b"@@ -%d,3 +%d,3 @@\n %07x\n-%07x\n+%07X\n %07x\n"
+                          % (f, f, f - 1, f, f, f + 1), b"@@ -%d +%d @@\n-%07x\n+%07X\n"
+                          % (f + 1, f + 1, f, f))
+    mixed = parse_patch(other, "p").files[0].hunks
+    assert isinstance(mixed, P.Hunks) and mixed.same_shape(half, n - 1) is None
+    assert mixed.same_shape(half, n - 10) == b" -+ " and mixed.same_shape(n - 10, n - 9) == b"-+"
+    assert apply_hunks(data, mixed, 0, "big.txt")[0] == apply_hunks(data, list(mixed), 0, "b")[0]
+    assert apply_hunks(data, hunks, 0, "big.txt")[0] == b"".join(
+        (b"%07X\n" if k % 5 == 2 and k < n * 5 else b"%07x\n") % k for k in range(n * 5 + 5))
+
+
+def test_same_shape_runs_are_parsed_by_one_match_and_recorded_alike() -> None:
+    """Issue 12.14: a long run of one shape (the benchmark's) is validated by one regex
+    match per window instead of lists of every line; it records the same hunk starts,
+    first lines and shapes as the list-based window, and the same lines consumed."""
+    n = 3000
+    _, patch = _big_case(n)
+    pos = patch.index(b"@@ -")
+    end = patch.index(b"@@ -", pos + 20000)
+    got = P._same_shape_window(patch, pos, end, P.Hunks(patch, False, 3))
+    assert got is not None and got[0] == end and got[1] == 5 * (1 + patch.count(b"\n@@ -", pos, end))
+    long = b"".join(b"@@ -%d,99 +%d,99 @@\n" % (k * 200 + 1, k * 200 + 1) + b" x\n" * 99
+                    for k in range(40))  # a regex per shape is compiled only for short ones
+    assert P._same_shape_window(long, 0, len(long), P.Hunks(long, False, 1)) is None
+
+    def recorded(same_min: int) -> tuple[object, ...]:
+        saved = P._SAME_SHAPE_MIN
+        P._SAME_SHAPE_MIN = same_min
+        try:
+            h = parse_patch(patch, "big.patch").files[0].hunks
+        finally:
+            P._SAME_SHAPE_MIN = saved
+        assert isinstance(h, P.Hunks)
+        return list(h._starts), list(h._first), bytes(h._fast), h._shape_tags, h._end, list(h)
+    assert recorded(P._SAME_SHAPE_MIN) == recorded(10 ** 9)
 
 
 def _python_calls(fn):  # type: ignore[no-untyped-def]
