@@ -235,9 +235,12 @@ def test_stop_signal_ends_the_run_and_its_children(sig: signal.Signals) -> None:
     (before, Python died at once and left e.g. rpmbuild running orphaned)."""
     import time
 
+    # default dispositions, as a terminal gives them: under `nohup` SIGHUP arrives ignored, and
+    # fsbuild rightly leaves an ignored signal ignored
     p = subprocess.Popen([sys.executable, "-c", NAPPER], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     assert p.stdout is not None and p.stdout.readline().strip() == "napping"
     deadline = time.monotonic() + 10
     # signal once the child runs `sleep` (exec'd: proc.run is waiting on it)
