@@ -156,24 +156,39 @@ def choose_config(target: Target, choice: str, upstream_configs: dict[str, Path]
         return _debug_config(target, cfg, upstream_configs)
     if choice == "full":
         base_make, base_file = _full_base(target, cfg, upstream_configs)
-        return ConfigChoice("full", b"", base_make, base_file)
+        full = _fragment_file(cfg, "full_fragment", "--config full") if cfg.get("full_fragment") else b""
+        return ConfigChoice("full", _with_product(cfg, full), base_make, base_file)
     if choice == "mini":
         frag_rel = cfg.get("mini_fragment")
         if not frag_rel:
             raise TargetError(f"target {target.name}: no [config] mini_fragment")
-        frag = paths.repo_root() / frag_rel
-        if not frag.is_file():
-            raise MissingFileError(f"config fragment {frag} does not exist")
+        mini = _with_product(cfg, _fragment_file(cfg, "mini_fragment", "--config mini"))
         if cfg.get("mini_base"):
-            return ConfigChoice("mini", frag.read_bytes(), base_make=str(cfg["mini_base"]))
+            return ConfigChoice("mini", mini, base_make=str(cfg["mini_base"]))
         base_make, base_file = _full_base(target, cfg, upstream_configs)
-        return ConfigChoice("mini", frag.read_bytes(), base_make, base_file)
+        return ConfigChoice("mini", mini, base_make, base_file)
     path = Path(choice)
     if not path.is_file():
         raise MissingFileError(f"--config {choice}: not mini, full or an existing config file")
     # A user config is the base and is checked as a whole: options the new tree drops
     # (config drift) fail the build instead of vanishing silently.
-    return ConfigChoice(str(path), path.read_bytes(), base_file=path.resolve())
+    return ConfigChoice(str(path), _with_product(cfg, path.read_bytes()), base_file=path.resolve())
+
+
+def _fragment_file(cfg: dict[str, object], key: str, what: str) -> bytes:
+    frag = paths.repo_root() / str(cfg[key])
+    if not frag.is_file():
+        raise MissingFileError(f"config fragment {frag} does not exist ({what})")
+    return frag.read_bytes()
+
+
+def _with_product(cfg: dict[str, object], fragment: bytes) -> bytes:
+    """`fragment` with the target's product options on top: every profile, the operators'
+    full config and a user's file included, builds a Fastsocket kernel (a full build
+    without CONFIG_FASTSOCKET=m compiled for an hour and shipped no fastsocket.ko)."""
+    if not cfg.get("product_fragment"):
+        return fragment
+    return overlay_fragment(fragment, _fragment_file(cfg, "product_fragment", "every build"))
 
 
 def _debug_config(target: Target, cfg: dict[str, object],

@@ -48,7 +48,8 @@ def el6_source() -> Path:
     """The pristine el6 source for tests that need it; skip with the reason otherwise."""
     src = os.environ.get("FSBUILD_EL6_SRC")
     if not src:
-        pytest.skip("FSBUILD_EL6_SRC is unset: el6 source (2.6.32-431.17.1) never reaches CI")
+        pytest.skip("FSBUILD_EL6_SRC is unset: point it at the 2.6.32-431.17.1.el6 SRPM, tarball, "
+                    "tree or git ref (CI sets it to ../shared/el6/)")
     path = Path(src)
     if not path.exists():
         pytest.skip(f"FSBUILD_EL6_SRC={src} does not exist")
