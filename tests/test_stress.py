@@ -140,9 +140,30 @@ def test_churn_on_a_plain_kernel_loses_nothing(fsstress: Path, tmp_path: Path, s
     assert load["ok"] > 0 and st[counter] >= 1
 
 
+def _exec_child_waiting(server: int, timeout: float = 20.0) -> bool:
+    """True once the server's exec'd child (argv `fsstress child FDS`) sleeps in the kernel,
+    i.e. waits on its inherited listeners. "serve: ready" comes from the master: on a loaded
+    host the exec could still be under way when the load ends, and worker 1 took all 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # fields: state, ppid. Worker 0 execs itself into the child: its parent is the master.
+            if argv[1:2] == [b"child"] and fields[0] == "S" and int(fields[1]) == server:
+                return True
+        time.sleep(0.05)
+    return False
+
+
 @pytest.mark.parametrize("flag", ["-m", "-e"])
 def test_mixed_accept_and_exec_child_serve(fsstress: Path, tmp_path: Path, flag: str) -> None:
     srv = Serve(fsstress, tmp_path, "-w", "2", flag)
+    if flag == "-e":
+        assert _exec_child_waiting(srv.proc.pid), "the exec'd child never came up"
     rc, load = _load(fsstress, "-a", f"127.0.0.1:{srv.port}", "-c", "4", "-n", "200")
     st = srv.stop()
     assert rc == 0 and load["ok"] == 200
