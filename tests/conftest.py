@@ -113,3 +113,19 @@ def kernel_rpm(request: pytest.FixtureRequest) -> Path:
     env = os.environ.get("FSBUILD_TEST_KERNEL")
     where = Path(env) if env else request.getfixturevalue("linux61_rpms")
     return where if where.is_file() else smoke.find_kernel_rpm(where)
+
+
+def proc_state(pid: int) -> str:
+    """A process's state letter from /proc (R, S, Z, ...), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
+def proc_children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except OSError:
+        return []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import proc_children, proc_state
 
 from fsbuild.cli import cli
 
@@ -247,36 +248,24 @@ def test_stop_signal_ends_the_run_and_its_children(sig: signal.Signals) -> None:
     while not _sleeping_child(p.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.2)
-    kids = _children(p.pid)
+    kids = proc_children(p.pid)
     assert kids, "the command's child never started"
     p.send_signal(sig)
     _, err = p.communicate(timeout=20)
     assert p.returncode == 130, err
     assert err.strip() == "fsbuild: interrupted"
-    alive = [k for k in kids if Path(f"/proc/{k}").exists() and _state(k) != "Z"]
-    assert not alive, f"the child outlived fsbuild: {[(k, _state(k)) for k in alive]}"
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "gone"
+    alive = [k for k in kids if Path(f"/proc/{k}").exists() and proc_state(k) != "Z"]
+    assert not alive, f"the child outlived fsbuild: {[(k, proc_state(k)) for k in alive]}"
 
 
 def _sleeping_child(pid: int) -> bool:
-    for k in _children(pid):
+    for k in proc_children(pid):
         try:
             if Path(f"/proc/{k}/comm").read_text().strip() == "sleep":
                 return True
         except OSError:
             pass
     return False
-
-
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(x) for x in path.read_text().split()] if path.exists() else []
 
 
 def test_bare_fsbuild_prints_help_and_succeeds() -> None:

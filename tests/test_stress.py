@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, require_tool
+from conftest import ROOT, proc_children, proc_state, require_tool
 
 from fsbuild import qemu, smoke, stress
 from fsbuild.errors import SmokeCheckError
@@ -141,19 +141,17 @@ def test_churn_on_a_plain_kernel_loses_nothing(fsstress: Path, tmp_path: Path, s
 
 
 def _exec_child_waiting(server: int, timeout: float = 20.0) -> bool:
-    """True once the server's exec'd child (argv `fsstress child FDS`) sleeps in the kernel,
-    i.e. waits on its inherited listeners. "serve: ready" comes from the master: on a loaded
-    host the exec could still be under way when the load ends, and worker 1 took all 200."""
+    """True once worker 0, exec'd into `fsstress child FDS`, sleeps on its inherited
+    listeners. "serve: ready" comes from the master: on a loaded host the exec could still be
+    under way when the load ends, and worker 1 took all 200."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        for k in proc_children(server):
             try:
-                argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
-                fields = stat.read_text().rsplit(")", 1)[1].split()
+                argv = Path(f"/proc/{k}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            # fields: state, ppid. Worker 0 execs itself into the child: its parent is the master.
-            if argv[1:2] == [b"child"] and fields[0] == "S" and int(fields[1]) == server:
+            if argv[1:2] == [b"child"] and proc_state(k) == "S":
                 return True
         time.sleep(0.05)
     return False
