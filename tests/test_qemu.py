@@ -58,6 +58,14 @@ def test_cmdline_skips_legacy_ptys_and_the_caller_overrides(tmp_path: Path) -> N
     assert words.index("pty.legacy_count=0") < words.index("pty.legacy_count=2")
 
 
+def test_cmdline_trusts_the_tcg_tsc(tmp_path: Path) -> None:
+    """Every TCG vCPU's TSC comes from one host clock; without tsc=reliable both kernels
+    distrust it (AMD vCPU model, no invariant-TSC bit) and time everything with the HPET,
+    an emulated MMIO read per clock read."""
+    words = _value(qemu.argv(_cfg(tmp_path)), "-append")[0].split()
+    assert "tsc=reliable" in words
+
+
 def test_argv_tap_netns_multiqueue(tmp_path: Path) -> None:
     net = qemu.Net("tap-netns", "test", "fsns", ("-netdev", "tap,id=n1,ifname=fsvnet0,queues=4",
                                                  "-device", "virtio-net-pci,netdev=n1,mq=on,vectors=10"))
