@@ -62,7 +62,8 @@ def plain_boot(kin: smoke.KernelInputs, accel: qemu.Accel, work: Path) -> tuple[
     log = work / "plain-serial.log"
     lpj = smoke.preset_lpj(kin.config)
     append = f"console=ttyS0 panic=-1 {qemu.GUEST_KNOBS}" + (f" lpj={lpj}" if lpj else "")
-    cmd = ["qemu-system-x86_64", "-accel", qemu.accel_arg(accel, 4), "-M", qemu.MACHINE, "-smp", "4", "-m", "512",
+    cmd = ["qemu-system-x86_64", "-accel", qemu.accel_arg(accel, 4), "-M", qemu.MACHINE,
+           *qemu.firmware_args(), "-smp", "4", "-m", "512",
            "-nodefaults", "-display", "none", "-no-reboot", "-kernel", str(kin.vmlinuz),
            "-initrd", str(initrd), "-append", append, "-serial", f"file:{log}"]
     start, cpu0 = time.monotonic(), _children_cpu()

@@ -35,6 +35,12 @@ GUEST_MAC = ("52:54:00:fb:00:01", "52:54:00:fb:00:02")
 # busy for ~1 s before init (QEMU CPU time of a boot to init: 4.6 s -> 3.3 s with lpj= and
 # an uncompressed initramfs). The NICs, serial ports, HPET and PIT stay.
 MACHINE = "q35,i8042=off,sata=off,smbus=off"
+# qboot, QEMU's minimal firmware (shipped beside SeaBIOS), instead of SeaBIOS: it hands the
+# kernel QEMU's ACPI and MP tables and jumps to it without a POST, and after it 2.6.32's fast
+# PIT calibration of the TSC succeeds (after SeaBIOS it fails into a ~0.1 s fallback). Boot to
+# init, alternated smoke runs, medians: el6 3.03 -> 2.75 s (10 pairs), linux-6.1 2.79 ->
+# 2.36 s (4 pairs), every check passing the same. Where QEMU has no qboot.rom: SeaBIOS.
+FIRMWARE = "qboot.rom"
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ def kernel_cmdline(extra: str = "") -> str:
 def argv(cfg: VmConfig) -> list[str]:
     """The QEMU command line (without the `ip netns exec` prefix)."""
     # TCG keeps QEMU's default CPU model: el6 (2.6.32) predates most of `-cpu max`.
-    a = [cfg.qemu, "-accel", accel_arg(cfg.accel, cfg.smp), "-M", MACHINE,
+    a = [cfg.qemu, "-accel", accel_arg(cfg.accel, cfg.smp), "-M", MACHINE, *firmware_args(cfg.qemu),
          *(["-cpu", "host"] if cfg.accel.name == "kvm" else []),
          "-smp", str(cfg.smp), "-m", str(cfg.memory_mb),
          "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -114,6 +120,16 @@ def argv(cfg: VmConfig) -> list[str]:
     if cfg.pvpanic:
         a += ["-device", "pvpanic"]
     return a + list(cfg.net.args)
+
+
+def firmware_args(qemu: str = QEMU) -> list[str]:
+    """`-bios <qboot.rom>` from the data directory of this QEMU (PREFIX/share/qemu beside
+    PREFIX/bin), or nothing: QEMU's default firmware."""
+    binary = shutil.which(qemu)
+    if binary is None:
+        return []
+    rom = Path(binary).resolve().parent.parent / "share" / "qemu" / FIRMWARE
+    return ["-bios", str(rom)] if rom.is_file() else []
 
 
 def accel_arg(accel: Accel, smp: int, host_cpus: int | None = None) -> str:

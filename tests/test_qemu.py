@@ -58,6 +58,35 @@ def test_cmdline_skips_legacy_ptys_and_the_caller_overrides(tmp_path: Path) -> N
     assert words.index("pty.legacy_count=0") < words.index("pty.legacy_count=2")
 
 
+def _qemu_prefix(root: Path, with_qboot: bool) -> Path:
+    """PREFIX/bin/qemu-system-x86_64 (a script) and, optionally, PREFIX/share/qemu/qboot.rom."""
+    binary = root / "bin" / "qemu-system-x86_64"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+    if with_qboot:
+        (root / "share" / "qemu").mkdir(parents=True)
+        (root / "share" / "qemu" / "qboot.rom").write_bytes(b"\0" * 64)
+    return binary
+
+
+def test_firmware_is_qboot_from_the_qemu_data_dir(tmp_path: Path) -> None:
+    """qboot (no POST; 2.6.32's fast TSC calibration works after it) from PREFIX/share/qemu
+    of the QEMU that runs; the rendered command line carries it."""
+    binary = _qemu_prefix(tmp_path / "with", with_qboot=True)
+    rom = tmp_path / "with" / "share" / "qemu" / "qboot.rom"
+    assert qemu.firmware_args(str(binary)) == ["-bios", str(rom)]
+    assert _value(qemu.argv(_cfg(tmp_path, qemu=str(binary))), "-bios") == [str(rom)]
+
+
+def test_firmware_falls_back_to_qemus_default(tmp_path: Path) -> None:
+    """No qboot.rom (or no such QEMU): no -bios, QEMU boots its default firmware."""
+    binary = _qemu_prefix(tmp_path / "without", with_qboot=False)
+    assert qemu.firmware_args(str(binary)) == []
+    assert "-bios" not in qemu.argv(_cfg(tmp_path, qemu=str(binary)))
+    assert qemu.firmware_args(str(tmp_path / "no-such-qemu")) == []
+
+
 def test_cmdline_trusts_the_tcg_tsc(tmp_path: Path) -> None:
     """Every TCG vCPU's TSC comes from one host clock; without tsc=reliable both kernels
     distrust it (AMD vCPU model, no invariant-TSC bit) and time everything with the HPET,
