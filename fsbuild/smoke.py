@@ -39,6 +39,9 @@ PANIC_RE = re.compile(r"Kernel panic - not syncing[^\r\n]*")
 LINE_RE = re.compile(r"^(FSBOOT|FSCHECK|FSDONE)\b ?(.*)$")
 # The init's progress on the console: `FSSTEP t=<guest uptime> <what>` (ci/guest/init step()).
 STEP_RE = re.compile(r"FSSTEP t=([0-9.]+) (\S+)")
+# The kernel's printk writes the UART between the bytes of a line the init is writing:
+# "FSSTEP t=1.90 ni[    2.17] igb: ...\nc_job:igb". The splice drops such kernel lines.
+SPLIT_STEP_RE = re.compile(r"(FSSTEP t=[0-9.]+ [^\s\[]*)\[ *\d+\.\d+\][^\n]*\n")
 # A UART may put a junk byte before the first line (seen on 2.6.32): strip non-printables.
 JUNK_RE = re.compile(r"^[^\x20-\x7e]+")
 # Checks the guest init always reports (pass, fail or skip): a run missing any of them did not
@@ -291,6 +294,11 @@ def parse_guest(text: str) -> GuestReport:
 
 def guest_steps(console: str) -> list[tuple[str, float]]:
     """(step, guest uptime) of every FSSTEP line: the init's own clock, per check."""
+    while True:
+        spliced = SPLIT_STEP_RE.sub(r"\1", console)
+        if spliced == console:
+            break
+        console = spliced
     return [(m.group(2), float(m.group(1))) for m in STEP_RE.finditer(console)]
 
 

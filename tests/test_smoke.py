@@ -292,6 +292,10 @@ def test_phases_split_the_run_and_the_guest_steps(tmp_path: Path) -> None:
     console = ("[ 0.5] x\nFSSTEP t=1.25 init\nFSSTEP t=1.50 kernel_version\r\n"
                "junk FSSTEP t=2.00 nic_module:igb\nFSSTEP t=bad x\n")
     assert smoke.guest_steps(console) == [("init", 1.25), ("kernel_version", 1.5), ("nic_module:igb", 2.0)]
+    # printk lines written into the middle of a step line (another CPU) are spliced out
+    split = ("FSSTEP t=1.86 ni[    2.17] igb: Intel(R) Gigabit\n[    2.18] igb: Copyright\nc_job:igb\n"
+             "FSSTEP t=1.90 [    2.19] virtio-pci: INT A\nnic_job:virtio\n")
+    assert smoke.guest_steps(split) == [("nic_job:igb", 1.86), ("nic_job:virtio", 1.9)]
     clock = smoke._Clock()
     clock.last -= 1.0
     w = smoke._Watcher(qemu.VmConfig(kernel=tmp_path, initrd=tmp_path, workdir=tmp_path, serial_log=tmp_path / "s",
