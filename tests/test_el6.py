@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tarfile
 from pathlib import Path
@@ -163,6 +164,35 @@ def test_series_apply_with_gnu_patch_at_fuzz0(pristine_subset: Path, tmp_path: P
     _gnu_patch(tree, series_patches(EL6))
     assert (tree / "include" / "net" / "fastsocket.h").is_file()
     assert 'source "net/fastsocket/Kconfig"' in (tree / "net" / "Kconfig").read_text()
+
+
+def test_mkcompile_h_takes_the_builder_from_the_build(pristine_subset: Path, tmp_path: Path) -> None:
+    """With the hostcc series, the banner's user@host (and compile.h's domain and time) come
+    from the build's KBUILD_BUILD_* on every host; unset, the build host's as before."""
+    require_tool("patch")
+    tree = tmp_path / "tree"
+    shutil.copytree(pristine_subset, tree)
+    _gnu_patch(tree, series_patches(HOSTCC))
+    (tree / "include" / "linux").mkdir(parents=True, exist_ok=True)
+    (tree / "include" / "linux" / "autoconf.h").write_text("")
+
+    def compile_h(**env: str) -> str:
+        out = tree / "include" / "linux" / "compile.h"
+        out.unlink(missing_ok=True)
+        run_env = {k: v for k, v in os.environ.items() if not k.startswith("KBUILD_BUILD_")} | env
+        subprocess.run(["sh", "scripts/mkcompile_h", str(out), "x86_64", "y", "", "gcc"],
+                       cwd=tree, env=run_env, check=True, capture_output=True)
+        return out.read_text()
+
+    fixed = compile_h(KBUILD_BUILD_USER="fsbuild", KBUILD_BUILD_HOST="fsbuild.reproducible",
+                      KBUILD_BUILD_TIMESTAMP="Thu Jan  1 00:00:00 UTC 2026", KBUILD_BUILD_VERSION="1")
+    assert '#define LINUX_COMPILE_BY "fsbuild"' in fixed
+    assert '#define LINUX_COMPILE_HOST "fsbuild.reproducible"' in fixed
+    assert '#define LINUX_COMPILE_DOMAIN\n' in fixed
+    assert '#define LINUX_COMPILE_TIME "00:00:00"' in fixed
+    assert '"#1 SMP Thu Jan 1 00:00:00 UTC 2026"' in fixed   # (echo folds the spaces, as ever)
+    host = compile_h()
+    assert f'#define LINUX_COMPILE_HOST "{socket.gethostname()[:64]}"' in host
 
 
 def test_quilt_push_all(pristine_subset: Path, tmp_path: Path) -> None:
