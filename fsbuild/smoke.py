@@ -294,11 +294,9 @@ def parse_guest(text: str) -> GuestReport:
 
 def guest_steps(console: str) -> list[tuple[str, float]]:
     """(step, guest uptime) of every FSSTEP line: the init's own clock, per check."""
-    while True:
-        spliced = SPLIT_STEP_RE.sub(r"\1", console)
-        if spliced == console:
-            break
-        console = spliced
+    spliced = 1
+    while spliced:   # one kernel line per pass: a step may have been cut more than once
+        console, spliced = SPLIT_STEP_RE.subn(r"\1", console)
     return [(m.group(2), float(m.group(1))) for m in STEP_RE.finditer(console)]
 
 
