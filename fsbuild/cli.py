@@ -125,8 +125,17 @@ def _stop_signals_interrupt() -> None:
             signal.signal(sig, _stop)
 
 
+def _unraisable(info: sys.UnraisableHookArgs) -> None:
+    """An error Python cannot raise (a library object's __del__ failing on the half-built
+    state a Ctrl-C left it in) is the library's noise, not the user's: no traceback for
+    it, only under --debug."""
+    if _debug:
+        sys.__unraisablehook__(info)
+
+
 def main() -> None:
     _stop_signals_interrupt()
+    sys.unraisablehook = _unraisable
     try:
         # prog_name and complete_var fixed: `python -m fsbuild` and the console script
         # complete alike (README: eval "$(_FSBUILD_COMPLETE=bash_source fsbuild)").

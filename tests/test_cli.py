@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from conftest import proc_children, proc_state
 
 from fsbuild.cli import cli
+from fsbuild.errors import RunInterruptedError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,6 +196,27 @@ def test_unexpected_exception_is_one_line_and_debug_shows_traceback(tmp_path: Pa
                            text=True, env=env)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[0]
+
+
+def test_a_library_error_in_del_after_ctrl_c_prints_no_traceback() -> None:
+    """Ctrl-C inside a library constructor leaves a half-built object whose __del__ fails
+    later (seen: GitConfigParser); Python would print that as "Exception ignored in ...":
+    the user sees the one interrupted line, --debug still shows it."""
+    code = ("import sys, fsbuild.commands.targets as t\n"
+            "class Half:\n"
+            "    def __init__(self): raise KeyboardInterrupt\n"
+            "    def __del__(self): return self._read_only\n"
+            "def interrupted(*a, **k):\n"
+            "    Half()\n"
+            "t.cmd.callback = interrupted\n"
+            "from fsbuild.cli import main\n"
+            "sys.argv = ['fsbuild', *sys.argv[1:], 'targets']\n"
+            "main()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert (plain.returncode, plain.stderr.strip()) == (RunInterruptedError.exit_code, "fsbuild: interrupted")
+    debug = subprocess.run([sys.executable, "-c", code, "--debug"], capture_output=True, text=True, env=env)
+    assert "Exception ignored in" in debug.stderr and "_read_only" in debug.stderr
 
 
 def test_doctor_reports_then_fails_with_tool_missing(tmp_path: Path) -> None:
