@@ -303,9 +303,10 @@ class Workspace:
         return self.target.series.parent / e.name
 
     def dirty(self) -> bool:
-        git(self.root, "update-index", "-q", "--refresh", check=False)
-        return git(self.root, "diff-index", "--quiet", "HEAD", "--", check=False).returncode != 0 or \
-            bool(git_out(self.root, "ls-files", "--others", "--exclude-standard"))
+        """Changes against HEAD, staged or not, or untracked files. A query only: git status
+        without its optional index refresh takes no index.lock, so a run killed here
+        leaves nothing behind (`update-index --refresh` did)."""
+        return bool(git_out(self.root, "--no-optional-locks", "status", "--porcelain", "--untracked-files=normal"))
 
     def push(self, count: int | None = 1, fuzz: int = 0,
              done_one: Callable[[str], None] | None = None) -> list[str]:
