@@ -112,10 +112,11 @@ GROUPS = (("init", "kernel_boot"), ("kernel_version", "version"), ("nic_module",
           ("fastsocket_load", "fs_load"), ("fastsocket_params", "fs_load"),
           ("fastsocket_demo", "demo_load"), ("demo_plain", "demo_load"),
           ("fastsocket_stats", "fs_stats"), ("fastsocket_unload", "rmmod"),
-          ("nic_wait", "nic_wait"), ("dmesg_clean", "dmesg"), ("done", "dmesg"))
+          ("nic_wait", "nic_wait"), ("nic_ready", "nic_wait"), ("dmesg_clean", "dmesg"), ("done", "dmesg"))
 # Steps of the init's background NIC lanes (each from its `nic_job:<lane>` step on): timed
 # on their own clocks, since the lanes run beside the fastsocket checks and the demo load.
-# g:nic_wait is how long the init then still waited for them.
+# g:nic_wait is how long the init then still waited for them (`nic_wait` to `nic_ready`), g:nic_sh
+# nic.sh and its affinity check alone.
 NIC_LANES = (("nic_module:virtio", "virtio"), ("virtio_net", "virtio"), ("nic_module", "igb"), ("igb_", "igb"))
 
 

@@ -308,6 +308,22 @@ def test_phases_split_the_run_and_the_guest_steps(tmp_path: Path) -> None:
     assert "qemu_cpu_boot" not in clock.phases            # no QEMU process was watched
 
 
+def test_bench_groups_time_the_nic_lanes_and_the_wait_apart() -> None:
+    """ci/bench_smoke.py: a lane's steps count on the lane's clock; the init's wait for the
+    lanes (nic_wait..nic_ready) is g:nic_wait, not nic.sh's (it hid 0.7 s of igb in it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ci"))
+    import bench_smoke
+    steps = [("init", 0.8), ("kernel_version", 0.81), ("nic_job:igb", 0.82), ("nic_job:virtio", 0.83),
+             ("fastsocket_load", 0.9), ("nic_module:virtio_net", 1.0), ("virtio_net", 1.1),
+             ("fastsocket_demo:server up", 1.0), ("fastsocket_demo", 1.3), ("nic_module:igb", 1.4),
+             ("nic_wait", 1.35), ("igb_queues", 2.0), ("nic_ready", 2.01), ("nic_affinity", 2.06),
+             ("dmesg_clean", 2.07), ("done", 2.07)]
+    g = bench_smoke.guest_phases(steps)
+    assert g["g:kernel_boot"] == 0.8 and g["g:nic_modules"] == round(0.17 + 0.58, 3)
+    assert g["g:virtio_net"] == 0.1 and g["g:igb"] == 0.6 and g["g:demo_load"] == 0.4
+    assert g["g:nic_wait"] == round(0.05 + 0.66, 3) and g["g:nic_sh"] == 0.05
+
+
 def test_watcher_takes_qemu_cpu_at_fsboot_and_fsdone(tmp_path: Path) -> None:
     """QEMU's CPU seconds split at FSBOOT/FSDONE (qemu_cpu_boot, qemu_cpu_checks): the
     phases a loaded host's wall clock cannot compare (here: this process stands in)."""
