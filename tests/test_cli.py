@@ -177,23 +177,28 @@ def test_no_command_ever_shows_a_traceback(tmp_path: Path) -> None:
     assert not failures, f"{len(failures)} of {len(runs)} runs:\n" + "\n".join(failures)
 
 
-def test_unexpected_exception_is_one_line_and_debug_shows_traceback(tmp_path: Path) -> None:
-    """A bug (any non-fsbuild exception) still reaches the user as one line, exit 1, and
-    --debug adds the traceback for a bug report without changing the exit code."""
-    code = ("import sys, fsbuild.commands.targets as t\n"
-            "def boom(*a, **k): raise ValueError('bad\\nvalue')\n"
-            "t.cmd.callback = boom\n"
+def main_with_callback(callback: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`fsbuild [ARGS] targets` in a fresh interpreter, the command's callback replaced by
+    the function `cb` that `callback` (Python source) defines."""
+    code = ("import sys, fsbuild.commands.targets as t\n" + callback +
+            "t.cmd.callback = cb\n"
             "from fsbuild.cli import main\n"
             "sys.argv = ['fsbuild', *sys.argv[1:], 'targets']\n"
             "main()\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_unexpected_exception_is_one_line_and_debug_shows_traceback(tmp_path: Path) -> None:
+    """A bug (any non-fsbuild exception) still reaches the user as one line, exit 1, and
+    --debug adds the traceback for a bug report without changing the exit code."""
+    boom = "def cb(*a, **k): raise ValueError('bad\\nvalue')\n"
+    plain = main_with_callback(boom)
     assert plain.returncode == 1
     assert plain.stderr.splitlines() == [
         "fsbuild: error: internal error ValueError: bad; value (rerun with `fsbuild --debug "
         "...` for the traceback and report it)"]
-    debug = subprocess.run([sys.executable, "-c", code, "--debug"], capture_output=True,
-                           text=True, env=env)
+    debug = main_with_callback(boom, "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[0]
 
@@ -202,20 +207,14 @@ def test_a_library_error_in_del_after_ctrl_c_prints_no_traceback() -> None:
     """Ctrl-C inside a library constructor leaves a half-built object whose __del__ fails
     later (seen: GitConfigParser); Python would print that as "Exception ignored in ...":
     the user sees the one interrupted line, --debug still shows it."""
-    code = ("import sys, fsbuild.commands.targets as t\n"
-            "class Half:\n"
+    half = ("class Half:\n"
             "    def __init__(self): raise KeyboardInterrupt\n"
             "    def __del__(self): return self._read_only\n"
-            "def interrupted(*a, **k):\n"
-            "    Half()\n"
-            "t.cmd.callback = interrupted\n"
-            "from fsbuild.cli import main\n"
-            "sys.argv = ['fsbuild', *sys.argv[1:], 'targets']\n"
-            "main()\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+            "def cb(*a, **k):\n"
+            "    Half()\n")
+    plain = main_with_callback(half)
     assert (plain.returncode, plain.stderr.strip()) == (RunInterruptedError.exit_code, "fsbuild: interrupted")
-    debug = subprocess.run([sys.executable, "-c", code, "--debug"], capture_output=True, text=True, env=env)
+    debug = main_with_callback(half, "--debug")
     assert "Exception ignored in" in debug.stderr and "_read_only" in debug.stderr
 
 
