@@ -103,6 +103,7 @@ struct lstate {
 	int local_fd;       /* local listener fd in process `owner`, or -1 */
 	int spawned;        /* owner has a local listener (module: maybe without an fd) */
 	pid_t owner;        /* process that made the spawn decision; 0 none, -pid deciding */
+	pid_t spawner;      /* module mode: its thread that spawned (the module's local owner) */
 	int backlog;
 	struct pgroup *grp; /* portable mode: state shared by all forks of this listener */
 };
@@ -393,6 +394,7 @@ static unsigned ls_new(int backlog, struct pgroup *g)
 		STORE(&l->local_fd, -1);
 		STORE(&l->spawned, 0);
 		STORE(&l->owner, 0);
+		STORE(&l->spawner, 0);
 		STORE(&l->backlog, backlog);
 		STORE(&l->grp, g);
 		STORE(&l->refs, REF_FD);
@@ -461,6 +463,25 @@ static int pinned_cpu(void)
 		if (CPU_ISSET(i, &set))
 			return i;
 	return -1;
+}
+
+static pid_t gettid_now(void) { return (pid_t)syscall(SYS_gettid); }
+
+/* The local listener fd of slot l that this thread may wait on, or -1.  In module mode
+ * only the spawning thread: ACCEPT drains a local from its CPU and, on the reuseport
+ * backend, from the spawning process; where it cannot (a thread elsewhere on a module
+ * whose locals are the spawning thread's), a thread woken by the local would get EAGAIN
+ * with the local still readable, and spin.  Other threads wait on the listen fd, whose
+ * poll includes every local ACCEPT would give them. */
+static int local_to_wait_on(struct lstate *l)
+{
+	int lfd = LOAD(&l->local_fd);
+
+	if (lfd < 0 || LOAD(&l->owner) != g_pid)
+		return -1;
+	if (g_mode == MODE_MODULE && LOAD(&l->spawner) != gettid_now())
+		return -1;
+	return lfd;
 }
 
 static int not_supported(int err)
@@ -661,6 +682,7 @@ static void module_spawn(int fd, struct lstate *l)
 	a.local_fd = -1;
 	if (ioctl(LOAD(&g_devfd), FSOCK_IOC_SPAWN, &a) != 0)
 		return;
+	STORE(&l->spawner, gettid_now());
 	STORE(&l->local_fd, a.local_fd);
 	STORE(&l->spawned, 1);
 }
@@ -886,7 +908,7 @@ static int module_accept(int fd, struct lstate *l, struct sockaddr *addr, sockle
 			fd_track(nfd, F_FS);
 			return nfd;
 		}
-		if (errno == ENOTTY || errno == ENOSYS)
+		if (errno == ENOTTY || errno == ENOSYS || errno == EOPNOTSUPP) /* a kind it refuses */
 			return real_accept4(fd, addr, len, flags);
 		if (errno != EAGAIN && errno != EWOULDBLOCK)
 			return -1;
@@ -897,7 +919,7 @@ static int module_accept(int fd, struct lstate *l, struct sockaddr *addr, sockle
 		}
 		/* Blocking listener: sleep until either queue has a connection, then retry
 		 * (another worker may win the race; the ioctl then says EAGAIN again). */
-		lfd = LOAD(&l->local_fd);
+		lfd = local_to_wait_on(l);
 		p[0] = (struct pollfd){ .fd = fd, .events = POLLIN };
 		if (lfd >= 0)
 			p[n++] = (struct pollfd){ .fd = lfd, .events = POLLIN };
@@ -966,12 +988,11 @@ EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 	return do_accept(fd, addr, len, flags, 1);
 }
 
-EXPORT int close(int fd)
+static int do_close(int fd)
 {
 	uint32_t w;
 	int last = 1;
 
-	ensure();
 	if (fd >= 0 && fd == LOAD(&g_devfd))
 		return 0; /* daemons closing "all" fds must not cut us off the module */
 	w = fd_take(fd);
@@ -988,6 +1009,139 @@ EXPORT int close(int fd)
 			return -1;
 	}
 	return real_close(fd);
+}
+
+EXPORT int close(int fd)
+{
+	ensure();
+	return do_close(fd);
+}
+
+/* ---- close_range / closefrom: "close everything from N" (daemons, before exec) ----
+ * The kernel would close our own fds too (the device, local listeners: later calls
+ * would reach whatever file reuses their numbers) and leave the tracking of the app's
+ * sockets stale.  Tracked fds in the range go through close(), ours are skipped, the
+ * rest is one close_range per gap between ours. */
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+#ifndef CLOSE_RANGE_UNSHARE
+#define CLOSE_RANGE_UNSHARE (1U << 1)
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+/* The lowest of our own fds (the device, this process's local listeners) in [lo, hi]. */
+static int next_ours(unsigned lo, unsigned hi)
+{
+	int best = -1, fd = LOAD(&g_devfd), i;
+
+	if (fd >= 0 && (unsigned)fd >= lo && (unsigned)fd <= hi)
+		best = fd;
+	for (i = 1; i <= LS_MAX && LOAD(&g_tracking); i++) {
+		fd = LOAD(&g_ls[i].local_fd);
+		if (fd >= 0 && (unsigned)fd >= lo && (unsigned)fd <= hi && (best < 0 || fd < best) &&
+		    LOAD(&g_ls[i].owner) == g_pid)
+			best = fd;
+	}
+	return best;
+}
+
+static void close_tracked(unsigned lo, unsigned hi)
+{
+	unsigned fd;
+
+	for (fd = lo; fd < FD_MAX && fd <= hi && LOAD(&g_tracking); fd++)
+		if (fd_load((int)fd))
+			do_close((int)fd);
+}
+
+EXPORT int close_range(unsigned first, unsigned last, int flags)
+{
+	int k;
+
+	ensure();
+	/* Bad arguments, marking close-on-exec only, or a kernel without it: as it says. */
+	if (first > last || (flags & ~(int)(CLOSE_RANGE_UNSHARE | CLOSE_RANGE_CLOEXEC)) ||
+	    (flags & CLOSE_RANGE_CLOEXEC) || syscall(SYS_close_range, ~0U, ~0U, 0) != 0)
+		return (int)syscall(SYS_close_range, first, last, flags);
+	/* UNSHARE: the closes happen in a private copy of the table (a child about to exec);
+	 * the process's sockets stay open in the others' and keep their tracking. */
+	if (!(flags & CLOSE_RANGE_UNSHARE))
+		close_tracked(first, last);
+	for (;;) {
+		k = next_ours(first, last);
+		if (k < 0)
+			return (int)syscall(SYS_close_range, first, last, flags);
+		if ((unsigned)k > first && syscall(SYS_close_range, first, (unsigned)k - 1, flags) != 0)
+			return -1;
+		if ((unsigned)k == last)
+			return 0;
+		first = (unsigned)k + 1;
+	}
+}
+
+/* glibc >= 2.34 (its own closefrom calls the kernel directly).  Kernels before 5.9 have
+ * no close_range: the fds open are listed from /proc/self/fd, as glibc does. */
+struct fs_dirent64 {
+	uint64_t ino;
+	int64_t off;
+	unsigned short reclen;
+	unsigned char type;
+	char name[];
+};
+
+static int close_listed(int lowfd)
+{
+	char buf[4096];
+	int dir = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	int closed, fd;
+	long n, off;
+
+	if (dir < 0)
+		return -1;
+	do { /* closing while reading the directory may skip entries: until a pass closes none */
+		closed = 0;
+		lseek(dir, 0, SEEK_SET);
+		while ((n = syscall(SYS_getdents64, dir, buf, sizeof(buf))) > 0) {
+			for (off = 0; off < n; off += ((struct fs_dirent64 *)(buf + off))->reclen) {
+				const char *c = ((struct fs_dirent64 *)(buf + off))->name;
+
+				for (fd = 0; *c >= '0' && *c <= '9' && fd < (1 << 24); c++)
+					fd = fd * 10 + (*c - '0');
+				if (*c || fd < lowfd || fd == dir || next_ours((unsigned)fd, (unsigned)fd) == fd)
+					continue;
+				do_close(fd);
+				closed++;
+			}
+		}
+	} while (closed);
+	sys_close(dir);
+	return 0;
+}
+
+EXPORT void closefrom(int lowfd)
+{
+	int saved = errno;
+
+	ensure();
+	if (lowfd < 0)
+		lowfd = 0;
+	if (close_range((unsigned)lowfd, ~0U, 0) != 0 && close_listed(lowfd) != 0) {
+		long lim = sysconf(_SC_OPEN_MAX); /* no /proc either: every number up to the limit */
+		int fd = lowfd, k;
+
+		if (lim < 0 || lim > (1L << 24))
+			lim = 1L << 24;
+		while (fd < lim) {
+			k = next_ours((unsigned)fd, (unsigned)lim - 1);
+			for (; fd < (k < 0 ? lim : k); fd++)
+				do_close(fd);
+			fd = k < 0 ? (int)lim : k + 1;
+		}
+	}
+	errno = saved;
 }
 
 EXPORT int shutdown(int fd, int how)
@@ -1026,7 +1180,7 @@ EXPORT pid_t fork(void)
 EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 {
 	unsigned i;
-	int r, lfd, saved;
+	int r, lfd, saved, waits;
 
 	ensure();
 	r = real_epoll_ctl(epfd, op, fd, ev);
@@ -1035,14 +1189,16 @@ EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 	saved = errno;
 	if (op == EPOLL_CTL_ADD)
 		spawn_once(fd, i, 1);
-	lfd = LOAD(&g_ls[i].local_fd);
-	/* Same event data: readiness of the local queue wakes the app for the listen fd. */
-	if (lfd >= 0 && LOAD(&g_ls[i].owner) == g_pid) {
-		if (op == EPOLL_CTL_ADD) {
+	lfd = LOAD(&g_ls[i].owner) == g_pid ? LOAD(&g_ls[i].local_fd) : -1;
+	waits = local_to_wait_on(&g_ls[i]) >= 0;
+	/* Same event data: readiness of the local queue wakes the app for the listen fd.
+	 * Only a thread that may wait on the local adds it; any thread changes or drops it. */
+	if (lfd >= 0) {
+		if (op == EPOLL_CTL_ADD && waits) {
 			if (real_epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, ev) != 0 && errno == EEXIST)
 				real_epoll_ctl(epfd, EPOLL_CTL_MOD, lfd, ev);
 		} else if (op == EPOLL_CTL_MOD) {
-			if (real_epoll_ctl(epfd, EPOLL_CTL_MOD, lfd, ev) != 0 && errno == ENOENT)
+			if (real_epoll_ctl(epfd, EPOLL_CTL_MOD, lfd, ev) != 0 && errno == ENOENT && waits)
 				real_epoll_ctl(epfd, EPOLL_CTL_ADD, lfd, ev);
 		} else if (op == EPOLL_CTL_DEL) {
 			real_epoll_ctl(epfd, EPOLL_CTL_DEL, lfd, ev);

@@ -697,14 +697,16 @@ static int fsock_el6_spawn_locked(struct socket *sock, int cpu)
 		list_del_rcu(&g->node);		/* ours alone: nothing was spawned */
 	else
 		fresh = NULL;			/* in use, or the hook owns its teardown */
+	/* Before the unlock: once it is dropped the hook may tear the group down (call_rcu) */
+	rcu_read_lock();
 	spin_unlock_bh(&fsock_groups_lock);
 	if (!err && alive) {
-		rcu_read_lock();	/* the hook may tear the group down any time */
 		fsock_set_acceptor(g, cpu);
 		rcu_read_unlock();
 		fsock_dbg(1, "local listener for cpu %d of %p\n", cpu, global);
 		return 0;
 	}
+	rcu_read_unlock();
 	if (fresh) {
 		sock_put(fresh->global);
 		call_rcu(&fresh->rcu, fsock_group_free_rcu);
@@ -779,6 +781,11 @@ static int fsock_el6_accept(int fd, int cpu, int flags, struct sockaddr __user *
 	sock = sockfd_lookup(fd, &err);
 	if (!sock)
 		return err;
+	/* The new socket gets inet_stream_ops (fsock_kernel_accept): IPv4 TCP only. Any other
+	 * listener (unix, IPv6) would be accepted and then released as an inet socket. */
+	err = -EOPNOTSUPP;
+	if (!fsock_is_tcp4(sock))
+		goto out;
 	if (cpu >= 0 && cpu < nr_cpu_ids) {
 		rcu_read_lock();
 		g = fsock_group_find(sock->sk);

@@ -64,7 +64,7 @@ struct fsock_ent {
 	struct socket *sock;
 	struct fsock_group *grp;
 	int cpu;
-	pid_t owner;		/* local: thread that last SPAWNed it (initial pid namespace) */
+	pid_t owner;		/* local: process (tgid) that last SPAWNed it (initial pid namespace) */
 	unsigned int turn;	/* local: next ACCEPT tries the global queue first */
 	struct rcu_head rcu;
 };
@@ -141,7 +141,7 @@ static struct file *fsock_local_file(struct sock *sk, int cpu)
 }
 
 /*
- * Whether the owner of local `l` can no longer drain it where it is: the thread is gone
+ * Whether the owner of local `l` can no longer drain it where it is: the process is gone
  * (another process still holds the fd) or the local's CPU went offline. Such a local's
  * connections are anybody's. RCU held (find_pid_ns).
  */
@@ -149,7 +149,7 @@ static bool fsock_abandoned(const struct fsock_ent *l)
 {
 	if (!cpu_online(l->cpu))
 		return true;
-	return !pid_task(find_pid_ns(READ_ONCE(l->owner), &init_pid_ns), PIDTYPE_PID);
+	return !pid_task(find_pid_ns(READ_ONCE(l->owner), &init_pid_ns), PIDTYPE_TGID);
 }
 
 /*
@@ -159,7 +159,7 @@ static bool fsock_abandoned(const struct fsock_ent *l)
  */
 static struct file *fsock_next_adoptable(struct sock *gsk, int *cpu, int skip, bool queued)
 {
-	pid_t me = task_pid_nr(current);
+	pid_t me = task_tgid_nr(current);	/* any thread: a process spawns once per listener */
 	struct file *file = NULL;
 	struct fsock_ent *e, *l;
 
@@ -861,7 +861,7 @@ static int fsock_spawn_locked(struct socket *gsock, int cpu, struct file **out)
 		rcu_read_unlock();
 		if (file) {
 			/* The latest spawner owns it: a reload's new worker, not the old one. */
-			WRITE_ONCE(l->owner, task_pid_nr(current));
+			WRITE_ONCE(l->owner, task_tgid_nr(current));
 			*out = file;
 			return 0;
 		}
@@ -888,7 +888,7 @@ static int fsock_spawn_locked(struct socket *gsock, int cpu, struct file **out)
 	l->sock = lsock;
 	l->grp = g;
 	l->cpu = cpu;
-	l->owner = task_pid_nr(current);
+	l->owner = task_tgid_nr(current);
 	hash_add_rcu(fsock_hash, &l->node, (unsigned long)l->sk);
 	rcu_assign_pointer(g->local[cpu], l);
 	g->nr_local++;
@@ -1021,27 +1021,30 @@ static int fsock_accept_one(struct socket *sock, int cpu, int flags,
 	/* Accepted sockets get the kernel's ops: no module cost after accept. */
 	newsock->ops = fsock_is_ours(sock->ops) ? fsock_orig(sock->ops) : sock->ops;
 	__module_get(newsock->ops->owner);
+	/* The fd and the file before the connection, as accept4(2) does: a caller out of
+	 * either must leave it queued, not reset it. */
+	fd = get_unused_fd_flags(flags & O_CLOEXEC);
+	if (fd < 0) {
+		sock_release(newsock);
+		return fd;
+	}
+	file = sock_alloc_file(newsock, flags & O_NONBLOCK, sock->sk->sk_prot_creator->name);
+	if (IS_ERR(file)) {	/* newsock went with it */
+		put_unused_fd(fd);
+		return PTR_ERR(file);
+	}
 	err = fsock_sec_accept(sock, newsock);
 	if (!err)	/* the kernel's accept: ACCEPT chooses the queue itself */
 		err = newsock->ops->accept(sock, newsock, O_NONBLOCK, false);
 	if (!err && uaddr)
 		err = fsock_put_addr(newsock, uaddr, uaddrlen);
 	if (err) {
-		sock_release(newsock);
+		fput(file);	/* releases newsock */
+		put_unused_fd(fd);
 		return err;
 	}
 	if (READ_ONCE(newsock->sk->sk_incoming_cpu) == cpu)
 		fsock_stat_inc(FSOCK_STAT_STEERED);
-	fd = get_unused_fd_flags(flags & O_CLOEXEC);
-	if (fd < 0) {
-		sock_release(newsock);
-		return fd;
-	}
-	file = sock_alloc_file(newsock, flags & O_NONBLOCK, NULL);
-	if (IS_ERR(file)) {
-		put_unused_fd(fd);
-		return PTR_ERR(file);
-	}
 	fd_install(fd, file);
 	return fd;
 }

@@ -651,6 +651,7 @@ FAKE_MODULE = r"""
 #include <fcntl.h>
 #include <poll.h>
 #include <stdarg.h>
+#include <stdlib.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -697,7 +698,9 @@ int ioctl(int fd, unsigned long req, ...)
 	}
 	case FSOCK_IOC_SPAWN: {
 		struct fsock_spawn_args *a = arg;
-		r = sys(SYS_eventfd2, 0, EFD_CLOEXEC, 0, 0);
+		/* FAKEMOD_LOCAL_READY=1: a local that stays readable (a queue only its owner
+		 * may drain, as the module's per-thread locals are for other threads) */
+		r = sys(SYS_eventfd2, getenv("FAKEMOD_LOCAL_READY") ? 1 : 0, EFD_CLOEXEC, 0, 0);
 		if (r < 0)
 			return -1;
 		a->local_fd = (int)r;
@@ -1014,3 +1017,190 @@ def test_musl_build_works(tmp_path: Path, servers: list[Server]) -> None:
         assert res["requests"] == 2000 and res["errors"] == 0, res
         assert srv.stop() == 0
         assert len(WARNING.findall(srv.stderr.read_text())) == 1  # the musl library was loaded
+
+
+CLOSEPROBE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <netinet/in.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+/* close_range/closefrom against the library's own fds.  argv[1]: close_range, closefrom,
+ * closefrom_nosys (the kernel answers close_range with ENOSYS, as before 5.9).
+ * Prints the device fd, the fds open after closing from the listener on, whether the
+ * library's local listener survived while its listener (below the range) lives, and
+ * whether a socket made afterwards really closes. */
+static int is_open(int fd) { return fcntl(fd, F_GETFD) >= 0; }
+
+static int listener(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	int s = socket(AF_INET, SOCK_STREAM, 0);
+
+	if (s < 0 || bind(s, (void *)&a, sizeof(a)) || listen(s, 16))
+		return -1;
+	return s;
+}
+
+static void no_close_range(void)
+{
+	struct sock_filter f[] = {
+		BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+		BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 436 /* close_range */, 0, 1),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+		BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+	};
+	struct sock_fprog prog = { .len = 4, .filter = f };
+
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) || syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog)) {
+		perror("seccomp");
+		_exit(2);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	struct epoll_event ev = { .events = EPOLLIN };
+	char link[64], path[64];
+	int dev = -1, fd, keep, ep, l, lfd = -1, after, s, n = 0, nosys = !strcmp(argv[1], "closefrom_nosys");
+
+	for (fd = 3; fd < 64; fd++) { /* the device the library opened (FASTSOCKET_DEVICE) */
+		snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+		memset(link, 0, sizeof(link));
+		if (readlink(path, link, sizeof(link) - 1) > 0 && !strcmp(link, "/dev/null"))
+			dev = fd;
+	}
+	keep = listener();                  /* below the first range: lives on */
+	ep = epoll_create1(0);
+	epoll_ctl(ep, EPOLL_CTL_ADD, keep, &ev); /* spawns its local (an eventfd) */
+	for (fd = 3; fd < 64; fd++) {
+		snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+		memset(link, 0, sizeof(link));
+		if (fd != ep && readlink(path, link, sizeof(link) - 1) > 0 && strstr(link, "eventfd"))
+			lfd = fd;
+	}
+	l = listener();                     /* in the range: released through close() */
+	epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev);
+	after = open("/dev/zero", O_RDONLY);
+	if (nosys)
+		no_close_range();
+	if (!strcmp(argv[1], "close_range") ? close_range(ep, ~0U, 0) : (closefrom(ep), 0)) {
+		perror("close_range");
+		return 2;
+	}
+	printf("{\"dev\": %d, \"keep\": %d, \"lfd\": %d, \"ep\": %d, \"after_open\": %d, \"open\": [",
+	       dev, keep, lfd, ep, is_open(after));
+	for (fd = 0; fd < 64; fd++)
+		if (is_open(fd))
+			printf("%s%d", n++ ? ", " : "", fd);
+	/* then everything from 3: the listener below goes through close(), its local too */
+	if (!strcmp(argv[1], "close_range") ? close_range(3, ~0U, 0) : (closefrom(3), 0))
+		return 2;
+	printf("], \"open_all\": [");
+	for (fd = 0, n = 0; fd < 64; fd++)
+		if (is_open(fd))
+			printf("%s%d", n++ ? ", " : "", fd);
+	s = socket(AF_INET, SOCK_STREAM, 0);
+	printf("], \"new_socket\": %d, \"new_is_dev\": %d, ", s, s == dev);
+	close(s);
+	printf("\"new_closed\": %d}\n", !is_open(s));
+	return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def closeprobe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_c(tmp_path_factory, "closeprobe", CLOSEPROBE)
+
+
+@pytest.mark.parametrize("how", ["close_range", "closefrom", "closefrom_nosys"])
+def test_close_range_and_closefrom_keep_the_librarys_fds(userspace: Userspace, fakemod: Path,
+                                                          closeprobe: Path, how: str) -> None:
+    """A daemon's `closefrom(n)`/`close_range(n, ~0U, 0)` closes the app's fds, tracked ones
+    through close() (the spawned local of a listener in the range goes with it), and never
+    the library's own: the device (else the next socket reuses its number and its close()
+    does nothing) and the local of a listener below the range (else its release would
+    later close whatever reused the number)."""
+    if not kernel_at_least(5, 9):
+        pytest.skip("close_range(2) needs Linux >= 5.9")
+    r = run_probe([str(closeprobe), how], mode_env("module", userspace, fakemod))
+    assert r["dev"] >= 3 and r["lfd"] > r["ep"] > r["keep"], r   # the local is in the range
+    assert r["open"] == sorted([0, 1, 2, r["dev"], r["keep"], r["lfd"]]) and not r["after_open"], r
+    assert r["open_all"] == [0, 1, 2, r["dev"]], r
+    assert not r["new_is_dev"] and r["new_closed"], r
+
+
+SPINPROBE = r"""
+#define _GNU_SOURCE
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+/* Module mode, two threads: the main thread spawns the listener's local (epoll_ctl ADD)
+ * and stays away; the second blocks in accept().  The local queue is the spawner's (the
+ * fake keeps it readable): the second thread must sleep on the listen fd, not spin on
+ * the local.  Prints its CPU milliseconds over 500 ms, and whether it got the connection. */
+static int l;
+static volatile int got = -1;
+
+static void *acceptor(void *arg)
+{
+	(void)arg;
+	got = accept(l, NULL, NULL);
+	return NULL;
+}
+
+int main(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	socklen_t al = sizeof(a);
+	struct epoll_event ev = { .events = EPOLLIN };
+	struct timespec cpu, nap = { 0, 500000000 };
+	pthread_t t;
+	clockid_t cid;
+	int c;
+
+	l = socket(AF_INET, SOCK_STREAM, 0);
+	if (l < 0 || bind(l, (void *)&a, sizeof(a)) || listen(l, 16) || getsockname(l, (void *)&a, &al))
+		return 2;
+	epoll_ctl(epoll_create1(0), EPOLL_CTL_ADD, l, &ev);
+	pthread_create(&t, NULL, acceptor, NULL);
+	nanosleep(&nap, NULL);
+	pthread_getcpuclockid(t, &cid);
+	clock_gettime(cid, &cpu);
+	c = socket(AF_INET, SOCK_STREAM, 0);
+	connect(c, (void *)&a, sizeof(a));
+	pthread_join(t, NULL);
+	printf("{\"cpu_ms\": %ld, \"accepted\": %d}\n", cpu.tv_sec * 1000 + cpu.tv_nsec / 1000000, got >= 0);
+	return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def spinprobe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_c(tmp_path_factory, "spinprobe", SPINPROBE)
+
+
+def test_threads_other_than_the_spawner_sleep_instead_of_spinning(userspace: Userspace, fakemod: Path,
+                                                                 spinprobe: Path) -> None:
+    """Module mode: a local's queue is its spawning thread's. Another thread in a blocking
+    accept() used to poll that local too: readable, ACCEPT said EAGAIN (not its queue), so
+    it spun at 100% CPU until the spawner accepted (~500 ms of CPU here). It now waits on
+    the listen fd (and its 20 ms re-check), and still gets the connection."""
+    env = mode_env("module", userspace, fakemod) | {"FAKEMOD_LOCAL_READY": "1"}
+    r = run_probe([str(spinprobe)], env)
+    assert r["accepted"] == 1 and r["cpu_ms"] < 100, r
