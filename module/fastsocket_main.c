@@ -231,6 +231,23 @@ int fsock_sec_bind(struct socket *sock, struct sockaddr *addr, int len)
 #endif
 
 /*
+ * What sched_setaffinity(2) of itself would ask before the pin: the LSM's setsched check,
+ * and (SCHED_DEADLINE, whose bandwidth is admitted per root domain) no narrowing at all.
+ */
+static int fsock_may_pin(void)
+{
+#ifdef SCHED_DEADLINE
+	if (current->policy == SCHED_DEADLINE)
+		return -EBUSY;
+#endif
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(2, 6, 36)
+	return security_task_setscheduler(current);
+#else
+	return security_task_setscheduler(current, 0, NULL);
+#endif
+}
+
+/*
  * Where a SPAWN's worker runs, with sched_setaffinity(2) semantics: the module only ever
  * narrows the caller's own allowed mask (which the cpuset already bounds), never widens
  * it, and never moves a caller that already runs on one CPU (pinned by itself, by its
@@ -282,6 +299,10 @@ static int fsock_place_cpu(struct fsock_place *pl, int cpu, int mode)
 	if (!err && !cpumask_test_cpu(pl->cpu, allowed))
 		err = -EINVAL;	/* outside its own mask (or its cpuset): never widen */
 	pl->pin = !err && cpumask_weight(allowed) > 1;
+	if (pl->pin) {
+		err = fsock_may_pin();
+		pl->pin = !err;
+	}
 	free_cpumask_var(allowed);
 	return err;
 }

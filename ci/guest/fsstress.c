@@ -708,6 +708,40 @@ static void hostile_fds(int *fds, const char **kinds, int n)
 		}
 }
 
+/* ACCEPT of a unix listener with a connection queued: refused (el6 makes inet sockets
+ * only) or a real unix socket (reuseport: the listener's own ops), never an inet socket
+ * over a unix one (its close oopsed el6). */
+static void hostile_unix_accept(void)
+{
+	struct sockaddr_un ua = { .sun_family = AF_UNIX };
+	struct sockaddr_storage got;
+	socklen_t gl = sizeof(got);
+	struct fsock_accept_args ac;
+	int us = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0), uc = socket(AF_UNIX, SOCK_STREAM, 0), r;
+
+	snprintf(ua.sun_path + 1, sizeof(ua.sun_path) - 1, "fsstress-%d", (int)getpid());
+	if (us < 0 || uc < 0 || bind(us, (struct sockaddr *)&ua, sizeof(ua)) || listen(us, 4) ||
+	    connect(uc, (struct sockaddr *)&ua, sizeof(ua)))
+		return;
+	memset(&ac, 0, sizeof(ac));
+	ac.fd = us;
+	ac.new_fd = -1;
+	h_calls++;
+	r = ioctl(g_dev, FSOCK_IOC_ACCEPT, &ac);
+	if (r >= 0) {
+		r = ac.new_fd >= 0 ? ac.new_fd : r;
+		if (getsockname(r, (struct sockaddr *)&got, &gl) || got.ss_family != AF_UNIX) {
+			h_unexpected++;
+			if (!h_first[0])
+				snprintf(h_first, sizeof(h_first), "ACCEPT of a unix listener made family %d",
+					 (int)got.ss_family);
+		}
+		close(r);
+	}
+	close(uc);
+	close(us);
+}
+
 static int cmd_hostile(int argc, char **argv)
 {
 	cpu_set_t before;
@@ -746,6 +780,7 @@ static int cmd_hostile(int argc, char **argv)
 	kinds[n] = "a udp socket"; fds[n++] = socket(AF_INET, SOCK_DGRAM, 0);
 	kinds[n] = "a proc file"; fds[n++] = open("/proc/self/stat", O_RDONLY);
 	hostile_fds(fds, kinds, n);
+	hostile_unix_accept();
 	/* wrong sizes and directions of every command number, and NULL / kernel pointers */
 	for (i = 0; i < 8; i++) {
 		h_calls += 2;
