@@ -1233,6 +1233,10 @@ static int dup_over(int oldfd, int newfd, int flags, int three)
 	int r;
 
 	ensure();
+	if (three && (flags & ~O_CLOEXEC)) { /* what dup3 refuses changes nothing here either */
+		errno = EINVAL;
+		return -1;
+	}
 	if (oldfd != newfd && real_fcntl(oldfd, F_GETFD) >= 0) {
 		if (newfd >= 0 && newfd == LOAD(&g_devfd)) {
 			int moved = real_fcntl(newfd, F_DUPFD_CLOEXEC, 3);

@@ -1204,3 +1204,49 @@ def test_threads_other_than_the_spawner_sleep_instead_of_spinning(userspace: Use
     env = mode_env("module", userspace, fakemod) | {"FAKEMOD_LOCAL_READY": "1"}
     r = run_probe([str(spinprobe)], env)
     assert r["accepted"] == 1 and r["cpu_ms"] < 100, r
+
+
+DUP3PROBE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+/* dup3 over a tracked listener with flags the kernel refuses: EINVAL, and the listener
+ * keeps its tracking (its spawned local, an eventfd of the fake module, stays open). */
+int main(void)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	struct epoll_event ev = { .events = EPOLLIN };
+	char link[64], path[64];
+	int l = socket(AF_INET, SOCK_STREAM, 0), other = socket(AF_INET, SOCK_STREAM, 0), lfd = -1, fd, r, err;
+
+	if (l < 0 || bind(l, (void *)&a, sizeof(a)) || listen(l, 8))
+		return 2;
+	epoll_ctl(epoll_create1(0), EPOLL_CTL_ADD, l, &ev);
+	for (fd = 3; fd < 64; fd++) {
+		snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+		memset(link, 0, sizeof(link));
+		if (readlink(path, link, sizeof(link) - 1) > 0 && strstr(link, "eventfd"))
+			lfd = fd;
+	}
+	r = dup3(other, l, O_NONBLOCK);
+	err = errno;
+	printf("{\"rc\": %d, \"einval\": %d, \"lfd\": %d, \"lfd_open\": %d}\n", r, err == EINVAL, lfd,
+	       lfd >= 0 && fcntl(lfd, F_GETFD) >= 0);
+	return 0;
+}
+"""
+
+
+def test_dup3_with_bad_flags_over_a_listener_changes_nothing(userspace: Userspace, fakemod: Path,
+                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """dup3(old, listener, O_NONBLOCK) fails with EINVAL in the kernel; the library used to
+    drop the listener's tracking first (releasing its local listener) anyway."""
+    probe = compile_c(tmp_path_factory, "dup3probe", DUP3PROBE)
+    r = run_probe([str(probe)], mode_env("module", userspace, fakemod))
+    assert r == {"rc": -1, "einval": 1, "lfd": r["lfd"], "lfd_open": 1} and r["lfd"] > 0, r
