@@ -1092,7 +1092,7 @@ struct fs_dirent64 {
 	char name[];
 };
 
-static int close_listed(int lowfd)
+static void close_listed(int lowfd)
 {
 	char buf[4096];
 	int dir = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -1100,7 +1100,7 @@ static int close_listed(int lowfd)
 	long n, off;
 
 	if (dir < 0)
-		return -1;
+		return;
 	do { /* closing while reading the directory may skip entries: until a pass closes none */
 		closed = 0;
 		lseek(dir, 0, SEEK_SET);
@@ -1118,7 +1118,6 @@ static int close_listed(int lowfd)
 		}
 	} while (closed);
 	sys_close(dir);
-	return 0;
 }
 
 EXPORT void closefrom(int lowfd)
@@ -1128,19 +1127,8 @@ EXPORT void closefrom(int lowfd)
 	ensure();
 	if (lowfd < 0)
 		lowfd = 0;
-	if (close_range((unsigned)lowfd, ~0U, 0) != 0 && close_listed(lowfd) != 0) {
-		long lim = sysconf(_SC_OPEN_MAX); /* no /proc either: every number up to the limit */
-		int fd = lowfd, k;
-
-		if (lim < 0 || lim > (1L << 24))
-			lim = 1L << 24;
-		while (fd < lim) {
-			k = next_ours((unsigned)fd, (unsigned)lim - 1);
-			for (; fd < (k < 0 ? lim : k); fd++)
-				do_close(fd);
-			fd = k < 0 ? (int)lim : k + 1;
-		}
-	}
+	if (close_range((unsigned)lowfd, ~0U, 0) != 0)
+		close_listed(lowfd); /* without /proc either, nothing is closed (glibc aborts) */
 	errno = saved;
 }
 

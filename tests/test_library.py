@@ -1019,6 +1019,23 @@ def test_musl_build_works(tmp_path: Path, servers: list[Server]) -> None:
         assert len(WARNING.findall(srv.stderr.read_text())) == 1  # the musl library was loaded
 
 
+# The probes find fds by what /proc/self/fd links them to (the device, a fake local).
+FD_BY_LINK = r"""
+static int fd_linked(const char *needle, int skip)
+{
+	char link[64], path[64];
+	int fd, found = -1;
+
+	for (fd = 3; fd < 64; fd++) {
+		snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+		memset(link, 0, sizeof(link));
+		if (fd != skip && readlink(path, link, sizeof(link) - 1) > 0 && strstr(link, needle))
+			found = fd;
+	}
+	return found;
+}
+"""
+
 CLOSEPROBE = r"""
 #define _GNU_SOURCE
 #include <errno.h>
@@ -1040,6 +1057,7 @@ CLOSEPROBE = r"""
  * library's local listener survived while its listener (below the range) lives, and
  * whether a socket made afterwards really closes. */
 static int is_open(int fd) { return fcntl(fd, F_GETFD) >= 0; }
+/* FD_BY_LINK */
 
 static int listener(void)
 {
@@ -1070,24 +1088,13 @@ static void no_close_range(void)
 int main(int argc, char **argv)
 {
 	struct epoll_event ev = { .events = EPOLLIN };
-	char link[64], path[64];
-	int dev = -1, fd, keep, ep, l, lfd = -1, after, s, n = 0, nosys = !strcmp(argv[1], "closefrom_nosys");
+	int dev = fd_linked("/dev/null", -1); /* the device the library opened (FASTSOCKET_DEVICE) */
+	int fd, keep, ep, l, lfd, after, s, n = 0, nosys = !strcmp(argv[1], "closefrom_nosys");
 
-	for (fd = 3; fd < 64; fd++) { /* the device the library opened (FASTSOCKET_DEVICE) */
-		snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-		memset(link, 0, sizeof(link));
-		if (readlink(path, link, sizeof(link) - 1) > 0 && !strcmp(link, "/dev/null"))
-			dev = fd;
-	}
 	keep = listener();                  /* below the first range: lives on */
 	ep = epoll_create1(0);
 	epoll_ctl(ep, EPOLL_CTL_ADD, keep, &ev); /* spawns its local (an eventfd) */
-	for (fd = 3; fd < 64; fd++) {
-		snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-		memset(link, 0, sizeof(link));
-		if (fd != ep && readlink(path, link, sizeof(link) - 1) > 0 && strstr(link, "eventfd"))
-			lfd = fd;
-	}
+	lfd = fd_linked("eventfd", ep);
 	l = listener();                     /* in the range: released through close() */
 	epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev);
 	after = open("/dev/zero", O_RDONLY);
@@ -1120,7 +1127,7 @@ int main(int argc, char **argv)
 
 @pytest.fixture(scope="module")
 def closeprobe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_c(tmp_path_factory, "closeprobe", CLOSEPROBE)
+    return compile_c(tmp_path_factory, "closeprobe", CLOSEPROBE.replace("/* FD_BY_LINK */", FD_BY_LINK))
 
 
 @pytest.mark.parametrize("how", ["close_range", "closefrom", "closefrom_nosys"])
@@ -1218,22 +1225,18 @@ DUP3PROBE = r"""
 #include <unistd.h>
 /* dup3 over a tracked listener with flags the kernel refuses: EINVAL, and the listener
  * keeps its tracking (its spawned local, an eventfd of the fake module, stays open). */
+/* FD_BY_LINK */
 int main(void)
 {
 	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	struct epoll_event ev = { .events = EPOLLIN };
-	char link[64], path[64];
-	int l = socket(AF_INET, SOCK_STREAM, 0), other = socket(AF_INET, SOCK_STREAM, 0), lfd = -1, fd, r, err;
+	int l = socket(AF_INET, SOCK_STREAM, 0), other = socket(AF_INET, SOCK_STREAM, 0), ep, lfd, r, err;
 
 	if (l < 0 || bind(l, (void *)&a, sizeof(a)) || listen(l, 8))
 		return 2;
-	epoll_ctl(epoll_create1(0), EPOLL_CTL_ADD, l, &ev);
-	for (fd = 3; fd < 64; fd++) {
-		snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-		memset(link, 0, sizeof(link));
-		if (readlink(path, link, sizeof(link) - 1) > 0 && strstr(link, "eventfd"))
-			lfd = fd;
-	}
+	ep = epoll_create1(0);
+	epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev);
+	lfd = fd_linked("eventfd", ep);
 	r = dup3(other, l, O_NONBLOCK);
 	err = errno;
 	printf("{\"rc\": %d, \"einval\": %d, \"lfd\": %d, \"lfd_open\": %d}\n", r, err == EINVAL, lfd,
@@ -1247,6 +1250,6 @@ def test_dup3_with_bad_flags_over_a_listener_changes_nothing(userspace: Userspac
                                                              tmp_path_factory: pytest.TempPathFactory) -> None:
     """dup3(old, listener, O_NONBLOCK) fails with EINVAL in the kernel; the library used to
     drop the listener's tracking first (releasing its local listener) anyway."""
-    probe = compile_c(tmp_path_factory, "dup3probe", DUP3PROBE)
+    probe = compile_c(tmp_path_factory, "dup3probe", DUP3PROBE.replace("/* FD_BY_LINK */", FD_BY_LINK))
     r = run_probe([str(probe)], mode_env("module", userspace, fakemod))
     assert r == {"rc": -1, "einval": 1, "lfd": r["lfd"], "lfd_open": 1} and r["lfd"] > 0, r
